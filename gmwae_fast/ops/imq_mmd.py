@@ -1,0 +1,200 @@
+"""``torch.library`` layer of the IMQ MMD op family (contract: ``docs/ARCHITECTURE.md``).
+
+Each backend provides four primitive ops (``imq_self``, ``imq_cross`` and their ``_grad`` versions):
+
+* C++ (``csrc/ops.cpp``, CPU and CUDA kernels): ``torch.ops.gmwae_fast.imq_self`` ... Their schemas are declared
+  in C++; this module adds the fake (meta) implementations and the autograd formulas.
+* Triton (``kernels/imq_mmd.py`` launchers): declared here as custom ops ``torch.ops.gmwae_fast.triton_imq_self``
+  ... with the same schemas, fakes and autograd.
+
+On top of them, two backend-generic *fused* ops serve ``reduction="sum"`` when a gradient is needed: one kernel
+pass returns the summed value and the gradient of that sum, which the backward only rescales by the incoming
+scalar cotangent (``imq_self_total``, ``imq_cross_total``).
+
+All ops are opaque to :func:`torch.compile` (no graph break) and checked with :func:`torch.library.opcheck`.
+Double backward is not supported.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+__all__ = ["OpSet", "op_set"]
+
+
+class OpSet(NamedTuple):
+    """The four primitive ops of one backend."""
+
+    self_values: Callable
+    cross_values: Callable
+    self_grad: Callable
+    cross_grad: Callable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton custom ops (the launchers import triton lazily, so this module imports without it).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tk():
+    from ..kernels import imq_mmd
+
+    return imq_mmd
+
+
+@torch.library.custom_op("gmwae_fast::triton_imq_self", mutates_args=())
+def triton_imq_self(a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool) -> Tensor:
+    return _tk().imq_self(a, wa, bw, group, unbiased)
+
+
+@torch.library.custom_op("gmwae_fast::triton_imq_cross", mutates_args=())
+def triton_imq_cross(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor) -> Tensor:
+    return _tk().imq_cross(a, wa, b, wb, bw)
+
+
+@torch.library.custom_op("gmwae_fast::triton_imq_self_grad", mutates_args=())
+def triton_imq_self_grad(h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int,
+                         unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_tk().imq_self_grad(h, a, wa, bw, group, unbiased))
+
+
+@torch.library.custom_op("gmwae_fast::triton_imq_cross_grad", mutates_args=())
+def triton_imq_cross_grad(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor,
+                          bw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_tk().imq_cross_grad(h, a, wa, b, wb, bw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake implementations and autograd, shared by the C++ and Triton op sets.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _self_values_fake(a, wa, bw, group, unbiased):
+    return bw.new_empty(bw.shape, dtype=torch.float64)
+
+
+def _cross_values_fake(a, wa, b, wb, bw):
+    return bw.new_empty(bw.shape, dtype=torch.float64)
+
+
+def _self_grad_fake(h, a, wa, bw, group, unbiased):
+    return bw.new_empty(bw.shape, dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa)
+
+
+def _cross_grad_fake(h, a, wa, b, wb, bw):
+    return (bw.new_empty(bw.shape, dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa),
+            torch.empty_like(b), torch.empty_like(wb))
+
+
+def _register(ops: OpSet) -> None:
+    torch.library.register_fake(ops.self_values)(_self_values_fake)
+    torch.library.register_fake(ops.cross_values)(_cross_values_fake)
+    torch.library.register_fake(ops.self_grad)(_self_grad_fake)
+    torch.library.register_fake(ops.cross_grad)(_cross_grad_fake)
+
+    def self_setup(ctx, inputs, output):
+        a, wa, bw, group, unbiased = inputs
+        ctx.save_for_backward(a, wa, bw)
+        ctx.group, ctx.unbiased = group, unbiased
+
+    def self_backward(ctx, grad):
+        a, wa, bw = ctx.saved_tensors
+        _, da, dwa = ops.self_grad(grad.to(torch.float64).contiguous(), a, wa, bw, ctx.group, ctx.unbiased)
+        return da, dwa, None, None, None
+
+    def cross_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def cross_backward(ctx, grad):
+        a, wa, b, wb, bw = ctx.saved_tensors
+        _, da, dwa, db, dwb = ops.cross_grad(grad.to(torch.float64).contiguous(), a, wa, b, wb, bw)
+        return da, dwa, db, dwb, None
+
+    torch.library.register_autograd(ops.self_values, self_backward, setup_context=self_setup)
+    torch.library.register_autograd(ops.cross_values, cross_backward, setup_context=cross_setup)
+
+
+TRITON_OPS = OpSet(triton_imq_self, triton_imq_cross, triton_imq_self_grad, triton_imq_cross_grad)
+_register(TRITON_OPS)
+
+_COMPILED_OPS: OpSet | None = None
+
+
+def _compiled_ops() -> OpSet:
+    global _COMPILED_OPS
+    if _COMPILED_OPS is None:
+        if backends.extension() is None:
+            raise RuntimeError(backends.extension_error())
+        ns = torch.ops.gmwae_fast
+        _COMPILED_OPS = OpSet(ns.imq_self.default, ns.imq_cross.default, ns.imq_self_grad.default,
+                              ns.imq_cross_grad.default)
+        _register(_COMPILED_OPS)
+    return _COMPILED_OPS
+
+
+def op_set(backend: str) -> OpSet:
+    """The primitive ops of a concrete backend (``"triton"``, ``"cpu"`` or ``"cuda"``)."""
+    if backend == "triton":
+        return TRITON_OPS
+    if backend in ("cpu", "cuda"):
+        return _compiled_ops()
+    raise ValueError(f"backend {backend!r} has no fused op set")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused value+gradient ops for reduction="sum" (one pass; the backward rescales the saved gradient).
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("gmwae_fast::imq_self_total", mutates_args=())
+def imq_self_total(a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sum_s self_s, d/da, d/dwa)`` in one kernel pass."""
+    ones = torch.ones_like(bw, dtype=torch.float64)
+    values, da, dwa = op_set(backend).self_grad(ones, a, wa, bw, group, unbiased)
+    return values.sum(), da, dwa
+
+
+@imq_self_total.register_fake
+def _(a, wa, bw, group, unbiased, backend):
+    return bw.new_empty((), dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa)
+
+
+def _self_total_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _self_total_backward(ctx, g_total, _g_da, _g_dwa):
+    da, dwa = ctx.saved_tensors
+    return (g_total * da).to(da.dtype), (g_total * dwa).to(dwa.dtype), None, None, None, None
+
+
+imq_self_total.register_autograd(_self_total_backward, setup_context=_self_total_setup)
+
+
+@torch.library.custom_op("gmwae_fast::imq_cross_total", mutates_args=())
+def imq_cross_total(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(sum_s cross_s, d/da, d/dwa, d/db, d/dwb)`` in one kernel pass."""
+    ones = torch.ones_like(bw, dtype=torch.float64)
+    values, da, dwa, db, dwb = op_set(backend).cross_grad(ones, a, wa, b, wb, bw)
+    return values.sum(), da, dwa, db, dwb
+
+
+@imq_cross_total.register_fake
+def _(a, wa, b, wb, bw, backend):
+    return (bw.new_empty((), dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa), torch.empty_like(b),
+            torch.empty_like(wb))
+
+
+def _cross_total_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _cross_total_backward(ctx, g_total, *_unused):
+    grads = ctx.saved_tensors
+    return (*[(g_total * g).to(g.dtype) for g in grads], None, None)
+
+
+imq_cross_total.register_autograd(_cross_total_backward, setup_context=_cross_total_setup)

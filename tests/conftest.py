@@ -1,0 +1,46 @@
+"""Shared test configuration.
+
+Without a GPU, Triton kernels are tested on CPU tensors through the Triton interpreter; the variable must be set
+before triton is first imported, hence here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import gmwae_fast  # noqa: E402
+
+DEVICES = ["cpu", "cuda"]
+#: (device, backend) pairs every backend test is parametrised over; unusable ones skip with the reason.
+DEVICE_BACKENDS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"),
+                   ("cuda", "reference"), ("cuda", "cuda"), ("cuda", "triton")]
+
+
+def skip_unless_usable(device: str, backend: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    reason = gmwae_fast.available_backends(device)[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unusable on {device}: {reason}")
+
+
+def interpreted(device: str, backend: str) -> bool:
+    """Triton on CPU tensors runs in the (slow) interpreter: such tests use smaller sizes."""
+    return backend == "triton" and device == "cpu"
+
+
+@pytest.fixture(params=DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
+def device_backend(request):
+    device, backend = request.param
+    skip_unless_usable(device, backend)
+    return device, backend
+
+
+def data_dir() -> str:
+    """MNIST location for tests: $GMWAE_DATA, else ../shared/data next to the repository."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.environ.get("GMWAE_DATA", os.path.normpath(os.path.join(here, "..", "..", "shared", "data")))
