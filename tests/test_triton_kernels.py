@@ -1,0 +1,299 @@
+"""The Triton IMQ MMD launchers (``kernels/imq_mmd.py``) against a float64 brute-force reference written here.
+
+Without a CUDA device the kernels run on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``, set
+below before Triton is imported), so sizes are small; the whole module takes well under a minute or two on two
+cores. The module is skipped when Triton is not importable.
+"""
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="triton is not importable")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("", "0", "false", "no", "off"):
+    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled: the Triton kernels cannot run",
+                allow_module_level=True)
+
+
+def _load_kernels():
+    """``gmwae_fast.kernels.imq_mmd`` when installed, else the file of this checkout."""
+    try:
+        return importlib.import_module("gmwae_fast.kernels.imq_mmd")
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "kernels" / "imq_mmd.py"
+        name = "_gmwae_fast_triton_imq_mmd"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+K = _load_kernels()
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 brute force (materialised N x M x S, small sizes only)
+# ---------------------------------------------------------------------------------------------------------------
+
+def ref_terms(a, wa, b, wb, bw, allowed=None):
+    """``sum_{i, j} wa_i wb_j [allowed_ij] C_s / (C_s + ||a_i - b_j||^2)`` in float64, differentiable."""
+    a, wa, b, wb, bw = (t.to(F64) for t in (a, wa, b, wb, bw))
+    dist = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    kern = bw[:, None, None] / (bw[:, None, None] + dist)
+    w = wa[:, None] * wb[None, :]
+    if allowed is not None:
+        w = w * allowed
+    return (kern * w).sum((1, 2))
+
+
+def allowed_mask(n, group, unbiased):
+    if not unbiased:
+        return None
+    g = torch.arange(n, device=DEVICE) // group
+    return (g[:, None] != g[None, :]).to(F64)
+
+
+def ref_self(a, wa, bw, group, unbiased):
+    return ref_terms(a, wa, a, wa, bw, allowed_mask(a.shape[0], group, unbiased))
+
+
+def ref_self_grad(h, a, wa, bw, group, unbiased):
+    a64 = a.detach().to(F64).requires_grad_()
+    w64 = wa.detach().to(F64).requires_grad_()
+    vals = ref_self(a64, w64, bw, group, unbiased)
+    (vals * h).sum().backward()
+    return vals.detach(), a64.grad, w64.grad
+
+
+def ref_cross_grad(h, a, wa, b, wb, bw):
+    leaves = [t.detach().to(F64).requires_grad_() for t in (a, wa, b, wb)]
+    vals = ref_terms(*leaves[:2], *leaves[2:], bw)
+    (vals * h).sum().backward()
+    return (vals.detach(),) + tuple(t.grad for t in leaves)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_inputs(n, m, d, s, dtype, seed, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    cdt = F64 if dtype == F64 else torch.float32
+    a = (torch.randn(n, d, generator=gen, dtype=F64) + offset).to(dtype)
+    b = (torch.randn(m, d, generator=gen, dtype=F64) * 1.3 + 0.2 + offset).to(dtype)
+    wa = (torch.rand(n, generator=gen, dtype=F64) + 0.1).to(cdt)
+    wb = (torch.rand(m, generator=gen, dtype=F64) + 0.1).to(cdt)
+    wa, wb = wa / wa.sum(), wb / wb.sum()
+    bw = 2.0 * max(d, 1) * torch.exp(torch.empty(s, dtype=F64).uniform_(-2.5, 2.5, generator=gen))
+    h = torch.randn(s, generator=gen, dtype=F64)
+    h[h.abs() < 0.2] += 0.7      # entries != 1 and != 0
+    return tuple(t.to(DEVICE) for t in (a, wa, b, wb, bw, h))
+
+
+def assert_close(got, want, rel, name, dtype=None):
+    """``|got - want| <= rel * max|want|`` (plus a tiny floor), and the expected dtype / shape."""
+    if dtype is not None:
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    err = (got.to(F64) - want.to(F64)).abs().max().item() if want.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    assert err <= rel * scale + 1e-300, f"{name}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
+
+
+SMALL = {"block_m": 16, "block_n": 16}
+CONFIGS = {"small-blocks": SMALL, "default-blocks": {}}
+
+# (N, M, d, group): sizes not multiples of the blocks, N = 1, d from 1 to 64, groups of 3
+CASES_F64 = [
+    (1, 1, 1, 1),
+    (1, 5, 2, 1),
+    (5, 37, 3, 1),
+    (37, 70, 17, 1),
+    (37, 5, 64, 1),
+    (3, 1, 1, 3),
+    (36, 70, 2, 3),
+    (69, 37, 10, 3),
+]
+CASES_LOW = [
+    (37, 70, 10, 1, SMALL),
+    (69, 5, 17, 3, {}),
+    (70, 37, 64, 1, {}),
+]
+# compute-dtype tolerances: (values, gradients of points, gradients of weights), relative to the largest entry
+TOL = {
+    F64: (1e-11, 1e-10, 1e-11),
+    torch.float32: (2e-6, 2e-5, 1e-5),
+    torch.bfloat16: (2e-6, 1e-2, 1e-5),   # points rounded to bfloat16 (reference uses the same points), da stored bf16
+    torch.float16: (2e-6, 2e-3, 1e-5),
+}
+
+
+def check_all(n, m, d, group, dtype, seed, cfg, s=4, offset=0.0):
+    a, wa, b, wb, bw, h = make_inputs(n, m, d, s, dtype, seed, offset)
+    tv, tda, tdw = TOL[dtype]
+    for unbiased in (False, True):
+        tag = f"self(unbiased={unbiased})"
+        assert_close(K.imq_self(a, wa, bw, group, unbiased, **cfg), ref_self(a, wa, bw, group, unbiased),
+                     tv, tag, F64)
+        vals, da, dwa = K.imq_self_grad(h, a, wa, bw, group, unbiased, **cfg)
+        rv, rda, rdw = ref_self_grad(h, a, wa, bw, group, unbiased)
+        assert_close(vals, rv, tv, tag + " grad values", F64)
+        assert_close(da, rda, tda, tag + " da", a.dtype)
+        assert_close(dwa, rdw, tdw, tag + " dwa", wa.dtype)
+    assert_close(K.imq_cross(a, wa, b, wb, bw, **cfg), ref_terms(a, wa, b, wb, bw), tv, "cross", F64)
+    got = K.imq_cross_grad(h, a, wa, b, wb, bw, **cfg)
+    want = ref_cross_grad(h, a, wa, b, wb, bw)
+    for name, g, w, tol, dt in zip(("values", "da", "dwa", "db", "dwb"), got, want, (tv, tda, tdw, tda, tdw),
+                                   (F64, a.dtype, wa.dtype, b.dtype, wb.dtype)):
+        assert_close(g, w, tol, "cross grad " + name, dt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("n,m,d,group", CASES_F64)
+def test_float64_matches_reference(n, m, d, group, cfg):
+    check_all(n, m, d, group, F64, seed=n * 1000 + m * 10 + d, cfg=cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,m,d,group,cfg", CASES_LOW)
+def test_low_precision_matches_reference(n, m, d, group, cfg, dtype):
+    check_all(n, m, d, group, dtype, seed=7 + n + d, cfg=cfg)
+
+
+def test_float16_and_many_bandwidths():
+    check_all(37, 21, 5, 1, torch.float16, seed=3, cfg=SMALL, s=32)
+
+
+def test_wide_features_split_over_programs():
+    # d > the widest feature chunk of the gradient kernel (128): da is split over a second grid axis
+    check_all(21, 17, 150, 3, F64, seed=11, cfg={}, s=3)
+    check_all(21, 17, 150, 1, torch.float32, seed=12, cfg={}, s=3)
+
+
+def test_rectangular_blocks_and_warps():
+    check_all(37, 70, 6, 1, F64, seed=5, cfg={"block_m": 16, "block_n": 32, "num_warps": 2})
+
+
+def test_large_common_offset_float32():
+    # points around 1000: the distances and the gradients must not suffer from the offset
+    check_all(37, 29, 4, 1, torch.float32, seed=9, cfg=SMALL, offset=1000.0)
+
+
+def test_single_point_groups():
+    a, wa, _, _, bw, h = make_inputs(1, 1, 3, 3, F64, seed=1)
+    assert torch.equal(K.imq_self(a, wa, bw, 1, True), torch.zeros(3, dtype=F64, device=DEVICE))
+    torch.testing.assert_close(K.imq_self(a, wa, bw, 1, False), wa[0] ** 2 * torch.ones(3, dtype=F64, device=DEVICE))
+    vals, da, dwa = K.imq_self_grad(h, a, wa, bw, 1, True)
+    assert torch.equal(vals, torch.zeros_like(vals)) and torch.equal(da, torch.zeros_like(da))
+    assert torch.equal(dwa, torch.zeros_like(dwa))
+    # one group holding every point: the unbiased self term is empty
+    a, wa, _, _, bw, h = make_inputs(6, 1, 2, 2, torch.float32, seed=2)
+    assert torch.equal(K.imq_self(a, wa, bw, 6, True, **SMALL), torch.zeros(2, dtype=F64, device=DEVICE))
+
+
+def test_grad_is_deterministic():
+    a, wa, b, wb, bw, h = make_inputs(70, 37, 5, 3, torch.float32, seed=4)
+    first = K.imq_cross_grad(h, a, wa, b, wb, bw, **SMALL) + K.imq_self_grad(h, a, wa, bw, 1, True, **SMALL)
+    second = K.imq_cross_grad(h, a, wa, b, wb, bw, **SMALL) + K.imq_self_grad(h, a, wa, bw, 1, True, **SMALL)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_input_checks():
+    a, wa, b, wb, bw, h = make_inputs(6, 4, 3, 2, torch.float32, seed=0)
+    with pytest.raises(TypeError, match="wa"):
+        K.imq_self(a, wa.double(), bw, 1, True)
+    with pytest.raises(TypeError, match="bw"):
+        K.imq_self(a, wa, bw.float(), 1, True)
+    with pytest.raises(TypeError, match="a must be"):
+        K.imq_self(a.to(torch.int32), wa, bw, 1, True)
+    with pytest.raises(ValueError, match="2-D"):
+        K.imq_self(a[0], wa, bw, 1, True)
+    with pytest.raises(ValueError, match="wa"):
+        K.imq_self(a, wa[:5], bw, 1, True)
+    with pytest.raises(ValueError, match="divide"):
+        K.imq_self(a, wa, bw, 4, True)
+    with pytest.raises(ValueError, match="group"):
+        K.imq_self(a, wa, bw, 0, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.imq_self(torch.randn(3, 6, device=DEVICE).t(), wa, bw, 1, True)
+    with pytest.raises(ValueError, match="features"):
+        K.imq_cross(a, wa, b[:, :2].contiguous(), wb, bw)
+    with pytest.raises(TypeError, match="same dtype"):
+        K.imq_cross(a, wa, b.double(), wb, bw)
+    with pytest.raises(ValueError, match="h"):
+        K.imq_cross_grad(h[:1], a, wa, b, wb, bw)
+    with pytest.raises(TypeError, match="h"):
+        K.imq_self_grad(h.float(), a, wa, bw, 1, False)
+    with pytest.raises(ValueError, match="power of two"):
+        K.imq_cross(a, wa, b, wb, bw, block_m=24)
+
+
+def _mmd2(x, y, w, bw, self_fn, cross_fn):
+    n = x.shape[0]
+    den = 1.0 - (w.to(F64) ** 2).sum()
+    return self_fn(x, w, bw) / den + self_fn(y, w, bw) / den - 2.0 * cross_fn(x, w, y, w, bw)
+
+
+def _ref_terms_chunked(a, wa, b, wb, bw, unbiased_self=False, chunk=256):
+    a, wa, b, wb = (t.to(F64) for t in (a, wa, b, wb))
+    out = torch.zeros(bw.shape[0], dtype=F64, device=a.device)
+    for i0 in range(0, a.shape[0], chunk):
+        dist = ((a[i0:i0 + chunk, None, :] - b[None]) ** 2).sum(-1)
+        w = wa[i0:i0 + chunk, None] * wb[None]
+        if unbiased_self:
+            rows = torch.arange(i0, min(i0 + chunk, a.shape[0]), device=a.device)
+            w = w * (rows[:, None] != torch.arange(b.shape[0], device=a.device)[None]).to(F64)
+        out += (bw[:, None, None] / (bw[:, None, None] + dist) * w).sum((1, 2))
+    return out
+
+
+@pytest.mark.parametrize("n,block", [(2048, 128)])
+def test_float32_mmd_accuracy_near_zero(n, block):
+    """float32 points, two samples of one law (MMD2 ~ 1e-6 .. 2e-5): relative error <= 1e-5 per bandwidth."""
+    d = 10
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(DEVICE)
+    y = torch.randn(n, d, generator=gen).to(DEVICE)
+    w = torch.full((n,), 1.0 / n, device=DEVICE)
+    bw = 2.0 * d * torch.logspace(-1.5, 1.5, 15, dtype=F64, device=DEVICE)
+    cfg = {"block_m": block, "block_n": block}
+    got = _mmd2(x, y, w, bw, lambda p, q, c: K.imq_self(p, q, c, 1, True, **cfg),
+                lambda p, q, r, t, c: K.imq_cross(p, q, r, t, c, **cfg))
+    want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True),
+                 _ref_terms_chunked)
+    rel = ((got - want).abs() / want.abs()).max().item()
+    assert rel <= 1e-5, f"MMD2 relative error {rel:.2e} (MMD2 = {want.tolist()})"
+
+
+def test_float32_mmd_accuracy_grad_pass():
+    """Same check for the values returned by the gradient (row-pass) kernels, at a smaller n."""
+    n, d = 512, 10
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=gen).to(DEVICE)
+    y = torch.randn(n, d, generator=gen).to(DEVICE)
+    w = torch.full((n,), 1.0 / n, device=DEVICE)
+    bw = 2.0 * d * torch.logspace(-1.5, 1.5, 15, dtype=F64, device=DEVICE)
+    ones = torch.ones(15, dtype=F64, device=DEVICE)
+    cfg = {"block_m": 128, "block_n": 128}
+    got = _mmd2(x, y, w, bw, lambda p, q, c: K.imq_self_grad(ones, p, q, c, 1, True, **cfg)[0],
+                lambda p, q, r, t, c: K.imq_cross_grad(ones, p, q, r, t, c, **cfg)[0])
+    want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True),
+                 _ref_terms_chunked)
+    rel = ((got - want).abs() / want.abs()).max().item()
+    assert rel <= 1e-5, f"MMD2 relative error {rel:.2e} (MMD2 = {want.tolist()})"
