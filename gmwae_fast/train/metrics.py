@@ -1,0 +1,162 @@
+"""Evaluation: the paper's clustering-accuracy protocol, active modes, reconstruction metrics, MMD,
+and a k-means-on-pixels baseline scored with the same protocol."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def class_mode_matrix(probs: np.ndarray, labels: np.ndarray, n_classes: int = 10) -> np.ndarray:
+    """M[c, k] = mean of q_D(k|x) over the images x of class c (rows of empty classes are 0)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    M = np.zeros((n_classes, probs.shape[1]))
+    for c in range(n_classes):
+        sel = labels == c
+        if sel.any():
+            M[c] = probs[sel].mean(0)
+    return M
+
+
+def greedy_class_to_mode(M: np.ndarray) -> Dict[int, int]:
+    """The paper's protocol: classes are visited in decreasing order of max_k M[c, k]; each takes the
+    mode with the largest M[c, k] among the modes not yet taken (ties: lowest index). Returns
+    {class: mode}; with more classes than modes the last classes get no mode."""
+    C, K = M.shape
+    order = sorted(range(C), key=lambda c: (-M[c].max(), c))
+    free = set(range(K))
+    out: Dict[int, int] = {}
+    for c in order:
+        if not free:
+            break
+        k = max(sorted(free), key=lambda j: M[c, j])
+        out[c] = k
+        free.discard(k)
+    return out
+
+
+def protocol_accuracy(probs, labels, n_classes: int = 10) -> Tuple[float, Dict[int, int], np.ndarray]:
+    """Accuracy of argmax_k q_D(k|x) read through the greedy class->mode map (a mode that no class took
+    counts as wrong). Returns (accuracy, {class: mode}, M)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    M = class_mode_matrix(probs, labels, n_classes)
+    c2m = greedy_class_to_mode(M)
+    mode_to_class = np.full(probs.shape[1], -1)
+    for c, k in c2m.items():
+        mode_to_class[k] = c
+    pred = mode_to_class[probs.argmax(1)]
+    return float((pred == labels).mean()), c2m, M
+
+
+def active_modes(probs, threshold: float = 0.01) -> int:
+    """Number of modes that are the argmax of q_D(k|x) for at least ``threshold`` of the images."""
+    probs = np.asarray(probs)
+    counts = np.bincount(probs.argmax(1), minlength=probs.shape[1])
+    return int((counts >= threshold * len(probs)).sum())
+
+
+@torch.no_grad()
+def encode_all(model, x: torch.Tensor, batch: int = 1000):
+    """(mu, sigma, pi) of the whole set, in eval mode, in chunks."""
+    mus, sigmas, pis = [], [], []
+    for i in range(0, len(x), batch):
+        mu, sr, lg = model.encoder(x[i:i + batch])
+        mus.append(mu)
+        sigmas.append(F.softplus(sr))
+        pis.append(torch.softmax(lg, -1))
+    return torch.cat(mus), torch.cat(sigmas), torch.cat(pis)
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, prior, ops, backend: str = "auto", reparam_backend: str = "auto",
+             n_recon: int = 500, seed: int = 1234, decode_batch: int = 100) -> Dict:
+    """All metrics on the held-out set: accuracy / active modes / heatmap on every test image,
+    reconstruction L2, Bernoulli NLL (both expectations over q_D, summed over pixels, mean over images)
+    and the weighted MMD against as many prior samples, on the first ``n_recon`` test images."""
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        mu, sigma, pi = encode_all(model, x_test.to(dev))
+        probs = pi.cpu().numpy()
+        labels = y_test.cpu().numpy()
+        acc, c2m, M = protocol_accuracy(probs, labels)
+        out = {"test_accuracy": acc, "active_modes": active_modes(probs), "class_to_mode": c2m,
+               "heatmap": M.tolist(), "mode_usage": np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()}
+        n = min(n_recon, len(x_test))
+        g = torch.Generator(device=dev).manual_seed(seed)
+        xs = x_test[:n].to(dev)
+        l2s, nlls, zs, pis = [], [], [], []
+        for i in range(0, n, decode_batch):
+            xb = xs[i:i + decode_batch]
+            mu_b, sr_b, lg_b = model.encoder(xb)
+            z, p = ops.gm_reparameterize(mu_b, sr_b, lg_b, seed=seed + i, backend=reparam_backend)
+            logits = model.decode(z)
+            xr = torch.sigmoid(logits)
+            l2 = (xr - xb.unsqueeze(1)).pow(2).flatten(2).sum(-1)
+            nll = F.binary_cross_entropy_with_logits(logits, xb.unsqueeze(1).expand_as(logits),
+                                                     reduction="none").flatten(2).sum(-1)
+            l2s.append((p * l2).sum(1))
+            nlls.append((p * nll).sum(1))
+            zs.append(z)
+            pis.append(p)
+        z, p = torch.cat(zs), torch.cat(pis)
+        pz = prior.sample_stratified(n * prior.K, generator=g)
+        out["recon_l2"] = float(torch.cat(l2s).mean())
+        out["bernoulli_nll"] = float(torch.cat(nlls).mean())
+        out["mmd"] = float(ops.fast_imq_mmd(z, pz, x_weights=p, backend=backend))
+        return out
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# k-means on pixels
+# --------------------------------------------------------------------------------------------------
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0, n_init: int = 3):
+    """Lloyd's algorithm with k-means++ seeding (best of n_init by inertia). x (N, D) float."""
+    g = torch.Generator().manual_seed(seed)
+    best = None
+    xx = (x * x).sum(1)
+    for _ in range(n_init):
+        idx = [int(torch.randint(len(x), (1,), generator=g))]
+        d2 = ((x - x[idx[0]]) ** 2).sum(1)
+        for _j in range(1, k):
+            nxt = int(torch.multinomial(d2 / d2.sum(), 1, generator=g))
+            idx.append(nxt)
+            d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+        C = x[idx].clone()
+        for _it in range(iters):
+            D = xx[:, None] - 2 * x @ C.T + (C * C).sum(1)[None]
+            a = D.argmin(1)
+            newC = torch.zeros_like(C).index_add_(0, a, x)
+            cnt = torch.bincount(a, minlength=k).to(x.dtype)
+            empty = cnt == 0
+            newC = newC / cnt.clamp_min(1)[:, None]
+            newC[empty] = C[empty]
+            if torch.allclose(newC, C):
+                C = newC
+                break
+            C = newC
+        D = xx[:, None] - 2 * x @ C.T + (C * C).sum(1)[None]
+        inertia = float(D.min(1).values.clamp_min(0).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, C)
+    return best[1]
+
+
+def kmeans_baseline(x_train, x_test, y_test, k: int = 10, seed: int = 0, n_fit: Optional[int] = None) -> float:
+    """Fit k-means on training pixels, assign test images to the nearest centroid (a one-hot q_D) and
+    score with the same greedy protocol."""
+    xtr = x_train.reshape(len(x_train), -1).float()
+    if n_fit is not None and n_fit < len(xtr):
+        xtr = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:n_fit]]
+    C = kmeans(xtr, k, seed=seed)
+    xt = x_test.reshape(len(x_test), -1).float()
+    a = ((xt * xt).sum(1)[:, None] - 2 * xt @ C.T + (C * C).sum(1)[None]).argmin(1)
+    probs = F.one_hot(a, k).numpy().astype(np.float64)
+    return protocol_accuracy(probs, y_test.numpy())[0]

@@ -1,0 +1,274 @@
+"""Tests of the GM-WAE / GM-VAE trainer (gmwae_fast.train). CPU only, tiny models, a few seconds each."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gmwae_fast.train import checkpoint as ck
+from gmwae_fast.train.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, build_parser, main
+from gmwae_fast.train.data import MNIST_FILES, MissingDataError, load_mnist
+from gmwae_fast.train.losses import gaussian_kl_to_prior
+from gmwae_fast.train.metrics import active_modes, greedy_class_to_mode, protocol_accuracy
+from gmwae_fast.train.priors import make_prior, rot2d_prior, simplex_prior
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GMWAE_DATA", REPO.parent / "shared" / "data"))
+HAVE_DATA = all((DATA / "MNIST" / "raw" / f).exists() or (DATA / "MNIST" / "raw" / (f + ".gz")).exists()
+                for f in MNIST_FILES)
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"MNIST not under {DATA} (set GMWAE_DATA)")
+
+
+# ------------------------------------------------------------------------------------------------ priors
+@pytest.mark.parametrize("sigma0", [1.0, 0.5])
+def test_simplex_prior_equidistant_4_sigma(sigma0):
+    p = simplex_prior(10, sigma0=sigma0)
+    assert p.means.shape == (10, 10) and p.d == 10
+    D = torch.cdist(p.means.double(), p.means.double())
+    off = D[~torch.eye(10, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, 4 * sigma0), atol=1e-5)
+    assert torch.allclose(p.diag_stds, torch.full((10, 10), sigma0))
+    assert torch.allclose(p.covs, sigma0 ** 2 * torch.eye(10).expand(10, 10, 10))
+    # samples: the right per-mode spread
+    z = p.sample_mode(3, 20000, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(z.mean(0), p.means[3], atol=0.05 * sigma0 + 0.02)
+    assert torch.allclose(z.std(0), torch.full((10,), sigma0), rtol=0.05)
+
+
+def test_simplex_prior_lower_dim():
+    p = make_prior("simplex", 10, 1.0, latent_dim=9)
+    D = torch.cdist(p.means.double(), p.means.double())
+    off = D[~torch.eye(10, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, 4.0), atol=1e-4)
+    with pytest.raises(ValueError):
+        make_prior("simplex", 10, 1.0, latent_dim=5)
+
+
+def test_rot2d_prior_geometry():
+    p = rot2d_prior(10)
+    assert p.means.shape == (10, 2)
+    assert torch.allclose(p.means[0], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(p.covs[0], torch.diag(torch.tensor([0.01, 0.25])), atol=1e-6)
+    for k in range(10):
+        th = 2 * math.pi * k / 10
+        R = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+        assert torch.allclose(p.means[k], R @ p.means[0], atol=1e-6)
+        assert torch.allclose(p.covs[k], R @ p.covs[0] @ R.T, atol=1e-6)
+        assert abs(float(p.means[k].norm()) - 1.0) < 1e-6
+    z, k = p.sample(40000, generator=torch.Generator().manual_seed(1), return_modes=True)
+    counts = torch.bincount(k, minlength=10).float()
+    assert (counts / 40000 - 0.1).abs().max() < 0.01
+    zk = z[k == 2]
+    assert torch.allclose(torch.cov(zk.T), p.covs[2], atol=0.01)
+
+
+def test_stratified_samples_balanced():
+    p = make_prior("simplex")
+    z = p.sample_stratified(100, generator=torch.Generator().manual_seed(0))
+    nearest = torch.cdist(z, p.means).argmin(1)
+    assert (torch.bincount(nearest, minlength=10) >= 5).all()
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    p = rot2d_prior(10)
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 10, 2, generator=g)
+    sigma = torch.rand(3, 10, 2, generator=g) + 0.1
+    kl = gaussian_kl_to_prior(mu, sigma, p)
+    from torch.distributions import MultivariateNormal
+    for b in range(3):
+        for k in range(10):
+            q = MultivariateNormal(mu[b, k], torch.diag(sigma[b, k] ** 2))
+            pk = MultivariateNormal(p.means[k], scale_tril=p.chol[k])
+            assert abs(float(torch.distributions.kl_divergence(q, pk)) - float(kl[b, k])) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_protocol_perfect_and_permuted():
+    labels = np.repeat(np.arange(10), 5)
+    perm = np.random.RandomState(0).permutation(10)
+    probs = np.eye(10)[perm[labels]] * 0.9 + 0.01
+    acc, c2m, M = protocol_accuracy(probs, labels)
+    assert acc == 1.0
+    assert c2m == {c: int(perm[c]) for c in range(10)}
+    assert active_modes(probs) == 10
+
+
+def test_protocol_greedy_order_matters():
+    # 3 classes, 3 modes. Class 1 is the most confident (max 0.9, on mode 0); class 0 also prefers mode 0
+    # (0.6) but must take its second choice, mode 2 (0.3) -- a class-index order would give class 0 mode 0.
+    M_rows = {0: [0.6, 0.1, 0.3], 1: [0.9, 0.05, 0.05], 2: [0.2, 0.7, 0.1]}
+    M = np.array([M_rows[c] for c in range(3)])
+    assert greedy_class_to_mode(M) == {1: 0, 2: 1, 0: 2}
+    # images: each image's q_D equals its class row; argmax of a class-0 image is mode 0 -> read as class 1
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = M[labels]
+    acc, c2m, _ = protocol_accuracy(probs, labels, n_classes=3)
+    assert c2m == {1: 0, 2: 1, 0: 2}
+    assert acc == pytest.approx(4 / 6)
+    # mixed case: class-0 images split between mode 0 and mode 2
+    probs2 = np.array([[0.8, 0.0, 0.2], [0.4, 0.0, 0.6], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05],
+                       [0.2, 0.7, 0.1], [0.2, 0.7, 0.1]])
+    acc2, c2m2, _ = protocol_accuracy(probs2, labels, n_classes=3)
+    assert c2m2 == {1: 0, 2: 1, 0: 2}
+    assert acc2 == pytest.approx(5 / 6)
+
+
+def test_active_modes_threshold():
+    probs = np.zeros((1000, 10))
+    probs[:985, 0] = 1
+    probs[985:995, 1] = 1   # 1.0% -> active
+    probs[995:, 2] = 1      # 0.5% -> not
+    assert active_modes(probs) == 2
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_atomic_save_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.pt"
+    ck.atomic_save({"step": 1, "w": torch.arange(5)}, path)
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        ck.atomic_save({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    st = ck.load_checkpoint(path)
+    assert st["step"] == 1 and torch.equal(st["w"], torch.arange(5))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]   # no temporary left behind
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+TINY = ["--train-subset", "256", "--test-subset", "200", "--batch-size", "16", "--enc-channels", "8",
+        "--dec-channels", "8", "--hidden", "8", "--pretrain-steps", "3", "--eval-every", "4", "--log-every", "2",
+        "--eval-recon", "20", "--no-kmeans", "--no-progress", "--threads", "1"]
+
+
+def _run(tmp_path, name, *extra, figures=False):
+    out = tmp_path / name
+    argv = ["--data-dir", str(DATA), "--out", str(out), *TINY, *extra]
+    if not figures:
+        argv.append("--no-figures")
+    return main(argv), out
+
+
+@pytest.mark.parametrize("bad", [
+    ["--model", "ae"], ["--prior", "cube"], ["--steps", "0"], ["--steps", "x"], ["--lr", "-1"],
+    ["--lam", "nan"], ["--batch-size", "-3"], ["--device", "tpu"], ["--mmd-backend", "bogus"],
+    ["--prior", "rot2d", "--latent-dim", "5"], ["--dataset", "cifar"],
+])
+def test_invalid_options_are_argparse_errors(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(bad + ["--out", "/nonexistent/never"])
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "none"), "--resume"])
+    assert e.value.code == 2
+
+
+def test_missing_data_message(tmp_path, capsys):
+    with pytest.raises(MissingDataError) as e:
+        load_mnist(str(tmp_path), download=False)
+    msg = str(e.value)
+    for f in MNIST_FILES:
+        assert f in msg
+    assert "GMWAE_DATA" in msg and "--data-dir" in msg
+    rc = main(["--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "GMWAE_DATA" in err and "train-images-idx3-ubyte" in err
+
+
+@needs_data
+def test_tiny_end_to_end_with_figures(tmp_path):
+    rc, out = _run(tmp_path, "e2e", "--steps", "6", figures=True)
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("test_accuracy", "active_modes", "recon_l2", "bernoulli_nll", "mmd", "steps", "wall_s", "device",
+              "mmd_backend", "config"):
+        assert k in s
+    assert s["steps"] == 6 and 0 <= s["test_accuracy"] <= 1 and 1 <= s["active_modes"] <= 10
+    assert s["mmd_backend"] not in ("", None, "auto")
+    assert s["config"]["mmd_backend"] == "auto"
+    for f in ("fig4a_reconstructions", "fig4b_samples_per_mode", "fig4c_samples_scaled", "fig5a_interp_data",
+              "fig5b_interp_modes", "fig7a_heatmap", "fig7b_accuracy", "fig2a_loss"):
+        assert (out / "figures" / f"{f}.png").stat().st_size > 100
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(l["kind"] == "eval" for l in lines) and any(l["kind"] == "train" for l in lines)
+    assert (out / "checkpoints" / "last.pt").exists()
+
+
+@needs_data
+def test_rot2d_and_gmvae_init_from(tmp_path):
+    rc, out = _run(tmp_path, "wae2d", "--prior", "rot2d", "--steps", "4", "--mmd-backend", "reference",
+                   figures=True)
+    assert rc == 0
+    assert (out / "figures" / "fig3_latent2d.png").exists()
+    assert json.loads((out / "summary.json").read_text())["mmd_backend"] == "reference"
+    rc, out2 = _run(tmp_path, "vae2d", "--model", "gmvae", "--prior", "rot2d", "--steps", "4", "--beta", "20",
+                    "--init-from", str(out / "checkpoints" / "last.pt"))
+    assert rc == 0
+    s = json.loads((out2 / "summary.json").read_text())
+    assert s["model"] == "gmvae" and s["config"]["beta"] == 20
+
+
+def _final_state(out):
+    return ck.load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+@needs_data
+def test_resume_is_identical_to_uninterrupted(tmp_path):
+    common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3"]
+    rc, full = _run(tmp_path, "full", *common)
+    assert rc == 0
+    rc, part = _run(tmp_path, "part", *common, "--debug-interrupt-at-step", "5")   # as if Ctrl-C at step 5
+    assert rc == EXIT_INTERRUPTED
+    assert _final_state(part)["step"] == 5
+    rc, _ = _run(tmp_path, "part", *common, "--resume")
+    assert rc == 0
+    a, b = _final_state(full), _final_state(part)
+    assert a["step"] == b["step"] == 9
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k])
+    ma = (full / "metrics.jsonl").read_text()
+    mb = (part / "metrics.jsonl").read_text()
+    assert ma == mb
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((part / "summary.json").read_text())
+    for k in ("test_accuracy", "recon_l2", "bernoulli_nll", "mmd", "active_modes"):
+        assert sa[k] == sb[k]
+
+
+@needs_data
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    rc, out = _run(tmp_path, "nan", "--steps", "10", "--ckpt-every", "2", "--debug-nan-at-step", "6")
+    assert rc == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 6" in err and "last good checkpoint" in err
+    st = _final_state(out)
+    assert st["step"] == 4
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+    assert not (out / "summary.json").exists()
+    # and it can be resumed from there
+    rc, _ = _run(tmp_path, "nan", "--steps", "6", "--ckpt-every", "2", "--resume")
+    assert rc == 0
+
+
+def test_parser_defaults():
+    a = build_parser().parse_args([])
+    assert (a.model, a.prior, a.lr, a.lam, a.modes, a.mmd_backend) == ("gmwae", "simplex", 5e-4, 500.0, 10, "auto")
