@@ -150,6 +150,9 @@ def test_atomic_save_keeps_old_file_on_crash(tmp_path, monkeypatch):
 TINY = ["--train-subset", "256", "--test-subset", "200", "--batch-size", "16", "--enc-channels", "8",
         "--dec-channels", "8", "--hidden", "8", "--pretrain-steps", "3", "--eval-every", "4", "--log-every", "2",
         "--eval-recon", "20", "--no-kmeans", "--no-progress", "--threads", "1"]
+# The trainer-logic tests pin the reparameterisation to the plain-torch backend (independent of how the
+# extension was built); test_tiny_end_to_end_with_figures runs everything on "auto".
+REF = ["--reparam-backend", "reference"]
 
 
 def _run(tmp_path, name, *extra, figures=False):
@@ -212,13 +215,13 @@ def test_tiny_end_to_end_with_figures(tmp_path):
 
 @needs_data
 def test_rot2d_and_gmvae_init_from(tmp_path):
-    rc, out = _run(tmp_path, "wae2d", "--prior", "rot2d", "--steps", "4", "--mmd-backend", "reference",
+    rc, out = _run(tmp_path, "wae2d", "--prior", "rot2d", "--steps", "4", "--mmd-backend", "reference", *REF,
                    figures=True)
     assert rc == 0
     assert (out / "figures" / "fig3_latent2d.png").exists()
     assert json.loads((out / "summary.json").read_text())["mmd_backend"] == "reference"
     rc, out2 = _run(tmp_path, "vae2d", "--model", "gmvae", "--prior", "rot2d", "--steps", "4", "--beta", "20",
-                    "--init-from", str(out / "checkpoints" / "last.pt"))
+                    "--init-from", str(out / "checkpoints" / "last.pt"), *REF)
     assert rc == 0
     s = json.loads((out2 / "summary.json").read_text())
     assert s["model"] == "gmvae" and s["config"]["beta"] == 20
@@ -230,7 +233,7 @@ def _final_state(out):
 
 @needs_data
 def test_resume_is_identical_to_uninterrupted(tmp_path):
-    common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3"]
+    common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3", *REF]
     rc, full = _run(tmp_path, "full", *common)
     assert rc == 0
     rc, part = _run(tmp_path, "part", *common, "--debug-interrupt-at-step", "5")   # as if Ctrl-C at step 5
@@ -256,7 +259,7 @@ def test_resume_is_identical_to_uninterrupted(tmp_path):
 
 @needs_data
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    rc, out = _run(tmp_path, "nan", "--steps", "10", "--ckpt-every", "2", "--debug-nan-at-step", "6")
+    rc, out = _run(tmp_path, "nan", "--steps", "10", "--ckpt-every", "2", "--debug-nan-at-step", "6", *REF)
     assert rc == EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 6" in err and "last good checkpoint" in err
@@ -265,7 +268,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
     assert not (out / "summary.json").exists()
     # and it can be resumed from there
-    rc, _ = _run(tmp_path, "nan", "--steps", "6", "--ckpt-every", "2", "--resume")
+    rc, _ = _run(tmp_path, "nan", "--steps", "6", "--ckpt-every", "2", "--resume", *REF)
     assert rc == 0
 
 

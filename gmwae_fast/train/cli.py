@@ -329,7 +329,7 @@ def main(argv: Optional[list] = None) -> int:
                 stop.requested = True          # behaves exactly like a first Ctrl-C after this step
             if step % a.log_every == 0 or step == a.steps:
                 rec = {"kind": "train", "step": step, "epoch": round(batcher.epoch_of(step), 4),
-                       **{k: float(v) for k, v in res.items() if k != "pi"}}
+                       **{k: float(v.detach()) for k, v in res.items() if k != "pi"}}
                 pi = res["pi"]
                 rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes)
                                                  >= max(1, 0.01 * len(pi))).sum())

@@ -93,7 +93,7 @@ def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: f
     sigma = F.softplus(sigma_raw)
     kl_c = (pi * gaussian_kl_to_prior(mu, sigma, prior)).sum(1).mean()
     logpi = torch.log_softmax(logits, -1)
-    kl_d = (pi * (logpi + math.log(K))).sum(1).mean()
+    kl_d = (pi * (logpi + math.log(model.K))).sum(1).mean()
     loss = rec + beta * (kl_c + kl_d)
     return {"loss": loss, "recon": rec.detach(), "kl_c": kl_c.detach(), "kl_d": kl_d.detach(),
             "pi": pi.detach()}
