@@ -1,0 +1,240 @@
+// Per-pair math of the inverse multiquadric (IMQ) kernel, in ONE place.
+//
+// Shared by the CPU kernels (csrc/imq_mmd_cpu*.{cpp,h}, compiled by the host C++ compiler) and the CUDA
+// kernels (csrc/imq_mmd_cuda.cu, compiled by nvcc), so that the CPU tests exercise the very formulas the GPU
+// runs.  Everything is a template over the lane type `V` (float, double, or a GCC vector of them on the CPU)
+// and the scalar type `S` (float or double).
+//
+// Notation (docs/ARCHITECTURE.md): for a pair at squared distance D and bandwidths C_s,
+//   k_s(D) = C_s / (C_s + D)
+//   phi(D) = sum_s h_s k_s(D)                       (cotangent-weighted kernel)
+//   psi(D) = dphi/dD = -sum_s h_s C_s / (C_s + D)^2 = sum_s q_s k_s(D)^2,   q_s = -h_s / C_s.
+//
+// Division/reciprocal throughput (the x86 divider, the GPU special-function unit) bounds this math, so the
+// bandwidths are merged in groups of up to three that share ONE reciprocal:
+//   with x = D / R (R = the largest C of the group), c_s = C_s / R and t_s = c_s + x,
+//   r = 1 / (t0 t1 t2),  k0 = c0 t1 t2 r,  k1 = c1 t0 t2 r,  k2 = c2 t0 t1 r.
+// The forward values need every k_s separately (one value per bandwidth), and phi/psi are then a few
+// fused multiply-adds per bandwidth on top.  Accuracy in float32: each k_s carries a handful of roundings
+// (random in sign), i.e. a few ulp, and no cancellation: all factors are positive.
+//
+// Range safety: the host only groups bandwidths whose ratio max/min is <= kImqMaxGroupRatio, so the
+// normalised c_s lie in [1/kImqMaxGroupRatio, 1] and t0 t1 t2 >= kImqMaxGroupRatio^-2 (no underflow); x is
+// clamped at kImqXMax<S> so that t0 t1 t2 <= (1 + kImqXMax)^3 stays finite (no overflow).  The clamp only
+// changes pairs with D > 1e12 * max C of the group (float) where every k_s of the group is < 1e-12 anyway.
+#pragma once
+
+#include <type_traits>
+#include <utility>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define GMW_HD __host__ __device__
+#define GMW_INLINE __forceinline__
+#else
+#define GMW_HD
+#if defined(__GNUC__) || defined(__clang__)
+#define GMW_INLINE inline __attribute__((always_inline))
+#else
+#define GMW_INLINE inline
+#endif
+#endif
+
+namespace gmwae_fast {
+
+// Largest ratio C_max / C_min merged into one group.
+constexpr double kImqMaxGroupRatio = 1.0e4;
+// Most bandwidths sharing one reciprocal.
+constexpr int kImqGroupMax = 3;
+
+template <class S>
+struct ImqXMax;
+template <>
+struct ImqXMax<float> {
+  static constexpr float value = 1.0e12f;  // (1 + 1e12)^3 = 1e36 < FLT_MAX
+};
+template <>
+struct ImqXMax<double> {
+  static constexpr double value = 1.0e100;  // (1 + 1e100)^3 < DBL_MAX
+};
+
+// Constants of one group of n (1..3) bandwidths, starting at bandwidth index s0.  Unused slots (s >= n) are
+// filled with harmless values (c = 1, h = q = 0) so that code may evaluate all three unconditionally.
+template <class S>
+struct ImqGroup {
+  S inv_ref;  // 1 / R, R = max C_s of the group
+  S c[kImqGroupMax];  // C_s / R, in (0, 1]
+  S h[kImqGroupMax];  // cotangent h_s (0 where not given)
+  S q[kImqGroupMax];  // -h_s / C_s
+  int n;  // number of bandwidths in the group (1..3)
+  int s0;  // index of the group's first bandwidth
+};
+
+// Host side: split bandwidths into consecutive groups (<= 3, ratio <= kImqMaxGroupRatio).
+// `bw` (S doubles, > 0) and `h` (S doubles, may be null) -> groups; returns the number of groups (<= S).
+template <class S>
+inline int imq_make_groups(const double* bw, const double* h, int num_bw, ImqGroup<S>* out) {
+  int ng = 0;
+  int s = 0;
+  while (s < num_bw) {
+    double lo = bw[s], hi = bw[s];
+    int n = 1;
+    while (n < kImqGroupMax && s + n < num_bw) {
+      const double c = bw[s + n];
+      const double nlo = c < lo ? c : lo;
+      const double nhi = c > hi ? c : hi;
+      if (nhi > kImqMaxGroupRatio * nlo) break;
+      lo = nlo;
+      hi = nhi;
+      ++n;
+    }
+    ImqGroup<S>& g = out[ng++];
+    g.inv_ref = static_cast<S>(1.0 / hi);
+    g.n = n;
+    g.s0 = s;
+    for (int u = 0; u < kImqGroupMax; ++u) {
+      if (u < n) {
+        const double hs = h ? h[s + u] : 0.0;
+        g.c[u] = static_cast<S>(bw[s + u] / hi);
+        g.h[u] = static_cast<S>(hs);
+        g.q[u] = static_cast<S>(-hs / bw[s + u]);
+      } else {
+        g.c[u] = S(1);
+        g.h[u] = S(0);
+        g.q[u] = S(0);
+      }
+    }
+    s += n;
+  }
+  return ng;
+}
+
+// ---- elementary operations (overloaded per lane type; the CPU vector types reuse the generic ones) ----
+
+// acc + (a - b)^2, the only way distances are formed (never |a|^2 + |b|^2 - 2ab).
+template <class V>
+GMW_HD GMW_INLINE V imq_sqdist_step(V acc, V a, V b) {
+  const V t = a - b;
+  return acc + t * t;
+}
+
+// min(x, m) for scalar or vector lanes (the ternary is element-wise for GCC/Clang vectors).
+template <class V, class S>
+GMW_HD GMW_INLINE V imq_clamp_hi(V x, S m) {
+#if defined(__CUDA_ARCH__)
+  return x < m ? x : V(m);
+#else
+  return x < m ? x : m + V{};
+#endif
+}
+
+// Reciprocal.  Host (and double on the device): correctly rounded division.  float on the device: the
+// special-function-unit approximation (|rel err| <= 1 ulp, argument is normal here) refined by one Newton
+// step, i.e. one MUFU.RCP + two FMAs instead of the long IEEE division sequence.
+GMW_HD GMW_INLINE double imq_rcp(double p) {
+  return 1.0 / p;
+}
+GMW_HD GMW_INLINE float imq_rcp(float p) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(p));
+  const float e = __fmaf_rn(-p, r, 1.0f);
+  return __fmaf_rn(r, e, r);
+#else
+  return 1.0f / p;
+#endif
+}
+// GCC/Clang vector lanes (CPU only): element-wise correctly rounded division.
+template <class V>
+GMW_HD GMW_INLINE V imq_rcp(V p) {
+  typedef typename std::remove_cv<typename std::remove_reference<decltype(p[0])>::type>::type E;
+  return E(1) / p;
+}
+
+// ---- kernel values of one group at squared distance D ----
+
+// Element type of a lane type: V itself for scalars, the element of a GCC/Clang vector.
+template <class V, class = void>
+struct ImqElem {
+  typedef V type;
+};
+template <class V>
+struct ImqElem<V, decltype(void(std::declval<V&>()[0]))> {
+  typedef typename std::remove_cv<typename std::remove_reference<decltype(std::declval<V&>()[0])>::type>::type type;
+};
+
+// x = D / R, clamped (see the range note at the top).  `inv_ref` may be a scalar or pre-broadcast lanes.
+template <class V, class S>
+GMW_HD GMW_INLINE V imq_group_x(V D, S inv_ref) {
+  return imq_clamp_hi(D * inv_ref, ImqXMax<typename ImqElem<V>::type>::value);
+}
+
+// n = 3: three values, one reciprocal.
+template <class V, class S>
+GMW_HD GMW_INLINE void imq_k3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V& k2) {
+  const V x = imq_group_x(D, inv_ref);
+  const V t0 = x + c0;
+  const V t1 = x + c1;
+  const V t2 = x + c2;
+  const V t01 = t0 * t1;
+  const V r = imq_rcp(t01 * t2);
+  const V rt2 = r * t2;
+  k0 = (t1 * c0) * rt2;
+  k1 = (t0 * c1) * rt2;
+  k2 = (t01 * c2) * r;
+}
+
+// n = 2: two values, one reciprocal.
+template <class V, class S>
+GMW_HD GMW_INLINE void imq_k2(V D, S inv_ref, S c0, S c1, V& k0, V& k1) {
+  const V x = imq_group_x(D, inv_ref);
+  const V t0 = x + c0;
+  const V t1 = x + c1;
+  const V r = imq_rcp(t0 * t1);
+  k0 = (t1 * c0) * r;
+  k1 = (t0 * c1) * r;
+}
+
+// n = 1.
+template <class V, class S>
+GMW_HD GMW_INLINE V imq_k1(V D, S inv_ref, S c0) {
+  const V x = imq_group_x(D, inv_ref);
+  return c0 * imq_rcp(x + c0);
+}
+
+// Evaluate a group of any size n (unused outputs are 0).  For code that branches on n outside the hot loop,
+// call imq_k3/imq_k2/imq_k1 directly.
+template <class V, class S>
+GMW_HD GMW_INLINE void imq_group_eval(const ImqGroup<S>& g, V D, V& k0, V& k1, V& k2) {
+  if (g.n == 3) {
+    imq_k3(D, g.inv_ref, g.c[0], g.c[1], g.c[2], k0, k1, k2);
+  } else if (g.n == 2) {
+    imq_k2(D, g.inv_ref, g.c[0], g.c[1], k0, k1);
+    k2 = k0 * S(0);
+  } else {
+    k0 = imq_k1(D, g.inv_ref, g.c[0]);
+    k1 = k0 * S(0);
+    k2 = k1;
+  }
+}
+
+// ---- cotangent-weighted sums (gradient path) ----
+
+// phi += h k ;  psi += q k^2   for one bandwidth.
+template <class V, class S>
+GMW_HD GMW_INLINE void imq_phi_psi_acc(V k, S h, S q, V& phi, V& psi) {
+  phi = phi + k * h;
+  psi = psi + (k * q) * k;
+}
+
+// Direct (reference-style) single-bandwidth forms, used for the analytic diagonal and by tests of the math.
+template <class S>
+GMW_HD GMW_INLINE S imq_k_direct(S D, S C) {
+  return C / (C + D);
+}
+template <class S>
+GMW_HD GMW_INLINE S imq_dk_direct(S D, S C) {
+  const S t = C + D;
+  return -C / (t * t);
+}
+
+}  // namespace gmwae_fast

@@ -1,0 +1,310 @@
+"""The fused CPU kernels of ``gmwae_fast._C`` (``torch.ops.gmwae_fast.imq_*``) against a float64 brute force.
+
+The reference below is written here on purpose (independent of ``gmwae_fast.reference``): it materialises the
+N x M distance matrix in float64 and gets every gradient from autograd.  The contract is docs/ARCHITECTURE.md.
+Skipped, with the reason, when the extension cannot be imported (CI builds it, so these tests run there).
+"""
+import importlib
+
+import pytest
+import torch
+
+try:
+    importlib.import_module("gmwae_fast._C")
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the build
+    _IMPORT_ERROR = f"gmwae_fast._C cannot be imported ({type(exc).__name__}: {exc})"
+
+pytestmark = pytest.mark.skipif(_IMPORT_ERROR is not None, reason=_IMPORT_ERROR or "")
+
+OPS = torch.ops.gmwae_fast
+BW = torch.tensor([0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0], dtype=torch.float64)  # groups of 3, 3 and 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 brute-force reference (autograd for the gradients)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _kernel_sums(a, wa, b, wb, bw, mask=None):
+    D = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)  # (N, M)
+    K = bw[:, None, None] / (bw[:, None, None] + D)  # (S, N, M)
+    W = wa[:, None] * wb[None, :]
+    if mask is not None:
+        W = W * mask
+    return (K * W).sum((1, 2))
+
+
+def ref_self(a, wa, bw, group, unbiased, h=None):
+    a = a.detach().double().requires_grad_(h is not None)
+    wa = wa.detach().double().requires_grad_(h is not None)
+    n = a.shape[0]
+    mask = None
+    if unbiased:
+        g = torch.arange(n) // group
+        mask = (g[:, None] != g[None, :]).double()
+    vals = _kernel_sums(a, wa, a, wa, bw.double(), mask)
+    if h is None:
+        return vals.detach()
+    da, dwa = torch.autograd.grad((vals * h.double()).sum(), (a, wa))
+    return vals.detach(), da, dwa
+
+
+def ref_cross(a, wa, b, wb, bw, h=None):
+    req = h is not None
+    a, wa, b, wb = (t.detach().double().requires_grad_(req) for t in (a, wa, b, wb))
+    vals = _kernel_sums(a, wa, b, wb, bw.double())
+    if h is None:
+        return vals.detach()
+    grads = torch.autograd.grad((vals * h.double()).sum(), (a, wa, b, wb))
+    return (vals.detach(), *grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _points(n, d, dtype, seed, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def _weights(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed + 7)
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    return (w / w.sum()).to(dtype)
+
+
+def _h(seed, s=len(BW)):
+    g = torch.Generator().manual_seed(seed + 11)
+    return torch.randn(s, generator=g, dtype=torch.float64) * 2.0  # random signs, != 1
+
+
+def _close(got, ref, rtol, name, atol_frac=None):
+    """|got - ref| <= rtol * |ref| + atol, atol = atol_frac * max|ref| (gradients: components may be ~0)."""
+    ref = ref.double()
+    got = got.double()
+    atol = (atol_frac if atol_frac is not None else rtol) * float(ref.abs().max()) if ref.numel() else 0.0
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# (rtol values, rtol grads, relative atol of grads) per input dtype; the reference uses the same (rounded) inputs
+TOL = {
+    torch.float64: (1e-11, 1e-10, 1e-11),
+    torch.float32: (2e-6, 2e-4, 2e-5),
+    torch.bfloat16: (2e-6, 2e-2, 1e-2),  # the point gradients come back in bfloat16
+    torch.float16: (2e-6, 4e-3, 2e-3),
+}
+
+SIZES = [1, 5, 37, 70, 129]
+DIMS = [1, 2, 3, 10, 17, 64]
+
+
+def _check_self(n, d, group, unbiased, dtype, seed):
+    ct = _compute_dtype(dtype)
+    a = _points(n, d, dtype, seed)
+    wa = _weights(n, ct, seed)
+    h = _h(seed)
+    rv, rg, ra = TOL[dtype]
+    vals = OPS.imq_self(a, wa, BW, group, unbiased)
+    vals2, da, dwa = OPS.imq_self_grad(h, a, wa, BW, group, unbiased)
+    assert vals.dtype == torch.float64 and vals.shape == BW.shape
+    assert da.dtype == a.dtype and da.shape == a.shape and dwa.dtype == wa.dtype and dwa.shape == wa.shape
+    r_vals, r_da, r_dwa = ref_self(a, wa, BW, group, unbiased, h)
+    tag = f"self n={n} d={d} G={group} unbiased={unbiased} {dtype}"
+    _close(vals, r_vals, rv, tag + " values", atol_frac=1e-14)
+    _close(vals2, r_vals, rv, tag + " values(grad op)", atol_frac=1e-14)
+    _close(da, r_da, rg, tag + " da", ra)
+    _close(dwa, r_dwa, rg, tag + " dwa", ra)
+
+
+def _check_cross(n, m, d, dtype, seed):
+    ct = _compute_dtype(dtype)
+    a = _points(n, d, dtype, seed)
+    b = _points(m, d, dtype, seed + 1, scale=1.3, offset=0.2)
+    wa = _weights(n, ct, seed)
+    wb = _weights(m, ct, seed + 1)
+    h = _h(seed)
+    rv, rg, ra = TOL[dtype]
+    vals = OPS.imq_cross(a, wa, b, wb, BW)
+    vals2, da, dwa, db, dwb = OPS.imq_cross_grad(h, a, wa, b, wb, BW)
+    assert vals.dtype == torch.float64 and vals.shape == BW.shape
+    for g, x in ((da, a), (dwa, wa), (db, b), (dwb, wb)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    r_vals, r_da, r_dwa, r_db, r_dwb = ref_cross(a, wa, b, wb, BW, h)
+    tag = f"cross n={n} m={m} d={d} {dtype}"
+    _close(vals, r_vals, rv, tag + " values", atol_frac=1e-14)
+    _close(vals2, r_vals, rv, tag + " values(grad op)", atol_frac=1e-14)
+    _close(da, r_da, rg, tag + " da", ra)
+    _close(dwa, r_dwa, rg, tag + " dwa", ra)
+    _close(db, r_db, rg, tag + " db", ra)
+    _close(dwb, r_dwb, rg, tag + " dwb", ra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# correctness
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group,unbiased", [(1, False), (1, True), (3, False), (3, True)])
+@pytest.mark.parametrize("n", SIZES)
+def test_self_float64(n, group, unbiased):
+    for d in DIMS:  # N = n groups of `group` points
+        _check_self(n * group, d, group, unbiased, torch.float64, seed=1000 * n + 10 * d + group)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_cross_float64(n):
+    for i, m in enumerate(SIZES):
+        for d in (DIMS[(i + SIZES.index(n)) % len(DIMS)], DIMS[(2 * i + 3) % len(DIMS)]):
+            _check_cross(n, m, d, torch.float64, seed=100 * n + m + d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_self_low_precision(dtype):
+    for n, d, group, unbiased in [(129, 10, 1, True), (70, 3, 1, False), (37 * 3, 17, 3, True), (5, 64, 1, False),
+                                  (1, 2, 1, False), (300, 64, 3, False)]:
+        _check_self(n, d, group, unbiased, dtype, seed=n + d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cross_low_precision(dtype):
+    for n, m, d in [(129, 70, 10), (37, 5, 64), (1, 129, 3), (70, 1, 17), (300, 257, 2)]:
+        _check_cross(n, m, d, dtype, seed=n + m + d)
+
+
+def test_mixed_dtypes_cross():
+    """A float64 operand makes the whole computation float64; each gradient comes back in its operand's dtype."""
+    a = _points(37, 5, torch.float32, 1)
+    b = _points(29, 5, torch.float64, 2)
+    wa, wb = _weights(37, torch.float64, 1), _weights(29, torch.float64, 2)
+    h = _h(3)
+    vals, da, dwa, db, dwb = OPS.imq_cross_grad(h, a, wa, b, wb, BW)
+    r = ref_cross(a, wa, b, wb, BW, h)
+    assert da.dtype == torch.float32 and db.dtype == torch.float64
+    _close(vals, r[0], 1e-11, "values")
+    _close(db, r[3], 1e-10, "db", 1e-11)
+
+
+def test_isolated_and_single_bandwidths():
+    """Bandwidths that cannot share a reciprocal (ratio > 1e4), groups of 1 and 2, and far-apart points."""
+    bw = torch.tensor([1e-3, 50.0, 1e5, 3.0, 4.0], dtype=torch.float64)
+    a = _points(70, 4, torch.float64, 5, scale=30.0)
+    b = _points(33, 4, torch.float64, 6, scale=0.01, offset=100.0)
+    wa, wb = _weights(70, torch.float64, 5), _weights(33, torch.float64, 6)
+    h = _h(7, s=5)
+    got = OPS.imq_cross_grad(h, a, wa, b, wb, bw)
+    ref = ref_cross(a, wa, b, wb, bw, h)
+    for g, r, name in zip(got, ref, ("values", "da", "dwa", "db", "dwb")):
+        _close(g, r, 1e-10, name, 1e-12)
+    got = OPS.imq_self_grad(h, a.float(), wa.float(), bw, 1, True)
+    ref = ref_self(a.float(), wa.float(), bw, 1, True, h)
+    for g, r, name in zip(got, ref, ("values", "da", "dwa")):
+        _close(g, r, 2e-5 if name == "values" else 2e-4, name, 2e-5)
+
+
+def test_empty_and_degenerate():
+    bw = BW
+    h = _h(0)
+    a0 = torch.zeros(0, 3)
+    w0 = torch.zeros(0)
+    a = _points(5, 3, torch.float32, 0)
+    w = _weights(5, torch.float32, 0)
+    assert torch.equal(OPS.imq_self(a0, w0, bw, 1, True), torch.zeros(len(bw), dtype=torch.float64))
+    vals, da, dwa = OPS.imq_cross_grad(h, a0, w0, a, w, bw)[:3]
+    assert torch.equal(vals, torch.zeros(len(bw), dtype=torch.float64)) and da.shape == (0, 3)
+    # one point, biased: only the analytic diagonal w^2 k(0) = w^2
+    one = torch.ones(1, 4)
+    vals, da, dwa = OPS.imq_self_grad(h, one, torch.tensor([0.5]), bw, 1, False)
+    torch.testing.assert_close(vals, torch.full((len(bw),), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(dwa, torch.tensor([2 * 0.5 * float(h.sum())], dtype=torch.float32))
+    assert torch.equal(da, torch.zeros(1, 4))
+    # no bandwidths
+    vals, da, dwa = OPS.imq_self_grad(torch.zeros(0, dtype=torch.float64), a, w, bw[:0], 1, True)
+    assert vals.shape == (0,) and torch.equal(da, torch.zeros_like(a))
+    # d = 0: every distance is 0
+    z = torch.zeros(6, 0)
+    wz = torch.full((6,), 1 / 6)
+    torch.testing.assert_close(OPS.imq_self(z, wz, bw, 1, False), torch.ones(len(bw), dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# determinism and float32 accuracy
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_deterministic():
+    a = _points(700, 10, torch.float32, 21)
+    b = _points(515, 10, torch.float32, 22)
+    wa, wb = _weights(700, torch.float32, 21), _weights(515, torch.float32, 22)
+    h = _h(23)
+    r1 = OPS.imq_self_grad(h, a, wa, BW, 1, True) + OPS.imq_cross_grad(h, a, wa, b, wb, BW)
+    r2 = OPS.imq_self_grad(h, a, wa, BW, 1, True) + OPS.imq_cross_grad(h, a, wa, b, wb, BW)
+    for x, y in zip(r1, r2):
+        assert torch.equal(x, y)
+
+
+def _chunked_ref_terms(x, y, bw, chunk=256):
+    """float64 self(x) (unbiased, uniform weights), self(y), cross(x, y) without N x M x S in memory."""
+    def total(p, q, same):
+        acc = torch.zeros(len(bw), dtype=torch.float64)
+        for i in range(0, p.shape[0], chunk):
+            D = ((p[i:i + chunk, None, :] - q[None, :, :]) ** 2).sum(-1)
+            if same:
+                idx = torch.arange(i, min(i + chunk, p.shape[0]))
+                D[idx - i, idx] = float("inf")  # excluded diagonal: k = 0
+            for s, c in enumerate(bw.tolist()):
+                acc[s] += (c / (c + D)).sum()
+        return acc / (p.shape[0] * q.shape[0])
+
+    return total(x, x, True), total(y, y, True), total(x, y, False)
+
+
+def test_float32_mmd_accuracy():
+    """MMD2 of two samples of one law (near zero: the hard case) in float32 vs float64, rel err <= 1e-5."""
+    n, d = 2048, 10
+    x64 = _points(n, d, torch.float64, 31)
+    y64 = _points(n, d, torch.float64, 32)
+    bw = torch.tensor([0.2, 1.0, 5.0, 20.0, 100.0], dtype=torch.float64) * d
+    sx, sy, cxy = _chunked_ref_terms(x64, y64, bw)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    den = 1.0 - float((w ** 2).sum())  # group = 1
+    mmd_ref = sx / den + sy / den - 2 * cxy
+    x, y, w32 = x64.float(), y64.float(), w.float()
+    mmd32 = (OPS.imq_self(x, w32, bw, 1, True) / den + OPS.imq_self(y, w32, bw, 1, True) / den
+             - 2 * OPS.imq_cross(x, w32, y, w32, bw))
+    rel = ((mmd32 - mmd_ref).abs() / mmd_ref.abs()).max().item()
+    assert rel <= 1e-5, (rel, mmd_ref.tolist(), mmd32.tolist())
+    # the same through the fused value+gradient ops
+    ones = torch.ones(len(bw), dtype=torch.float64)
+    mmd32g = (OPS.imq_self_grad(ones, x, w32, bw, 1, True)[0] / den
+              + OPS.imq_self_grad(ones, y, w32, bw, 1, True)[0] / den
+              - 2 * OPS.imq_cross_grad(ones, x, w32, y, w32, bw)[0])
+    rel = ((mmd32g - mmd_ref).abs() / mmd_ref.abs()).max().item()
+    assert rel <= 1e-5, (rel, mmd_ref.tolist(), mmd32g.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise():
+    a = torch.randn(6, 3)
+    w = torch.full((6,), 1 / 6)
+    h = torch.ones(len(BW), dtype=torch.float64)
+    cases = [
+        (lambda: OPS.imq_self(a[0], w, BW, 1, True), "2-D"),
+        (lambda: OPS.imq_self(a, w[:5], BW, 1, True), "entries"),
+        (lambda: OPS.imq_self(a, w, BW, 4, True), "divisible"),
+        (lambda: OPS.imq_self(a, w, BW, 0, True), "group"),
+        (lambda: OPS.imq_self(a.int(), w, BW, 1, True), "float32"),
+        (lambda: OPS.imq_self(a, w, -BW, 1, True), "bandwidth"),
+        (lambda: OPS.imq_self(a, w, BW.reshape(1, -1), 1, True), "1-D"),
+        (lambda: OPS.imq_self_grad(h[:2], a, w, BW, 1, True), "entries"),
+        (lambda: OPS.imq_cross(a, w, torch.randn(4, 2), torch.full((4,), 0.25), BW), "columns"),
+        (lambda: OPS.imq_cross_grad(h, a, w, torch.randn(4, 3), torch.full((5,), 0.2), BW), "entries"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises(RuntimeError, match=needle):
+            fn()
