@@ -257,6 +257,7 @@ def main(argv: Optional[list] = None) -> int:
     gen = torch.Generator(device=device).manual_seed(a.seed)
     prior = make_prior(a.prior, a.modes, a.sigma0, a.latent_dim).to(device)
     model = GMModel(a.modes, prior.d, a.enc_channels, a.dec_channels, a.hidden, a.qc_input).to(device)
+    model.encoder.init_to_prior(prior.means, prior.diag_stds)
     if a.channels_last == "on" or (a.channels_last == "auto" and device.type == "cpu"):
         model = model.to(memory_format=torch.channels_last)
     n_prior = a.prior_samples or a.batch_size * a.modes

@@ -50,6 +50,13 @@ class Encoder(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
 
+    @torch.no_grad()
+    def init_to_prior(self, means: torch.Tensor, stds: torch.Tensor, weight_scale: float = 0.01) -> None:
+        """Start q_C at the prior: output-layer bias = (mu0_k, softplus^-1(sigma0_k)), small output weights."""
+        self.w3.mul_(weight_scale)
+        self.b3[:, : self.d] = means
+        self.b3[:, self.d:] = torch.log(torch.expm1(stds.clamp_min(1e-4)))
+
     def forward(self, x: torch.Tensor):
         h = self.trunk(x)                                                   # (B, F)
         logits = self.logits(h)                                             # (B, K)

@@ -1,0 +1,90 @@
+"""Share of a GM-WAE training step spent in the MMD, per backend.
+
+    python -m gmwae_fast.train.profile_step --batch-size 64 --dec-channels 64 --backends cpu reference
+
+For each backend: the median wall time of a full training step (encoder, gm_reparameterize, B*K decodes,
+MMD, backward, Adam) and of the MMD alone (forward + backward on tensors of the same shapes: x (B, K, d)
+with weights (B, K), y (B*K, d)); share = MMD / step. Random images (the cost does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .losses import gmwae_loss, resolve_ops
+from .models import GMModel
+from .priors import make_prior
+
+
+def _median_time(fn, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gmwae_fast.train.profile_step")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modes", type=int, default=10)
+    p.add_argument("--dec-channels", type=int, default=64)
+    p.add_argument("--backends", nargs="+", default=["auto", "reference"])
+    p.add_argument("--reparam-backend", default="reference")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the JSON result here too")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ops = resolve_ops()
+    prior = make_prior("simplex", a.modes)
+    B, K, d = a.batch_size, a.modes, prior.d
+    torch.manual_seed(0)
+    model = GMModel(K, d, 64, a.dec_channels).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    x = torch.rand(B, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    res = {"batch_size": B, "modes": K, "latent_dim": d, "dec_channels": a.dec_channels,
+           "torch_threads": torch.get_num_threads(), "reparam_backend": a.reparam_backend, "backends": {}}
+    from gmwae_fast.backends import resolve_backend
+    for be in a.backends:
+        name = resolve_backend(be, "cpu")
+
+        def step():
+            out = gmwae_loss(model, x, prior, gen, ops, 500.0, B * K, be, a.reparam_backend)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+
+        z = torch.randn(B, K, d, requires_grad=True)
+        logits = torch.randn(B, K, requires_grad=True)
+        y = prior.sample_stratified(B * K, generator=gen)
+
+        def mmd_only():
+            m = ops.fast_imq_mmd(z, y, x_weights=torch.softmax(logits, -1), backend=be)
+            m.backward()
+
+        t_step = _median_time(step, a.reps, a.warmup)
+        t_mmd = _median_time(mmd_only, a.reps, a.warmup)
+        res["backends"][be] = {"resolved": name, "step_s": round(t_step, 4), "mmd_fwd_bwd_s": round(t_mmd, 4),
+                               "mmd_share": round(t_mmd / t_step, 3)}
+        print(f"{be:>9} ({name}): step {t_step * 1e3:8.1f} ms, MMD fwd+bwd {t_mmd * 1e3:8.1f} ms, "
+              f"share {t_mmd / t_step:6.1%}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
