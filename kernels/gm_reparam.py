@@ -177,7 +177,8 @@ def _gm_reparam_bwd_kernel(gz_ptr, sr_ptr, noise_ptr, dsr_ptr, gpi_ptr, logits_p
     if EXP_ACT:
         dact = tl.exp(sr)
     else:
-        dact = 1.0 / (1.0 + tl.exp(-sr))  # sigmoid; exp overflow gives 1 / inf = 0, no NaN
+        e = tl.exp(-tl.abs(sr))  # sigmoid from exp(-|x|), which never overflows
+        dact = tl.where(sr > 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
         dact = tl.where(sr > 20.0, 1.0, dact)
     tl.store(dsr_ptr + idx, (gz * eps * dact).to(dsr_ptr.dtype.element_ty), mask=m)
     # --- d_logits = pi * (grad_pi - <grad_pi, pi>)
