@@ -353,9 +353,11 @@ def markdown(dev: dict, recs: list[dict], skipped: list[dict], sp: list[dict], t
         L += ["## Other benchmarks", ""]
         rows = []
         for r in sorted(other, key=lambda r: (str(r.get("group")), str(r.get("name")))):
-            note = r.get("model") or r.get("label") or r.get("backend") or ""
-            if r.get("mmd_backend"):
-                note = f"MMD backend {r['mmd_backend']}; {note}"
+            parts = [f"{k}={r[k]}" for k in ("provider", "backend", "mode", "B", "K", "d", "device")
+                     if r.get(k) is not None]
+            parts += [f"{k}={_fmt_bytes(v)}" for k, v in r.items()
+                      if k.endswith("_bytes") and k != "peak_mem_bytes" and isinstance(v, (int, float))]
+            note = ", ".join(parts)
             rows.append([str(r.get("group")), str(r.get("name")), _fmt_time(r.get("median_s")),
                          f"{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}", _fmt_bytes(r.get("peak_mem_bytes")),
                          str(note).replace("|", "/")])
