@@ -143,8 +143,8 @@ def test_cpu_and_cuda_streams_identical():
     skip_unless_usable("cpu", "cpu")
     a = _noise_of(33, 10, 17, "cpu", "cpu", seed=2024)
     b = _noise_of(33, 10, 17, "cuda", "cuda", seed=2024).cpu()
-    # same Philox bits and the same float32 operations; only FMA contraction may differ (~1 ulp)
-    torch.testing.assert_close(a, b, rtol=2e-7, atol=2e-7)
+    # same Philox bits and the same float32 operations; only FMA contraction may differ (a few ulp at most)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def _stat_size(device, backend):
