@@ -38,16 +38,20 @@ Kernels
   ``tl.dot`` in full fp32 / fp64 precision) in registers, with ``o`` the program's first row of ``a``, a shift that
   keeps ``(a_i - o) sum psi - sum psi (b_j - o)`` free of the cancellation a large common offset would cause.
   Gradients of ``b`` (cross) are a second row pass with the roles swapped. The values come from the same pass
-  (per-program partials, summed in float64 on the host).
+  (per-program partials, summed in float64 on the host). When there are too few row blocks to fill the GPU
+  (n = 4096, ``BLOCK_M = 64``: 64 blocks for 132 SMs), the columns are split over a third grid axis: each split
+  writes its partial ``da`` / ``dwa`` to a float workspace that the host sums in a fixed order (deterministic).
 
-Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100, not yet tuned on one) and can be overridden per call
-with the keyword-only ``block_m``, ``block_n``, ``num_warps`` arguments of every launcher (powers of two >= 16;
-the self values kernel uses square ``block_m`` tiles).
+Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100; not yet tuned on one) and can
+be overridden per call with the keyword-only ``block_m``, ``block_n``, ``num_warps`` arguments of every launcher
+(powers of two >= 16; the self values kernel uses square ``block_m`` tiles), and ``col_splits`` of the gradient
+launchers.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -59,7 +63,8 @@ __all__ = ["imq_self", "imq_cross", "imq_self_grad", "imq_cross_grad", "DEFAULTS
 
 #: Default launch configuration (GPU oriented). ``values_*``: tile-pair values kernel; ``grad_*``: row-pass kernel.
 #: ``block_d``: features unrolled per step of the distance loop; ``block_g``: widest ``da`` feature chunk a program
-#: keeps in registers (larger ``d`` is split over a second grid axis, recomputing the distances).
+#: keeps in registers (larger ``d`` is split over a second grid axis, recomputing the distances);
+#: ``grad_programs_per_sm``: programs per multiprocessor the column split of the row pass aims at.
 DEFAULTS = {
     "values_block_m": 64,
     "values_block_n": 64,
@@ -69,6 +74,7 @@ DEFAULTS = {
     "grad_num_warps": 8,
     "block_d": 16,
     "block_g": 128,
+    "grad_programs_per_sm": 2,
 }
 
 _POINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -189,13 +195,17 @@ def _imq_values_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, part_ptr,
 @triton.jit
 def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
                         part_ptr, da_ptr, dwa_ptr,
-                        N, M, n_feat, S, group, dw_scale, da_scale,
+                        N, M, n_feat, S, group, dw_scale, da_scale, cols_per_split,
                         MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_G: tl.constexpr, S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
+    pid_z = tl.program_id(2)   # column split: this program covers columns [col_lo, col_hi) of b
+    num_z = tl.num_programs(2)
+    col_lo = pid_z * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     a_off = rows.to(tl.int64) * n_feat
@@ -211,9 +221,9 @@ def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
     sum_phi = tl.zeros([BLOCK_M], dtype=tl.float64)   # sum_j v_j phi_ij
     sum_psi = tl.zeros([BLOCK_M], dtype=tl.float64)   # -sum_j v_j psi_ij
     acc_g = tl.zeros([BLOCK_M, BLOCK_G], dtype=CDT)   # -sum_j v_j psi_ij (b_j - o)
-    for n0 in range(0, M, BLOCK_N):
+    for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < M
+        cmask = cols < col_hi
         b_off = cols.to(tl.int64) * n_feat
         wb = tl.load(wb_ptr + cols, mask=cmask, other=0.0)
         dist = _sq_dist_tile(a_ptr, a_off, rmask, b_ptr, b_off, cmask, n_feat, BLOCK_M, BLOCK_N, BLOCK_D, CDT)
@@ -255,13 +265,15 @@ def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
     ag = ag.to(CDT) - o[None, :]
     grad = acc_g.to(tl.float64) - ag.to(tl.float64) * sum_psi[:, None]
     grad = grad * (da_scale * wa64)[:, None]
+    # outputs of split z at da[z], dwa[z] (the final tensors when there is one split, else float workspaces);
     # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
-    tl.store(da_ptr + a_off[:, None] + gcols[None, :], grad.to(CDT).to(da_ptr.dtype.element_ty),
+    z_off = pid_z.to(tl.int64) * N
+    tl.store(da_ptr + z_off * n_feat + a_off[:, None] + gcols[None, :], grad.to(CDT).to(da_ptr.dtype.element_ty),
              mask=rmask[:, None] & gmask[None, :])
     first = pid_g == 0
-    tl.store(dwa_ptr + rows, (sum_phi * dw_scale).to(dwa_ptr.dtype.element_ty), mask=rmask & first)
+    tl.store(dwa_ptr + z_off + rows, (sum_phi * dw_scale).to(dwa_ptr.dtype.element_ty), mask=rmask & first)
     if WITH_VALUES:
-        tl.store(part_ptr + pid_m * S + sidx, vals, mask=(sidx < S) & first)
+        tl.store(part_ptr + (pid_m * num_z + pid_z) * S + sidx, vals, mask=(sidx < S) & first)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,30 +419,59 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg) -> t
     return part.sum(dim=0)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_type: str, index: Optional[int]) -> int:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                                ).multi_processor_count
+    return 1
+
+
+def _col_splits(device: torch.device, programs: int, col_tiles: int, col_splits: Optional[int]) -> int:
+    """How many column ranges a row pass is split into: enough programs to fill the GPU
+    (``DEFAULTS['grad_programs_per_sm']`` per multiprocessor) when there are few row blocks, e.g. n = 4096 with
+    ``block_m = 64`` gives 64 row blocks for 132 SMs on an H100. Partial results are summed in a fixed order."""
+    if col_splits is None:
+        target = int(DEFAULTS["grad_programs_per_sm"]) * _num_sms(device.type, device.index)
+        col_splits = triton.cdiv(target, programs)
+    col_splits = int(col_splits)
+    if col_splits < 1:
+        raise ValueError(f"col_splits must be >= 1, got {col_splits}")
+    return max(1, min(col_splits, col_tiles))
+
+
 def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bool,
-             dw_scale: float, da_scale: float, cfg):
+             dw_scale: float, da_scale: float, cfg, col_splits: Optional[int]):
     """One deterministic row pass: gradients of the rows of ``a`` against all of ``b`` (and the values)."""
     N, d = a.shape
     M = b.shape[0]
     S = bw.shape[0]
-    da = torch.empty_like(a)
-    dwa = torch.empty_like(wa)
-    if N == 0:
-        return torch.zeros(S, dtype=torch.float64, device=a.device), da, dwa
-    if M == 0 or S == 0:
-        da.zero_()
-        dwa.zero_()
-        return torch.zeros(S, dtype=torch.float64, device=a.device), da, dwa
+    if N == 0 or M == 0 or S == 0:
+        return (torch.zeros(S, dtype=torch.float64, device=a.device), torch.zeros_like(a), torch.zeros_like(wa))
     bm, bn, nw = cfg
     bg = _block_g(d)
-    grid = (triton.cdiv(N, bm), max(1, triton.cdiv(d, bg)))
-    part = torch.empty(grid[0] if with_values else 1, S, dtype=torch.float64, device=a.device)
+    row_blocks = triton.cdiv(N, bm)
+    d_chunks = max(1, triton.cdiv(d, bg))
+    col_tiles = triton.cdiv(M, bn)
+    splits = _col_splits(a.device, row_blocks * d_chunks, col_tiles, col_splits)
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    splits = triton.cdiv(col_tiles, tiles_per_split)   # no empty split
+    if splits == 1:
+        da_out, dwa_out = torch.empty_like(a), torch.empty_like(wa)
+    else:
+        da_out = torch.empty(splits, N, d, dtype=wa.dtype, device=a.device)
+        dwa_out = torch.empty(splits, N, dtype=torch.float64, device=a.device)
+    grid = (row_blocks, d_chunks, splits)
+    part = torch.empty(row_blocks * splits if with_values else 1, S, dtype=torch.float64, device=a.device)
     _imq_rowpass_kernel[grid](
-        a, wa, b, wb, _inv_bw(bw, wa.dtype), h, part, da, dwa, N, M, d, S, group, float(dw_scale), float(da_scale),
+        a, wa, b, wb, _inv_bw(bw, wa.dtype), h, part, da_out, dwa_out, N, M, d, S, group,
+        float(dw_scale), float(da_scale), tiles_per_split * bn,
         MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), BLOCK_G=bg, S_PAD=_s_pad(S), num_warps=nw)
     values = part.sum(dim=0) if with_values else None
-    return values, da, dwa
+    if splits == 1:
+        return values, da_out, dwa_out
+    return values, da_out.sum(dim=0).to(a.dtype), dwa_out.sum(dim=0).to(wa.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,26 +502,27 @@ def imq_cross(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tens
 
 def imq_self_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, bw: torch.Tensor, group: int,
                   unbiased: bool, *, block_m: Optional[int] = None, block_n: Optional[int] = None,
-                  num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  num_warps: Optional[int] = None, col_splits: Optional[int] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa)``: ``self_s`` and the gradients of ``L = sum_s h_s self_s`` (``da`` like ``a``,
-    ``dwa`` like ``wa``), in one deterministic row pass."""
+    ``dwa`` like ``wa``), in one deterministic row pass (``col_splits``: column ranges, default from the GPU size)."""
     _, S = _check_common(a, wa, bw)
     _check_group(group, unbiased, a.shape[0])
     _check_h(h, S, a.device)
     cfg = _grad_config(block_m, block_n, num_warps)
-    values, da, dwa = _rowpass(h, a, wa, a, wa, bw, group, bool(unbiased), True, 2.0, 4.0, cfg)
+    values, da, dwa = _rowpass(h, a, wa, a, wa, bw, group, bool(unbiased), True, 2.0, 4.0, cfg, col_splits)
     return values, da, dwa
 
 
 def imq_cross_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor,
                    bw: torch.Tensor, *, block_m: Optional[int] = None, block_n: Optional[int] = None,
-                   num_warps: Optional[int] = None
+                   num_warps: Optional[int] = None, col_splits: Optional[int] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa, db, dwb)``: ``cross_s`` and the gradients of ``L = sum_s h_s cross_s``; two row passes
     (rows of ``a`` against ``b``, then rows of ``b`` against ``a``), no atomics."""
     _, S = _check_cross(a, wa, b, wb, bw)
     _check_h(h, S, a.device)
     cfg = _grad_config(block_m, block_n, num_warps)
-    values, da, dwa = _rowpass(h, a, wa, b, wb, bw, 1, False, True, 1.0, 2.0, cfg)
-    _, db, dwb = _rowpass(h, b, wb, a, wa, bw, 1, False, False, 1.0, 2.0, cfg)
+    values, da, dwa = _rowpass(h, a, wa, b, wb, bw, 1, False, True, 1.0, 2.0, cfg, col_splits)
+    _, db, dwb = _rowpass(h, b, wb, a, wa, bw, 1, False, False, 1.0, 2.0, cfg, col_splits)
     return values, da, dwa, db, dwb
