@@ -85,8 +85,9 @@ def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Un
     with ``act = softplus`` (default) or ``exp``. The fused backends draw ``eps`` inside the kernel from a
     counter-based generator (Philox4x32-10 keyed by ``seed``, counter = element index; Box-Muller) and never store
     it: the backward regenerates it. The unfused sequence (``softplus``, ``randn_like``, ``mul``, ``add``,
-    ``softmax``) launches five kernels and keeps the ``(B, K, d)`` noise (and ``softplus`` output) alive for the
-    backward; this op launches one kernel each way and saves only ``sigma_raw``, ``logits`` and the seed.
+    ``softmax``) launches five kernels and autograd keeps the ``(B, K, d)`` noise alive for the backward (with
+    ``sigma_raw`` and ``pi``); this op launches one kernel each way and saves only ``sigma_raw``, ``logits`` and
+    the seed.
 
     Gradients flow to ``mu`` (``grad_z``), ``sigma_raw`` (``grad_z * eps * act'(sigma_raw)``) and ``logits``
     (softmax backward). ``noise`` is treated as a constant.
@@ -99,8 +100,11 @@ def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Un
             int64 tensor, without a host sync, so ``torch.manual_seed`` makes runs reproducible and
             :func:`torch.compile` sees no graph break). An ``int`` in ``[0, 2**63)`` or an integer tensor with one
             element (on the inputs' device or the CPU) gives the same ``eps`` on every call. The same seed gives
-            the same noise on the ``cpu`` and ``cuda`` backends (up to float rounding of log/sin/cos) and on
-            ``triton`` (same Philox stream); ``reference`` uses ``torch.Generator().manual_seed(seed)`` instead.
+            the same noise on the ``cpu`` and ``cuda`` backends (same Philox bits and float32 operations) and,
+            to ~1e-6, on ``triton``; ``reference`` uses ``torch.Generator().manual_seed(seed)`` instead (and is
+            then not traceable by :func:`torch.compile`). Under :func:`torch.compile` a ``None`` seed is drawn by
+            inductor's generator (itself seeded by torch's), so compiled and eager code draw different noise after
+            the same ``torch.manual_seed``; each is reproducible.
         noise: ``(B, K, d)`` explicit ``eps`` (exact replay, tests); excludes ``seed``, no generator is used.
         sigma_activation: ``"softplus"`` (default; identity above 20 like :func:`torch.nn.functional.softplus`)
             or ``"exp"``.
