@@ -33,6 +33,15 @@ def _is_oom(exc: BaseException) -> bool:
                                    "cannot allocate memory"))
 
 
+def _failure(provider: str, exc: Exception) -> tuple[str, str]:
+    """``(status, reason)`` of a failed call to record, or re-raise: an error of a fused kernel is a bug."""
+    if _is_oom(exc):
+        return "oom", f"out of memory: {type(exc).__name__}: {str(exc)[:200]}"
+    if provider in _providers.BASELINES:
+        return "error", f"{_providers.LABELS[provider]} raised {type(exc).__name__}: {str(exc)[:300]}"
+    raise exc
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -96,6 +105,7 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
     ref, oracle = _check_oracle(s, x, y, n, m, d, dtype_name)
 
     runner = None
+    failure = None
     try:
         runner = _providers.make_runner(provider, x, y, mode)
         value, warmup_s = _harness.timed_call(runner.run, dev)
@@ -106,14 +116,12 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
             estimates.append(_harness.timed_call(runner.run, dev)[1])
         call_s = min(estimates)
     except Exception as exc:  # noqa: BLE001 - sorted below
+        failure = _failure(provider, exc)
+    # skip outside the except block: the exception's traceback would keep the failed call's tensors alive
+    if failure is not None:
         runner = None
         _free(dev)
-        if _is_oom(exc):
-            record_skip("oom", f"out of memory: {type(exc).__name__}: {str(exc)[:200]}", **case)
-        if provider in _providers.BASELINES:
-            record_skip("error", f"{_providers.LABELS[provider]} raised {type(exc).__name__}: {str(exc)[:300]}",
-                        **case)
-        raise
+        record_skip(*failure, **case)
 
     info = benchmark.extra_info
     info.update(case)
@@ -143,11 +151,11 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
     try:
         benchmark.pedantic(target, rounds=rounds, iterations=iterations, warmup_rounds=0)
     except Exception as exc:  # noqa: BLE001
-        if _is_oom(exc):
-            runner = None
-            _free(dev)
-            record_skip("oom", f"out of memory while timing: {str(exc)[:200]}", **case)
-        raise
+        failure = _failure(provider, exc)
+    if failure is not None:
+        runner = None
+        _free(dev)
+        record_skip(*failure, **case)
 
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     if stats is not None and stats.rounds:

@@ -308,7 +308,9 @@ def markdown(dev: dict, recs: list[dict], skipped: list[dict], sp: list[dict], t
         L += ["## Time and peak memory per provider", ""]
         L.append("Cells: median time [q1-q3], peak memory; pairs/s and SFU fraction in the JSON. "
                  "`too large`: estimated footprint over the memory budget, not attempted; `OOM`: ran out of memory; "
-                 "`too slow`: call time extrapolated from a smaller n over `--bench-max-call-s`.")
+                 "`too slow`: call time extrapolated from a smaller n over `--bench-max-call-s`; "
+                 "`value off by`: relative error against the float64 reference when above 0.1% (low-precision "
+                 "baselines).")
         L.append("")
         panels = sorted({(c[3], c[2], c[1]) for c in all_cfgs if c[0] is not None})
         for dt, mode, d in panels:
@@ -323,8 +325,11 @@ def markdown(dev: dict, recs: list[dict], skipped: list[dict], sp: list[dict], t
                 for p in present:
                     r = cfgs.get(cfg, {}).get(p)
                     if r:
-                        row.append(f"{_fmt_time(r['median_s'])} [{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}], "
-                                   f"{_fmt_bytes(r.get('peak_mem_bytes'))}")
+                        cell = (f"{_fmt_time(r['median_s'])} [{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}], "
+                                f"{_fmt_bytes(r.get('peak_mem_bytes'))}")
+                        if r.get("rel_err") is not None and r["rel_err"] > 1e-3:
+                            cell += f", value off by {100 * r['rel_err']:.2g}%"
+                        row.append(cell)
                     elif cfg + (p,) in skips:
                         row.append(SKIP_LABEL.get(skips[cfg + (p,)]["status"], skips[cfg + (p,)]["status"]))
                     else:
