@@ -165,7 +165,9 @@ void softmax_rows(const at::Tensor& logits, const at::Tensor* grad_pi, at::Tenso
       for (int64_t k = 0; k < K; ++k) sum += exp_(static_cast<acc_t>(l[k]) - mx);
       const acc_t inv = acc_t(1) / sum;
       if (!kGrad) {
-        for (int64_t k = 0; k < K; ++k) op[b * K + k] = static_cast<scalar_t>(exp_(static_cast<acc_t>(l[k]) - mx) * inv);
+        for (int64_t k = 0; k < K; ++k) {
+          op[b * K + k] = static_cast<scalar_t>(exp_(static_cast<acc_t>(l[k]) - mx) * inv);
+        }
       } else {
         const scalar_t* g = gp + b * K;
         acc_t dot = 0;

@@ -11,7 +11,8 @@
 //
 // The Philox bits are identical everywhere. CPU and CUDA evaluate log / sincos with the same branch-free float32
 // polynomials below (so their normals agree to the last bit up to FMA contraction, ~1 ulp); Triton uses
-// tl.log / tl.cos / tl.sin of t = 2 pi u1 rounded to float32 (agreement ~1e-6 absolute). Philox4x32-10 is Salmon et al. (SC'11); the output matches Random123's known-answer
+// tl.log / tl.cos / tl.sin of t = 2 pi u1 rounded to float32 (agreement ~1e-6 absolute).
+// Philox4x32-10 is Salmon et al. (SC'11); the output matches Random123's known-answer
 // vectors (checked in tests/test_gm_reparam.py against an independent NumPy implementation).
 #pragma once
 

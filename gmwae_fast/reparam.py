@@ -22,7 +22,14 @@ _SEED_LIMIT = 2 ** 63
 def _resolve_backend(backend: str, device: str) -> str:
     # backends.resolve_backend inspects the environment (imports, env vars, the dispatcher), which torch.compile
     # cannot trace; its answer depends only on the arguments, so compile runs it once and keeps the result.
-    return backends.resolve_backend(backend, device)
+    name = backends.resolve_backend(backend, device)
+    if name in ("cpu", "cuda"):
+        reason = _ops.compiled_unavailable_reason(name)
+        if reason is not None:  # an extension built without this op family
+            if backend != "auto":
+                raise RuntimeError(f"backend {name!r} cannot run gm_reparameterize: {reason}")
+            name = "triton" if name == "cuda" and backends.unavailable_reason("triton", device) is None else "reference"
+    return name
 
 
 def _check_tensor(name: str, t: object) -> Tensor:

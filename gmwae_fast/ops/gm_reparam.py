@@ -140,18 +140,26 @@ if importlib.util.find_spec("gmwae_fast._C") is not None:
     _register_compiled()
 
 
+def compiled_unavailable_reason(backend: str) -> Optional[str]:
+    """``None`` if gmwae_fast._C has the gm_reparam kernel of ``backend`` (``"cpu"`` / ``"cuda"``), else why not
+    (e.g. an extension built before this op family existed)."""
+    if _COMPILED_OPS is None:
+        reason = _register_compiled()
+        if reason is not None:
+            return reason
+    key = "CUDA" if backend == "cuda" else "CPU"
+    if not _COMPILED_KEYS.get(key, False):
+        return f"gmwae_fast._C was built without the {key} gm_reparam kernel"
+    return None
+
+
 def op_set(backend: str) -> ReparamOps:
     """The ops of a concrete fused backend (``"triton"``, ``"cpu"`` or ``"cuda"``)."""
     if backend == "triton":
         return TRITON_OPS
     if backend in ("cpu", "cuda"):
-        if _COMPILED_OPS is None:
-            reason = _register_compiled()
-            if reason is not None:
-                raise RuntimeError(f"backend {backend!r} cannot run gm_reparameterize: {reason}")
-        key = "CUDA" if backend == "cuda" else "CPU"
-        if not _COMPILED_KEYS.get(key, False):
-            raise RuntimeError(f"backend {backend!r} cannot run gm_reparameterize: gmwae_fast._C was built without "
-                               f"the {key} gm_reparam kernel")
+        if _COMPILED_OPS is None or not _COMPILED_KEYS.get("CUDA" if backend == "cuda" else "CPU", False):
+            raise RuntimeError(f"backend {backend!r} cannot run gm_reparameterize: "
+                               f"{compiled_unavailable_reason(backend)}")
         return _COMPILED_OPS
     raise ValueError(f"backend {backend!r} has no fused op set")
