@@ -19,10 +19,15 @@ Per-pair math (compute dtype: float32, float64 for float64 points)
   does not average out; ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth
   ``1 / ic``, within 6e-8 of ``C_s``, the same in every term, so the MMD combination is unaffected.)
 * Centring, for float64-grade sums of float32 pairs: with a per-tile reference distance ``D0`` (weighted mean of the
-  tile) and ``kappa = 1 / (1 + D0 ic)``, exactly ``k = kappa * (1 + ic (D0 - D) k)``. The weight total of the tile
-  times ``kappa`` is formed in float64; only the small centred part ``sum w_i w_j (D0 - D) k`` is summed in the
-  compute dtype (row sums over a tile, then float64 across rows, tiles and programs). This is what makes float32
-  inputs reach ~1e-6 relative error on ``MMD2 = self_x/den + self_y/den - 2 cross`` even when it is ~1e-6.
+  tile's distances), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
+  ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. Per tile, the pair-weight total ``W`` and ``A1 = sum w e`` are
+  formed in float64 (once per tile, not per bandwidth); only ``T = sum w e^2 k`` is summed from compute-dtype pairs
+  (row sums over a tile, then float64 across rows, tiles and programs), and it enters multiplied by the small
+  ``kappa^2 ic^2``: ``sum w k = kappa (W + kappa ic (A1 + ic T))``. The per-pair rounding of ``k`` then only
+  touches the small part, which is what brings float32 inputs to a few 1e-6 relative error on
+  ``MMD2 = self_x/den + self_y/den - 2 cross`` even when it is ~1e-6 (``C / (C + D)`` summed per tile in float32
+  measured up to 3e-4 on the same data). Cost: one float64 pass over each tile, amortised over the ``S`` bandwidths.
+  The gradient pass centres ``phi`` to first order the same way (``dwa``).
 
 Kernels
 -------
@@ -51,6 +56,7 @@ CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set befor
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Tuple
@@ -104,38 +110,46 @@ def _sq_dist_tile(a_ptr, a_off, rmask, b_ptr, b_off, cmask, n_feat,
 
 
 @triton.jit
-def _tile_weights(wb, wb64, rows, cols, group, MASK_GROUPS: tl.constexpr,
+def _tile_weights(dist, wa, wb, rows, cols, group, MASK_GROUPS: tl.constexpr, NEED_A1: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr):
-    """Column weights of a tile with the same-group pairs zeroed (``MASK_GROUPS``), as ``wmat`` ``[BM, BN]`` in the
-    compute dtype, and their exact row sums ``sum_j wmat_ij`` in float64 (``[BM]``). The masked path runs only on
-    tiles whose row and column group ranges overlap (the band around the diagonal)."""
+    """Weights of a tile and its centring data.
+
+    Returns ``wmat`` ``[BM, BN]`` (column weights, same-group pairs zeroed when ``MASK_GROUPS``, compute dtype),
+    ``roww = sum_j wmat_ij`` (float64, exact), the reference distance ``d0`` (``|wa_i wb_j|``-weighted mean of the
+    tile's distances, compute dtype; any value would do, the mean keeps the centred terms small) and, when
+    ``NEED_A1``, ``a1r = sum_j wmat_ij (d0 - D_ij)`` in float64. The masked path runs only on tiles whose row and
+    column group ranges overlap (the band around the diagonal)."""
+    aw = tl.abs(wa)[:, None] * tl.abs(wb)[None, :]
+    sw = tl.sum(tl.sum(aw, axis=1), axis=0)
+    swd = tl.sum(tl.sum(aw * dist, axis=1), axis=0)
+    d0 = tl.where(sw > 0, tl.maximum(swd / tl.where(sw > 0, sw, 1.0), 0.0), 0.0)
+    wb64 = wb.to(tl.float64)
+    if NEED_A1:
+        dd64 = d0.to(tl.float64) - dist.to(tl.float64)
+    band = False
     if MASK_GROUPS:
         r0 = tl.min(rows, axis=0) // group
         r1 = tl.max(rows, axis=0) // group
         c0 = tl.min(cols, axis=0) // group
         c1 = tl.max(cols, axis=0) // group
-        if (r0 <= c1) & (c0 <= r1):
-            same = (rows // group)[:, None] == (cols // group)[None, :]
-            wmat = tl.where(same, 0.0, tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT) + wb[None, :])
-            roww = tl.sum(tl.where(same, 0.0, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64) + wb64[None, :]),
-                          axis=1)
+        band = (r0 <= c1) & (c0 <= r1)
+    if band:
+        same = (rows // group)[:, None] == (cols // group)[None, :]
+        wmat = tl.where(same, 0.0, tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT) + wb[None, :])
+        wm64 = tl.where(same, 0.0, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64) + wb64[None, :])
+        roww = tl.sum(wm64, axis=1)
+        if NEED_A1:
+            a1r = tl.sum(wm64 * dd64, axis=1)
         else:
-            wmat = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT) + wb[None, :]
-            roww = tl.zeros([BLOCK_M], dtype=tl.float64) + tl.sum(wb64, axis=0)
+            a1r = tl.zeros([BLOCK_M], dtype=tl.float64)
     else:
         wmat = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT) + wb[None, :]
         roww = tl.zeros([BLOCK_M], dtype=tl.float64) + tl.sum(wb64, axis=0)
-    return wmat, roww
-
-
-@triton.jit
-def _tile_center(dist, ww):
-    """Reference distance ``D0`` of a tile: the ``|ww|``-weighted mean of its distances (0 if no weight)."""
-    aw = tl.abs(ww)
-    sw = tl.sum(tl.sum(aw, axis=1), axis=0)
-    swd = tl.sum(tl.sum(aw * dist, axis=1), axis=0)
-    d0 = swd / tl.where(sw > 0, sw, 1.0)
-    return tl.where(sw > 0, tl.maximum(d0, 0.0), 0.0)
+        if NEED_A1:
+            a1r = tl.sum(dd64 * wb64[None, :], axis=1)
+        else:
+            a1r = tl.zeros([BLOCK_M], dtype=tl.float64)
+    return wmat, roww, d0, a1r
 
 
 @triton.jit
@@ -172,19 +186,22 @@ def _imq_values_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, part_ptr,
         wb = tl.load(wb_ptr + cols, mask=cmask, other=0.0)
         dist = _sq_dist_tile(a_ptr, rows.to(tl.int64) * n_feat, rmask, b_ptr, cols.to(tl.int64) * n_feat, cmask,
                              n_feat, BLOCK_M, BLOCK_N, BLOCK_D, CDT)
-        wmat, roww = _tile_weights(wb, wb.to(tl.float64), rows, cols, group, MASK_GROUPS, BLOCK_M, BLOCK_N, CDT)
-        ww = wa[:, None] * wmat
-        wtot = tl.sum(wa.to(tl.float64) * roww, axis=0)   # exact float64 weight of the tile's pairs
-        # With ic = 1 / C, k = 1 / (1 + D ic) = kappa * (1 + ic (D0 - D) k), kappa = 1 / (1 + D0 ic): only the
-        # small, centred second part is summed in the compute dtype (row sums, then float64).
-        d0 = _tile_center(dist, ww)
-        wdd = ww * (d0 - dist)
+        wmat, roww, d0, a1r = _tile_weights(dist, wa, wb, rows, cols, group, MASK_GROUPS, True,
+                                            BLOCK_M, BLOCK_N, CDT)
+        wa64 = wa.to(tl.float64)
+        wtot = tl.sum(wa64 * roww, axis=0)   # sum of the tile's pair weights, float64
+        a1 = tl.sum(wa64 * a1r, axis=0)      # sum of w_i w_j (D0 - D_ij), float64
+        dd = d0 - dist
+        wdd2 = (wa[:, None] * wmat) * (dd * dd)
         vals = tl.zeros([S_PAD], dtype=tl.float64)
         for s in range(S):
             ic = tl.load(inv_ptr + s)
             k = 1.0 / (dist * ic + 1.0)   # the one reciprocal per pair and bandwidth
-            t = tl.sum(tl.sum(wdd * k, axis=1).to(tl.float64), axis=0)
-            v = _kappa(ic, d0) * (wtot + ic.to(tl.float64) * t)
+            # sum w k = kappa W + kappa^2 ic A1 + kappa^2 ic^2 sum w (D0 - D)^2 k (see the module docstring)
+            t = tl.sum(tl.sum(wdd2 * k, axis=1).to(tl.float64), axis=0)
+            ic64 = ic.to(tl.float64)
+            kap = _kappa(ic, d0)
+            v = kap * (wtot + kap * ic64 * (a1 + ic64 * t))
             vals = tl.where(sidx == s, vals + v, vals)
         if SELF:
             # off-diagonal tiles stand for both orders (i, j) and (j, i)
@@ -227,12 +244,13 @@ def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
         b_off = cols.to(tl.int64) * n_feat
         wb = tl.load(wb_ptr + cols, mask=cmask, other=0.0)
         dist = _sq_dist_tile(a_ptr, a_off, rmask, b_ptr, b_off, cmask, n_feat, BLOCK_M, BLOCK_N, BLOCK_D, CDT)
-        wmat, roww = _tile_weights(wb, wb.to(tl.float64), rows, cols, group, MASK_GROUPS, BLOCK_M, BLOCK_N, CDT)
-        ww = wa[:, None] * wmat
-        d0 = _tile_center(dist, ww)
+        wmat, roww, d0, a1r = _tile_weights(dist, wa, wb, rows, cols, group, MASK_GROUPS, WITH_VALUES,
+                                            BLOCK_M, BLOCK_N, CDT)
+        dd = d0 - dist
         if WITH_VALUES:
             wtot = tl.sum(wa64 * roww, axis=0)
-            wdd = ww * (d0 - dist)
+            a1 = tl.sum(wa64 * a1r, axis=0)
+            wdd2 = (wa[:, None] * wmat) * (dd * dd)
         # phi = phi0 + (D0 - D) phi_c with phi0 = sum_s h_s kappa_s (float64) and phi_c = sum_s h_s kappa_s ic_s k_s;
         # -psi = sum_s h_s ic_s k_s^2 (k_s = C_s / (C_s + D), ic_s = 1 / C_s)
         phi0 = tl.zeros([1], dtype=tl.float64)
@@ -250,10 +268,10 @@ def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
             t = (h64 * ic64).to(CDT) * k
             npsi += t * k
             if WITH_VALUES:
-                tv = tl.sum(tl.sum(wdd * k, axis=1).to(tl.float64), axis=0)
-                v = kap * (wtot + ic64 * tv)
+                tv = tl.sum(tl.sum(wdd2 * k, axis=1).to(tl.float64), axis=0)
+                v = kap * (wtot + kap * ic64 * (a1 + ic64 * tv))
                 vals = tl.where(sidx == s, vals + v, vals)
-        sum_phi += tl.sum(phi0, axis=0) * roww + tl.sum(wmat * (d0 - dist) * phi_c, axis=1).to(tl.float64)
+        sum_phi += tl.sum(phi0, axis=0) * roww + tl.sum(wmat * dd * phi_c, axis=1).to(tl.float64)
         p = wmat * npsi
         sum_psi += tl.sum(p, axis=1).to(tl.float64)
         bg = tl.load(b_ptr + b_off[:, None] + gcols[None, :], mask=cmask[:, None] & gmask[None, :], other=0.0)
@@ -282,6 +300,11 @@ def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU even when it is not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -412,10 +435,11 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg) -> t
         bn = bm
     grid = (triton.cdiv(N, bm), triton.cdiv(M, bn))
     part = torch.zeros(grid[0] * grid[1], S, dtype=torch.float64, device=a.device)
-    _imq_values_kernel[grid](
-        a, wa, b, wb, _inv_bw(bw, wa.dtype), part, N, M, d, S, group,
-        SELF=self_, MASK_GROUPS=bool(self_ and unbiased),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), S_PAD=_s_pad(S), num_warps=nw)
+    with _device_guard(a.device):
+        _imq_values_kernel[grid](
+            a, wa, b, wb, _inv_bw(bw, wa.dtype), part, N, M, d, S, group,
+            SELF=self_, MASK_GROUPS=bool(self_ and unbiased),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), S_PAD=_s_pad(S), num_warps=nw)
     return part.sum(dim=0)
 
 
@@ -463,11 +487,12 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
         dwa_out = torch.empty(splits, N, dtype=torch.float64, device=a.device)
     grid = (row_blocks, d_chunks, splits)
     part = torch.empty(row_blocks * splits if with_values else 1, S, dtype=torch.float64, device=a.device)
-    _imq_rowpass_kernel[grid](
-        a, wa, b, wb, _inv_bw(bw, wa.dtype), h, part, da_out, dwa_out, N, M, d, S, group,
-        float(dw_scale), float(da_scale), tiles_per_split * bn,
-        MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), BLOCK_G=bg, S_PAD=_s_pad(S), num_warps=nw)
+    with _device_guard(a.device):
+        _imq_rowpass_kernel[grid](
+            a, wa, b, wb, _inv_bw(bw, wa.dtype), h, part, da_out, dwa_out, N, M, d, S, group,
+            float(dw_scale), float(da_scale), tiles_per_split * bn,
+            MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), BLOCK_G=bg, S_PAD=_s_pad(S), num_warps=nw)
     values = part.sum(dim=0) if with_values else None
     if splits == 1:
         return values, da_out, dwa_out
