@@ -133,15 +133,24 @@ def resolve_backend(requested: str, device: Union[str, torch.device]) -> str:
     """The concrete backend that runs on tensors of ``device`` for ``requested`` (``"auto"`` or a name).
 
     Raises :class:`ValueError` for an unknown name and :class:`RuntimeError` (with the reason) for a known backend
-    that cannot run here.
+    that cannot run here. Safe to call inside :func:`torch.compile`: the answer depends only on the arguments, so
+    the compiler evaluates it once while tracing and keeps the result as a constant.
     """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    return _resolve(requested, str(device))
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device: str) -> str:
+    # Inspects imports, environment variables and the dispatcher, none of which torch.compile can trace.
     dev = torch.device(device)
     if requested == "auto":
         for name in _AUTO_ORDER.get(dev.type, ("reference",)):
             if unavailable_reason(name, dev) is None:
                 return name
         return "reference"
-    if not isinstance(requested, str) or requested not in BACKENDS:
+    if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
     reason = unavailable_reason(requested, dev)
     if reason is not None:
