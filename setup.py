@@ -118,6 +118,20 @@ def _cuda_plan():
     return True, None
 
 
+def _pip_cuda_includes():
+    """Header folders of the pip CUDA libraries (nvidia-*), for toolkits without cuBLAS/cuSPARSE headers, which
+    ATen's CUDA headers include.  Empty when the toolkit has them."""
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "include", "cusparse.h")):
+        return []
+    found = []
+    for base in sys.path:
+        for inc in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in found:
+                found.append(inc)
+    return found
+
+
 def _make_extension(with_cuda):
     csrc = os.path.join(ROOT, "csrc")
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
@@ -131,6 +145,7 @@ def _make_extension(with_cuda):
     kwargs = dict(include_dirs=[csrc], extra_link_args=link)
     if with_cuda:
         sources += sorted(rel(p) for p in glob.glob(os.path.join(csrc, "*.cu")))
+        kwargs["include_dirs"] += _pip_cuda_includes()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-DGMWAE_FAST_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "gmwae_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DGMWAE_FAST_WITH_CUDA"], "nvcc": nvcc},

@@ -69,10 +69,10 @@ struct ImqGroup {
   int s0;  // index of the group's first bandwidth
 };
 
-// Host side: split bandwidths into consecutive groups (<= 3, ratio <= kImqMaxGroupRatio).
+// Host (or one device thread): split bandwidths into consecutive groups (<= 3, ratio <= kImqMaxGroupRatio).
 // `bw` (S doubles, > 0) and `h` (S doubles, may be null) -> groups; returns the number of groups (<= S).
 template <class S>
-inline int imq_make_groups(const double* bw, const double* h, int num_bw, ImqGroup<S>* out) {
+GMW_HD inline int imq_make_groups(const double* bw, const double* h, int num_bw, ImqGroup<S>* out) {
   int ng = 0;
   int s = 0;
   while (s < num_bw) {

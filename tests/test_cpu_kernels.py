@@ -3,8 +3,14 @@
 The reference below is written here on purpose (independent of ``gmwae_fast.reference``): it materialises the
 N x M distance matrix in float64 and gets every gradient from autograd.  The contract is docs/ARCHITECTURE.md.
 Skipped, with the reason, when the extension cannot be imported (CI builds it, so these tests run there).
+
+``test_cuda_kernels_emulated`` also runs the CUDA kernels' device code (csrc/imq_mmd_cuda_kernels.cuh) on the
+CPU under the SIMT emulator of csrc/testing/ (needs only a C++20 compiler, no GPU, no extension).
 """
 import importlib
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -15,7 +21,8 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = f"gmwae_fast._C cannot be imported ({type(exc).__name__}: {exc})"
 
-pytestmark = pytest.mark.skipif(_IMPORT_ERROR is not None, reason=_IMPORT_ERROR or "")
+needs_ext = pytest.mark.skipif(_IMPORT_ERROR is not None, reason=_IMPORT_ERROR or "")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OPS = torch.ops.gmwae_fast
 BW = torch.tensor([0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0], dtype=torch.float64)  # groups of 3, 3 and 1
@@ -148,6 +155,7 @@ def _check_cross(n, m, d, dtype, seed):
 # correctness
 # ---------------------------------------------------------------------------------------------------------------
 
+@needs_ext
 @pytest.mark.parametrize("group,unbiased", [(1, False), (1, True), (3, False), (3, True)])
 @pytest.mark.parametrize("n", SIZES)
 def test_self_float64(n, group, unbiased):
@@ -155,6 +163,7 @@ def test_self_float64(n, group, unbiased):
         _check_self(n * group, d, group, unbiased, torch.float64, seed=1000 * n + 10 * d + group)
 
 
+@needs_ext
 @pytest.mark.parametrize("n", SIZES)
 def test_cross_float64(n):
     for i, m in enumerate(SIZES):
@@ -162,6 +171,7 @@ def test_cross_float64(n):
             _check_cross(n, m, d, torch.float64, seed=100 * n + m + d)
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_self_low_precision(dtype):
     for n, d, group, unbiased in [(129, 10, 1, True), (70, 3, 1, False), (37 * 3, 17, 3, True), (5, 64, 1, False),
@@ -169,12 +179,14 @@ def test_self_low_precision(dtype):
         _check_self(n, d, group, unbiased, dtype, seed=n + d)
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cross_low_precision(dtype):
     for n, m, d in [(129, 70, 10), (37, 5, 64), (1, 129, 3), (70, 1, 17), (300, 257, 2)]:
         _check_cross(n, m, d, dtype, seed=n + m + d)
 
 
+@needs_ext
 def test_mixed_dtypes_cross():
     """A float64 operand makes the whole computation float64; each gradient comes back in its operand's dtype."""
     a = _points(37, 5, torch.float32, 1)
@@ -188,6 +200,7 @@ def test_mixed_dtypes_cross():
     _close(db, r[3], 1e-10, "db", 1e-11)
 
 
+@needs_ext
 def test_isolated_and_single_bandwidths():
     """Bandwidths that cannot share a reciprocal (ratio > 1e4), groups of 1 and 2, and far-apart points."""
     bw = torch.tensor([1e-3, 50.0, 1e5, 3.0, 4.0], dtype=torch.float64)
@@ -205,6 +218,7 @@ def test_isolated_and_single_bandwidths():
         _close(g, r, 2e-5 if name == "values" else 2e-4, name, 2e-5)
 
 
+@needs_ext
 def test_empty_and_degenerate():
     bw = BW
     h = _h(0)
@@ -234,6 +248,7 @@ def test_empty_and_degenerate():
 # determinism and float32 accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
+@needs_ext
 def test_deterministic():
     a = _points(700, 10, torch.float32, 21)
     b = _points(515, 10, torch.float32, 22)
@@ -261,6 +276,7 @@ def _chunked_ref_terms(x, y, bw, chunk=256):
     return total(x, x, True), total(y, y, True), total(x, y, False)
 
 
+@needs_ext
 def test_float32_mmd_accuracy():
     """MMD2 of two samples of one law (near zero: the hard case) in float32 vs float64, rel err <= 1e-5."""
     n, d = 2048, 10
@@ -289,6 +305,7 @@ def test_float32_mmd_accuracy():
 # bad input
 # ---------------------------------------------------------------------------------------------------------------
 
+@needs_ext
 def test_bad_inputs_raise():
     a = torch.randn(6, 3)
     w = torch.full((6,), 1 / 6)
@@ -308,3 +325,21 @@ def test_bad_inputs_raise():
     for fn, needle in cases:
         with pytest.raises(RuntimeError, match=needle):
             fn()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CUDA kernels' device code, run on the CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_cuda_kernels_emulated(tmp_path):
+    """csrc/testing/imq_cuda_emu_test.cpp: the CUDA tile/finalize kernels under the SIMT emulator vs float64."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = str(tmp_path / "imq_emu")
+    src = os.path.join(ROOT, "csrc", "testing", "imq_cuda_emu_test.cpp")
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([exe, "quick"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

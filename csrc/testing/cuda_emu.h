@@ -1,0 +1,135 @@
+// A tiny SIMT emulator: runs CUDA kernels written for csrc/*.cuh on the CPU, for testing without a GPU.
+//
+// Each block runs its threads as std::threads (one per CUDA thread); __syncthreads is a std::barrier over the
+// block, warp shuffles exchange through a per-warp buffer between two warp barriers.  Blocks run one after the
+// other, so a kernel's static __shared__ arrays can be function statics and the dynamic shared memory one buffer.
+// Shared memory is filled with NaN bytes before each block, so a read of an unwritten entry shows up in the
+// results.  Supported: threadIdx/blockIdx/blockDim/gridDim .x, __syncthreads, __shfl_xor_sync, float4,
+// double2, dynamic shared memory through GMW_DYNAMIC_SMEM.  Device code is compiled by the host compiler, so
+// `__CUDA_ARCH__` is undefined (imq_math.h then uses its host reciprocal).
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+#define GMW_DYNAMIC_SMEM(name) unsigned char* name = ::gmw_emu::dynamic_smem()
+// Vector loads/stores must be aligned on the GPU; the emulator checks it.
+#define GMW_CHECK_ALIGNED(p, n) ::gmw_emu::check_aligned(p, n, __FILE__, __LINE__)
+
+using std::max;
+using std::min;
+
+struct gmw_emu_dim3 {
+  unsigned x = 0, y = 1, z = 1;
+};
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) {
+  return float4{x, y, z, w};
+}
+struct alignas(16) double2 {
+  double x, y;
+};
+inline double2 make_double2(double x, double y) {
+  return double2{x, y};
+}
+
+namespace gmw_emu {
+
+struct Warp {
+  std::barrier<> bar{32};
+  alignas(8) unsigned char slot[32][8];
+};
+
+struct Block {
+  std::unique_ptr<std::barrier<>> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  unsigned char* smem = nullptr;
+};
+
+inline thread_local gmw_emu_dim3 tl_thread;
+inline thread_local gmw_emu_dim3 tl_block;
+inline gmw_emu_dim3 g_block_dim;
+inline gmw_emu_dim3 g_grid_dim;
+inline Block* g_block = nullptr;
+
+inline unsigned char* dynamic_smem() {
+  return g_block->smem;
+}
+
+inline void check_aligned(const void* p, size_t n, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(p) % n != 0) {
+    std::fprintf(stderr, "%s:%d: misaligned %zu-byte vector access at %p\n", file, line, n, p);
+    std::abort();
+  }
+}
+
+// kernel<<<grid, block, smem>>>(args...), synchronously.
+template <class... KArgs, class... Args>
+void launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem_bytes, Args... args) {
+  g_grid_dim = gmw_emu_dim3{grid, 1, 1};
+  g_block_dim = gmw_emu_dim3{block, 1, 1};
+  // Exactly smem_bytes (rounded up to the allocation granule): an overrun shows up under -fsanitize=address.
+  const size_t bytes = std::max<size_t>(64, (smem_bytes + 63) / 64 * 64);
+  unsigned char* buf = static_cast<unsigned char*>(std::aligned_alloc(64, bytes));
+  for (unsigned b = 0; b < grid; ++b) {
+    Block blk;
+    blk.bar = std::make_unique<std::barrier<>>(std::ptrdiff_t(block));
+    for (unsigned w = 0; w < (block + 31) / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
+    std::memset(buf, 0xFF, bytes);  // NaN for float and double
+    blk.smem = buf;
+    g_block = &blk;
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([=]() {
+        tl_thread = gmw_emu_dim3{t, 1, 1};
+        tl_block = gmw_emu_dim3{b, 1, 1};
+        kernel(args...);
+      });
+    }
+    for (auto& th : threads) th.join();
+    g_block = nullptr;
+  }
+  std::free(buf);
+}
+
+}  // namespace gmw_emu
+
+#define threadIdx (::gmw_emu::tl_thread)
+#define blockIdx (::gmw_emu::tl_block)
+#define blockDim (::gmw_emu::g_block_dim)
+#define gridDim (::gmw_emu::g_grid_dim)
+
+inline void __syncthreads() {
+  ::gmw_emu::g_block->bar->arrive_and_wait();
+}
+
+template <class T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T v, int off) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  ::gmw_emu::Warp& w = *::gmw_emu::g_block->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x & 31u;
+  std::memcpy(w.slot[lane], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, w.slot[lane ^ unsigned(off)], sizeof(T));
+  w.bar.arrive_and_wait();
+  return r;
+}

@@ -1,0 +1,240 @@
+// Runs the CUDA kernels of csrc/imq_mmd_cuda_kernels.cuh on the CPU (csrc/testing/cuda_emu.h) and checks values
+// and gradients against a float64 brute force.  No torch, no GPU:
+//
+//   g++ -std=c++20 -O1 -pthread -Icsrc csrc/testing/imq_cuda_emu_test.cpp -o /tmp/imq_emu && /tmp/imq_emu
+//
+// tests/test_cpu_kernels.py builds and runs it (quick case list).  Exit status 0 when every case passes.
+// The cases are chosen to exercise the index math: several panels per side with PS > 1 tiles per panel
+// (small SM counts), partial last tiles, diagonal tiles, groups straddling tile borders, several coordinate
+// chunks (d > 64 in float32, d > 32 in float64), empty columns, a large common offset, float32 and float64.
+#include "cuda_emu.h"
+#include "../imq_mmd_cuda_kernels.cuh"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace gmwae_fast;
+using namespace gmwae_fast::imq_cuda;
+
+namespace {
+
+struct Case {
+  const char* name;
+  bool self;
+  int64_t N, M, d;
+  int64_t group;
+  bool unbiased;
+  int sms;
+  double offset;
+  std::vector<double> bw;
+  bool dbl;
+};
+
+struct Outs {
+  std::vector<double> vals, da, dwa, db, dwb;
+};
+
+Outs reference(const Case& c, const std::vector<double>& a, const std::vector<double>& wa,
+               const std::vector<double>& b, const std::vector<double>& wb, const std::vector<double>& h) {
+  const int S = int(c.bw.size());
+  const int64_t N = c.N, M = c.self ? c.N : c.M, d = c.d;
+  const std::vector<double>& B = c.self ? a : b;
+  const std::vector<double>& WB = c.self ? wa : wb;
+  Outs r;
+  r.vals.assign(S, 0.0);
+  r.da.assign(N * d, 0.0);
+  r.dwa.assign(N, 0.0);
+  r.db.assign(M * d, 0.0);
+  r.dwb.assign(M, 0.0);
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t j = 0; j < M; ++j) {
+      if (c.self && c.unbiased && i / c.group == j / c.group) continue;
+      double D = 0.0;
+      for (int64_t k = 0; k < d; ++k) {
+        const double t = a[i * d + k] - B[j * d + k];
+        D += t * t;
+      }
+      double phi = 0.0, psi = 0.0;
+      for (int s = 0; s < S; ++s) {
+        const double C = c.bw[s];
+        r.vals[s] += wa[i] * WB[j] * C / (C + D);
+        phi += h[s] * C / (C + D);
+        psi -= h[s] * C / ((C + D) * (C + D));
+      }
+      if (c.self) {  // ordered pairs: dL/dw_i = 2 sum_j w_j phi, dL/da_i = 4 w_i sum_j w_j psi (a_i - a_j)
+        r.dwa[i] += 2.0 * WB[j] * phi;
+        for (int64_t k = 0; k < d; ++k) r.da[i * d + k] += 4.0 * wa[i] * WB[j] * psi * (a[i * d + k] - B[j * d + k]);
+      } else {
+        r.dwa[i] += WB[j] * phi;
+        r.dwb[j] += wa[i] * phi;
+        for (int64_t k = 0; k < d; ++k) {
+          const double g = 2.0 * wa[i] * WB[j] * psi * (a[i * d + k] - B[j * d + k]);
+          r.da[i * d + k] += g;
+          r.db[j * d + k] -= g;
+        }
+      }
+    }
+  }
+  return r;
+}
+
+template <class T, bool SELF, bool GRAD>
+Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vector<double>& wa64,
+                  const std::vector<double>& b64, const std::vector<double>& wb64, const std::vector<double>& h) {
+  const int S = int(c.bw.size());
+  const int64_t M = SELF ? c.N : c.M;
+  std::vector<T> a(a64.begin(), a64.end()), wa(wa64.begin(), wa64.end());
+  std::vector<T> b(b64.begin(), b64.end()), wb(wb64.begin(), wb64.end());
+  TileArgs<T> A;
+  A.a = a.data();
+  A.wa = wa.data();
+  A.b = SELF ? a.data() : b.data();
+  A.wb = SELF ? wa.data() : wb.data();
+  A.bw = c.bw.data();
+  A.h = GRAD ? h.data() : nullptr;
+  A.N = c.N;
+  A.M = M;
+  A.d = c.d;
+  A.S = S;
+  A.group = c.group;
+  A.unbiased = c.unbiased;
+  const int nblocks = plan_tiles(A, SELF, GRAD, c.sms);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::vector<T> si, sj;
+  A.slot_i = nullptr;
+  A.slot_j = nullptr;
+  if (GRAD) {
+    int64_t ni = 0, nj = 0;
+    slot_sizes(A, ni, nj);
+    si.assign(ni, nan);  // like at::empty: a read before the first store would poison the result
+    sj.assign(nj, nan);
+    A.slot_i = si.data();
+    A.slot_j = sj.data();
+  }
+  std::vector<double> block_vals(size_t(nblocks) * S, std::numeric_limits<double>::quiet_NaN());
+  A.block_vals = block_vals.data();
+  std::printf("    %s %s grad=%d: panels %dx%d (tiles/panel %d,%d), %d blocks\n", SELF ? "self" : "cross",
+              sizeof(T) == 4 ? "f32" : "f64", int(GRAD), A.PI, A.PJ, A.PSI, A.PSJ, nblocks);
+
+  gmw_emu::launch(imq_tiles_kernel<T, SELF, GRAD>, unsigned(nblocks), unsigned(kThreads),
+                  smem_layout<T>(S, GRAD).bytes, A);
+  Outs r;
+  r.vals.assign(S, std::numeric_limits<double>::quiet_NaN());
+  const bool diag = SELF && !c.unbiased;
+  gmw_emu::launch(imq_values_finalize_kernel<T>, 1u, 256u, 0, (const double*)block_vals.data(), nblocks, S,
+                  SELF ? 2.0 : 1.0, (const T*)A.wa, c.N, diag, r.vals.data());
+  if (GRAD) {
+    std::vector<T> da(c.N * c.d, nan), dwa(c.N, nan), db(M * c.d, nan), dwb(M, nan);
+    const int fb = grad_finalize_blocks(SELF ? c.N : c.N + M, c.d, c.sms);
+    gmw_emu::launch(imq_grad_finalize_kernel<T>, unsigned(fb), 256u, 0, A, SELF, SELF ? 4.0 : 2.0, SELF ? 2.0 : 1.0,
+                    diag, da.data(), dwa.data(), SELF ? (T*)nullptr : db.data(), SELF ? (T*)nullptr : dwb.data());
+    r.da.assign(da.begin(), da.end());
+    r.dwa.assign(dwa.begin(), dwa.end());
+    if (!SELF) {
+      r.db.assign(db.begin(), db.end());
+      r.dwb.assign(dwb.begin(), dwb.end());
+    }
+  }
+  return r;
+}
+
+// max |got - ref| / max |ref| (NaN counts as a failure).
+double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
+  if (got.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double scale = 0.0, err = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) scale = std::max(scale, std::fabs(ref[i]));
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = std::fabs(got[i] - ref[i]);
+    if (!(e == e)) return std::numeric_limits<double>::infinity();
+    err = std::max(err, e);
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+// max_s |got_s - ref_s| / |ref_s|.
+double rel_err_each(const std::vector<double>& got, const std::vector<double>& ref) {
+  double err = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = std::fabs(got[i] - ref[i]) / std::max(std::fabs(ref[i]), 1e-300);
+    if (!(e == e)) return std::numeric_limits<double>::infinity();
+    err = std::max(err, e);
+  }
+  return err;
+}
+
+template <class T, bool SELF>
+bool check_case(const Case& c) {
+  std::mt19937_64 rng(1234 + c.N * 7 + c.M * 13 + c.d);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(0.2, 1.2);
+  const int64_t M = SELF ? c.N : c.M;
+  std::vector<double> a(c.N * c.d), b(M * c.d), wa(c.N), wb(M), h(c.bw.size());
+  for (auto& x : a) x = c.offset + nd(rng);
+  for (auto& x : b) x = c.offset + 0.3 + 1.2 * nd(rng);
+  double sa = 0, sb = 0;
+  for (auto& x : wa) sa += (x = ud(rng));
+  for (auto& x : wb) sb += (x = ud(rng));
+  for (auto& x : wa) x /= sa;
+  for (auto& x : wb) x /= sb;
+  if (!SELF && M > 2) wb[1] = 0.0;  // a zero weight still has a weight gradient
+  for (auto& x : h) x = 2.0 * nd(rng);
+  // Round the inputs to T first so that the reference sees the same numbers.
+  auto round_t = [](std::vector<double>& v) {
+    for (auto& x : v) x = double(T(x));
+  };
+  round_t(a);
+  round_t(b);
+  round_t(wa);
+  round_t(wb);
+
+  const Outs ref = reference(c, a, wa, b, wb, h);
+  const Outs got = run_emulated<T, SELF, true>(c, a, wa, b, wb, h);
+  const Outs val = run_emulated<T, SELF, false>(c, a, wa, b, wb, h);
+  const bool f64 = sizeof(T) == 8;
+  const double tv = f64 ? 1e-12 : 2e-6, tg = f64 ? 1e-11 : 2e-5;
+  const double e_val = rel_err_each(got.vals, ref.vals), e_val2 = rel_err_each(val.vals, ref.vals);
+  const double e_da = rel_err(got.da, ref.da), e_dwa = rel_err(got.dwa, ref.dwa);
+  double e_db = 0.0, e_dwb = 0.0;
+  if (!SELF) {
+    e_db = rel_err(got.db, ref.db);
+    e_dwb = rel_err(got.dwb, ref.dwb);
+  }
+  const bool ok = e_val <= tv && e_val2 <= tv && e_da <= tg && e_dwa <= tg && e_db <= tg && e_dwb <= tg;
+  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", c.name, ok ? "ok  " : "FAIL",
+              e_val, e_val2, e_da, e_dwa, e_db, e_dwb);
+  return ok;
+}
+
+bool run(const Case& c) {
+  if (c.self) return c.dbl ? check_case<double, true>(c) : check_case<float, true>(c);
+  return c.dbl ? check_case<double, false>(c) : check_case<float, false>(c);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const std::vector<double> bw7 = {0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0};  // groups 3, 3, 1
+  const std::vector<double> bw5 = {1e-3, 50.0, 1e5, 3.0, 4.0};  // isolated bandwidths: groups 1, 1, 1, 2
+  std::vector<Case> cases = {
+      // name, self, N, M, d, group, unbiased, sms, offset, bw, double
+      {"self f32 N=300 d=10 unbiased (3 panels x2)", true, 300, 0, 10, 1, true, 1, 0.0, bw7, false},
+      {"self f64 N=195 G=3 d=40 (2 chunks)", true, 195, 0, 40, 3, true, 1, 0.0, bw7, true},
+      {"cross f32 N=150 M=260 d=3 (2x3 panels)", false, 150, 260, 3, 1, false, 1, 0.0, bw7, false},
+      {"self f32 N=130 d=70 biased (2 chunks)", true, 130, 0, 70, 1, false, 2, 0.0, bw5, false},
+      {"cross f64 N=70 M=1 d=17", false, 70, 1, 17, 1, false, 4, 0.0, bw5, true},
+      {"self f32 N=100 d=5 offset 1000", true, 100, 0, 5, 1, true, 1, 1000.0, bw7, false},
+      {"self f32 N=6 d=0 biased", true, 6, 0, 0, 1, false, 1, 0.0, bw7, false},
+      {"cross f32 N=1 M=129 d=64", false, 1, 129, 64, 1, false, 1, 0.0, bw7, false},
+  };
+  if (quick) cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7]};
+  bool ok = true;
+  for (const Case& c : cases) ok = run(c) && ok;
+  std::printf(ok ? "ALL PASSED\n" : "SOME FAILED\n");
+  return ok ? 0 : 1;
+}
