@@ -82,6 +82,8 @@ setup_kwargs = dict(
     package_dir=PACKAGE_DIR,
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    # A library built in place (editable install) must not leak into a wheel: build_ext provides its own.
+    exclude_package_data={"gmwae_fast": ["_C*.so", "_C*.pyd", "_C*.dylib"]},
 )
 
 try:
@@ -206,11 +208,13 @@ if cpp_extension is not None:
                 warning = (f"the C++ extension could not be built ({type(exc).__name__}: {exc}); installing the "
                            "pure-Python package (backends 'reference' and 'triton' only)")
                 _warn(warning)
+                for ext in self.extensions:  # no stale library from an earlier build next to the new config
+                    stale = self.get_ext_fullpath(ext.name)
+                    if os.path.exists(stale):
+                        os.remove(stale)
                 self.extensions = []  # nothing to install from this command
             facts["build_warning"] = warning
             _write_config(self._config_path(), facts)
-            if self._config_path() != os.path.join(ROOT, CONFIG_REL):
-                _write_config(os.path.join(ROOT, CONFIG_REL), facts)
 
         def get_outputs(self):
             # Only what was really built (a failed optional build leaves nothing to install).

@@ -36,6 +36,8 @@ namespace gmwae_fast {
 
 // Rows per row block (the column-side float32 lanes sum at most this many terms).
 constexpr int64_t kImqRowBlock = 16;
+// Column blocks between two float64 flushes of the row-side gradient lanes.
+constexpr int64_t kImqRowFlush = 8;
 
 // Arguments of the inner kernels, all in the compute type T (float or double).
 template <class T>

@@ -10,7 +10,7 @@
 // block and one column block the rows are processed one by one, vectorised over the columns.  Per row and
 // column block the kernel values are accumulated in float32 lanes over GMW_NC vectors only, then added in
 // float64 (lane partials, one per bandwidth and lane), so partial sums stay short.  Gradients:
-//   * row side: float32 lanes over one column block, reduced and added in float64 per row;
+//   * row side: float32 lanes over at most kImqRowFlush column blocks, then reduced and added in float64;
 //   * column side: float32 lanes over the rows of one row block (<= kImqRowBlock terms), then added in
 //     float64 into the partition's gradient buffer.
 
@@ -69,13 +69,15 @@ struct ImqRows {
   static size_t scratch_bytes(int64_t d, int ngroups) {
     auto r64 = [](size_t x) { return (x + 63) / 64 * 64; };
     return r64(sizeof(T) * size_t(d + 1) * JB) + r64(sizeof(double) * size_t(kImqRowBlock) * size_t(d + 1)) +
-           2 * r64(sizeof(T) * JB) + r64(sizeof(GroupV) * size_t(ngroups > 0 ? ngroups : 1)) + 64;
+           r64(sizeof(T) * size_t(kImqRowBlock) * size_t(d + 1) * W) + 2 * r64(sizeof(T) * JB) +
+           r64(sizeof(GroupV) * size_t(ngroups > 0 ? ngroups : 1)) + 64;
   }
 
   // One row against one column block.  `wj`: JB column weights (masked / zero padded), `gj`: (d+1) x JB
-  // column-side float lanes, `gi`: d+1 float64 row-side accumulators, `vals`: S x W float64 lane partials.
+  // column-side float lanes, `gl`: (d+1) x W row-side float lanes (flushed into float64 every kImqRowFlush
+  // column blocks), `vals`: S x W float64 lane partials.
   static GMW_INLINE void row(const ImqCpuArgs<T>& A, const GroupV* gv, int64_t i, int64_t j0, const T* wj,
-                             const T* mk, T* gj, double* gi, double* vals) {
+                             const T* mk, T* gj, T* gl, double* vals) {
     const int64_t d = A.d;
     const int64_t ldb = A.ldb;
     const T* ai = A.a + i * d;
@@ -159,7 +161,7 @@ struct ImqRows {
       dwi += wv[c] * phi[c];
       vstore(gjd + c * W, vload<V>(gjd + c * W) + wim * phi[c]);
     }
-    gi[d] += double(vhsum<V, T>(dwi));
+    vstore(gl + d * W, vload<V>(gl + d * W) + dwi);
     // Point gradients, direct form: sum_j (w_j psi_ij) (a_i - b_j) and -(w_i psi_ij) (a_i - b_j).
     for (int64_t k = 0; k < d; ++k) {
       const V ak = vbcast<V>(ai[k]);
@@ -171,7 +173,7 @@ struct ImqRows {
         s += Pi[c] * t;
         vstore(gk + c * W, vload<V>(gk + c * W) - Pj[c] * t);
       }
-      gi[k] += double(vhsum<V, T>(s));
+      vstore(gl + k * W, vload<V>(gl + k * W) + s);
     }
   }
 
@@ -195,6 +197,8 @@ struct ImqRows {
     base += r64(sizeof(T) * size_t(d + 1) * JB);
     double* gi = reinterpret_cast<double*>(base);
     base += r64(sizeof(double) * size_t(kImqRowBlock) * size_t(d + 1));
+    T* gl = reinterpret_cast<T*>(base);
+    base += r64(sizeof(T) * size_t(kImqRowBlock) * size_t(d + 1) * W);
     T* wm = reinterpret_cast<T*>(base);
     base += r64(sizeof(T) * JB);
     T* mm = reinterpret_cast<T*>(base);
@@ -213,7 +217,21 @@ struct ImqRows {
       gv[g].q1 = vbcast<V>(G.q[1]);
       gv[g].q2 = vbcast<V>(G.q[2]);
     }
-    if (GRAD) std::memset(gi, 0, sizeof(double) * size_t(i1 - i0) * size_t(d + 1));
+    const size_t gl_row = size_t(d + 1) * W;
+    if (GRAD) {
+      std::memset(gi, 0, sizeof(double) * size_t(i1 - i0) * size_t(d + 1));
+      std::memset(gl, 0, sizeof(T) * size_t(i1 - i0) * gl_row);
+    }
+    // Row-side float lanes -> float64 (every kImqRowFlush column blocks and at the end).
+    auto flush_rows = [&]() {
+      for (int64_t r = 0; r < i1 - i0; ++r) {
+        T* l = gl + size_t(r) * gl_row;
+        double* g = gi + r * (d + 1);
+        for (int64_t k = 0; k <= d; ++k) g[k] += double(vhsum<V, T>(vload<V>(l + k * W)));
+        std::memset(l, 0, sizeof(T) * gl_row);
+      }
+    };
+    int64_t since_flush = 0;
 
     const int64_t nb = A.ldb / JB;
     const int64_t jb_first = SELF ? jstart(A, i0) / JB : 0;
@@ -237,8 +255,12 @@ struct ImqRows {
             mk = mm;
           }
         }
-        row(A, gv, i, j0, wj, mk, gj, gi + (i - i0) * (d + 1), P.vals);
+        row(A, gv, i, j0, wj, mk, gj, gl + size_t(i - i0) * gl_row, P.vals);
         touched = true;
+      }
+      if (GRAD && touched && ++since_flush == kImqRowFlush) {
+        flush_rows();
+        since_flush = 0;
       }
       if (GRAD && touched) {
         const int64_t jn = std::min<int64_t>(JB, A.M - j0);
@@ -252,6 +274,7 @@ struct ImqRows {
       }
     }
     if (GRAD) {
+      flush_rows();
       for (int64_t i = i0; i < i1; ++i) {
         const double* s = gi + (i - i0) * (d + 1);
         double* g = P.grad + i * (d + 1);

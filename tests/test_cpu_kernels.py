@@ -11,6 +11,7 @@ import importlib
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -325,6 +326,36 @@ def test_bad_inputs_raise():
     for fn, needle in cases:
         with pytest.raises(RuntimeError, match=needle):
             fn()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the other instruction-set variants (the dispatcher picks one per process: check the others in subprocesses)
+# ---------------------------------------------------------------------------------------------------------------
+
+_ISA_SCRIPT = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("tck", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+import gmwae_fast._C as C
+for dt in (torch.float64, torch.float32):
+    m._check_self(37 * 3, 17, 3, True, dt, seed=5)
+    m._check_self(70, 3, 1, False, dt, seed=6)
+    m._check_cross(129, 37, 10, dt, seed=7)
+    m._check_cross(5, 70, 64, dt, seed=8)
+print("ISA", C.CPU_ISA)
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_isa_variants(isa):
+    env = dict(os.environ, GMWAE_FAST_CPU_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, os.path.abspath(__file__)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ran = r.stdout.split("ISA")[-1].strip()
+    assert ran in ("generic", isa), ran  # capped at what the CPU supports
 
 
 # ---------------------------------------------------------------------------------------------------------------
