@@ -11,16 +11,19 @@
 //   runs on any x86-64 CPU.  The variant is chosen once at run time from CPUID (`__builtin_cpu_supports`);
 //   the environment variable GMWAE_FAST_CPU_ISA=generic|avx2|avx512 caps the choice (testing, debugging).
 //   Non-GCC compilers and non-x86 targets get the generic variant only.
-// * Threads: at::parallel_for over K = min(at::get_num_threads(), work units) partitions.  Each partition
-//   owns fixed work units (row blocks; for self terms pairs of row blocks {u, last - u} so that the triangle
-//   is balanced), its own float64 value partials and, for gradients, its own float64 gradient buffer of
-//   (N [+ M]) x (d + 1) entries (O((N + M) d) memory).  Buffers are summed in partition order, so results are
-//   bitwise reproducible run to run for a given thread count (the partition count follows the thread count).
+// * Threads: K = min(4 x at::get_num_threads(), work units) partitions (fewer for gradients if their buffers
+//   would pass 256 MB, but at least one per thread), handed out dynamically to the threads of one
+//   at::parallel_for region.  Each partition owns fixed work units (row blocks; for self terms pairs of row
+//   blocks {u, last - u} so that the triangle is balanced), its own float64 value partials and, for gradients,
+//   its own float64 gradient buffer of (N [+ M]) x (d + 1) entries (O((N + M) d) memory).  Buffers are summed
+//   in partition order, so results are bitwise reproducible run to run for a given thread count (K follows
+//   the thread count and the problem size, never the scheduling).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -38,6 +41,9 @@ namespace gmwae_fast {
 constexpr int64_t kImqRowBlock = 16;
 // Column blocks between two float64 flushes of the row-side gradient lanes.
 constexpr int64_t kImqRowFlush = 8;
+// Work partitions per thread, and the memory the per-partition gradient buffers may take beyond one per thread.
+constexpr int64_t kImqPartitionsPerThread = 4;
+constexpr double kImqGradBufferBytes = 256.0 * 1024 * 1024;
 
 // Arguments of the inner kernels, all in the compute type T (float or double).
 template <class T>
@@ -231,8 +237,16 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
   const int64_t nrb = (N + kImqRowBlock - 1) / kImqRowBlock;
   const int64_t nunits = self ? (nrb + 1) / 2 : nrb;
   const double pairs = self ? 0.5 * double(N) * double(N) : double(N) * double(M);
-  int64_t K = std::min<int64_t>(at::get_num_threads(), nunits);
-  K = std::min<int64_t>(K, 256);
+  // K partitions, handed out dynamically to the threads (a thread slowed down by other load delays the op by
+  // one partition at most).  Results depend on K only, and K on the thread count and the problem size.
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t K = std::min<int64_t>(kImqPartitionsPerThread * nthreads, nunits);
+  if (grad) {  // each partition has its own (rows x (d + 1)) float64 gradient buffer
+    const double bytes = double(rows) * double(d + 1) * sizeof(double);
+    const int64_t kmem = int64_t(kImqGradBufferBytes / std::max(bytes, 1.0));
+    K = std::min<int64_t>(K, std::max<int64_t>(kmem, nthreads));
+  }
+  K = std::min<int64_t>(K, 1024);
   if (pairs * double(d + S) < 2.0e5) K = 1;  // too little work to be worth a parallel region
   K = std::max<int64_t>(K, 1);
 
@@ -244,8 +258,9 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
   if (grad) gbuf = at::zeros({K, rows, d + 1}, opts);
   auto fn = self ? (grad ? fns.self_grad : fns.self_val) : (grad ? fns.cross_grad : fns.cross_val);
 
-  at::parallel_for(0, K, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
+  std::atomic<int64_t> next_part{0};
+  at::parallel_for(0, std::min<int64_t>(nthreads, K), 1, [&](int64_t, int64_t) {
+    for (int64_t p; (p = next_part.fetch_add(1)) < K;) {
       ImqCpuPart P;
       P.vals = vals.data() + size_t(p) * size_t(S) * size_t(W);
       P.grad = grad ? gbuf.data_ptr<double>() + p * rows * (d + 1) : nullptr;
