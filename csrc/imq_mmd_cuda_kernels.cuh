@@ -43,7 +43,7 @@ struct ChunkDims<double> {
 
 // Shared-memory carve-up, shared by the host (launch size) and the device (pointers).
 struct SmemLayout {
-  size_t As, Bs, Ps, Fs, wI, wJ, Lsum, warp_part, val, groups, ngroups, bytes;
+  size_t As, Bs, Ps, Fs, wI, wJ, gI, gJ, Lsum, warp_part, val, groups, ngroups, bytes;
 };
 
 GMW_HD inline size_t align_up(size_t x, size_t a) {
@@ -68,6 +68,10 @@ GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
   o += kBT * sizeof(T);
   L.wJ = o;
   o += kBT * sizeof(T);
+  L.gI = o;
+  o += kBT * sizeof(int64_t);
+  L.gJ = o;
+  o += kBT * sizeof(int64_t);
   L.Lsum = o;
   o += 4 * kBT * sizeof(T);
   L.warp_part = o;
@@ -180,6 +184,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   T* Fs = reinterpret_cast<T*>(smem_raw + L.Fs);
   T* wI = reinterpret_cast<T*>(smem_raw + L.wI);
   T* wJ = reinterpret_cast<T*>(smem_raw + L.wJ);
+  int64_t* gI = reinterpret_cast<int64_t*>(smem_raw + L.gI);  // group index of the tile rows (self, unbiased)
+  int64_t* gJ = reinterpret_cast<int64_t*>(smem_raw + L.gJ);
   T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);  // [0] row sums of P, [1] column sums of P,
                                                       // [2] sum_j w_j Phi_ij, [3] sum_i w_i Phi_ij
   T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps][S]
@@ -245,9 +251,11 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         if (c == 0) {
           if (tid < kBT) {
             wI[tid] = (I0 + tid < N) ? A.wa[I0 + tid] : T(0);
+            gI[tid] = (I0 + tid) / A.group;  // one 64-bit division per row, not one per pair
           } else if (tid < 2 * kBT) {
             const int r = tid - kBT;
             wJ[r] = (J0 + r < M) ? A.wb[J0 + r] : T(0);
+            gJ[r] = (J0 + r) / A.group;
           }
         }
         __syncthreads();
@@ -265,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
 
       // ---- K phase ----
       T wpair[4][4];
+      unsigned okmask = 0;  // bit 4 ii + jj: pair allowed
       {
         T wi[4], wj[4];
         ld4<T>(wI + 4 * ti, wi);
@@ -278,9 +287,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             bool ok = gi < N && gj < M;
             if (SELF) {
               ok = ok && gi < gj;
-              if (A.unbiased) ok = ok && (gi / A.group != gj / A.group);
+              if (A.unbiased) ok = ok && (gI[4 * ti + ii] != gJ[4 * tj + jj]);
             }
             wpair[ii][jj] = ok ? wi[ii] * wj[jj] : T(0);
+            okmask |= unsigned(ok) << (4 * ii + jj);
           }
         }
       }
@@ -356,14 +366,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int jj = 0; jj < 4; ++jj) {
             pv[jj] = wpair[ii][jj] * psi[ii][jj];
             // Phi is kept only for allowed pairs (a zero weight keeps its pairs: dL/dw needs them).
-            const int64_t gi = I0 + 4 * ti + ii;
-            const int64_t gj = J0 + 4 * tj + jj;
-            bool ok = gi < N && gj < M;
-            if (SELF) {
-              ok = ok && gi < gj;
-              if (A.unbiased) ok = ok && (gi / A.group != gj / A.group);
-            }
-            fv[jj] = ok ? phi[ii][jj] : T(0);
+            fv[jj] = ((okmask >> (4 * ii + jj)) & 1u) ? phi[ii][jj] : T(0);
           }
           st4<T>(Ps + (4 * ti + ii) * kLd + 4 * tj, pv);
           st4<T>(Fs + (4 * ti + ii) * kLd + 4 * tj, fv);

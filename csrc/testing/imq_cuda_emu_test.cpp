@@ -231,8 +231,9 @@ int main(int argc, char** argv) {
       {"self f32 N=100 d=5 offset 1000", true, 100, 0, 5, 1, true, 1, 1000.0, bw7, false},
       {"self f32 N=6 d=0 biased", true, 6, 0, 0, 1, false, 1, 0.0, bw7, false},
       {"cross f32 N=1 M=129 d=64", false, 1, 129, 64, 1, false, 1, 0.0, bw7, false},
+      {"self f32 N=300 G=100 d=7 unbiased", true, 300, 0, 7, 100, true, 1, 0.0, bw7, false},
   };
-  if (quick) cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7]};
+  if (quick) cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7], cases[8]};
   bool ok = true;
   for (const Case& c : cases) ok = run(c) && ok;
   std::printf(ok ? "ALL PASSED\n" : "SOME FAILED\n");
