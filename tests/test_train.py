@@ -211,6 +211,9 @@ def test_tiny_end_to_end_with_figures(tmp_path):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(l["kind"] == "eval" for l in lines) and any(l["kind"] == "train" for l in lines)
     assert (out / "checkpoints" / "last.pt").exists()
+    from gmwae_fast.train.compare import main as compare_main
+    assert compare_main([str(out), str(out), "--labels", "a", "b", "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 100
 
 
 @needs_data

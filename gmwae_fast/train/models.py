@@ -44,6 +44,10 @@ class Encoder(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(K, hidden))
         self.w2 = nn.Parameter(torch.empty(K, hidden, hidden))
         self.b2 = nn.Parameter(torch.zeros(K, hidden))
+        # batch norm on the hidden layers (as in the authors' code): without it the ReLUs of these small nets
+        # die while they are pretrained to the constant prior moments, and q_C ignores x.
+        self.bn1 = nn.BatchNorm1d(K * hidden)
+        self.bn2 = nn.BatchNorm1d(K * hidden)
         self.w3 = nn.Parameter(torch.empty(K, hidden, 2 * d))
         self.b3 = nn.Parameter(torch.zeros(K, 2 * d))
         for w in (self.w1, self.w2, self.w3):
@@ -62,8 +66,11 @@ class Encoder(nn.Module):
         logits = self.logits(h)                                             # (B, K)
         if self.qc_input == "pixels":
             h = x.flatten(1)
-        a = F.relu(torch.einsum("bf,kfh->bkh", h, self.w1) + self.b1)
-        a = F.relu(torch.einsum("bkh,khg->bkg", a, self.w2) + self.b2)
+        B = h.shape[0]
+        a = torch.einsum("bf,kfh->bkh", h, self.w1) + self.b1
+        a = F.relu(self.bn1(a.reshape(B, -1)).view_as(a))
+        a = torch.einsum("bkh,khg->bkg", a, self.w2) + self.b2
+        a = F.relu(self.bn2(a.reshape(B, -1)).view_as(a))
         out = torch.einsum("bkh,khg->bkg", a, self.w3) + self.b3           # (B, K, 2d)
         mu, sigma_raw = out[..., : self.d], out[..., self.d:]
         return mu.contiguous(), sigma_raw.contiguous(), logits
