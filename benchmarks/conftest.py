@@ -31,21 +31,26 @@ _HERE = pathlib.Path(_HERE_STR)
 # sweeps
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Each sweep: a grid (n x d x mode x dtype, every provider) plus single points ``(n, d, mode, dtype, providers)``.
+#: Each sweep: a grid (n x d x mode x dtype, every provider), single points ``(n, d, mode, dtype, providers)``, and
+#: the target configurations ``(n, d, mode, dtype)`` where every provider runs however slow (``--bench-max-call-s``
+#: does not apply; the memory budget does).
 SWEEPS = {
-    # a few seconds: validates the harness
-    "tiny": {"grid": {"n": (128, 256), "d": (10,), "mode": _harness.MODES, "dtype": ("fp32",)}, "points": []},
-    # a CPU-only machine: a few minutes on 2 cores
+    # a minute: validates the harness
+    "tiny": {"grid": {"n": (128, 256), "d": (10,), "mode": _harness.MODES, "dtype": ("fp32",)}, "points": [],
+             "force": []},
+    # a CPU-only machine
     "small": {
         "grid": {"n": (256, 1024, 2048, 4096), "d": (10, 64), "mode": _harness.MODES, "dtype": ("fp32",)},
         # the fused CPU kernels at a size no materialised formula fits (those are recorded as too large)
-        "points": [(65536, 10, mode, "fp32", _providers.PROVIDERS) for mode in _harness.MODES],
+        "points": [(65536, 10, "fwd+bwd", "fp32", _providers.PROVIDERS)],
+        "force": [(4096, 10, "fwd+bwd", "fp32"), (2048, 10, "fwd+bwd", "fp32"), (2048, 10, "fwd", "fp32")],
     },
     # a GPU
     "full": {
         "grid": {"n": (256, 1024, 4096, 16384, 65536), "d": (2, 10, 64, 128), "mode": _harness.MODES,
                  "dtype": ("fp32", "bf16")},
         "points": [],
+        "force": [(4096, 64, "fwd+bwd", "fp32")],
     },
 }
 
@@ -104,6 +109,7 @@ class BenchSettings:
         self.mem_fraction = opt("--bench-mem-fraction")
         cm = opt("--bench-check-max-n")
         self.check_max_n = cm if cm is not None else (16384 if self.device.type == "cuda" else 4096)
+        self.force = set(SWEEPS[sweep]["force"])
         self.skipped: list[dict] = []
         self.call_times: dict = {}      # (provider, d, mode, dtype) -> (n, seconds per call), for extrapolation
         self.ref_cache: dict = {}       # (n, m, d, dtype, seed) -> float64 reference value

@@ -15,7 +15,7 @@ fi
 mkdir -p .benchmarks
 RAW=".benchmarks/raw-$(date +%Y%m%d-%H%M%S).json"
 set +e
-"$PY" -m pytest benchmarks --benchmark-only --benchmark-json "$RAW" -rs -p no:cacheprovider "$@"
+"$PY" -m pytest benchmarks --benchmark-only --benchmark-json "$RAW" -rs --durations=15 -p no:cacheprovider "$@"
 rc=$?
 set -e
 # pytest exit codes: 0 all passed, 1 some failed (report what ran, then fail), others: nothing usable
