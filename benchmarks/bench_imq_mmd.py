@@ -128,7 +128,8 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
     info.update(case)
     info.update(label=_providers.LABELS[provider], S=S, device_name=s.info["device_name"], slug=s.info["slug"],
                 torch=s.info["torch"], triton=s.info["triton"], pykeops=s.info["pykeops"],
-                gmwae_fast=s.info["build_info"].get("version"), torch_threads=torch.get_num_threads(),
+                gmwae_fast=s.info["build_info"].get("version"), build_info=s.info["build_info"],
+                torch_threads=torch.get_num_threads(),
                 warmup_s=warmup_s, steady_call_s=call_s, peak_mem_bytes=peak, mem_method=mem_method,
                 footprint_est_bytes=est or None, value=value, ref_value=ref, oracle=oracle)
 
