@@ -110,9 +110,11 @@ def _cuda_plan():
     if not requested:
         return False, "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH); building the CPU kernels only"
     if torch.version.cuda is None:
+        if force:
+            raise RuntimeError("gmwae_fast: FORCE_CUDA=1 but this torch is a CPU-only build")
         return False, "torch is a CPU-only build; building the CPU kernels only"
     home = cpp_extension.CUDA_HOME
-    nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    nvcc = os.path.join(home, "bin", "nvcc.exe" if os.name == "nt" else "nvcc") if home else None
     if not nvcc or not os.path.exists(nvcc):
         if force:
             raise RuntimeError("gmwae_fast: FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
@@ -144,7 +146,9 @@ def _make_extension(with_cuda):
         # at::parallel_for is an inline OpenMP region: without -fopenmp it would run on one thread.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    kwargs = dict(include_dirs=[csrc], extra_link_args=link)
+    # Headers as dependencies: part of an sdist, and a header change rebuilds without ninja too.
+    depends = sorted(rel(p) for ext in ("*.h", "*.cuh") for p in glob.glob(os.path.join(csrc, ext)))
+    kwargs = dict(include_dirs=[csrc], extra_link_args=link, depends=depends)
     if with_cuda:
         sources += sorted(rel(p) for p in glob.glob(os.path.join(csrc, "*.cu")))
         kwargs["include_dirs"] += _pip_cuda_includes()
