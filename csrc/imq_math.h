@@ -117,13 +117,14 @@ GMW_HD GMW_INLINE V imq_sqdist_step(V acc, V a, V b) {
   return acc + t * t;
 }
 
-// min(x, m) for scalar or vector lanes (the ternary is element-wise for GCC/Clang vectors).
+// min(x, m) for scalar or vector lanes (the ternary is element-wise for GCC/Clang vectors).  NaN stays NaN
+// (a NaN coordinate must give NaN values, as in the reference), hence not fmin.
 template <class V, class S>
 GMW_HD GMW_INLINE V imq_clamp_hi(V x, S m) {
 #if defined(__CUDA_ARCH__)
-  return x < m ? x : V(m);
+  return x > m ? V(m) : x;
 #else
-  return x < m ? x : m + V{};
+  return x > m ? m + V{} : x;
 #endif
 }
 

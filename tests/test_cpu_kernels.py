@@ -245,6 +245,18 @@ def test_empty_and_degenerate():
     torch.testing.assert_close(OPS.imq_self(z, wz, bw, 1, False), torch.ones(len(bw), dtype=torch.float64))
 
 
+@needs_ext
+def test_nan_propagates():
+    a = _points(20, 3, torch.float32, 3)
+    a[4, 1] = float("nan")
+    w = _weights(20, torch.float32, 3)
+    b = _points(9, 3, torch.float32, 4)
+    wb = _weights(9, torch.float32, 4)
+    assert torch.isnan(OPS.imq_self(a, w, BW, 1, True)).all()
+    assert torch.isnan(OPS.imq_cross(a, w, b, wb, BW)).all()
+    assert torch.isnan(OPS.imq_cross_grad(_h(1), a, w, b, wb, BW)[3]).any()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # determinism and float32 accuracy
 # ---------------------------------------------------------------------------------------------------------------
