@@ -9,48 +9,53 @@ Four launchers, plain functions (no autograd; ``gmwae_fast/ops/imq_mmd.py`` wrap
 
 With ``k_s(D) = C_s / (C_s + D)`` and ``D = sum_k (a_ik - b_jk)^2``.
 
+Work decomposition
+------------------
+A program owns ``BLOCK_I`` points ``i`` of ``a`` (one per thread: ``BLOCK_I = 32 * num_warps``) and walks a range of
+points ``j`` of ``b`` in tiles of ``BLOCK_J`` (held by every thread). Tiles are ``[BLOCK_J, BLOCK_I]`` register
+tensors: with Triton's default layout each thread then holds a full column ``j = 0 .. BLOCK_J-1`` for its own ``i``,
+so sums over ``j`` (row sums of the pair matrix) never leave the thread, and per feature a thread loads one value of
+``a`` (coalesced over the warp) and ``BLOCK_J`` contiguous values of ``b`` (vectorised broadcast loads). (A square
+``64 x 64`` tile gets a layout with 32 rows per thread: 33 loads per feature and heavy register spills.) The host
+passes transposed, zero-padded copies ``aT`` ``(d_pad, N_pad)`` in the compute dtype (padding points have weight 0),
+so the inner loops need no masks. Nothing of size ``N x M`` is ever written.
+
+* ``_imq_values_kernel``: grid (row blocks, column chunks); each program writes its ``S`` float64 values to a small
+  ``(programs, S)`` buffer that the host sums in float64. Self terms visit only ``j >= i`` (column chunks below the
+  diagonal exit at once, pairs ``j > i`` count twice, ``i == j`` once when biased); same-group exclusion (unbiased:
+  allowed iff ``i // G != j // G``) and the triangle are masks on global indices, only on tiles near the diagonal.
+* ``_imq_rowpass_kernel``: deterministic gradient pass, no atomics: the program accumulates, for its rows,
+  ``sum_j v_j phi_ij`` (``dwa``), ``sum_j v_j psi_ij`` and ``sum_j v_j psi_ij (b_j - o)`` (``tl.dot`` of the
+  ``[BLOCK_J, BLOCK_I]`` tile with the ``b`` tile, full fp32 / fp64 precision) in registers, ``o`` being the block's
+  first point (keeps ``(a_i - o) sum psi - sum psi (b_j - o)`` free of the cancellation a large common offset would
+  cause). Gradients of ``b`` (cross) are a second pass with the roles swapped. When there are too few row blocks to
+  fill the GPU the columns are split over programs; each split writes partial ``da`` / ``dwa`` to a float workspace
+  summed by the host in a fixed order (deterministic). The values come from the same pass.
+
 Per-pair math (compute dtype: float32, float64 for float64 points)
 -----------------------------------------------------------------
-* Distances are built in registers feature by feature, ``D += (a_ik - b_jk)^2`` (loop over ``d`` in masked steps of
-  the constexpr ``BLOCK_D``, unrolled); the ``|a|^2 + |b|^2 - 2ab`` expansion is never used.
-* Every bandwidth is evaluated on the same register tile (runtime loop over ``S``, ``1 / C_s`` loaded as a
-  scalar), one reciprocal per pair and bandwidth: ``k = 1 / (1 + D * ic)`` with ``ic = 1 / C_s`` rounded once to the
-  compute dtype. (``C + D`` would be rounded at the binade of ``D`` with the fixed low bits of ``C``, a bias that
-  does not average out; ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth
+* Distances are built in registers feature by feature, ``D += (b_jk - a_ik)^2`` (loop over ``d`` in steps of the
+  constexpr ``BLOCK_D``, unrolled); the ``|a|^2 + |b|^2 - 2ab`` expansion is never used.
+* All bandwidths are evaluated on the same register tile (loop over the constexpr ``S``, unrolled, ``1 / C_s``
+  loaded as a scalar), one reciprocal per pair and bandwidth: ``k = 1 / (1 + D * ic)``, ``ic = 1 / C_s`` rounded
+  once to the compute dtype, reused for ``k`` and ``k' = -ic k^2`` in the gradient pass. On CUDA the float32
+  reciprocal is a single ``rcp.approx.ftz.f32`` (one MUFU op; its <= 1 ulp error only touches the small centred
+  part below). (``C + D`` would be rounded at the binade of ``D`` with the fixed low bits of ``C``, a bias that does
+  not average out; ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth
   ``1 / ic``, within 6e-8 of ``C_s``, the same in every term, so the MMD combination is unaffected.)
-* Centring, for float64-grade sums of float32 pairs: with a per-tile reference distance ``D0`` (weighted mean of the
-  tile's distances), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
-  ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. Per tile, the pair-weight total ``W`` and ``A1 = sum w e`` are
-  formed in float64 (once per tile, not per bandwidth); only ``T = sum w e^2 k`` is summed from compute-dtype pairs
-  (row sums over a tile, then float64 across rows, tiles and programs), and it enters multiplied by the small
-  ``kappa^2 ic^2``: ``sum w k = kappa (W + kappa ic (A1 + ic T))``. The per-pair rounding of ``k`` then only
-  touches the small part, which is what brings float32 inputs to a few 1e-6 relative error on
-  ``MMD2 = self_x/den + self_y/den - 2 cross`` even when it is ~1e-6 (``C / (C + D)`` summed per tile in float32
-  measured up to 3e-4 on the same data). Cost: one float64 pass over each tile, amortised over the ``S`` bandwidths.
-  The gradient pass centres ``phi`` to first order the same way (``dwa``).
+* Centring, for float64-grade sums of float32 pairs: with a reference distance ``D0`` per program (weighted mean
+  of its first tile), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
+  ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. The pair-weight total ``W`` and ``A1 = sum w e`` are formed in
+  float64 (once per tile, not per bandwidth); only ``T = sum w e^2 k`` is summed from compute-dtype pairs (over
+  ``j`` inside a thread, then float64 across tiles and threads), and it enters multiplied by the small
+  ``kappa^2 ic^2``: ``sum w k = kappa (W + kappa ic (A1 + ic T))``. Rounding of ``k`` then only touches the small
+  part: float32 inputs reach a few 1e-6 relative error on ``MMD2 = self_x/den + self_y/den - 2 cross`` even when
+  it is ~1e-6 (``C / (C + D)`` summed per tile in float32 measured up to 3e-4 on the same data). The gradient pass
+  centres ``phi = sum_s h_s k_s`` to first order the same way (``dwa``).
 
-Kernels
--------
-* ``_imq_values_kernel``: one program per ``BLOCK_M x BLOCK_N`` tile pair, writes its ``S`` float64 partials to a
-  small ``(programs, S)`` buffer that the host sums in float64. Self terms visit only the upper triangle of tiles
-  (lower programs exit at once), off-diagonal tiles count twice; diagonal tiles handle ``i == j`` (biased,
-  ``k_s(0) = 1``) and same-group exclusion (unbiased: allowed iff ``i // G != j // G``) by masks on global indices,
-  only on tiles whose group ranges overlap.
-* ``_imq_rowpass_kernel``: deterministic gradient pass, no atomics. A program owns ``BLOCK_M`` rows of ``a`` (and a
-  ``BLOCK_G`` chunk of its features for ``da``) and loops over all of ``b``. Per bandwidth the one ``k`` feeds
-  ``phi = sum_s h_s k_s`` (centred as above) and ``-psi = sum_s h_s ic_s k_s^2`` (and the values); per column tile
-  it then accumulates ``sum_j v_j phi_ij`` (``dwa``), ``sum_j v_j psi_ij`` and ``sum_j v_j psi_ij (b_j - o)`` (a
-  ``tl.dot`` in full fp32 / fp64 precision) in registers, with ``o`` the program's first row of ``a``, a shift that
-  keeps ``(a_i - o) sum psi - sum psi (b_j - o)`` free of the cancellation a large common offset would cause.
-  Gradients of ``b`` (cross) are a second row pass with the roles swapped. The values come from the same pass
-  (per-program partials, summed in float64 on the host). When there are too few row blocks to fill the GPU
-  (n = 4096, ``BLOCK_M = 64``: 64 blocks for 132 SMs), the columns are split over a third grid axis: each split
-  writes its partial ``da`` / ``dwa`` to a float workspace that the host sums in a fixed order (deterministic).
-
-Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100; not yet tuned on one) and can
-be overridden per call with the keyword-only ``block_m``, ``block_n``, ``num_warps`` arguments of every launcher
-(powers of two >= 16; the self values kernel uses square ``block_m`` tiles), and ``col_splits`` of the gradient
-launchers.
+Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100 from the generated SASS; not
+yet timed on one) and can be overridden per call with the keyword-only ``block_i``, ``block_j``, ``num_warps`` and
+``col_splits`` arguments of every launcher.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 """
@@ -67,20 +72,23 @@ import triton.language as tl
 
 __all__ = ["imq_self", "imq_cross", "imq_self_grad", "imq_cross_grad", "DEFAULTS"]
 
-#: Default launch configuration (GPU oriented). ``values_*``: tile-pair values kernel; ``grad_*``: row-pass kernel.
-#: ``block_d``: features unrolled per step of the distance loop; ``block_g``: widest ``da`` feature chunk a program
-#: keeps in registers (larger ``d`` is split over a second grid axis, recomputing the distances);
-#: ``grad_programs_per_sm``: programs per multiprocessor the column split of the row pass aims at.
+#: Default launch configuration (GPU oriented). ``*_block_i``: points of ``a`` per program (``32 * num_warps``:
+#: one per thread); ``*_block_j``: points of ``b`` per tile (held by every thread); ``block_d``: features unrolled
+#: per step of the distance loop; ``block_g``: widest ``da`` feature chunk a gradient program keeps in registers
+#: (larger ``d`` is split over a grid axis, recomputing the distances); ``programs_per_sm`` and
+#: ``min_tiles_per_program``: how far the column range of a row block is split over programs.
 DEFAULTS = {
-    "values_block_m": 64,
-    "values_block_n": 64,
-    "values_num_warps": 4,
-    "grad_block_m": 64,
-    "grad_block_n": 64,
-    "grad_num_warps": 8,
+    "values_block_i": 128,
+    "values_block_j": 32,
+    "grad_block_i": 64,
+    "grad_block_j": 16,
     "block_d": 16,
-    "block_g": 128,
-    "grad_programs_per_sm": 2,
+    "block_g": 64,
+    "programs_per_sm": 4,
+    "min_tiles_per_program": 4,
+    # float64 points: doubles take two registers; smaller tiles keep the kernels from spilling as much
+    "values_block_j_f64": 16,
+    "block_g_f64": 32,
 }
 
 _POINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -91,207 +99,239 @@ _POINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sq_dist_tile(a_ptr, a_off, rmask, b_ptr, b_off, cmask, n_feat,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr):
-    """``D[i, j] = sum_k (a[i, k] - b[j, k])^2`` for one tile, in the compute dtype, built feature by feature.
-
-    ``a_off`` / ``b_off`` are the row offsets (in elements) of the tile's rows; features past ``n_feat`` are masked
-    (they load 0 on both sides and add nothing)."""
-    dist = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
-    for k0 in range(0, n_feat, BLOCK_D):
+def _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad,
+             BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr):
+    """``D[j, i] = sum_k (b[j, k] - a[i, k])^2`` from the transposed, padded copies (no masks needed)."""
+    dist = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
+    a_p = aT_ptr + rows
+    b_p = bT_ptr + cols
+    for k0 in range(0, n_feat_pad, BLOCK_D):
         for kk in tl.static_range(BLOCK_D):
-            f = k0 + kk
-            fm = f < n_feat
-            av = tl.load(a_ptr + a_off + f, mask=rmask & fm, other=0.0).to(CDT)
-            bv = tl.load(b_ptr + b_off + f, mask=cmask & fm, other=0.0).to(CDT)
-            diff = av[:, None] - bv[None, :]
+            av = tl.load(a_p)
+            bv = tl.load(b_p)
+            diff = bv[:, None] - av[None, :]
             dist += diff * diff
+            a_p += n_pad
+            b_p += m_pad
     return dist
 
 
 @triton.jit
-def _tile_weights(dist, wa, wb, rows, cols, group, MASK_GROUPS: tl.constexpr, NEED_A1: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CDT: tl.constexpr):
-    """Weights of a tile and its centring data.
-
-    Returns ``wmat`` ``[BM, BN]`` (column weights, same-group pairs zeroed when ``MASK_GROUPS``, compute dtype),
-    ``roww = sum_j wmat_ij`` (float64, exact), the reference distance ``d0`` (``|wa_i wb_j|``-weighted mean of the
-    tile's distances, compute dtype; any value would do, the mean keeps the centred terms small) and, when
-    ``NEED_A1``, ``a1r = sum_j wmat_ij (d0 - D_ij)`` in float64. The masked path runs only on tiles whose row and
-    column group ranges overlap (the band around the diagonal)."""
-    aw = tl.abs(wa)[:, None] * tl.abs(wb)[None, :]
-    sw = tl.sum(tl.sum(aw, axis=1), axis=0)
-    swd = tl.sum(tl.sum(aw * dist, axis=1), axis=0)
-    d0 = tl.where(sw > 0, tl.maximum(swd / tl.where(sw > 0, sw, 1.0), 0.0), 0.0)
-    wb64 = wb.to(tl.float64)
-    if NEED_A1:
-        dd64 = d0.to(tl.float64) - dist.to(tl.float64)
-    band = False
-    if MASK_GROUPS:
-        r0 = tl.min(rows, axis=0) // group
-        r1 = tl.max(rows, axis=0) // group
-        c0 = tl.min(cols, axis=0) // group
-        c1 = tl.max(cols, axis=0) // group
-        band = (r0 <= c1) & (c0 <= r1)
-    if band:
-        same = (rows // group)[:, None] == (cols // group)[None, :]
-        wmat = tl.where(same, 0.0, tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT) + wb[None, :])
-        wm64 = tl.where(same, 0.0, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64) + wb64[None, :])
-        roww = tl.sum(wm64, axis=1)
-        if NEED_A1:
-            a1r = tl.sum(wm64 * dd64, axis=1)
-        else:
-            a1r = tl.zeros([BLOCK_M], dtype=tl.float64)
+def _rcp(y, FAST_RCP: tl.constexpr):
+    """``1 / y`` for ``y >= 1``: one ``rcp.approx.ftz.f32`` on CUDA (float32), else a division."""
+    if FAST_RCP:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     else:
-        wmat = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT) + wb[None, :]
-        roww = tl.zeros([BLOCK_M], dtype=tl.float64) + tl.sum(wb64, axis=0)
-        if NEED_A1:
-            a1r = tl.sum(dd64 * wb64[None, :], axis=1)
+        return 1.0 / y
+
+
+@triton.jit
+def _tile_weights(wb, wb64, rows, cols, group, row_hi,
+                  SELF_TRI: tl.constexpr, MASK_GROUPS: tl.constexpr, UNBIASED: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, CDT: tl.constexpr):
+    """Column weights of a ``[BLOCK_J, BLOCK_I]`` tile as ``wmat`` (compute dtype) and ``wm64`` (float64).
+
+    ``SELF_TRI``: symmetric self values, pairs ``j > i`` weigh ``2 wb_j``, ``j == i`` weighs ``wb_j`` (biased) and
+    ``j < i`` nothing. ``MASK_GROUPS``: pairs of one group (``i // group == j // group``) weigh nothing. The masks
+    are evaluated only on tiles that can contain such pairs (``row_hi`` = last row of the block)."""
+    if SELF_TRI:
+        scale = 2.0
+    else:
+        scale = 1.0
+    plain_w = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT) + (wb * scale)[:, None]
+    plain_w64 = tl.zeros([BLOCK_J, BLOCK_I], dtype=tl.float64) + (wb64 * scale)[:, None]
+    if SELF_TRI or MASK_GROUPS:
+        col_lo = tl.min(cols, axis=0)
+        if UNBIASED:
+            cut = (row_hi // group + 1) * group   # columns >= cut share no group with the block, and are > i
         else:
-            a1r = tl.zeros([BLOCK_M], dtype=tl.float64)
-    return wmat, roww, d0, a1r
+            cut = row_hi + 1
+        if SELF_TRI:
+            near = col_lo < cut
+        else:
+            near = (col_lo < cut) & (tl.max(cols, axis=0) >= (tl.min(rows, axis=0) // group) * group)
+        if near:
+            factor = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT) + 1.0
+            if SELF_TRI:
+                factor = tl.where(cols[:, None] > rows[None, :], 2.0, 0.0)
+                if not UNBIASED:
+                    factor = tl.where(cols[:, None] == rows[None, :], 1.0, factor)
+            if MASK_GROUPS:
+                factor = tl.where((cols // group)[:, None] == (rows // group)[None, :], 0.0, factor)
+            wmat = factor * wb[:, None]
+            wm64 = factor.to(tl.float64) * wb64[:, None]
+        else:
+            wmat = plain_w
+            wm64 = plain_w64
+    else:
+        wmat = plain_w
+        wm64 = plain_w64
+    return wmat, wm64
 
 
 @triton.jit
-def _kappa(ic, d0):
-    """``kappa = 1 / (1 + d0 * ic)`` to float64 accuracy for compute-dtype scalars (the compute-dtype reciprocal
-    refined by one float64 Newton step, which is cheaper than a float64 division)."""
-    k0 = (1.0 / (d0 * ic + 1.0)).to(tl.float64)
-    x = d0.to(tl.float64) * ic.to(tl.float64) + 1.0
-    return k0 + k0 * (1.0 - k0 * x)
+def _update_center(d0, dsw, dist, wmat, wa):
+    """Reference distance of a program: the ``|w|``-weighted mean of the first tile that has weight. Earlier tiles
+    weigh nothing, so every contribution is centred on the same ``d0``."""
+    if dsw == 0.0:
+        aw = tl.abs(wmat * wa[None, :])
+        sw = tl.sum(tl.sum(aw, axis=0), axis=0)
+        swd = tl.sum(tl.sum(aw * dist, axis=0), axis=0)
+        d0 = tl.where(sw > 0, tl.maximum(swd / tl.where(sw > 0, sw, 1.0), 0.0), 0.0)
+        dsw = sw
+    return d0, dsw
 
 
 @triton.jit
-def _imq_values_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, part_ptr,
-                       N, M, n_feat, S, group,
-                       SELF: tl.constexpr, MASK_GROUPS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S: tl.constexpr):
+    """``sum w k = kappa (W + kappa ic (A1 + ic T))`` per bandwidth, float64 (see the module docstring)."""
+    t = tl.sum(acc_t, axis=1)
+    w = tl.sum(wa64 * wrow, axis=0)
+    a1 = tl.sum(wa64 * a1row, axis=0)
+    ic = tl.load(inv_ptr + sidx, mask=sidx < S, other=0.0).to(tl.float64)
+    kap = 1.0 / (1.0 + d0.to(tl.float64) * ic)
+    return kap * (w + kap * ic * (a1 + ic * t))
+
+
+@triton.jit
+def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_ptr,
+                       n_pad, m_pad, n_feat_pad, group, cols_per_prog,
+                       S: tl.constexpr, SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr,
+                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                        S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_n = tl.num_programs(1)
+    pid_i = tl.program_id(0)
+    pid_z = tl.program_id(1)
+    num_z = tl.num_programs(1)
+    row0 = pid_i * BLOCK_I
+    rows = tl.max_contiguous(tl.multiple_of(row0 + tl.arange(0, BLOCK_I), BLOCK_I), BLOCK_I)
+    row_hi = row0 + BLOCK_I - 1
     sidx = tl.arange(0, S_PAD)
-    smask = sidx < S
+    col_lo = pid_z * cols_per_prog
+    col_hi = tl.minimum(col_lo + cols_per_prog, m_pad)
     if SELF:
-        first_n = pid_m  # upper triangle of tiles only (square tiles, BLOCK_M == BLOCK_N)
-    else:
-        first_n = 0
-    if pid_n >= first_n:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        cmask = cols < M
-        wa = tl.load(wa_ptr + rows, mask=rmask, other=0.0)
-        wb = tl.load(wb_ptr + cols, mask=cmask, other=0.0)
-        dist = _sq_dist_tile(a_ptr, rows.to(tl.int64) * n_feat, rmask, b_ptr, cols.to(tl.int64) * n_feat, cmask,
-                             n_feat, BLOCK_M, BLOCK_N, BLOCK_D, CDT)
-        wmat, roww, d0, a1r = _tile_weights(dist, wa, wb, rows, cols, group, MASK_GROUPS, True,
-                                            BLOCK_M, BLOCK_N, CDT)
-        wa64 = wa.to(tl.float64)
-        wtot = tl.sum(wa64 * roww, axis=0)   # sum of the tile's pair weights, float64
-        a1 = tl.sum(wa64 * a1r, axis=0)      # sum of w_i w_j (D0 - D_ij), float64
-        dd = d0 - dist
-        wdd2 = (wa[:, None] * wmat) * (dd * dd)
-        vals = tl.zeros([S_PAD], dtype=tl.float64)
-        for s in range(S):
+        col_lo = tl.maximum(col_lo, (row0 // BLOCK_J) * BLOCK_J)   # upper triangle j >= i only
+    wa = tl.load(wa_ptr + rows)
+    wa64 = wa.to(tl.float64)
+    acc_t = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float64)   # per row and bandwidth: sum_j w e^2 k
+    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j
+    a1row = tl.zeros([BLOCK_I], dtype=tl.float64)          # per row: sum_j w_j (D0 - D_ij)
+    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
+    dsw = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
+    for n0 in range(col_lo, col_hi, BLOCK_J):
+        cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
+        wb = tl.load(wb_ptr + cols)
+        wb64 = tl.load(wb64_ptr + cols)
+        dist = _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad, BLOCK_J, BLOCK_I, BLOCK_D, CDT)
+        wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, SELF, UNBIASED, UNBIASED,
+                                   BLOCK_J, BLOCK_I, CDT)
+        d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
+        wrow += tl.sum(wm64, axis=0)
+        a1row += tl.sum(wm64 * (d0.to(tl.float64) - dist.to(tl.float64)), axis=0)
+        e = d0 - dist
+        wdd2 = (wmat * wa[None, :]) * (e * e)
+        for s in tl.static_range(S):
             ic = tl.load(inv_ptr + s)
-            k = 1.0 / (dist * ic + 1.0)   # the one reciprocal per pair and bandwidth
-            # sum w k = kappa W + kappa^2 ic A1 + kappa^2 ic^2 sum w (D0 - D)^2 k (see the module docstring)
-            t = tl.sum(tl.sum(wdd2 * k, axis=1).to(tl.float64), axis=0)
-            ic64 = ic.to(tl.float64)
-            kap = _kappa(ic, d0)
-            v = kap * (wtot + kap * ic64 * (a1 + ic64 * t))
-            vals = tl.where(sidx == s, vals + v, vals)
-        if SELF:
-            # off-diagonal tiles stand for both orders (i, j) and (j, i)
-            vals = vals * (2.0 - (pid_n == pid_m).to(tl.float64))
-        tl.store(part_ptr + (pid_m * num_n + pid_n) * S + sidx, vals, mask=smask)
+            k = _rcp(dist * ic + 1.0, FAST_RCP)   # the one reciprocal per pair and bandwidth
+            t = tl.sum(wdd2 * k, axis=0).to(tl.float64)
+            acc_t = tl.where(sidx[:, None] == s, acc_t + t[None, :], acc_t)
+    vals = _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S)
+    tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals)
 
 
 @triton.jit
-def _imq_rowpass_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, inv_ptr, h_ptr,
+def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr, inv_ptr, h_ptr, hc_ptr,
                         part_ptr, da_ptr, dwa_ptr,
-                        N, M, n_feat, S, group, dw_scale, da_scale, cols_per_split,
-                        MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_G: tl.constexpr, S_PAD: tl.constexpr):
+                        n_rows, n_feat, n_pad, m_pad, n_feat_pad, group, dw_scale, da_scale, cols_per_prog,
+                        S: tl.constexpr, MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
+                        FAST_RCP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, G_LOOP: tl.constexpr, S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
+    pid_i = tl.program_id(0)
     pid_g = tl.program_id(1)
-    pid_z = tl.program_id(2)   # column split: this program covers columns [col_lo, col_hi) of b
+    pid_z = tl.program_id(2)
     num_z = tl.num_programs(2)
-    col_lo = pid_z * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    a_off = rows.to(tl.int64) * n_feat
-    wa = tl.load(wa_ptr + rows, mask=rmask, other=0.0)
-    wa64 = wa.to(tl.float64)
-    gcols = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = gcols < n_feat
-    # shift o = first row of this block (always a valid row): gradients use (a_i - o) and (b_j - o)
-    o = tl.load(a_ptr + (pid_m * BLOCK_M).to(tl.int64) * n_feat + gcols, mask=gmask, other=0.0).to(CDT)
+    row0 = pid_i * BLOCK_I
+    rows = tl.max_contiguous(tl.multiple_of(row0 + tl.arange(0, BLOCK_I), BLOCK_I), BLOCK_I)
+    row_hi = row0 + BLOCK_I - 1
     sidx = tl.arange(0, S_PAD)
+    gidx = tl.arange(0, BLOCK_G)
+    g0 = pid_g * BLOCK_G
+    col_lo = pid_z * cols_per_prog
+    col_hi = tl.minimum(col_lo + cols_per_prog, m_pad)
+    wa = tl.load(wa_ptr + rows)
+    wa64 = wa.to(tl.float64)
 
-    vals = tl.zeros([S_PAD], dtype=tl.float64)
-    sum_phi = tl.zeros([BLOCK_M], dtype=tl.float64)   # sum_j v_j phi_ij
-    sum_psi = tl.zeros([BLOCK_M], dtype=tl.float64)   # -sum_j v_j psi_ij
-    acc_g = tl.zeros([BLOCK_M, BLOCK_G], dtype=CDT)   # -sum_j v_j psi_ij (b_j - o)
-    for n0 in range(col_lo, col_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < col_hi
-        b_off = cols.to(tl.int64) * n_feat
-        wb = tl.load(wb_ptr + cols, mask=cmask, other=0.0)
-        dist = _sq_dist_tile(a_ptr, a_off, rmask, b_ptr, b_off, cmask, n_feat, BLOCK_M, BLOCK_N, BLOCK_D, CDT)
-        wmat, roww, d0, a1r = _tile_weights(dist, wa, wb, rows, cols, group, MASK_GROUPS, WITH_VALUES,
-                                            BLOCK_M, BLOCK_N, CDT)
-        dd = d0 - dist
+    acc_t = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float64)
+    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)
+    a1row = tl.zeros([BLOCK_I], dtype=tl.float64)
+    sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)   # sum_j w_j (D0 - D_ij) phi_c,ij
+    sum_psi = tl.zeros([BLOCK_I], dtype=tl.float64)   # -sum_j w_j psi_ij
+    acc_g = tl.zeros([BLOCK_G, BLOCK_I], dtype=CDT)   # [g, i]: -sum_j w_j psi_ij (b_jg - c_g)
+    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
+    dsw = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
+    for n0 in range(col_lo, col_hi, BLOCK_J):
+        cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
+        wb = tl.load(wb_ptr + cols)
+        wb64 = tl.load(wb64_ptr + cols)
+        dist = _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad, BLOCK_J, BLOCK_I, BLOCK_D, CDT)
+        wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, False, MASK_GROUPS, True,
+                                   BLOCK_J, BLOCK_I, CDT)
+        d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
+        wrow += tl.sum(wm64, axis=0)
+        e = d0 - dist
         if WITH_VALUES:
-            wtot = tl.sum(wa64 * roww, axis=0)
-            a1 = tl.sum(wa64 * a1r, axis=0)
-            wdd2 = (wa[:, None] * wmat) * (dd * dd)
-        # phi = phi0 + (D0 - D) phi_c with phi0 = sum_s h_s kappa_s (float64) and phi_c = sum_s h_s kappa_s ic_s k_s;
-        # -psi = sum_s h_s ic_s k_s^2 (k_s = C_s / (C_s + D), ic_s = 1 / C_s)
-        phi0 = tl.zeros([1], dtype=tl.float64)
-        phi_c = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
-        npsi = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
-        for s in range(S):
-            ic = tl.load(inv_ptr + s)
-            ic64 = ic.to(tl.float64)
-            h64 = tl.load(h_ptr + s)
-            kap = _kappa(ic, d0)
-            hk = h64 * kap
-            phi0 += hk
-            k = 1.0 / (dist * ic + 1.0)   # the one reciprocal per pair and bandwidth, reused for k and k'
-            phi_c += (hk * ic64).to(CDT) * k
-            t = (h64 * ic64).to(CDT) * k
+            a1row += tl.sum(wm64 * (d0.to(tl.float64) - dist.to(tl.float64)), axis=0)
+            wdd2 = (wmat * wa[None, :]) * (e * e)
+        # phi = phi0 + (D0 - D) phi_c with phi0 = sum_s h_s kappa_s (float64, at the end) and
+        # phi_c = sum_s h_s kappa_s ic_s k_s; -psi = sum_s h_s ic_s k_s^2
+        phi_c = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
+        npsi = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
+        # (n0 >= m_pad) is always 0: it keeps the per-bandwidth scalar loads inside the loop, so the compiler
+        # does not hoist 2 S loop-invariant scalars into registers for the whole loop (register pressure)
+        s_off = (n0 >= m_pad).to(tl.int32)
+        for s in tl.static_range(S):
+            ic = tl.load(inv_ptr + s + s_off)
+            hic = tl.load(hc_ptr + s + s_off) * ic       # h_s ic_s (compute dtype)
+            kap = _rcp(d0 * ic + 1.0, FAST_RCP)          # kappa_s in the compute dtype: only scales phi_c
+            k = _rcp(dist * ic + 1.0, FAST_RCP)   # the one reciprocal per pair and bandwidth, for k and k'
+            phi_c += (hic * kap) * k
+            t = hic * k
             npsi += t * k
             if WITH_VALUES:
-                tv = tl.sum(tl.sum(wdd2 * k, axis=1).to(tl.float64), axis=0)
-                v = kap * (wtot + kap * ic64 * (a1 + ic64 * tv))
-                vals = tl.where(sidx == s, vals + v, vals)
-        sum_phi += tl.sum(phi0, axis=0) * roww + tl.sum(wmat * dd * phi_c, axis=1).to(tl.float64)
+                tv = tl.sum(wdd2 * k, axis=0).to(tl.float64)
+                acc_t = tl.where(sidx[:, None] == s, acc_t + tv[None, :], acc_t)
+        sum_phi += tl.sum(wmat * e * phi_c, axis=0).to(tl.float64)
         p = wmat * npsi
-        sum_psi += tl.sum(p, axis=1).to(tl.float64)
-        bg = tl.load(b_ptr + b_off[:, None] + gcols[None, :], mask=cmask[:, None] & gmask[None, :], other=0.0)
-        bg = bg.to(CDT) - o[None, :]
-        acc_g = tl.dot(p, bg, acc_g, input_precision="ieee")
+        sum_psi += tl.sum(p, axis=0).to(tl.float64)
+        # sum_j p_ji (b_jg - c_g) for this program's features g, inside each thread (c: the host's common shift)
+        bs_p = bS_ptr + g0.to(tl.int64) * m_pad + cols
+        for g in tl.static_range(G_LOOP):
+            bv = tl.load(bs_p)
+            acc_g = tl.where(gidx[:, None] == g, acc_g + tl.sum(p * bv[:, None], axis=0)[None, :], acc_g)
+            bs_p += m_pad
 
-    # da_i = da_scale * w_i * sum_j v_j psi_ij (a_i - b_j) = da_scale * w_i * (acc_g - (a_i - o) * sum_psi)
-    ag = tl.load(a_ptr + a_off[:, None] + gcols[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
-    ag = ag.to(CDT) - o[None, :]
-    grad = acc_g.to(tl.float64) - ag.to(tl.float64) * sum_psi[:, None]
-    grad = grad * (da_scale * wa64)[:, None]
-    # outputs of split z at da[z], dwa[z] (the final tensors when there is one split, else float workspaces);
-    # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
-    z_off = pid_z.to(tl.int64) * N
-    tl.store(da_ptr + z_off * n_feat + a_off[:, None] + gcols[None, :], grad.to(CDT).to(da_ptr.dtype.element_ty),
-             mask=rmask[:, None] & gmask[None, :])
+    ic_all = tl.load(inv_ptr + sidx, mask=sidx < S, other=0.0).to(tl.float64)
+    h_all = tl.load(h_ptr + sidx, mask=sidx < S, other=0.0)
+    phi0 = tl.sum(h_all / (1.0 + d0.to(tl.float64) * ic_all), axis=0)
     first = pid_g == 0
-    tl.store(dwa_ptr + z_off + rows, (sum_phi * dw_scale).to(dwa_ptr.dtype.element_ty), mask=rmask & first)
+    rmask = rows < n_rows
+    # outputs of split z at da[z], dwa[z] (the final tensors when there is one split, else float workspaces)
+    z_off = pid_z.to(tl.int64) * n_rows
+    tl.store(dwa_ptr + z_off + rows, ((phi0 * wrow + sum_phi) * dw_scale).to(dwa_ptr.dtype.element_ty),
+             mask=rmask & first)
+    # da_i = da_scale * w_i * sum_j w_j psi_ij (a_i - b_j) = da_scale * w_i * (acc_g - (a_i - c) * sum_psi)
+    gcols = g0 + gidx
+    ag = tl.load(aS_ptr + gcols[:, None].to(tl.int64) * n_pad + rows[None, :])
+    grad = acc_g.to(tl.float64) - ag.to(tl.float64) * sum_psi[None, :]
+    grad = grad * (da_scale * wa64)[None, :]
+    # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
+    tl.store(da_ptr + (z_off + rows[None, :]) * n_feat + gcols[:, None], grad.to(CDT).to(da_ptr.dtype.element_ty),
+             mask=rmask[None, :] & (gcols < n_feat)[:, None])
     if WITH_VALUES:
-        tl.store(part_ptr + (pid_m * num_z + pid_z) * S + sidx, vals, mask=(sidx < S) & first)
+        vals = _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S)
+        tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals, mask=first)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,65 +422,41 @@ def _check_h(h, S: int, device: torch.device) -> None:
     _check_vector("h", h, S, torch.float64, device, "cotangent, one per bandwidth")
 
 
-def _pow2_block(name: str, value: int) -> int:
+def _pow2(name: str, value: int, lo: int) -> int:
     value = int(value)
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    if value < lo or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {lo}, got {value}")
     return value
 
 
-def _values_config(block_m, block_n, num_warps):
-    bm = _pow2_block("block_m", DEFAULTS["values_block_m"] if block_m is None else block_m)
-    bn = _pow2_block("block_n", DEFAULTS["values_block_n"] if block_n is None else block_n)
-    nw = DEFAULTS["values_num_warps"] if num_warps is None else int(num_warps)
-    return bm, bn, nw
+class _Config:
+    """Validated launch configuration of one kernel call."""
 
-
-def _grad_config(block_m, block_n, num_warps):
-    bm = _pow2_block("block_m", DEFAULTS["grad_block_m"] if block_m is None else block_m)
-    bn = _pow2_block("block_n", DEFAULTS["grad_block_n"] if block_n is None else block_n)
-    nw = DEFAULTS["grad_num_warps"] if num_warps is None else int(num_warps)
-    return bm, bn, nw
+    def __init__(self, kind: str, block_i, block_j, num_warps, col_splits, f64: bool = False):
+        default_j = DEFAULTS[f"{kind}_block_j"]
+        if f64 and kind == "values":
+            default_j = DEFAULTS["values_block_j_f64"]
+        bi = _pow2("block_i", DEFAULTS[f"{kind}_block_i"] if block_i is None else block_i, 32)
+        bj = _pow2("block_j", default_j if block_j is None else block_j, 16)
+        if bj > bi:
+            raise ValueError(f"block_j ({bj}) must not exceed block_i ({bi})")
+        self.block_i, self.block_j = bi, bj
+        self.num_warps = max(1, bi // 32) if num_warps is None else int(num_warps)
+        if col_splits is not None and int(col_splits) < 1:
+            raise ValueError(f"col_splits must be >= 1, got {col_splits}")
+        self.col_splits = None if col_splits is None else int(col_splits)
 
 
 def _block_d(d: int) -> int:
-    """Features unrolled per step of the distance loop: chunks of at most DEFAULTS['block_d'], sized so the masked
-    tail wastes as little as possible (d = 10 -> one step of 10; d = 33 -> 3 steps of 11; d = 64 -> 4 x 16)."""
+    """Features unrolled per step of the distance loop: at most DEFAULTS['block_d'], sized so the zero padding of
+    the features wastes little (d = 10 -> one step of 10; d = 33 -> 3 steps of 11; d = 64 -> 4 x 16)."""
     cap = max(1, int(DEFAULTS["block_d"]))
     steps = max(1, triton.cdiv(d, cap))
     return max(1, triton.cdiv(d, steps))
 
 
-def _block_g(d: int) -> int:
-    return min(max(16, triton.next_power_of_2(max(d, 1))), max(16, int(DEFAULTS["block_g"])))
-
-
 def _s_pad(S: int) -> int:
-    return max(1, triton.next_power_of_2(S))
-
-
-def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    """``1 / C_s`` in the compute dtype (the kernels evaluate ``k = 1 / (1 + D / C)``)."""
-    return torch.reciprocal(bw).to(cdt)
-
-
-def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg) -> torch.Tensor:
-    N, d = a.shape
-    M = b.shape[0]
-    S = bw.shape[0]
-    if N == 0 or M == 0 or S == 0:
-        return torch.zeros(S, dtype=torch.float64, device=a.device)
-    bm, bn, nw = cfg
-    if self_:
-        bn = bm
-    grid = (triton.cdiv(N, bm), triton.cdiv(M, bn))
-    part = torch.zeros(grid[0] * grid[1], S, dtype=torch.float64, device=a.device)
-    with _device_guard(a.device):
-        _imq_values_kernel[grid](
-            a, wa, b, wb, _inv_bw(bw, wa.dtype), part, N, M, d, S, group,
-            SELF=self_, MASK_GROUPS=bool(self_ and unbiased),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), S_PAD=_s_pad(S), num_warps=nw)
-    return part.sum(dim=0)
+    return max(2, triton.next_power_of_2(S))
 
 
 @functools.lru_cache(maxsize=None)
@@ -451,49 +467,121 @@ def _num_sms(device_type: str, index: Optional[int]) -> int:
     return 1
 
 
-def _col_splits(device: torch.device, programs: int, col_tiles: int, col_splits: Optional[int]) -> int:
-    """How many column ranges a row pass is split into: enough programs to fill the GPU
-    (``DEFAULTS['grad_programs_per_sm']`` per multiprocessor) when there are few row blocks, e.g. n = 4096 with
-    ``block_m = 64`` gives 64 row blocks for 132 SMs on an H100. Partial results are summed in a fixed order."""
+def _fast_rcp(device: torch.device, cdt: torch.dtype) -> bool:
+    return device.type == "cuda" and cdt == torch.float32 and torch.version.hip is None and not _interpreting()
+
+
+def _col_chunks(device: torch.device, programs: int, col_tiles: int, col_splits: Optional[int]) -> Tuple[int, int]:
+    """Split the column tiles of each row block over ``splits`` programs so that the grid fills the GPU
+    (``DEFAULTS['programs_per_sm']`` per multiprocessor), keeping at least ``min_tiles_per_program`` tiles each.
+    Returns ``(splits, tiles_per_split)``."""
     if col_splits is None:
-        target = int(DEFAULTS["grad_programs_per_sm"]) * _num_sms(device.type, device.index)
-        col_splits = triton.cdiv(target, programs)
-    col_splits = int(col_splits)
-    if col_splits < 1:
-        raise ValueError(f"col_splits must be >= 1, got {col_splits}")
-    return max(1, min(col_splits, col_tiles))
+        target = int(DEFAULTS["programs_per_sm"]) * _num_sms(device.type, device.index)
+        col_splits = min(triton.cdiv(target, max(programs, 1)),
+                         max(1, col_tiles // max(1, int(DEFAULTS["min_tiles_per_program"]))))
+    splits = max(1, min(int(col_splits), col_tiles))
+    tiles = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles), tiles
 
 
-def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bool,
-             dw_scale: float, da_scale: float, cfg, col_splits: Optional[int]):
-    """One deterministic row pass: gradients of the rows of ``a`` against all of ``b`` (and the values)."""
+def _prepare(x: torch.Tensor, w: torch.Tensor, n_pad: int, d_pad: int, cdt: torch.dtype):
+    """Transposed, zero-padded copy ``(d_pad, n_pad)`` of the points in the compute dtype, and padded weights in the
+    compute dtype and in float64 (padding points weigh nothing)."""
+    n, d = x.shape
+    xT = torch.zeros(d_pad, n_pad, dtype=cdt, device=x.device)
+    xT[:d, :n] = x.t()
+    wp = torch.zeros(n_pad, dtype=cdt, device=x.device)
+    wp[:n] = w
+    return xT, wp, wp.to(torch.float64)
+
+
+def _shifted(x: torch.Tensor, c: torch.Tensor, n_pad: int, g_pad: int, cdt: torch.dtype) -> torch.Tensor:
+    """Transposed, zero-padded copy ``(g_pad, n_pad)`` of ``x - c`` (shift in float64, then the compute dtype)."""
+    n, d = x.shape
+    xs = torch.zeros(g_pad, n_pad, dtype=cdt, device=x.device)
+    xs[:d, :n] = (x.to(torch.float64) - c).t()
+    return xs
+
+
+def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """``1 / C_s`` in the compute dtype (the kernels evaluate ``k = 1 / (1 + D / C)``)."""
+    return torch.reciprocal(bw).to(cdt)
+
+
+def _roundup(x: int, m: int) -> int:
+    return triton.cdiv(x, m) * m
+
+
+def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Config) -> torch.Tensor:
     N, d = a.shape
     M = b.shape[0]
     S = bw.shape[0]
     if N == 0 or M == 0 or S == 0:
-        return (torch.zeros(S, dtype=torch.float64, device=a.device), torch.zeros_like(a), torch.zeros_like(wa))
-    bm, bn, nw = cfg
-    bg = _block_g(d)
-    row_blocks = triton.cdiv(N, bm)
-    d_chunks = max(1, triton.cdiv(d, bg))
-    col_tiles = triton.cdiv(M, bn)
-    splits = _col_splits(a.device, row_blocks * d_chunks, col_tiles, col_splits)
-    tiles_per_split = triton.cdiv(col_tiles, splits)
-    splits = triton.cdiv(col_tiles, tiles_per_split)   # no empty split
+        return torch.zeros(S, dtype=torch.float64, device=a.device)
+    cdt = wa.dtype
+    bi, bj = cfg.block_i, cfg.block_j
+    bd = _block_d(d)
+    d_pad = _roundup(max(d, 1), bd)
+    if self_:
+        n_pad = m_pad = _roundup(N, bi)
+        aT, wap, _ = bT, wbp, wb64 = _prepare(a, wa, n_pad, d_pad, cdt)
+    else:
+        n_pad, m_pad = _roundup(N, bi), _roundup(M, bj)
+        aT, wap, _ = _prepare(a, wa, n_pad, d_pad, cdt)
+        bT, wbp, wb64 = _prepare(b, wb, m_pad, d_pad, cdt)
+    row_blocks = n_pad // bi
+    splits, tiles = _col_chunks(a.device, row_blocks, m_pad // bj, cfg.col_splits)
+    s_pad = _s_pad(S)
+    part = torch.empty(row_blocks * splits, s_pad, dtype=torch.float64, device=a.device)
+    with _device_guard(a.device):
+        _imq_values_kernel[(row_blocks, splits)](
+            aT, wap, bT, wbp, wb64, _inv_bw(bw, cdt), part, n_pad, m_pad, d_pad, group, tiles * bj,
+            S=S, SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt),
+            BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
+    return part[:, :S].sum(dim=0)
+
+
+def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bool,
+             dw_scale: float, da_scale: float, cfg: _Config):
+    """One deterministic row pass: gradients of the rows of ``a`` against all of ``b`` (and the values)."""
+    N, d = a.shape
+    M = b.shape[0]
+    S = bw.shape[0]
+    cdt = wa.dtype
+    if N == 0 or M == 0 or S == 0:
+        return torch.zeros(S, dtype=torch.float64, device=a.device), torch.zeros_like(a), torch.zeros_like(wa)
+    bi, bj = cfg.block_i, cfg.block_j
+    bd = _block_d(d)
+    d_pad = _roundup(max(d, 1), bd)
+    bg = min(triton.next_power_of_2(d_pad), int(DEFAULTS["block_g_f64" if cdt == torch.float64 else "block_g"]))
+    d_chunks = triton.cdiv(d_pad, bg)
+    g_loop = d_pad if d_chunks == 1 else bg
+    same = b is a and wb is wa
+    n_pad = _roundup(N, bi)
+    m_pad = n_pad if same else _roundup(M, bj)
+    aT, wap, _ = _prepare(a, wa, n_pad, d_pad, cdt)
+    bT, wbp, wb64 = (aT, wap, wap.to(torch.float64)) if same else _prepare(b, wb, m_pad, d_pad, cdt)
+    # gradient copies shifted by a common centre (keeps (a_i - c) sum psi - sum psi (b_j - c) well conditioned),
+    # features padded to whole chunks
+    c = a.to(torch.float64).mean(dim=0)
+    aS = _shifted(a, c, n_pad, bg * d_chunks, cdt)
+    bS = aS if same else _shifted(b, c, m_pad, bg * d_chunks, cdt)
+    row_blocks = n_pad // bi
+    splits, tiles = _col_chunks(a.device, row_blocks * d_chunks, m_pad // bj, cfg.col_splits)
     if splits == 1:
         da_out, dwa_out = torch.empty_like(a), torch.empty_like(wa)
     else:
-        da_out = torch.empty(splits, N, d, dtype=wa.dtype, device=a.device)
+        da_out = torch.empty(splits, N, d, dtype=cdt, device=a.device)
         dwa_out = torch.empty(splits, N, dtype=torch.float64, device=a.device)
-    grid = (row_blocks, d_chunks, splits)
-    part = torch.empty(row_blocks * splits if with_values else 1, S, dtype=torch.float64, device=a.device)
+    s_pad = _s_pad(S)
+    part = torch.empty(row_blocks * splits if with_values else 1, s_pad, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
-        _imq_rowpass_kernel[grid](
-            a, wa, b, wb, _inv_bw(bw, wa.dtype), h, part, da_out, dwa_out, N, M, d, S, group,
-            float(dw_scale), float(da_scale), tiles_per_split * bn,
-            MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d), BLOCK_G=bg, S_PAD=_s_pad(S), num_warps=nw)
-    values = part.sum(dim=0) if with_values else None
+        _imq_rowpass_kernel[(row_blocks, d_chunks, splits)](
+            aT, wap, bT, wbp, wb64, aS, bS, _inv_bw(bw, cdt), h, h.to(cdt), part, da_out, dwa_out,
+            N, d, n_pad, m_pad, d_pad, group, float(dw_scale), float(da_scale), tiles * bj,
+            S=S, MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
+            BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, BLOCK_G=bg, G_LOOP=g_loop, S_PAD=s_pad, num_warps=cfg.num_warps)
+    values = part[:, :S].sum(dim=0) if with_values else None
     if splits == 1:
         return values, da_out, dwa_out
     return values, da_out.sum(dim=0).to(a.dtype), dwa_out.sum(dim=0).to(wa.dtype)
@@ -504,50 +592,49 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
 # ---------------------------------------------------------------------------------------------------------------
 
 def imq_self(a: torch.Tensor, wa: torch.Tensor, bw: torch.Tensor, group: int, unbiased: bool, *,
-             block_m: Optional[int] = None, block_n: Optional[int] = None,
-             num_warps: Optional[int] = None) -> torch.Tensor:
+             block_i: Optional[int] = None, block_j: Optional[int] = None, num_warps: Optional[int] = None,
+             col_splits: Optional[int] = None) -> torch.Tensor:
     """``self_s = sum_{i, j allowed} wa_i wa_j C_s / (C_s + ||a_i - a_j||^2)``, ``(S,)`` float64.
 
     Allowed pairs: ``i // group != j // group`` when ``unbiased``, every ordered pair (``i == j`` included) when
-    biased. Square tiles of ``block_m`` (``block_n`` is ignored: the symmetric tile grid needs square tiles)."""
+    biased. Evaluates the pairs ``j >= i`` only (symmetry)."""
     _check_common(a, wa, bw)
     _check_group(group, unbiased, a.shape[0])
-    cfg = _values_config(block_m, block_n, num_warps)
+    cfg = _Config("values", block_i, block_j, num_warps, col_splits, a.dtype == torch.float64)
     return _values(a, wa, a, wa, bw, True, group, unbiased, cfg)
 
 
 def imq_cross(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor, bw: torch.Tensor, *,
-              block_m: Optional[int] = None, block_n: Optional[int] = None,
-              num_warps: Optional[int] = None) -> torch.Tensor:
+              block_i: Optional[int] = None, block_j: Optional[int] = None, num_warps: Optional[int] = None,
+              col_splits: Optional[int] = None) -> torch.Tensor:
     """``cross_s = sum_{i, j} wa_i wb_j C_s / (C_s + ||a_i - b_j||^2)``, ``(S,)`` float64."""
     _check_cross(a, wa, b, wb, bw)
-    cfg = _values_config(block_m, block_n, num_warps)
+    cfg = _Config("values", block_i, block_j, num_warps, col_splits, a.dtype == torch.float64)
     return _values(a, wa, b, wb, bw, False, 1, False, cfg)
 
 
 def imq_self_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, bw: torch.Tensor, group: int,
-                  unbiased: bool, *, block_m: Optional[int] = None, block_n: Optional[int] = None,
+                  unbiased: bool, *, block_i: Optional[int] = None, block_j: Optional[int] = None,
                   num_warps: Optional[int] = None, col_splits: Optional[int] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa)``: ``self_s`` and the gradients of ``L = sum_s h_s self_s`` (``da`` like ``a``,
-    ``dwa`` like ``wa``), in one deterministic row pass (``col_splits``: column ranges, default from the GPU size)."""
+    ``dwa`` like ``wa``), in one deterministic row pass."""
     _, S = _check_common(a, wa, bw)
     _check_group(group, unbiased, a.shape[0])
     _check_h(h, S, a.device)
-    cfg = _grad_config(block_m, block_n, num_warps)
-    values, da, dwa = _rowpass(h, a, wa, a, wa, bw, group, bool(unbiased), True, 2.0, 4.0, cfg, col_splits)
-    return values, da, dwa
+    cfg = _Config("grad", block_i, block_j, num_warps, col_splits, a.dtype == torch.float64)
+    return _rowpass(h, a, wa, a, wa, bw, group, bool(unbiased), True, 2.0, 4.0, cfg)
 
 
 def imq_cross_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor,
-                   bw: torch.Tensor, *, block_m: Optional[int] = None, block_n: Optional[int] = None,
+                   bw: torch.Tensor, *, block_i: Optional[int] = None, block_j: Optional[int] = None,
                    num_warps: Optional[int] = None, col_splits: Optional[int] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa, db, dwb)``: ``cross_s`` and the gradients of ``L = sum_s h_s cross_s``; two row passes
     (rows of ``a`` against ``b``, then rows of ``b`` against ``a``), no atomics."""
     _, S = _check_cross(a, wa, b, wb, bw)
     _check_h(h, S, a.device)
-    cfg = _grad_config(block_m, block_n, num_warps)
-    values, da, dwa = _rowpass(h, a, wa, b, wb, bw, 1, False, True, 1.0, 2.0, cfg, col_splits)
-    _, db, dwb = _rowpass(h, b, wb, a, wa, bw, 1, False, False, 1.0, 2.0, cfg, col_splits)
+    cfg = _Config("grad", block_i, block_j, num_warps, col_splits, a.dtype == torch.float64)
+    values, da, dwa = _rowpass(h, a, wa, b, wb, bw, 1, False, True, 1.0, 2.0, cfg)
+    _, db, dwb = _rowpass(h, b, wb, a, wa, bw, 1, False, False, 1.0, 2.0, cfg)
     return values, da, dwa, db, dwb

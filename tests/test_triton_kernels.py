@@ -112,8 +112,8 @@ def assert_close(got, want, rel, name, dtype=None):
     assert err <= rel * scale + 1e-300, f"{name}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
 
 
-SMALL = {"block_m": 16, "block_n": 16}
-CONFIGS = {"small-blocks": SMALL, "default-blocks": {}}
+SMALL = {"block_i": 32, "block_j": 16}   # several row blocks and column tiles at these sizes
+CONFIGS = {"small-blocks": SMALL, "default-blocks": {}, "column-splits": dict(SMALL, col_splits=3)}
 
 # (N, M, d, group): sizes not multiples of the blocks, N = 1, d from 1 to 64, groups of 3
 CASES_F64 = [
@@ -181,13 +181,14 @@ def test_float16_and_many_bandwidths():
 
 
 def test_wide_features_split_over_programs():
-    # d > the widest feature chunk of the gradient kernel (128): da is split over a second grid axis
-    check_all(21, 17, 150, 3, F64, seed=11, cfg={}, s=3)
-    check_all(21, 17, 150, 1, torch.float32, seed=12, cfg={}, s=3)
+    # d > the widest feature chunk of the gradient kernel (64; 32 for float64): da is split over a grid axis
+    check_all(12, 9, 130, 3, F64, seed=11, cfg={}, s=2)
+    check_all(12, 9, 130, 1, torch.float32, seed=12, cfg={}, s=2)
 
 
-def test_rectangular_blocks_and_warps():
-    check_all(37, 70, 6, 1, F64, seed=5, cfg={"block_m": 16, "block_n": 32, "num_warps": 2})
+def test_other_blocks_and_warps():
+    check_all(37, 70, 6, 1, F64, seed=5, cfg={"block_i": 64, "block_j": 32, "num_warps": 2})
+    check_all(70, 37, 3, 1, torch.float32, seed=6, cfg={"block_i": 32, "block_j": 32, "num_warps": 1})
 
 
 def test_large_common_offset_float32():
@@ -242,7 +243,9 @@ def test_input_checks():
     with pytest.raises(TypeError, match="h"):
         K.imq_self_grad(h.float(), a, wa, bw, 1, False)
     with pytest.raises(ValueError, match="power of two"):
-        K.imq_cross(a, wa, b, wb, bw, block_m=24)
+        K.imq_cross(a, wa, b, wb, bw, block_i=48)
+    with pytest.raises(ValueError, match="must not exceed"):
+        K.imq_self_grad(h, a, wa, bw, 1, True, block_i=32, block_j=64)
 
 
 def _mmd2(x, y, w, bw, self_fn, cross_fn):
@@ -265,15 +268,15 @@ def _ref_terms_chunked(a, wa, b, wb, bw, unbiased_self=False, chunk=256):
 
 def test_float32_mmd_accuracy_near_zero():
     """float32 points, two samples of one law (n = 2048, d = 10, 15 bandwidths, MMD2 ~ 1e-6 .. 2e-5, unbiased):
-    relative error <= 1e-5 per bandwidth against float64. The interpreter uses 128-blocks (4x fewer programs than
-    the GPU default of 64, ~25 s); the fp32 row sums then run over 128 pairs, a harder case than on the GPU."""
+    relative error <= 1e-5 per bandwidth against float64. On a GPU with the default configuration; the interpreter
+    uses 2x longer tiles (4x fewer programs; float32 sums over 64 pairs instead of 32, a harder case)."""
     n, d = 2048, 10
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(DEVICE)
     y = torch.randn(n, d, generator=gen).to(DEVICE)
     w = torch.full((n,), 1.0 / n, device=DEVICE)
     bw = 2.0 * d * torch.logspace(-1.5, 1.5, 15, dtype=F64, device=DEVICE)
-    cfg = {"block_m": 128, "block_n": 128} if DEVICE == "cpu" else {}
+    cfg = {"block_i": 256, "block_j": 64} if DEVICE == "cpu" else {}
     got = _mmd2(x, y, w, bw, lambda p, q, c: K.imq_self(p, q, c, 1, True, **cfg),
                 lambda p, q, r, t, c: K.imq_cross(p, q, r, t, c, **cfg))
     want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True),
@@ -291,7 +294,7 @@ def test_float32_mmd_accuracy_grad_pass():
     w = torch.full((n,), 1.0 / n, device=DEVICE)
     bw = 2.0 * d * torch.logspace(-1.5, 1.5, 15, dtype=F64, device=DEVICE)
     ones = torch.ones(15, dtype=F64, device=DEVICE)
-    cfg = {"block_m": 128, "block_n": 128} if DEVICE == "cpu" else {}
+    cfg = {"block_i": 128, "block_j": 64} if DEVICE == "cpu" else {}
     got = _mmd2(x, y, w, bw, lambda p, q, c: K.imq_self_grad(ones, p, q, c, 1, True, **cfg)[0],
                 lambda p, q, r, t, c: K.imq_cross_grad(ones, p, q, r, t, c, **cfg)[0])
     want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True),
@@ -306,6 +309,9 @@ def test_grad_column_splits(dtype):
     a, wa, b, wb, bw, h = make_inputs(37, 70, 5, 3, dtype, seed=21)
     _, tda, tdw = TOL[dtype]
     cfg = dict(SMALL, col_splits=3)
+    for unbiased in (False, True):   # symmetric self values over split column ranges
+        assert_close(K.imq_self(a, wa, bw, 1, unbiased, **cfg), ref_self(a, wa, bw, 1, unbiased), TOL[dtype][0],
+                     "self values")
     got = K.imq_cross_grad(h, a, wa, b, wb, bw, **cfg)
     want = ref_cross_grad(h, a, wa, b, wb, bw)
     for name, g, w, tol in zip(("values", "da", "dwa", "db", "dwb"), got, want, TOL[dtype] + (tda, tdw)):
