@@ -62,9 +62,14 @@ def _check_oracle(settings, x, y, n, m, d, dtype_name):
         if backend is None:
             out = (None, f"not checked: n > {settings.check_max_n} and no fused GPU backend for a float64 oracle")
         else:
-            with torch.no_grad():
-                v = gmwae_fast.fast_imq_mmd(x.double(), y.double(), backend=backend)
-            out = (float(v), f"float64 fast_imq_mmd backend={backend} (n > {settings.check_max_n})")
+            try:
+                with torch.no_grad():
+                    v = gmwae_fast.fast_imq_mmd(x.double(), y.double(), backend=backend)
+                out = (float(v), f"float64 fast_imq_mmd backend={backend} (n > {settings.check_max_n})")
+            except Exception as exc:  # noqa: BLE001 - the check is a sanity check, not the measurement
+                out = (None, f"not checked: the float64 oracle (backend={backend}) raised "
+                             f"{type(exc).__name__}: {str(exc)[:200]}")
+            _free(settings.device)
     else:
         out = (None, f"not checked: n > --bench-check-max-n={settings.check_max_n} on a CPU (float64 reference "
                      "too slow)")
