@@ -75,7 +75,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-max-rounds", type=int, default=200)
     g.addoption("--bench-max-call-s", type=float, default=None,
                 help="skip a baseline whose call time, extrapolated as n^2 from a smaller n of the same series, "
-                     "exceeds this (default 10 s small sweep, 60 s full; 0 = never)")
+                     "exceeds this (default 3 s small sweep, 60 s full; 0 = never; target configurations always run)")
     g.addoption("--bench-mem-fraction", type=float, default=0.5,
                 help="materialised baselines whose estimated footprint exceeds this fraction of the free RAM / "
                      "GPU memory are recorded as too large instead of run (default 0.5)")
@@ -105,7 +105,7 @@ class BenchSettings:
         self.min_rounds = opt("--bench-min-rounds")
         self.max_rounds = opt("--bench-max-rounds")
         mc = opt("--bench-max-call-s")
-        self.max_call_s = mc if mc is not None else (60.0 if sweep == "full" else 10.0)
+        self.max_call_s = mc if mc is not None else (60.0 if sweep == "full" else 3.0)
         self.mem_fraction = opt("--bench-mem-fraction")
         cm = opt("--bench-check-max-n")
         self.check_max_n = cm if cm is not None else (16384 if self.device.type == "cuda" else 4096)

@@ -436,7 +436,7 @@ def plot(recs: list[dict], skipped: list[dict], path: str, title: str) -> None:
     order = [p for p in PROVIDER_ORDER if p in handles]
     ncol = min(len(order), max(2, 2 * len(ds)))
     legend_rows = math.ceil(len(order) / ncol)
-    top_in = 0.45 + 0.22 * legend_rows
+    top_in = 0.3 + 0.2 * legend_rows
     height = fig.get_size_inches()[1]
     fig.legend([handles[p] for p in order], [LABELS[p] for p in order], loc="upper center", ncol=ncol,
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / height))
