@@ -25,12 +25,13 @@ so the inner loops need no masks. Nothing of size ``N x M`` is ever written.
   diagonal exit at once, pairs ``j > i`` count twice, ``i == j`` once when biased); same-group exclusion (unbiased:
   allowed iff ``i // G != j // G``) and the triangle are masks on global indices, only on tiles near the diagonal.
 * ``_imq_rowpass_kernel``: deterministic gradient pass, no atomics: the program accumulates, for its rows,
-  ``sum_j v_j phi_ij`` (``dwa``), ``sum_j v_j psi_ij`` and ``sum_j v_j psi_ij (b_j - o)`` (``tl.dot`` of the
-  ``[BLOCK_J, BLOCK_I]`` tile with the ``b`` tile, full fp32 / fp64 precision) in registers, ``o`` being the block's
-  first point (keeps ``(a_i - o) sum psi - sum psi (b_j - o)`` free of the cancellation a large common offset would
-  cause). Gradients of ``b`` (cross) are a second pass with the roles swapped. When there are too few row blocks to
-  fill the GPU the columns are split over programs; each split writes partial ``da`` / ``dwa`` to a float workspace
-  summed by the host in a fixed order (deterministic). The values come from the same pass.
+  ``sum_j v_j phi_ij`` (``dwa``), ``sum_j v_j psi_ij`` and ``sum_j v_j psi_ij (b_j - c)`` (``da``; one
+  multiply-add chain per feature inside each thread, the feature loop unrolled over a constexpr chunk of at most
+  ``block_g`` features whose accumulators stay in registers) with ``c`` a common centre of the points (host-side
+  shifted copies keep ``(a_i - c) sum psi - sum psi (b_j - c)`` free of the cancellation a large common offset
+  would cause). Gradients of ``b`` (cross) are a second pass with the roles swapped. When there are too few row
+  blocks to fill the GPU the columns are split over programs; each split writes partial ``da`` / ``dwa`` to a
+  float workspace summed by the host in a fixed order (deterministic). The values come from the same pass.
 
 Per-pair math (compute dtype: float32, float64 for float64 points)
 -----------------------------------------------------------------
@@ -196,7 +197,7 @@ def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S: tl.constexpr)
 
 @triton.jit
 def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_ptr,
-                       n_pad, m_pad, n_feat_pad, group, cols_per_prog,
+                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog,
                        S: tl.constexpr, SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                        S_PAD: tl.constexpr):
@@ -209,7 +210,7 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_p
     row_hi = row0 + BLOCK_I - 1
     sidx = tl.arange(0, S_PAD)
     col_lo = pid_z * cols_per_prog
-    col_hi = tl.minimum(col_lo + cols_per_prog, m_pad)
+    col_hi = tl.minimum(col_lo + cols_per_prog, m_cols)
     if SELF:
         col_lo = tl.maximum(col_lo, (row0 // BLOCK_J) * BLOCK_J)   # upper triangle j >= i only
     wa = tl.load(wa_ptr + rows)
@@ -243,7 +244,7 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_p
 @triton.jit
 def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr, inv_ptr, h_ptr, hc_ptr,
                         part_ptr, da_ptr, dwa_ptr,
-                        n_rows, n_feat, n_pad, m_pad, n_feat_pad, group, dw_scale, da_scale, cols_per_prog,
+                        n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale, cols_per_prog,
                         S: tl.constexpr, MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
                         FAST_RCP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, G_LOOP: tl.constexpr, S_PAD: tl.constexpr):
@@ -259,7 +260,7 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
     gidx = tl.arange(0, BLOCK_G)
     g0 = pid_g * BLOCK_G
     col_lo = pid_z * cols_per_prog
-    col_hi = tl.minimum(col_lo + cols_per_prog, m_pad)
+    col_hi = tl.minimum(col_lo + cols_per_prog, m_cols)
     wa = tl.load(wa_ptr + rows)
     wa64 = wa.to(tl.float64)
 
@@ -530,12 +531,13 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Con
         aT, wap, _ = _prepare(a, wa, n_pad, d_pad, cdt)
         bT, wbp, wb64 = _prepare(b, wb, m_pad, d_pad, cdt)
     row_blocks = n_pad // bi
-    splits, tiles = _col_chunks(a.device, row_blocks, m_pad // bj, cfg.col_splits)
+    m_cols = _roundup(M, bj)   # columns visited (the self copy is padded further, to whole row blocks)
+    splits, tiles = _col_chunks(a.device, row_blocks, m_cols // bj, cfg.col_splits)
     s_pad = _s_pad(S)
     part = torch.empty(row_blocks * splits, s_pad, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
         _imq_values_kernel[(row_blocks, splits)](
-            aT, wap, bT, wbp, wb64, _inv_bw(bw, cdt), part, n_pad, m_pad, d_pad, group, tiles * bj,
+            aT, wap, bT, wbp, wb64, _inv_bw(bw, cdt), part, n_pad, m_pad, m_cols, d_pad, group, tiles * bj,
             S=S, SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
     return part[:, :S].sum(dim=0)
@@ -567,7 +569,8 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
     aS = _shifted(a, c, n_pad, bg * d_chunks, cdt)
     bS = aS if same else _shifted(b, c, m_pad, bg * d_chunks, cdt)
     row_blocks = n_pad // bi
-    splits, tiles = _col_chunks(a.device, row_blocks * d_chunks, m_pad // bj, cfg.col_splits)
+    m_cols = _roundup(M, bj)   # columns visited (the self copy is padded further, to whole row blocks)
+    splits, tiles = _col_chunks(a.device, row_blocks * d_chunks, m_cols // bj, cfg.col_splits)
     if splits == 1:
         da_out, dwa_out = torch.empty_like(a), torch.empty_like(wa)
     else:
@@ -578,7 +581,7 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
     with _device_guard(a.device):
         _imq_rowpass_kernel[(row_blocks, d_chunks, splits)](
             aT, wap, bT, wbp, wb64, aS, bS, _inv_bw(bw, cdt), h, h.to(cdt), part, da_out, dwa_out,
-            N, d, n_pad, m_pad, d_pad, group, float(dw_scale), float(da_scale), tiles * bj,
+            N, d, n_pad, m_pad, m_cols, d_pad, group, float(dw_scale), float(da_scale), tiles * bj,
             S=S, MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, BLOCK_G=bg, G_LOOP=g_loop, S_PAD=s_pad, num_warps=cfg.num_warps)
     values = part[:, :S].sum(dim=0) if with_values else None

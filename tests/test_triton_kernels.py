@@ -1,9 +1,9 @@
 """The Triton IMQ MMD launchers (``kernels/imq_mmd.py``) against a float64 brute-force reference written here.
 
 Without a CUDA device the kernels run on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``, set
-below before Triton is imported), so sizes are small: the whole module takes about 45 s of CPU time (about 80 s on
-two busy cores), half of it the n = 2048 float32 accuracy check. With a CUDA device the same tests run on the GPU
-with the default (GPU) block sizes where the interpreter uses larger ones. Skipped when Triton is not importable.
+below before Triton is imported), so sizes are small: the whole module takes about 55 s of CPU time (about 95 s on
+two busy cores), a third of it the n = 2048 float32 accuracy check. With a CUDA device the same tests run on the GPU
+(the accuracy checks then with the default GPU tiles). Skipped when Triton is not importable.
 """
 import importlib
 import importlib.util
