@@ -339,9 +339,9 @@ def main(argv: Optional[list] = None) -> int:
                                                  >= max(1, 0.01 * len(pi))).sum())
                 _append_jsonl(metrics_path, rec)
             if step % a.eval_every == 0 or step == a.steps:
-                last_eval = _eval(model, x_te, y_te, prior, ops, a)
+                last_eval = dict(_eval(model, x_te, y_te, prior, ops, a), step=step)
                 _append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": round(batcher.epoch_of(step), 4),
-                                             **{k: v for k, v in last_eval.items() if k not in ("heatmap", "class_to_mode")}})
+                                             **{k: v for k, v in last_eval.items() if k not in ("heatmap", "class_to_mode", "step")}})
             if bar:
                 post = {"loss": f"{loss.item():.3f}"}
                 if last_eval:
@@ -362,8 +362,11 @@ def main(argv: Optional[list] = None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
 
-    if last_eval is None:
-        last_eval = _eval(model, x_te, y_te, prior, ops, a)
+    if last_eval is None or last_eval.get("step") != step:   # e.g. --resume with --steps <= the saved step
+        last_eval = dict(_eval(model, x_te, y_te, prior, ops, a), step=step)
+        _append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": round(batcher.epoch_of(step), 4),
+                                     **{k: v for k, v in last_eval.items()
+                                        if k not in ("heatmap", "class_to_mode", "step")}})
     summary = {k: last_eval[k] for k in ("test_accuracy", "active_modes", "recon_l2", "bernoulli_nll", "mmd",
                                          "mode_usage", "class_to_mode")}
     summary.update({"model": a.model, "prior": a.prior, "steps": step,
