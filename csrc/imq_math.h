@@ -12,18 +12,21 @@
 //
 // Division/reciprocal throughput (the x86 divider, the GPU special-function unit) bounds this math, so the
 // bandwidths are merged in groups of up to three that share ONE reciprocal:
-//   with x = D / R (R = the largest C of the group), c_s = C_s / R and t_s = c_s + x,
-//   r = 1 / (t0 t1 t2),  k0 = c0 t1 t2 r,  k1 = c1 t0 t2 r,  k2 = c2 t0 t1 r.
+//   with x = D / R (R = the power of two above the largest C of the group), c_s = C_s / R and t_s = c_s + x,
+//   r = 1 / (t0 t1 t2),  k0 = c0 t1 t2 r,  k1 = c1 t0 t2 r,  k2 = c2 t0 t1 r,
+// and the complements 1 - k_s = x / t_s from the same reciprocal (accurate where k_s ~ 1, i.e. for the
+// bandwidths large against the distances, where MMD^2 is smallest: see imq_pick_value).
 // The forward values need every k_s separately (one value per bandwidth), and phi/psi are then a few
 // fused multiply-adds per bandwidth on top.  Accuracy in float32: each k_s carries a handful of roundings
 // (random in sign), i.e. a few ulp, and no cancellation: all factors are positive.
 //
 // Range safety: the host only groups bandwidths whose ratio max/min is <= kImqMaxGroupRatio, so the
-// normalised c_s lie in [1/kImqMaxGroupRatio, 1] and t0 t1 t2 >= kImqMaxGroupRatio^-2 (no underflow); x is
-// clamped at kImqXMax<S> so that t0 t1 t2 <= (1 + kImqXMax)^3 stays finite (no overflow).  The clamp only
-// changes pairs with D > 1e12 * max C of the group (float) where every k_s of the group is < 1e-12 anyway.
+// normalised c_s lie in [1/(2 kImqMaxGroupRatio), 1) and t0 t1 t2 >= (2 kImqMaxGroupRatio)^-2 (no underflow);
+// x is clamped at kImqXMax<S> so that t0 t1 t2 <= (1 + kImqXMax)^3 stays finite (no overflow).  The clamp
+// only changes pairs with D > 1e12 R (float), where every k_s of the group is < 1e-12 anyway.
 #pragma once
 
+#include <cmath>
 #include <type_traits>
 #include <utility>
 
@@ -61,8 +64,8 @@ struct ImqXMax<double> {
 // filled with harmless values (c = 1, h = q = 0) so that code may evaluate all three unconditionally.
 template <class S>
 struct ImqGroup {
-  S inv_ref;  // 1 / R, R = max C_s of the group
-  S c[kImqGroupMax];  // C_s / R, in (0, 1]
+  S inv_ref;  // 1 / R, R = the power of two just above max C_s of the group
+  S c[kImqGroupMax];  // C_s / R, in (0, 1)
   S h[kImqGroupMax];  // cotangent h_s (0 where not given)
   S q[kImqGroupMax];  // -h_s / C_s
   int n;  // number of bandwidths in the group (1..3)
@@ -87,14 +90,19 @@ GMW_HD inline int imq_make_groups(const double* bw, const double* h, int num_bw,
       hi = nhi;
       ++n;
     }
+    // R = the power of two just above the largest C: x = D / R and c_s = C_s / R are then exact (no rounding
+    // of D / R, whose bias would not average out over the pairs: a ~1e-8 relative shift of every k_s).
+    int e = 0;
+    (void)frexp(hi, &e);  // hi = f 2^e, f in [0.5, 1)
+    const double R = ldexp(1.0, e);
     ImqGroup<S>& g = out[ng++];
-    g.inv_ref = static_cast<S>(1.0 / hi);
+    g.inv_ref = static_cast<S>(1.0 / R);
     g.n = n;
     g.s0 = s;
     for (int u = 0; u < kImqGroupMax; ++u) {
       if (u < n) {
         const double hs = h ? h[s + u] : 0.0;
-        g.c[u] = static_cast<S>(bw[s + u] / hi);
+        g.c[u] = static_cast<S>(bw[s + u] / R);
         g.h[u] = static_cast<S>(hs);
         g.q[u] = static_cast<S>(-hs / bw[s + u]);
       } else {
@@ -169,9 +177,13 @@ GMW_HD GMW_INLINE V imq_group_x(V D, S inv_ref) {
   return imq_clamp_hi(D * inv_ref, ImqXMax<typename ImqElem<V>::type>::value);
 }
 
-// n = 3: three values, one reciprocal.
+// One reciprocal gives every m_s = 1 / t_s of the group; then k_s = c_s m_s and its complement
+// u_s = 1 - k_s = x m_s (computed directly, so it is accurate where k_s is close to 1: the value kernels
+// accumulate both sums and keep the better one, see imq_pick_value).
+
+// n = 3: three values (and complements), one reciprocal.
 template <class V, class S>
-GMW_HD GMW_INLINE void imq_k3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V& k2) {
+GMW_HD GMW_INLINE void imq_ku3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V& k2, V& u0, V& u1, V& u2) {
   const V x = imq_group_x(D, inv_ref);
   const V t0 = x + c0;
   const V t1 = x + c1;
@@ -179,27 +191,64 @@ GMW_HD GMW_INLINE void imq_k3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V&
   const V t01 = t0 * t1;
   const V r = imq_rcp(t01 * t2);
   const V rt2 = r * t2;
-  k0 = (t1 * c0) * rt2;
-  k1 = (t0 * c1) * rt2;
-  k2 = (t01 * c2) * r;
+  const V m0 = t1 * rt2;
+  const V m1 = t0 * rt2;
+  const V m2 = t01 * r;
+  k0 = m0 * c0;
+  k1 = m1 * c1;
+  k2 = m2 * c2;
+  u0 = x * m0;
+  u1 = x * m1;
+  u2 = x * m2;
 }
 
-// n = 2: two values, one reciprocal.
+// n = 2.
 template <class V, class S>
-GMW_HD GMW_INLINE void imq_k2(V D, S inv_ref, S c0, S c1, V& k0, V& k1) {
+GMW_HD GMW_INLINE void imq_ku2(V D, S inv_ref, S c0, S c1, V& k0, V& k1, V& u0, V& u1) {
   const V x = imq_group_x(D, inv_ref);
   const V t0 = x + c0;
   const V t1 = x + c1;
   const V r = imq_rcp(t0 * t1);
-  k0 = (t1 * c0) * r;
-  k1 = (t0 * c1) * r;
+  const V m0 = t1 * r;
+  const V m1 = t0 * r;
+  k0 = m0 * c0;
+  k1 = m1 * c1;
+  u0 = x * m0;
+  u1 = x * m1;
 }
 
 // n = 1.
 template <class V, class S>
-GMW_HD GMW_INLINE V imq_k1(V D, S inv_ref, S c0) {
+GMW_HD GMW_INLINE void imq_ku1(V D, S inv_ref, S c0, V& k0, V& u0) {
   const V x = imq_group_x(D, inv_ref);
-  return c0 * imq_rcp(x + c0);
+  const V m0 = imq_rcp(x + c0);
+  k0 = m0 * c0;
+  u0 = x * m0;
+}
+
+// Values only (no complements).
+template <class V, class S>
+GMW_HD GMW_INLINE void imq_k3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V& k2) {
+  V u0, u1, u2;
+  imq_ku3(D, inv_ref, c0, c1, c2, k0, k1, k2, u0, u1, u2);
+}
+template <class V, class S>
+GMW_HD GMW_INLINE void imq_k2(V D, S inv_ref, S c0, S c1, V& k0, V& k1) {
+  V u0, u1;
+  imq_ku2(D, inv_ref, c0, c1, k0, k1, u0, u1);
+}
+template <class V, class S>
+GMW_HD GMW_INLINE V imq_k1(V D, S inv_ref, S c0) {
+  V k0, u0;
+  imq_ku1(D, inv_ref, c0, k0, u0);
+  return k0;
+}
+
+// A value from its two accumulations (float64): K = sum w w k and U = sum w w (1 - k) over pairs of total
+// weight W (exact, float64).  Rounding errors are proportional to the accumulated quantity, so the smaller
+// of K and U is the accurate one; K = W - U then (no cancellation: U < W / 2).  NaN propagates (U < K false).
+GMW_HD GMW_INLINE double imq_pick_value(double K, double U, double W) {
+  return U < K ? W - U : K;
 }
 
 // Evaluate a group of any size n (unused outputs are 0).  For code that branches on n outside the hot loop,

@@ -57,13 +57,14 @@ struct ImqCpuArgs {
   bool unbiased;  // self only
   const ImqGroup<T>* groups;
   int ngroups;
+  int S;  // bandwidths
   int64_t brow_off;  // first row of the column points in the gradient buffer (self 0, cross N)
   double fa, fw;  // gradient factors: self 4 and 2, cross 2 and 1
 };
 
 // Per-partition outputs and scratch.
 struct ImqCpuPart {
-  double* vals;  // S x W float64 lane partials
+  double* vals;  // 2 S x W float64 lane partials: sums of w w k, then of w w (1 - k)
   double* grad;  // rows x (d + 1) float64 (point gradients, then the weight gradient), null for value ops
   void* scratch;
 };
@@ -229,6 +230,7 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
   A.unbiased = unbiased;
   A.groups = groups.data();
   A.ngroups = ng;
+  A.S = S;
   A.brow_off = self ? 0 : N;
   A.fa = self ? 4.0 : 2.0;
   A.fw = self ? 2.0 : 1.0;
@@ -252,7 +254,7 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
 
   const int W = fns.lanes();
   const size_t scratch = fns.scratch_bytes(d, ng);
-  std::vector<double> vals(size_t(K) * size_t(S) * size_t(W), 0.0);
+  std::vector<double> vals(size_t(K) * 2 * size_t(S) * size_t(W), 0.0);
   std::vector<char> scr(size_t(K) * scratch);
   at::Tensor gbuf;
   if (grad) gbuf = at::zeros({K, rows, d + 1}, opts);
@@ -262,7 +264,7 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
   at::parallel_for(0, std::min<int64_t>(nthreads, K), 1, [&](int64_t, int64_t) {
     for (int64_t p; (p = next_part.fetch_add(1)) < K;) {
       ImqCpuPart P;
-      P.vals = vals.data() + size_t(p) * size_t(S) * size_t(W);
+      P.vals = vals.data() + size_t(p) * 2 * size_t(S) * size_t(W);
       P.grad = grad ? gbuf.data_ptr<double>() + p * rows * (d + 1) : nullptr;
       P.scratch = scr.data() + size_t(p) * scratch;
       const int64_t u0 = p * nunits / K;
@@ -279,15 +281,47 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
     }
   });
 
-  // Deterministic combination: partitions in order, lanes in order.
+  // Deterministic combination: partitions in order, lanes in order.  Each value from its K and U sums
+  // (imq_pick_value) with the exact total weight of the visited pairs.
+  double wtot = 0.0;
+  {
+    const at::Tensor wa64 = wa.to(at::kDouble);
+    const double* w = wa64.data_ptr<double>();
+    double sw = 0.0, sw2 = 0.0;
+    for (int64_t i = 0; i < N; ++i) {
+      sw += w[i];
+      sw2 += w[i] * w[i];
+    }
+    if (!self) {
+      const at::Tensor wb64 = wb.to(at::kDouble);
+      const double* v = wb64.data_ptr<double>();
+      double sv = 0.0;
+      for (int64_t j = 0; j < M; ++j) sv += v[j];
+      wtot = sw * sv;
+    } else if (unbiased) {  // pairs i < j in different groups
+      double sg = 0.0;
+      for (int64_t g0 = 0; g0 < N; g0 += group) {
+        double s = 0.0;
+        for (int64_t i = g0; i < std::min<int64_t>(g0 + group, N); ++i) s += w[i];
+        sg += s * s;
+      }
+      wtot = 0.5 * (sw * sw - sg);
+    } else {  // pairs i < j
+      wtot = 0.5 * (sw * sw - sw2);
+    }
+  }
   const double vscale = self ? 2.0 : 1.0;  // self: each unordered pair stands for (i, j) and (j, i)
   for (int s = 0; s < S; ++s) {
-    double acc = 0.0;
+    double kacc = 0.0, uacc = 0.0;
     for (int64_t p = 0; p < K; ++p) {
-      const double* v = vals.data() + (size_t(p) * size_t(S) + size_t(s)) * size_t(W);
-      for (int l = 0; l < W; ++l) acc += v[l];
+      const double* v = vals.data() + (size_t(p) * 2 * size_t(S) + size_t(s)) * size_t(W);
+      const double* u = v + size_t(S) * size_t(W);
+      for (int l = 0; l < W; ++l) {
+        kacc += v[l];
+        uacc += u[l];
+      }
     }
-    vals_out[size_t(s)] = vscale * acc;
+    vals_out[size_t(s)] = vscale * imq_pick_value(kacc, uacc, wtot);
   }
   if (grad) {
     double* g = gbuf.data_ptr<double>();

@@ -75,7 +75,7 @@ struct ImqRows {
 
   // One row against one column block.  `wj`: JB column weights (masked / zero padded), `gj`: (d+1) x JB
   // column-side float lanes, `gl`: (d+1) x W row-side float lanes (flushed into float64 every kImqRowFlush
-  // column blocks), `vals`: S x W float64 lane partials.
+  // column blocks), `vals`: 2 S x W float64 lane partials (sums of w w k, then of w w (1 - k)).
   static GMW_INLINE void row(const ImqCpuArgs<T>& A, const GroupV* gv, int64_t i, int64_t j0, const T* wj,
                              const T* mk, T* gj, T* gl, double* vals) {
     const int64_t d = A.d;
@@ -101,49 +101,64 @@ struct ImqRows {
     }
     const double wi = double(A.wa[i]);
 
+    // Values: K lanes at vals[s W], complement (U) lanes at vals[(S + s) W].
     for (int g = 0; g < A.ngroups; ++g) {
       const ImqGroup<T>& G = A.groups[g];
       const GroupV& Gv = gv[g];
       double* vs = vals + int64_t(G.s0) * W;
+      double* us = vals + int64_t(A.S + G.s0) * W;
       if (G.n == 3) {
-        V acc0 = V{}, acc1 = V{}, acc2 = V{};
+        V a0 = V{}, a1 = V{}, a2 = V{}, b0 = V{}, b1 = V{}, b2 = V{};
         for (int c = 0; c < NC; ++c) {
-          V k0, k1, k2;
-          imq_k3(D[c], Gv.inv, Gv.c0, Gv.c1, Gv.c2, k0, k1, k2);
-          acc0 += wv[c] * k0;
-          acc1 += wv[c] * k1;
-          acc2 += wv[c] * k2;
+          V k0, k1, k2, u0, u1, u2;
+          imq_ku3(D[c], Gv.inv, Gv.c0, Gv.c1, Gv.c2, k0, k1, k2, u0, u1, u2);
+          a0 += wv[c] * k0;
+          a1 += wv[c] * k1;
+          a2 += wv[c] * k2;
+          b0 += wv[c] * u0;
+          b1 += wv[c] * u1;
+          b2 += wv[c] * u2;
           if (GRAD) {
             imq_phi_psi_acc(k0, Gv.h0, Gv.q0, phi[c], psi[c]);
             imq_phi_psi_acc(k1, Gv.h1, Gv.q1, phi[c], psi[c]);
             imq_phi_psi_acc(k2, Gv.h2, Gv.q2, phi[c], psi[c]);
           }
         }
-        add_lanes(vs, acc0, wi);
-        add_lanes(vs + W, acc1, wi);
-        add_lanes(vs + 2 * W, acc2, wi);
+        add_lanes(vs, a0, wi);
+        add_lanes(vs + W, a1, wi);
+        add_lanes(vs + 2 * W, a2, wi);
+        add_lanes(us, b0, wi);
+        add_lanes(us + W, b1, wi);
+        add_lanes(us + 2 * W, b2, wi);
       } else if (G.n == 2) {
-        V acc0 = V{}, acc1 = V{};
+        V a0 = V{}, a1 = V{}, b0 = V{}, b1 = V{};
         for (int c = 0; c < NC; ++c) {
-          V k0, k1;
-          imq_k2(D[c], Gv.inv, Gv.c0, Gv.c1, k0, k1);
-          acc0 += wv[c] * k0;
-          acc1 += wv[c] * k1;
+          V k0, k1, u0, u1;
+          imq_ku2(D[c], Gv.inv, Gv.c0, Gv.c1, k0, k1, u0, u1);
+          a0 += wv[c] * k0;
+          a1 += wv[c] * k1;
+          b0 += wv[c] * u0;
+          b1 += wv[c] * u1;
           if (GRAD) {
             imq_phi_psi_acc(k0, Gv.h0, Gv.q0, phi[c], psi[c]);
             imq_phi_psi_acc(k1, Gv.h1, Gv.q1, phi[c], psi[c]);
           }
         }
-        add_lanes(vs, acc0, wi);
-        add_lanes(vs + W, acc1, wi);
+        add_lanes(vs, a0, wi);
+        add_lanes(vs + W, a1, wi);
+        add_lanes(us, b0, wi);
+        add_lanes(us + W, b1, wi);
       } else {
-        V acc0 = V{};
+        V a0 = V{}, b0 = V{};
         for (int c = 0; c < NC; ++c) {
-          const V k0 = imq_k1(D[c], Gv.inv, Gv.c0);
-          acc0 += wv[c] * k0;
+          V k0, u0;
+          imq_ku1(D[c], Gv.inv, Gv.c0, k0, u0);
+          a0 += wv[c] * k0;
+          b0 += wv[c] * u0;
           if (GRAD) imq_phi_psi_acc(k0, Gv.h0, Gv.q0, phi[c], psi[c]);
         }
-        add_lanes(vs, acc0, wi);
+        add_lanes(vs, a0, wi);
+        add_lanes(us, b0, wi);
       }
     }
     if (!GRAD) return;

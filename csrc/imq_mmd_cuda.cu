@@ -131,7 +131,7 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
     A.slot_i = slot_i.data_ptr<T>();
     A.slot_j = slot_j.data_ptr<T>();
   }
-  at::Tensor block_vals = at::empty({int64_t(nblocks) * S}, dev.dtype(at::kDouble));
+  at::Tensor block_vals = at::empty({int64_t(nblocks) * 2 * S}, dev.dtype(at::kDouble));
   A.block_vals = block_vals.data_ptr<double>();
 
   const size_t smem = smem_layout<T>(S, grad).bytes;
@@ -143,8 +143,8 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
     else launch_tiles<T, false, false>(A, nblocks, smem, stream);
   }
   const bool diag = self && !unbiased;
-  imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, nblocks, S, self ? 2.0 : 1.0, A.wa, N, diag,
-                                                       R.vals.data_ptr<double>());
+  imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, nblocks, S, self, unbiased, group, A.wa, N,
+                                                       A.wb, M, R.vals.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (grad) {
     const int fblocks = grad_finalize_blocks(self ? N : N + M, d, sms);

@@ -75,9 +75,9 @@ GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
   L.Lsum = o;
   o += 4 * kBT * sizeof(T);
   L.warp_part = o;
-  o += align_up(size_t(kWarps) * ng * sizeof(T), 16);
+  o += align_up(size_t(kWarps) * 2 * ng * sizeof(T), 16);
   L.val = o;
-  o += align_up(ng * sizeof(double), 16);
+  o += align_up(2 * ng * sizeof(double), 16);
   L.groups = o;
   o += align_up(ng * sizeof(ImqGroup<T>), 16);
   L.ngroups = o;
@@ -103,7 +103,7 @@ struct TileArgs {
   int PSI, PSJ;  // tiles per panel
   T* slot_i;  // [PJ][N][d + 1]: row-side partials (gradient ops)
   T* slot_j;  // [PI][M][d + 1]: column-side partials (gradient ops)
-  double* block_vals;  // [gridDim.x][S]
+  double* block_vals;  // [gridDim.x][2 S]: sums of w w k, then of w w (1 - k)
 };
 
 // Four consecutive elements of a shared tile row (16-byte aligned).
@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   int64_t* gJ = reinterpret_cast<int64_t*>(smem_raw + L.gJ);
   T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);  // [0] row sums of P, [1] column sums of P,
                                                       // [2] sum_j w_j Phi_ij, [3] sum_i w_i Phi_ij
-  T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps][S]
-  double* val = reinterpret_cast<double*>(smem_raw + L.val);  // [S] block accumulators
+  T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps][2 S]
+  double* val = reinterpret_cast<double*>(smem_raw + L.val);  // [2 S] block accumulators
   ImqGroup<T>* groups = reinterpret_cast<ImqGroup<T>*>(smem_raw + L.groups);
   int* ngroups_s = reinterpret_cast<int*>(smem_raw + L.ngroups);
 
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   const int64_t N = A.N, M = A.M, d = A.d;
 
   if (tid == 0) *ngroups_s = imq_make_groups<T>(A.bw, A.h, S, groups);
-  for (int s = tid; s < S; s += kThreads) val[s] = 0.0;
+  for (int s = tid; s < 2 * S; s += kThreads) val[s] = 0.0;
   __syncthreads();
   const int ng = *ngroups_s;
 
@@ -304,19 +304,24 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             psi[ii][jj] = T(0);
           }
       }
+      // Values: sums of w w k (a*) and of w w (1 - k) (b*) per bandwidth, see imq_pick_value.
       for (int g = 0; g < ng; ++g) {
         const ImqGroup<T>& G = groups[g];
-        T acc0 = T(0), acc1 = T(0), acc2 = T(0);
+        T a0 = T(0), a1 = T(0), a2 = T(0), b0 = T(0), b1 = T(0), b2 = T(0);
         if (G.n == 3) {
 #pragma unroll
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              T k0, k1, k2;
-              imq_k3(D[ii][jj], G.inv_ref, G.c[0], G.c[1], G.c[2], k0, k1, k2);
-              acc0 += wpair[ii][jj] * k0;
-              acc1 += wpair[ii][jj] * k1;
-              acc2 += wpair[ii][jj] * k2;
+              T k0, k1, k2, u0, u1, u2;
+              imq_ku3(D[ii][jj], G.inv_ref, G.c[0], G.c[1], G.c[2], k0, k1, k2, u0, u1, u2);
+              const T wp = wpair[ii][jj];
+              a0 += wp * k0;
+              a1 += wp * k1;
+              a2 += wp * k2;
+              b0 += wp * u0;
+              b1 += wp * u1;
+              b2 += wp * u2;
               if (GRAD) {
                 imq_phi_psi_acc(k0, G.h[0], G.q[0], phi[ii][jj], psi[ii][jj]);
                 imq_phi_psi_acc(k1, G.h[1], G.q[1], phi[ii][jj], psi[ii][jj]);
@@ -328,10 +333,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              T k0, k1;
-              imq_k2(D[ii][jj], G.inv_ref, G.c[0], G.c[1], k0, k1);
-              acc0 += wpair[ii][jj] * k0;
-              acc1 += wpair[ii][jj] * k1;
+              T k0, k1, u0, u1;
+              imq_ku2(D[ii][jj], G.inv_ref, G.c[0], G.c[1], k0, k1, u0, u1);
+              const T wp = wpair[ii][jj];
+              a0 += wp * k0;
+              a1 += wp * k1;
+              b0 += wp * u0;
+              b1 += wp * u1;
               if (GRAD) {
                 imq_phi_psi_acc(k0, G.h[0], G.q[0], phi[ii][jj], psi[ii][jj]);
                 imq_phi_psi_acc(k1, G.h[1], G.q[1], phi[ii][jj], psi[ii][jj]);
@@ -342,20 +350,37 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              const T k0 = imq_k1(D[ii][jj], G.inv_ref, G.c[0]);
-              acc0 += wpair[ii][jj] * k0;
+              T k0, u0;
+              imq_ku1(D[ii][jj], G.inv_ref, G.c[0], k0, u0);
+              a0 += wpair[ii][jj] * k0;
+              b0 += wpair[ii][jj] * u0;
               if (GRAD) imq_phi_psi_acc(k0, G.h[0], G.q[0], phi[ii][jj], psi[ii][jj]);
             }
         }
         // Warp partials (all lanes take part: the group loop and G.n are uniform across the block).
-        acc0 = warp_sum(acc0);
-        if (G.n > 1) acc1 = warp_sum(acc1);
-        if (G.n > 2) acc2 = warp_sum(acc2);
+        a0 = warp_sum(a0);
+        b0 = warp_sum(b0);
+        if (G.n > 1) {
+          a1 = warp_sum(a1);
+          b1 = warp_sum(b1);
+        }
+        if (G.n > 2) {
+          a2 = warp_sum(a2);
+          b2 = warp_sum(b2);
+        }
         if (lane == 0) {
-          T* wp = warp_part + warp * S + G.s0;
-          wp[0] = acc0;
-          if (G.n > 1) wp[1] = acc1;
-          if (G.n > 2) wp[2] = acc2;
+          T* wk = warp_part + warp * 2 * S + G.s0;
+          T* wu = wk + S;
+          wk[0] = a0;
+          wu[0] = b0;
+          if (G.n > 1) {
+            wk[1] = a1;
+            wu[1] = b1;
+          }
+          if (G.n > 2) {
+            wk[2] = a2;
+            wu[2] = b2;
+          }
         }
       }
       if (GRAD) {
@@ -375,10 +400,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       __syncthreads();
 
       // ---- L phase ----
-      if (tid < S) {
+      for (int s = tid; s < 2 * S; s += kThreads) {
         double v = 0.0;
-        for (int w = 0; w < kWarps; ++w) v += double(warp_part[w * S + tid]);
-        val[tid] += v;
+        for (int w = 0; w < kWarps; ++w) v += double(warp_part[w * 2 * S + s]);
+        val[s] += v;
       }
       if (GRAD) {
         const int which = tid >> 7;  // 0: P, 1: Phi
@@ -495,40 +520,67 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       }
     }
   }
-  // val[s] is only ever touched by thread s.
-  for (int s = tid; s < S; s += kThreads) A.block_vals[int64_t(blockIdx.x) * S + s] = val[s];
+  // val[s] is only ever touched by thread s (mod kThreads).
+  for (int s = tid; s < 2 * S; s += kThreads) A.block_vals[int64_t(blockIdx.x) * 2 * S + s] = val[s];
 }
 
-// values[s] = scale * sum_b block_vals[b][s] + (diag ? sum_i w_i^2 : 0), fixed summation order.
-template <class T>
-__global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* __restrict__ block_vals, int nblocks,
-                                                                  int S, double scale, const T* __restrict__ w,
-                                                                  int64_t n, bool diag, double* __restrict__ out) {
-  __shared__ double red[256];
+// Fixed-order sum over the 256 threads of a block (all threads call it; returns the total to every thread).
+__device__ __forceinline__ double block_sum256(double v, double* red) {
   const int tid = threadIdx.x;
-  double sw2 = 0.0;
-  if (diag) {
-    for (int64_t i = tid; i < n; i += 256) sw2 += double(w[i]) * double(w[i]);
-  }
-  red[tid] = sw2;
+  red[tid] = v;
   __syncthreads();
   for (int off = 128; off > 0; off >>= 1) {
     if (tid < off) red[tid] += red[tid + off];
     __syncthreads();
   }
-  const double dsum = red[0];
+  const double total = red[0];
   __syncthreads();
-  for (int s = 0; s < S; ++s) {
-    double v = 0.0;
-    for (int b = tid; b < nblocks; b += 256) v += block_vals[int64_t(b) * S + s];
-    red[tid] = v;
-    __syncthreads();
-    for (int off = 128; off > 0; off >>= 1) {
-      if (tid < off) red[tid] += red[tid + off];
-      __syncthreads();
+  return total;
+}
+
+// values[s] = scale * pick(K_s, U_s, W) + (diag ? sum_i w_i^2 : 0) with K_s, U_s the sums of the block
+// partials and W the exact (float64) total weight of the visited pairs (imq_pick_value); one block, fixed
+// summation order.
+template <class T>
+__global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* __restrict__ block_vals, int nblocks,
+                                                                  int S, bool self, bool unbiased, int64_t group,
+                                                                  const T* __restrict__ wa, int64_t n,
+                                                                  const T* __restrict__ wb, int64_t m,
+                                                                  double* __restrict__ out) {
+  __shared__ double red[256];
+  const int tid = threadIdx.x;
+  double sw = 0.0, sw2 = 0.0, sv = 0.0, sg = 0.0;
+  for (int64_t i = tid; i < n; i += 256) {
+    const double w = double(wa[i]);
+    sw += w;
+    sw2 += w * w;
+  }
+  if (!self) {
+    for (int64_t j = tid; j < m; j += 256) sv += double(wb[j]);
+  } else if (unbiased) {
+    for (int64_t g0 = int64_t(tid) * group; g0 < n; g0 += int64_t(256) * group) {
+      double s = 0.0;
+      for (int64_t i = g0; i < g0 + group && i < n; ++i) s += double(wa[i]);
+      sg += s * s;
     }
-    if (tid == 0) out[s] = scale * red[0] + dsum;
-    __syncthreads();
+  }
+  sw = block_sum256(sw, red);
+  sw2 = block_sum256(sw2, red);
+  sv = block_sum256(sv, red);
+  sg = block_sum256(sg, red);
+  // Self terms count the pairs i < j once (scale 2); the biased diagonal is added analytically.
+  const double wtot = !self ? sw * sv : (unbiased ? 0.5 * (sw * sw - sg) : 0.5 * (sw * sw - sw2));
+  const double scale = self ? 2.0 : 1.0;
+  const double diag = (self && !unbiased) ? sw2 : 0.0;
+  for (int s = 0; s < S; ++s) {
+    double k = 0.0, u = 0.0;
+    for (int b = tid; b < nblocks; b += 256) {
+      k += block_vals[int64_t(b) * 2 * S + s];
+      u += block_vals[int64_t(b) * 2 * S + S + s];
+    }
+    k = block_sum256(k, red);
+    u = block_sum256(u, red);
+    if (tid == 0) out[s] = scale * imq_pick_value(k, u, wtot) + diag;
   }
 }
 

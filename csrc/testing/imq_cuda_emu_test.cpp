@@ -116,7 +116,7 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
     A.slot_i = si.data();
     A.slot_j = sj.data();
   }
-  std::vector<double> block_vals(size_t(nblocks) * S, std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> block_vals(size_t(nblocks) * 2 * S, std::numeric_limits<double>::quiet_NaN());
   A.block_vals = block_vals.data();
   std::printf("    %s %s grad=%d: panels %dx%d (tiles/panel %d,%d), %d blocks\n", SELF ? "self" : "cross",
               sizeof(T) == 4 ? "f32" : "f64", int(GRAD), A.PI, A.PJ, A.PSI, A.PSJ, nblocks);
@@ -126,8 +126,8 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
   Outs r;
   r.vals.assign(S, std::numeric_limits<double>::quiet_NaN());
   const bool diag = SELF && !c.unbiased;
-  gmw_emu::launch(imq_values_finalize_kernel<T>, 1u, 256u, 0, (const double*)block_vals.data(), nblocks, S,
-                  SELF ? 2.0 : 1.0, (const T*)A.wa, c.N, diag, r.vals.data());
+  gmw_emu::launch(imq_values_finalize_kernel<T>, 1u, 256u, 0, (const double*)block_vals.data(), nblocks, S, SELF,
+                  c.unbiased, c.group, (const T*)A.wa, c.N, (const T*)A.wb, M, r.vals.data());
   if (GRAD) {
     std::vector<T> da(c.N * c.d, nan), dwa(c.N, nan), db(M * c.d, nan), dwb(M, nan);
     const int fb = grad_finalize_blocks(SELF ? c.N : c.N + M, c.d, c.sms);
