@@ -13,7 +13,8 @@
 //             shared memory k-major; each thread accumulates a 4 x 4 register tile of squared distances
 //             sum_k (a_ik - b_jk)^2 (direct differences, never the |a|^2 + |b|^2 - 2ab expansion).
 //   K phase   per-pair kernel values through csrc/imq_math.h (the CPU kernels use the same functions), value
-//             partials per bandwidth: 16 pairs per thread in registers, warp shuffle tree, per-warp slots in
+//             partials per bandwidth, both of w w k and of w w (1 - k) (the finalize keeps the more accurate
+//             one, imq_pick_value): 16 pairs per thread in registers, warp shuffle tree, per-warp slots in
 //             shared memory, added per tile in float64 into per-block accumulators (fixed order).
 //             Gradient ops also form P_ij = w_i w_j psi(D_ij) and Phi_ij = phi(D_ij) (masked) in shared memory.
 //   L phase   row/column sums of P and of the weighted Phi (one line per thread).
