@@ -70,8 +70,22 @@ struct CudaResult {
   at::Tensor da, dwa, db, dwb;  // compute dtype
 };
 
+// Largest dynamic shared memory a block may opt in to on a device (cached).
+int max_smem_optin(int device) {
+  static int cache[64] = {0};
+  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < 64) cache[device] = bytes;
+  return bytes;
+}
+
 template <class T, bool SELF, bool GRAD>
-void launch_tiles(const TileArgs<T>& A, int nblocks, size_t smem, cudaStream_t stream) {
+void launch_tiles(const TileArgs<T>& A, int nblocks, size_t smem, cudaStream_t stream, int device) {
+  const int limit = max_smem_optin(device);
+  TORCH_CHECK(smem <= size_t(limit), "gmwae_fast::imq_*: the CUDA kernel needs ", smem,
+              " bytes of shared memory per block, the device allows ", limit,
+              " (compute capability 8.0 or newer is required; float64 with many bandwidths needs the most)");
   auto kernel = imq_tiles_kernel<T, SELF, GRAD>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kernel<<<nblocks, kThreads, smem, stream>>>(A);
@@ -137,11 +151,11 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
 
   const size_t smem = smem_layout<T>(S, grad).bytes;
   if (self) {
-    if (grad) launch_tiles<T, true, true>(A, nblocks, smem, stream);
-    else launch_tiles<T, true, false>(A, nblocks, smem, stream);
+    if (grad) launch_tiles<T, true, true>(A, nblocks, smem, stream, a.get_device());
+    else launch_tiles<T, true, false>(A, nblocks, smem, stream, a.get_device());
   } else {
-    if (grad) launch_tiles<T, false, true>(A, nblocks, smem, stream);
-    else launch_tiles<T, false, false>(A, nblocks, smem, stream);
+    if (grad) launch_tiles<T, false, true>(A, nblocks, smem, stream, a.get_device());
+    else launch_tiles<T, false, false>(A, nblocks, smem, stream, a.get_device());
   }
   const bool diag = self && !unbiased;
   imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, nblocks, S, self, unbiased, group, A.wa, N,
