@@ -20,6 +20,10 @@ The build facts (cpu_compiled, cuda_compiled, cuda_arch_list, torch_version, ...
 module ``gmwae_fast/_build_config.py`` (ignored by git); the loaded library also exposes ``gmwae_fast._C.CUDA_COMPILED``,
 ``.CPU_ISA`` and ``.TORCH_VERSION``.
 
+CPU code: ``-O3 -ffp-contract=fast -fopenmp`` for the baseline ISA only; the AVX2+FMA and AVX-512 variants of the
+CPU kernels are compiled in the same translation unit under ``#pragma GCC target`` and chosen at run time from
+CPUID (the binary runs on any x86-64 CPU; ``GMWAE_FAST_CPU_ISA=generic|avx2|avx512`` caps the choice at run time).
+
 Install: ``pip install --no-build-isolation -e .`` (development) or ``pip install .``.
 """
 import glob
