@@ -80,7 +80,7 @@ __all__ = ["imq_self", "imq_cross", "imq_self_grad", "imq_cross_grad", "DEFAULTS
 #: ``min_tiles_per_program``: how far the column range of a row block is split over programs.
 DEFAULTS = {
     "values_block_i": 128,
-    "values_block_j": 32,
+    "values_block_j": 16,
     "grad_block_i": 64,
     "grad_block_j": 16,
     "block_d": 16,
@@ -88,7 +88,8 @@ DEFAULTS = {
     "programs_per_sm": 4,
     "min_tiles_per_program": 4,
     # float64 points: doubles take two registers; smaller tiles keep the kernels from spilling as much
-    "values_block_j_f64": 16,
+    "values_block_j_f64": 8,
+    "grad_block_j_f64": 8,
     "block_g_f64": 32,
 }
 
@@ -179,13 +180,39 @@ def _update_center(d0, dsw, dist, wmat, wa):
         aw = tl.abs(wmat * wa[None, :])
         sw = tl.sum(tl.sum(aw, axis=0), axis=0)
         swd = tl.sum(tl.sum(aw * dist, axis=0), axis=0)
-        d0 = tl.where(sw > 0, tl.maximum(swd / tl.where(sw > 0, sw, 1.0), 0.0), 0.0)
+        d0 = swd / tl.where(sw > 0, sw, 1.0)
+        d0 = tl.where((sw > 0) & (d0 >= 0.0) & (d0 <= 1e30), d0, 0.0)   # not finite (inf / NaN points): no centring
         dsw = sw
     return d0, dsw
 
 
 @triton.jit
-def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S: tl.constexpr):
+def _tile_split(dist, d0, wmat, wm64, wa):
+    """Centring data of a tile (see the module docstring). Pairs with ``D <= 4 D0`` ("near": there
+    ``|kappa ic (D0 - D)| <= 3`` for every bandwidth) are summed centred; the others ("far", outliers) directly.
+
+    Returns ``wn2 = w (D0 - D)^2`` on near pairs and ``wf = w`` on far pairs (compute dtype, ``w = wb_j wa_i``
+    with the tile's masks), and per row, in float64, ``sum_j wb_j`` and ``sum_j wb_j (D0 - D_ij)`` over near pairs."""
+    near = dist <= 4.0 * d0
+    w = wmat * wa[None, :]
+    e = d0 - dist
+    wn2 = tl.where(near, w * (e * e), 0.0)   # (select after the product: an infinite far D gives no 0 * inf)
+    wf = tl.where(near, 0.0, w)
+    wrow = tl.sum(tl.where(near, wm64, 0.0), axis=0)
+    a1row = tl.sum(tl.where(near, wm64 * (d0.to(tl.float64) - dist.to(tl.float64)), 0.0), axis=0)
+    return wn2, wf, wrow, a1row
+
+
+@triton.jit
+def _tile_t(k, wn2, wf, cp64, d0):
+    """Per row, float64: ``T_near + (C' + D0)^2 F_far`` for one bandwidth (``C' = 1 / ic``; the factor turns the
+    direct far sum ``F = sum_j wf k`` into the units of ``T = sum_j wn2 k``), both summed inside each thread."""
+    s2 = cp64 + d0.to(tl.float64)
+    return tl.sum(wn2 * k, axis=0).to(tl.float64) + (s2 * s2) * tl.sum(wf * k, axis=0).to(tl.float64)
+
+
+@triton.jit
+def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S):
     """``sum w k = kappa (W + kappa ic (A1 + ic T))`` per bandwidth, float64 (see the module docstring)."""
     t = tl.sum(acc_t, axis=1)
     w = tl.sum(wa64 * wrow, axis=0)
@@ -196,9 +223,9 @@ def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S: tl.constexpr)
 
 
 @triton.jit
-def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_ptr,
-                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog,
-                       S: tl.constexpr, SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr,
+def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr, part_ptr, scratch_ptr,
+                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog, S,
+                       SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                        S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
@@ -215,9 +242,12 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_p
         col_lo = tl.maximum(col_lo, (row0 // BLOCK_J) * BLOCK_J)   # upper triangle j >= i only
     wa = tl.load(wa_ptr + rows)
     wa64 = wa.to(tl.float64)
-    acc_t = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float64)   # per row and bandwidth: sum_j w e^2 k
-    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j
-    a1row = tl.zeros([BLOCK_I], dtype=tl.float64)          # per row: sum_j w_j (D0 - D_ij)
+    # per row and bandwidth: T (near + scaled far) in a float64 scratch row owned by this program (zeroed by the
+    # host): a register array indexed by a runtime bandwidth would cost a select per element, an unrolled bandwidth
+    # loop spills; each thread only ever touches its own rows (no races, fixed order)
+    t_rows = scratch_ptr + ((pid_i * num_z + pid_z) * S).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j over near pairs
+    a1row = tl.zeros([BLOCK_I], dtype=tl.float64)          # per row: sum_j w_j (D0 - D_ij) over near pairs
     d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
     dsw = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
     for n0 in range(col_lo, col_hi, BLOCK_J):
@@ -228,24 +258,24 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, part_p
         wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, SELF, UNBIASED, UNBIASED,
                                    BLOCK_J, BLOCK_I, CDT)
         d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
-        wrow += tl.sum(wm64, axis=0)
-        a1row += tl.sum(wm64 * (d0.to(tl.float64) - dist.to(tl.float64)), axis=0)
-        e = d0 - dist
-        wdd2 = (wmat * wa[None, :]) * (e * e)
-        for s in tl.static_range(S):
+        wn2, wf, wrow_t, a1row_t = _tile_split(dist, d0, wmat, wm64, wa)
+        wrow += wrow_t
+        a1row += a1row_t
+        for s in range(S):
             ic = tl.load(inv_ptr + s)
             k = _rcp(dist * ic + 1.0, FAST_RCP)   # the one reciprocal per pair and bandwidth
-            t = tl.sum(wdd2 * k, axis=0).to(tl.float64)
-            acc_t = tl.where(sidx[:, None] == s, acc_t + t[None, :], acc_t)
+            t_p = t_rows + s * BLOCK_I
+            tl.store(t_p, tl.load(t_p) + _tile_t(k, wn2, wf, tl.load(cp_ptr + s), d0))
+    acc_t = tl.load(t_rows[None, :] + sidx[:, None] * BLOCK_I, mask=(sidx < S)[:, None], other=0.0)
     vals = _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S)
     tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals)
 
 
 @triton.jit
-def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr, inv_ptr, h_ptr, hc_ptr,
-                        part_ptr, da_ptr, dwa_ptr,
-                        n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale, cols_per_prog,
-                        S: tl.constexpr, MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
+def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr, inv_ptr, cp_ptr, hc_ptr,
+                        part_ptr, scratch_ptr, da_ptr, dwa_ptr,
+                        n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale, cols_per_prog, S,
+                        MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
                         FAST_RCP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, G_LOOP: tl.constexpr, S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
@@ -264,10 +294,14 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
     wa = tl.load(wa_ptr + rows)
     wa64 = wa.to(tl.float64)
 
-    acc_t = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float64)
+    # per row and bandwidth T sums live in a float64 scratch row owned by this program (zeroed by the host): a
+    # register array indexed by a runtime bandwidth would cost a select per element, an unrolled bandwidth loop
+    # spills; each thread only ever touches its own rows (no races, fixed order)
+    t_rows = scratch_ptr + (pid_z * S).to(tl.int64) * n_pad + rows
+    first = pid_g == 0   # only the first feature chunk of a row block does the values
     wrow = tl.zeros([BLOCK_I], dtype=tl.float64)
     a1row = tl.zeros([BLOCK_I], dtype=tl.float64)
-    sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)   # sum_j w_j (D0 - D_ij) phi_c,ij
+    sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)   # sum_j w_j phi_ij
     sum_psi = tl.zeros([BLOCK_I], dtype=tl.float64)   # -sum_j w_j psi_ij
     acc_g = tl.zeros([BLOCK_G, BLOCK_I], dtype=CDT)   # [g, i]: -sum_j w_j psi_ij (b_jg - c_g)
     d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
@@ -279,31 +313,27 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
         dist = _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad, BLOCK_J, BLOCK_I, BLOCK_D, CDT)
         wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, False, MASK_GROUPS, True,
                                    BLOCK_J, BLOCK_I, CDT)
-        d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
-        wrow += tl.sum(wm64, axis=0)
-        e = d0 - dist
         if WITH_VALUES:
-            a1row += tl.sum(wm64 * (d0.to(tl.float64) - dist.to(tl.float64)), axis=0)
-            wdd2 = (wmat * wa[None, :]) * (e * e)
-        # phi = phi0 + (D0 - D) phi_c with phi0 = sum_s h_s kappa_s (float64, at the end) and
-        # phi_c = sum_s h_s kappa_s ic_s k_s; -psi = sum_s h_s ic_s k_s^2
-        phi_c = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
+            d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
+            wn2, wf, wrow_t, a1row_t = _tile_split(dist, d0, wmat, wm64, wa)
+            wrow += wrow_t
+            a1row += a1row_t
+        # phi = sum_s h_s k_s and -psi = sum_s h_s ic_s k_s^2 (their sums over j are gradients, stored in the
+        # compute dtype: summed directly)
+        phi = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
         npsi = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
-        # (n0 >= m_pad) is always 0: it keeps the per-bandwidth scalar loads inside the loop, so the compiler
-        # does not hoist 2 S loop-invariant scalars into registers for the whole loop (register pressure)
-        s_off = (n0 >= m_pad).to(tl.int32)
-        for s in tl.static_range(S):
-            ic = tl.load(inv_ptr + s + s_off)
-            hic = tl.load(hc_ptr + s + s_off) * ic       # h_s ic_s (compute dtype)
-            kap = _rcp(d0 * ic + 1.0, FAST_RCP)          # kappa_s in the compute dtype: only scales phi_c
+        for s in range(S):
+            ic = tl.load(inv_ptr + s)
+            hs = tl.load(hc_ptr + s)                     # h_s (compute dtype)
             k = _rcp(dist * ic + 1.0, FAST_RCP)   # the one reciprocal per pair and bandwidth, for k and k'
-            phi_c += (hic * kap) * k
-            t = hic * k
+            phi += hs * k
+            t = (hs * ic) * k
             npsi += t * k
             if WITH_VALUES:
-                tv = tl.sum(wdd2 * k, axis=0).to(tl.float64)
-                acc_t = tl.where(sidx[:, None] == s, acc_t + tv[None, :], acc_t)
-        sum_phi += tl.sum(wmat * e * phi_c, axis=0).to(tl.float64)
+                t_p = t_rows + s * n_pad
+                tl.store(t_p, tl.load(t_p, mask=first, other=0.0) + _tile_t(k, wn2, wf, tl.load(cp_ptr + s), d0),
+                         mask=first)
+        sum_phi += tl.sum(wmat * phi, axis=0).to(tl.float64)
         p = wmat * npsi
         sum_psi += tl.sum(p, axis=0).to(tl.float64)
         # sum_j p_ji (b_jg - c_g) for this program's features g, inside each thread (c: the host's common shift)
@@ -313,14 +343,10 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
             acc_g = tl.where(gidx[:, None] == g, acc_g + tl.sum(p * bv[:, None], axis=0)[None, :], acc_g)
             bs_p += m_pad
 
-    ic_all = tl.load(inv_ptr + sidx, mask=sidx < S, other=0.0).to(tl.float64)
-    h_all = tl.load(h_ptr + sidx, mask=sidx < S, other=0.0)
-    phi0 = tl.sum(h_all / (1.0 + d0.to(tl.float64) * ic_all), axis=0)
-    first = pid_g == 0
     rmask = rows < n_rows
     # outputs of split z at da[z], dwa[z] (the final tensors when there is one split, else float workspaces)
     z_off = pid_z.to(tl.int64) * n_rows
-    tl.store(dwa_ptr + z_off + rows, ((phi0 * wrow + sum_phi) * dw_scale).to(dwa_ptr.dtype.element_ty),
+    tl.store(dwa_ptr + z_off + rows, (sum_phi * dw_scale).to(dwa_ptr.dtype.element_ty),
              mask=rmask & first)
     # da_i = da_scale * w_i * sum_j w_j psi_ij (a_i - b_j) = da_scale * w_i * (acc_g - (a_i - c) * sum_psi)
     gcols = g0 + gidx
@@ -331,6 +357,7 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
     tl.store(da_ptr + (z_off + rows[None, :]) * n_feat + gcols[:, None], grad.to(CDT).to(da_ptr.dtype.element_ty),
              mask=rmask[None, :] & (gcols < n_feat)[:, None])
     if WITH_VALUES:
+        acc_t = tl.load(t_rows[None, :] + sidx[:, None] * n_pad, mask=(sidx < S)[:, None], other=0.0)
         vals = _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S)
         tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals, mask=first)
 
@@ -434,11 +461,9 @@ class _Config:
     """Validated launch configuration of one kernel call."""
 
     def __init__(self, kind: str, block_i, block_j, num_warps, col_splits, f64: bool = False):
-        default_j = DEFAULTS[f"{kind}_block_j"]
-        if f64 and kind == "values":
-            default_j = DEFAULTS["values_block_j_f64"]
+        default_j = DEFAULTS[f"{kind}_block_j_f64" if f64 else f"{kind}_block_j"]
         bi = _pow2("block_i", DEFAULTS[f"{kind}_block_i"] if block_i is None else block_i, 32)
-        bj = _pow2("block_j", default_j if block_j is None else block_j, 16)
+        bj = _pow2("block_j", default_j if block_j is None else block_j, 1)
         if bj > bi:
             raise ValueError(f"block_j ({bj}) must not exceed block_i ({bi})")
         self.block_i, self.block_j = bi, bj
@@ -504,9 +529,11 @@ def _shifted(x: torch.Tensor, c: torch.Tensor, n_pad: int, g_pad: int, cdt: torc
     return xs
 
 
-def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    """``1 / C_s`` in the compute dtype (the kernels evaluate ``k = 1 / (1 + D / C)``)."""
-    return torch.reciprocal(bw).to(cdt)
+def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ic = 1 / C_s`` in the compute dtype (the kernels evaluate ``k = 1 / (1 + D ic)``), and the bandwidths that
+    this amounts to, ``C' = 1 / ic``, in float64."""
+    ic = torch.reciprocal(bw).to(cdt)
+    return ic, torch.reciprocal(ic.to(torch.float64))
 
 
 def _roundup(x: int, m: int) -> int:
@@ -535,10 +562,11 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Con
     splits, tiles = _col_chunks(a.device, row_blocks, m_cols // bj, cfg.col_splits)
     s_pad = _s_pad(S)
     part = torch.empty(row_blocks * splits, s_pad, dtype=torch.float64, device=a.device)
+    scratch = torch.zeros(row_blocks * splits * S * bi, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
         _imq_values_kernel[(row_blocks, splits)](
-            aT, wap, bT, wbp, wb64, _inv_bw(bw, cdt), part, n_pad, m_pad, m_cols, d_pad, group, tiles * bj,
-            S=S, SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt),
+            aT, wap, bT, wbp, wb64, *_inv_bw(bw, cdt), part, scratch, n_pad, m_pad, m_cols, d_pad, group, tiles * bj, S,
+            SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
     return part[:, :S].sum(dim=0)
 
@@ -578,11 +606,13 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
         dwa_out = torch.empty(splits, N, dtype=torch.float64, device=a.device)
     s_pad = _s_pad(S)
     part = torch.empty(row_blocks * splits if with_values else 1, s_pad, dtype=torch.float64, device=a.device)
+    # per (split, bandwidth, row) float64 sums of the values (written by the first feature chunk only)
+    scratch = torch.zeros(splits * S * n_pad if with_values else 1, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
         _imq_rowpass_kernel[(row_blocks, d_chunks, splits)](
-            aT, wap, bT, wbp, wb64, aS, bS, _inv_bw(bw, cdt), h, h.to(cdt), part, da_out, dwa_out,
-            N, d, n_pad, m_pad, m_cols, d_pad, group, float(dw_scale), float(da_scale), tiles * bj,
-            S=S, MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
+            aT, wap, bT, wbp, wb64, aS, bS, *_inv_bw(bw, cdt), h.to(cdt), part, scratch, da_out, dwa_out,
+            N, d, n_pad, m_pad, m_cols, d_pad, group, float(dw_scale), float(da_scale), tiles * bj, S,
+            MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, BLOCK_G=bg, G_LOOP=g_loop, S_PAD=s_pad, num_warps=cfg.num_warps)
     values = part[:, :S].sum(dim=0) if with_values else None
     if splits == 1:
