@@ -37,25 +37,28 @@ Per-pair math (compute dtype: float32, float64 for float64 points)
 -----------------------------------------------------------------
 * Distances are built in registers feature by feature, ``D += (b_jk - a_ik)^2`` (loop over ``d`` in steps of the
   constexpr ``BLOCK_D``, unrolled); the ``|a|^2 + |b|^2 - 2ab`` expansion is never used.
-* All bandwidths are evaluated on the same register tile (loop over the constexpr ``S``, unrolled, ``1 / C_s``
-  loaded as a scalar), one reciprocal per pair and bandwidth: ``k = 1 / (1 + D * ic)``, ``ic = 1 / C_s`` rounded
-  once to the compute dtype, reused for ``k`` and ``k' = -ic k^2`` in the gradient pass. On CUDA the float32
-  reciprocal is a single ``rcp.approx.ftz.f32`` (one MUFU op; its <= 1 ulp error only touches the small centred
-  part below). (``C + D`` would be rounded at the binade of ``D`` with the fixed low bits of ``C``, a bias that does
-  not average out; ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth
-  ``1 / ic``, within 6e-8 of ``C_s``, the same in every term, so the MMD combination is unaffected.)
+* All bandwidths are evaluated on the same register tile (runtime loop over ``S``, ``1 / C_s`` loaded as a scalar),
+  one reciprocal per pair and bandwidth: ``k = 1 / (1 + D * ic)``, ``ic = 1 / C_s`` rounded once to the compute
+  dtype, reused for ``k`` and ``k' = -ic k^2`` in the gradient pass. On CUDA the float32 reciprocal is a single
+  ``rcp.approx.ftz.f32`` (one MUFU op; its <= 1 ulp error only touches the small centred part below). (``C + D``
+  would be rounded at the binade of ``D`` with the fixed low bits of ``C``, a bias that does not average out;
+  ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth ``C' = 1 / ic``, within
+  6e-8 of ``C_s``, the same in every term, so the MMD combination is unaffected.)
 * Centring, for float64-grade sums of float32 pairs: with a reference distance ``D0`` per program (weighted mean
   of its first tile), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
-  ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. The pair-weight total ``W`` and ``A1 = sum w e`` are formed in
-  float64 (once per tile, not per bandwidth); only ``T = sum w e^2 k`` is summed from compute-dtype pairs (over
-  ``j`` inside a thread, then float64 across tiles and threads), and it enters multiplied by the small
+  ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. For the pairs with ``D <= 4 D0`` (where
+  ``|kappa ic e| <= 3``), the pair-weight total ``W`` and ``A1 = sum w e`` are formed in float64 (once per tile,
+  not per bandwidth), and only ``T = sum w e^2 k`` is summed from compute-dtype pairs (over ``j`` inside a thread,
+  then float64 across tiles in a per-row scratch and across threads); it enters multiplied by the small
   ``kappa^2 ic^2``: ``sum w k = kappa (W + kappa ic (A1 + ic T))``. Rounding of ``k`` then only touches the small
   part: float32 inputs reach a few 1e-6 relative error on ``MMD2 = self_x/den + self_y/den - 2 cross`` even when
-  it is ~1e-6 (``C / (C + D)`` summed per tile in float32 measured up to 3e-4 on the same data). The gradient pass
-  centres ``phi = sum_s h_s k_s`` to first order the same way (``dwa``).
+  it is ~1e-6 (``C / (C + D)`` summed per tile in float32 measured up to 3e-4 on the same data). Pairs beyond
+  ``4 D0`` (outliers, where the expansion would amplify rounding by ``(kappa ic e)^2``) are summed directly,
+  ``F = sum w k``, and enter ``T`` as ``(C' + D0)^2 F``. The gradient sums (``phi``, ``psi``) are stored in the
+  compute dtype and are summed directly.
 
-Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100 from the generated SASS; not
-yet timed on one) and can be overridden per call with the keyword-only ``block_i``, ``block_j``, ``num_warps`` and
+Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100 from the generated SASS: no
+register spills for float32 at S = 15, d = 64; not yet timed on one) and can be overridden per call with the keyword-only ``block_i``, ``block_j``, ``num_warps`` and
 ``col_splits`` arguments of every launcher.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
