@@ -44,8 +44,9 @@ Per-pair math (compute dtype: float32, float64 for float64 points)
   would be rounded at the binade of ``D`` with the fixed low bits of ``C``, a bias that does not average out;
   ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth ``C' = 1 / ic``, within
   6e-8 of ``C_s``, the same in every term, so the MMD combination is unaffected.)
-* Centring, for float64-grade sums of float32 pairs: with a reference distance ``D0`` per program (weighted mean
-  of its first tile), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
+* Centring, for float64-grade sums of float32 pairs: with a reference distance ``D0`` (the host's weighted mean
+  of all pair distances, computed in O((N + M) d) and rounded to 8 significant bits so that ``D0 - D`` rounds
+  without bias), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
   ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. For the pairs with ``D <= 4 D0`` (where
   ``|kappa ic e| <= 3``), the pair-weight total ``W`` and ``A1 = sum w e`` are formed in float64 (once per tile,
   not per bandwidth), and only ``T = sum w e^2 k`` is summed from compute-dtype pairs (over ``j`` inside a thread,
@@ -67,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -176,20 +178,6 @@ def _tile_weights(wb, wb64, rows, cols, group, row_hi,
 
 
 @triton.jit
-def _update_center(d0, dsw, dist, wmat, wa):
-    """Reference distance of a program: the ``|w|``-weighted mean of the first tile that has weight. Earlier tiles
-    weigh nothing, so every contribution is centred on the same ``d0``."""
-    if dsw == 0.0:
-        aw = tl.abs(wmat * wa[None, :])
-        sw = tl.sum(tl.sum(aw, axis=0), axis=0)
-        swd = tl.sum(tl.sum(aw * dist, axis=0), axis=0)
-        d0 = swd / tl.where(sw > 0, sw, 1.0)
-        d0 = tl.where((sw > 0) & (d0 >= 0.0) & (d0 <= 1e30), d0, 0.0)   # not finite (inf / NaN points): no centring
-        dsw = sw
-    return d0, dsw
-
-
-@triton.jit
 def _tile_split(dist, d0, wmat, wm64, wa):
     """Centring data of a tile (see the module docstring). Pairs with ``D <= 4 D0`` ("near": there
     ``|kappa ic (D0 - D)| <= 3`` for every bandwidth) are summed centred; the others ("far", outliers) directly.
@@ -227,7 +215,7 @@ def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S):
 
 @triton.jit
 def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr, part_ptr, scratch_ptr,
-                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog, S,
+                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog, S, d0_arg,
                        SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                        S_PAD: tl.constexpr):
@@ -251,8 +239,7 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr
     t_rows = scratch_ptr + ((pid_i * num_z + pid_z) * S).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j over near pairs
     a1row = tl.zeros([BLOCK_I], dtype=tl.float64)          # per row: sum_j w_j (D0 - D_ij) over near pairs
-    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
-    dsw = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
+    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0) + d0_arg   # centring distance (host: mean distance, as float32)
     for n0 in range(col_lo, col_hi, BLOCK_J):
         cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
         wb = tl.load(wb_ptr + cols)
@@ -260,7 +247,6 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr
         dist = _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad, BLOCK_J, BLOCK_I, BLOCK_D, CDT)
         wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, SELF, UNBIASED, UNBIASED,
                                    BLOCK_J, BLOCK_I, CDT)
-        d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
         wn2, wf, wrow_t, a1row_t = _tile_split(dist, d0, wmat, wm64, wa)
         wrow += wrow_t
         a1row += a1row_t
@@ -278,6 +264,7 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr
 def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr, inv_ptr, cp_ptr, hc_ptr,
                         part_ptr, scratch_ptr, da_ptr, dwa_ptr,
                         n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale, cols_per_prog, S,
+                        d0_arg,
                         MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
                         FAST_RCP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, G_LOOP: tl.constexpr, S_PAD: tl.constexpr):
@@ -307,8 +294,7 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
     sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)   # sum_j w_j phi_ij
     sum_psi = tl.zeros([BLOCK_I], dtype=tl.float64)   # -sum_j w_j psi_ij
     acc_g = tl.zeros([BLOCK_G, BLOCK_I], dtype=CDT)   # [g, i]: -sum_j w_j psi_ij (b_jg - c_g)
-    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
-    dsw = tl.sum(tl.zeros([1], dtype=CDT), axis=0)
+    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0) + d0_arg   # centring distance (host: mean distance, as float32)
     for n0 in range(col_lo, col_hi, BLOCK_J):
         cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
         wb = tl.load(wb_ptr + cols)
@@ -317,7 +303,6 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr
         wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, False, MASK_GROUPS, True,
                                    BLOCK_J, BLOCK_I, CDT)
         if WITH_VALUES:
-            d0, dsw = _update_center(d0, dsw, dist, wmat, wa)
             wn2, wf, wrow_t, a1row_t = _tile_split(dist, d0, wmat, wm64, wa)
             wrow += wrow_t
             a1row += a1row_t
@@ -539,6 +524,26 @@ def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Ten
     return ic, torch.reciprocal(ic.to(torch.float64))
 
 
+def _mean_sq_distance(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor) -> float:
+    """Reference distance ``D0`` of the centring: the ``|w|``-weighted mean of ``||a_i - b_j||^2`` over all pairs,
+    ``E|a - c|^2 + E|b - c|^2`` with ``c`` the weighted mean of ``a`` (float64, O((N + M) d)), rounded to 8
+    significant bits (exact in every dtype: the kernels use the same value in the compute dtype and in float64).
+    0 when not finite or without weight."""
+    ua, ub = wa.abs().to(torch.float64), wb.abs().to(torch.float64)
+    sa, sb = ua.sum(), ub.sum()
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    c = (ua @ a64) / sa
+    d0 = (ua @ ((a64 - c) ** 2).sum(1)) / sa + (ub @ ((b64 - c) ** 2).sum(1)) / sb
+    d0 = float(d0)
+    if not (0.0 < d0 < 1e30):   # also NaN (no weight, non-finite points) -> 0: no centring
+        return 0.0
+    # 8 significant bits: then D0 - D is exact in float32 whenever D >= D0 (D is a multiple of the ulp of the
+    # difference, and so is D0); with D0's full mantissa that difference would round D0's fixed low bits away, the
+    # same way for every D of a binade: a bias that does not average out
+    m, ex = math.frexp(d0)
+    return math.ldexp(round(m * 256.0), ex - 8)
+
+
 def _roundup(x: int, m: int) -> int:
     return triton.cdiv(x, m) * m
 
@@ -569,6 +574,7 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Con
     with _device_guard(a.device):
         _imq_values_kernel[(row_blocks, splits)](
             aT, wap, bT, wbp, wb64, *_inv_bw(bw, cdt), part, scratch, n_pad, m_pad, m_cols, d_pad, group, tiles * bj, S,
+            _mean_sq_distance(a, wa, b, wb),
             SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
     return part[:, :S].sum(dim=0)
@@ -615,6 +621,7 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
         _imq_rowpass_kernel[(row_blocks, d_chunks, splits)](
             aT, wap, bT, wbp, wb64, aS, bS, *_inv_bw(bw, cdt), h.to(cdt), part, scratch, da_out, dwa_out,
             N, d, n_pad, m_pad, m_cols, d_pad, group, float(dw_scale), float(da_scale), tiles * bj, S,
+            _mean_sq_distance(a, wa, b, wb) if with_values else 0.0,
             MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, BLOCK_G=bg, G_LOOP=g_loop, S_PAD=s_pad, num_warps=cfg.num_warps)
     values = part[:, :S].sum(dim=0) if with_values else None
