@@ -31,18 +31,7 @@ from torch import Tensor
 import gmwae_fast
 from gmwae_fast import reference
 
-PROVIDERS = ("per_bandwidth", "vectorised", "compiled", "keops", "fused_triton", "fused_cuda", "fused_cpu")
-BASELINES = ("per_bandwidth", "vectorised", "compiled", "keops")
-FUSED = ("fused_triton", "fused_cuda", "fused_cpu")
-LABELS = {
-    "per_bandwidth": "per-bandwidth (eager)",
-    "vectorised": "vectorised (eager)",
-    "compiled": "torch.compile(vectorised)",
-    "keops": "KeOps LazyTensor",
-    "fused_triton": "fast_imq_mmd triton",
-    "fused_cuda": "fast_imq_mmd cuda",
-    "fused_cpu": "fast_imq_mmd cpu",
-}
+from _names import BASELINES, FUSED, LABELS, PROVIDERS  # noqa: E402,F401
 
 #: Peak bytes of the materialised baselines, in units of ``n * m * S * element size`` (measured with eager
 #: PyTorch: per_bandwidth keeps ~5 matrices per bandwidth for the backward; vectorised holds ``C + D`` and

@@ -26,18 +26,9 @@ from typing import Iterable, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results")
 
-PROVIDER_ORDER = ("per_bandwidth", "vectorised", "compiled", "keops", "fused_triton", "fused_cuda", "fused_cpu")
-BASELINES = ("per_bandwidth", "vectorised", "compiled", "keops")
-FUSED = ("fused_triton", "fused_cuda", "fused_cpu")
-LABELS = {
-    "per_bandwidth": "per-bandwidth (eager)",
-    "vectorised": "vectorised (eager)",
-    "compiled": "torch.compile",
-    "keops": "KeOps",
-    "fused_triton": "fused triton",
-    "fused_cuda": "fused cuda",
-    "fused_cpu": "fused cpu",
-}
+sys.path.insert(0, HERE)
+from _names import BASELINES, FUSED, PROVIDERS as PROVIDER_ORDER, SHORT_LABELS as LABELS  # noqa: E402
+
 SKIP_LABEL = {"too-large": "too large", "oom": "OOM", "too-slow": "too slow", "unavailable": "n/a",
               "error": "error"}
 
