@@ -157,12 +157,14 @@ struct IsaFns {
   void (*self_grad)(const ImqCpuArgs<T>&, int64_t, int64_t, const ImqCpuPart&);
   void (*cross_val)(const ImqCpuArgs<T>&, int64_t, int64_t, const ImqCpuPart&);
   void (*cross_grad)(const ImqCpuArgs<T>&, int64_t, int64_t, const ImqCpuPart&);
+  void (*cross_grad_rows)(const ImqCpuArgs<T>&, int64_t, int64_t, const ImqCpuPart&);  // no column side
 };
 
 #define GMW_ISA_FNS(NS, T)                                                                              \
   IsaFns<T> {                                                                                           \
     &NS::scratch_bytes<T>, &NS::lanes<T>, &NS::col_block<T>, &NS::run_rows<T, true, false>,            \
-        &NS::run_rows<T, true, true>, &NS::run_rows<T, false, false>, &NS::run_rows<T, false, true>    \
+        &NS::run_rows<T, true, true>, &NS::run_rows<T, false, false>, &NS::run_rows<T, false, true>,   \
+        &NS::run_rows<T, false, true, false>                                                            \
   }
 
 template <class T>
@@ -188,8 +190,9 @@ std::vector<double> host_doubles(const at::Tensor& t) {
 
 // The core: values (S doubles) and, when grad, the (rows x (d + 1)) float64 gradient buffer.
 //   a: N x d and b: M x d in the compute type T (contiguous); b undefined for self.
+//   b_grad (cross only): also the gradients of the column points b (rows = N + M), else rows = N.
 template <class T>
-void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
+void imq_cpu_run(bool self, bool grad, bool b_grad, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
                  const at::Tensor& wb, const std::vector<double>& bw, const std::vector<double>* h,
                  int64_t group, bool unbiased, std::vector<double>& vals_out, at::Tensor* grad_out) {
   const IsaFns<T> fns = isa_fns<T>();
@@ -199,7 +202,7 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
   const at::Tensor& wbb = self ? wa : wb;
   const int64_t M = bb.size(0);
   const int S = int(bw.size());
-  const int64_t rows = self ? N : N + M;
+  const int64_t rows = (self || !b_grad) ? N : N + M;
   const auto opts = a.options().dtype(at::kDouble);
 
   vals_out.assign(size_t(S), 0.0);
@@ -258,7 +261,8 @@ void imq_cpu_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa
   std::vector<char> scr(size_t(K) * scratch);
   at::Tensor gbuf;
   if (grad) gbuf = at::zeros({K, rows, d + 1}, opts);
-  auto fn = self ? (grad ? fns.self_grad : fns.self_val) : (grad ? fns.cross_grad : fns.cross_val);
+  auto fn = self ? (grad ? fns.self_grad : fns.self_val)
+                 : (grad ? (b_grad ? fns.cross_grad : fns.cross_grad_rows) : fns.cross_val);
 
   std::atomic<int64_t> next_part{0};
   at::parallel_for(0, std::min<int64_t>(nthreads, K), 1, [&](int64_t, int64_t) {
@@ -341,7 +345,7 @@ struct ImqCpuResult {
   at::Tensor grad;  // rows x (d + 1) float64
 };
 
-ImqCpuResult imq_cpu(bool grad, const at::Tensor& a_in, const at::Tensor& wa_in, const at::Tensor* b_in,
+ImqCpuResult imq_cpu(bool grad, bool b_grad, const at::Tensor& a_in, const at::Tensor& wa_in, const at::Tensor* b_in,
                      const at::Tensor* wb_in, const at::Tensor& bw_in, const at::Tensor* h_in, int64_t group,
                      bool unbiased) {
   const at::ScalarType ct =
@@ -363,10 +367,10 @@ ImqCpuResult imq_cpu(bool grad, const at::Tensor& a_in, const at::Tensor& wa_in,
 
   ImqCpuResult r;
   if (ct == at::kDouble) {
-    imq_cpu_run<double>(!b_in, grad, a, wa, b, wb, bw, h_in ? &h : nullptr, group, unbiased, r.vals,
+    imq_cpu_run<double>(!b_in, grad, b_grad, a, wa, b, wb, bw, h_in ? &h : nullptr, group, unbiased, r.vals,
                         grad ? &r.grad : nullptr);
   } else {
-    imq_cpu_run<float>(!b_in, grad, a, wa, b, wb, bw, h_in ? &h : nullptr, group, unbiased, r.vals,
+    imq_cpu_run<float>(!b_in, grad, b_grad, a, wa, b, wb, bw, h_in ? &h : nullptr, group, unbiased, r.vals,
                        grad ? &r.grad : nullptr);
   }
 
@@ -404,14 +408,14 @@ std::pair<at::Tensor, at::Tensor> split_grad(const at::Tensor& g, int64_t r0, in
 at::Tensor imq_self_cpu(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bw, int64_t group,
                         bool unbiased) {
   imq_check_args("gmwae_fast::imq_self", a, wa, nullptr, nullptr, bw, nullptr, group);
-  const ImqCpuResult r = imq_cpu(false, a, wa, nullptr, nullptr, bw, nullptr, group, unbiased);
+  const ImqCpuResult r = imq_cpu(false, true, a, wa, nullptr, nullptr, bw, nullptr, group, unbiased);
   return values_tensor(r.vals);
 }
 
 at::Tensor imq_cross_cpu(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b, const at::Tensor& wb,
                          const at::Tensor& bw) {
   imq_check_args("gmwae_fast::imq_cross", a, wa, &b, &wb, bw, nullptr, 1);
-  const ImqCpuResult r = imq_cpu(false, a, wa, &b, &wb, bw, nullptr, 1, false);
+  const ImqCpuResult r = imq_cpu(false, true, a, wa, &b, &wb, bw, nullptr, 1, false);
   return values_tensor(r.vals);
 }
 
@@ -419,17 +423,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> imq_self_grad_cpu(const at::Tenso
                                                                  const at::Tensor& wa, const at::Tensor& bw,
                                                                  int64_t group, bool unbiased) {
   imq_check_args("gmwae_fast::imq_self_grad", a, wa, nullptr, nullptr, bw, &h, group);
-  const ImqCpuResult r = imq_cpu(true, a, wa, nullptr, nullptr, bw, &h, group, unbiased);
+  const ImqCpuResult r = imq_cpu(true, true, a, wa, nullptr, nullptr, bw, &h, group, unbiased);
   auto ga = split_grad(r.grad, 0, a.size(0), a.size(1), a.scalar_type(), wa.scalar_type());
   return {values_tensor(r.vals), ga.first, ga.second};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imq_cross_grad_cpu(
     const at::Tensor& h, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b, const at::Tensor& wb,
-    const at::Tensor& bw) {
+    const at::Tensor& bw, bool b_grad) {
   imq_check_args("gmwae_fast::imq_cross_grad", a, wa, &b, &wb, bw, &h, 1);
-  const ImqCpuResult r = imq_cpu(true, a, wa, &b, &wb, bw, &h, 1, false);
+  const ImqCpuResult r = imq_cpu(true, b_grad, a, wa, &b, &wb, bw, &h, 1, false);
   auto ga = split_grad(r.grad, 0, a.size(0), a.size(1), a.scalar_type(), wa.scalar_type());
+  if (!b_grad) {  // the column side was skipped: zeros, as the contract says
+    return {values_tensor(r.vals), ga.first, ga.second, at::zeros(b.sizes(), b.options()),
+            at::zeros(wb.sizes(), wb.options())};
+  }
   auto gb = split_grad(r.grad, a.size(0), b.size(0), b.size(1), b.scalar_type(), wb.scalar_type());
   return {values_tensor(r.vals), ga.first, ga.second, gb.first, gb.second};
 }

@@ -52,8 +52,11 @@ GMW_INLINE T vhsum(const V& v) {
   return s;
 }
 
-template <class T, bool SELF, bool GRAD>
+// COLG: accumulate the column-side gradients too (always for self terms; cross terms skip them when the
+// column points need no gradient, e.g. the prior samples of a WAE).
+template <class T, bool SELF, bool GRAD, bool COLG = true>
 struct ImqRows {
+  static_assert(COLG || (GRAD && !SELF), "only cross gradient kernels can skip the column side");
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::dtype VD;
   static constexpr int W = GMW_VBYTES / int(sizeof(T));
@@ -170,11 +173,13 @@ struct ImqRows {
     V dwi = V{};
     T* gjd = gj + d * JB;
     for (int c = 0; c < NC; ++c) {
-      const V wim = mk ? wiv * vload<V>(mk + c * W) : wiv;
       Pi[c] = wv[c] * psi[c];
-      Pj[c] = wim * psi[c];
       dwi += wv[c] * phi[c];
-      vstore(gjd + c * W, vload<V>(gjd + c * W) + wim * phi[c]);
+      if (COLG) {
+        const V wim = mk ? wiv * vload<V>(mk + c * W) : wiv;
+        Pj[c] = wim * psi[c];
+        vstore(gjd + c * W, vload<V>(gjd + c * W) + wim * phi[c]);
+      }
     }
     vstore(gl + d * W, vload<V>(gl + d * W) + dwi);
     // Point gradients, direct form: sum_j (w_j psi_ij) (a_i - b_j) and -(w_i psi_ij) (a_i - b_j).
@@ -186,7 +191,7 @@ struct ImqRows {
       for (int c = 0; c < NC; ++c) {
         const V t = ak - vload<V>(bk + c * W);
         s += Pi[c] * t;
-        vstore(gk + c * W, vload<V>(gk + c * W) - Pj[c] * t);
+        if (COLG) vstore(gk + c * W, vload<V>(gk + c * W) - Pj[c] * t);
       }
       vstore(gl + k * W, vload<V>(gl + k * W) + s);
     }
@@ -252,7 +257,7 @@ struct ImqRows {
     const int64_t jb_first = SELF ? jstart(A, i0) / JB : 0;
     for (int64_t jb = jb_first; jb < nb; ++jb) {
       const int64_t j0 = jb * JB;
-      if (GRAD) std::memset(gj, 0, sizeof(T) * size_t(d + 1) * JB);
+      if (GRAD && COLG) std::memset(gj, 0, sizeof(T) * size_t(d + 1) * JB);
       bool touched = false;
       for (int64_t i = i0; i < i1; ++i) {
         const T* wj = A.wbp + j0;
@@ -277,7 +282,7 @@ struct ImqRows {
         flush_rows();
         since_flush = 0;
       }
-      if (GRAD && touched) {
+      if (GRAD && COLG && touched) {
         const int64_t jn = std::min<int64_t>(JB, A.M - j0);
         for (int64_t jj = 0; jj < jn; ++jj) {
           const int64_t j = j0 + jj;
@@ -314,9 +319,9 @@ template <class T>
 int col_block() {
   return ImqRows<T, true, true>::JB;
 }
-template <class T, bool SELF, bool GRAD>
+template <class T, bool SELF, bool GRAD, bool COLG = true>
 void run_rows(const ImqCpuArgs<T>& A, int64_t i0, int64_t i1, const ImqCpuPart& P) {
-  ImqRows<T, SELF, GRAD>::rows(A, i0, i1, P);
+  ImqRows<T, SELF, GRAD, COLG>::rows(A, i0, i1, P);
 }
 
 }  // namespace GMW_CPU_NS

@@ -219,10 +219,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> imq_self_grad_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imq_cross_grad_cuda(
     const at::Tensor& h, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b, const at::Tensor& wb,
-    const at::Tensor& bw) {
+    const at::Tensor& bw, bool b_grad) {
   const char* op = "gmwae_fast::imq_cross_grad";
   imq_check_args(op, a, wa, &b, &wb, bw, &h, 1);
   CudaResult r = imq_cuda(true, a, wa, &b, &wb, bw, &h, 1, false, op);
+  if (!b_grad) {
+    // Contract: zeros when b_grad is false.  The tile kernel accumulates both sides in the same pass, so the
+    // column side is computed and dropped here (skipping it inside the kernel is not implemented yet).
+    r.db.zero_();
+    r.dwb.zero_();
+  }
   return {r.vals, r.da.to(a.scalar_type()), r.dwa.to(wa.scalar_type()), r.db.to(b.scalar_type()),
           r.dwb.to(wb.scalar_type())};
 }

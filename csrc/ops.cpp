@@ -27,7 +27,7 @@ TORCH_LIBRARY(gmwae_fast, m) {
       "imq_self_grad(Tensor h, Tensor a, Tensor wa, Tensor bw, int group, bool unbiased) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "imq_cross_grad(Tensor h, Tensor a, Tensor wa, Tensor b, Tensor wb, Tensor bw) "
+      "imq_cross_grad(Tensor h, Tensor a, Tensor wa, Tensor b, Tensor wb, Tensor bw, bool b_grad=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------------------------------------------

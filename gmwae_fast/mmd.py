@@ -201,13 +201,21 @@ def _fused(x, y, xw, yw, bws, unbiased, reduction, name, out_dtype) -> Tensor:
     b, wb, gb = _flatten(y, yw, pts_dtype, w_dtype)
     bw = torch.tensor(bws, dtype=torch.float64, device=x.device)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, y, xw, yw))
-    if reduction == "sum" and needs_grad:
-        # One fused pass per term computes the value and the gradient of the sum over bandwidths.
-        sxx = ops.imq_self_total(a, wa, bw, ga, unbiased, name)[0]
-        syy = ops.imq_self_total(b, wb, bw, gb, unbiased, name)[0]
-        sxy = ops.imq_cross_total(a, wa, b, wb, bw, name)[0]
+    grad_on = torch.is_grad_enabled()
+    x_grad = grad_on and any(t is not None and t.requires_grad for t in (x, xw))
+    y_grad = grad_on and any(t is not None and t.requires_grad for t in (y, yw))
+    if reduction == "sum" and (x_grad or y_grad):
+        # One fused pass per term computes the value and the gradient of the sum over bandwidths.  A side that
+        # needs no gradient (the prior samples of a WAE) gets the cheaper values-only self pass.
+        op = ops.op_set(name)
+        sxx = ops.imq_self_total(a, wa, bw, ga, unbiased, name)[0] if x_grad else \
+            op.self_values(a, wa, bw, ga, unbiased).sum()
+        syy = ops.imq_self_total(b, wb, bw, gb, unbiased, name)[0] if y_grad else \
+            op.self_values(b, wb, bw, gb, unbiased).sum()
+        if x_grad:
+            sxy = ops.imq_cross_total(a, wa, b, wb, bw, name, y_grad)[0]
+        else:  # cross is symmetric: put the side that needs a gradient in the rows
+            sxy = ops.imq_cross_total(b, wb, a, wa, bw, name, False)[0]
     else:
         op = ops.op_set(name)
         sxx = op.self_values(a, wa, bw, ga, unbiased)

@@ -670,14 +670,17 @@ def imq_self_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, bw: torch.
 
 
 def imq_cross_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor,
-                   bw: torch.Tensor, *, block_i: Optional[int] = None, block_j: Optional[int] = None,
-                   num_warps: Optional[int] = None, col_splits: Optional[int] = None
+                   bw: torch.Tensor, b_grad: bool = True, *, block_i: Optional[int] = None,
+                   block_j: Optional[int] = None, num_warps: Optional[int] = None, col_splits: Optional[int] = None
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa, db, dwb)``: ``cross_s`` and the gradients of ``L = sum_s h_s cross_s``; two row passes
-    (rows of ``a`` against ``b``, then rows of ``b`` against ``a``), no atomics."""
+    (rows of ``a`` against ``b``, then rows of ``b`` against ``a``), no atomics.  ``b_grad=False`` skips the
+    second pass and returns zeros for ``db`` and ``dwb``."""
     _, S = _check_cross(a, wa, b, wb, bw)
     _check_h(h, S, a.device)
     cfg = _Config("grad", block_i, block_j, num_warps, col_splits, a.dtype == torch.float64)
     values, da, dwa = _rowpass(h, a, wa, b, wb, bw, 1, False, True, 1.0, 2.0, cfg)
+    if not b_grad:
+        return values, da, dwa, torch.zeros_like(b), torch.zeros_like(wb)
     _, db, dwb = _rowpass(h, b, wb, a, wa, bw, 1, False, False, 1.0, 2.0, cfg)
     return values, da, dwa, db, dwb

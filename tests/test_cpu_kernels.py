@@ -202,6 +202,23 @@ def test_mixed_dtypes_cross():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_grad_without_column_side(dtype):
+    """b_grad=False (the prior samples of a WAE need no gradient): the kernel skips the column side; values, da and
+    dwa are bitwise those of the full pass, db and dwb are zeros of the right shapes and dtypes."""
+    for n, m, d in [(129, 70, 10), (1, 129, 3), (300, 257, 2)]:
+        a, b = _points(n, d, dtype, n), _points(m, d, dtype, m + 1)
+        wa, wb = _weights(n, dtype, n), _weights(m, dtype, m + 1)
+        h = _h(5)
+        full = OPS.imq_cross_grad(h, a, wa, b, wb, BW)
+        rows = OPS.imq_cross_grad(h, a, wa, b, wb, BW, False)
+        for name, g, w in zip(("values", "da", "dwa"), rows[:3], full[:3]):
+            assert torch.equal(g, w), f"{name} differs without the column side ({n}x{m}x{d})"
+        assert rows[3].shape == b.shape and rows[3].dtype == b.dtype and not rows[3].any()
+        assert rows[4].shape == wb.shape and rows[4].dtype == wb.dtype and not rows[4].any()
+
+
+@needs_ext
 def test_isolated_and_single_bandwidths():
     """Bandwidths that cannot share a reciprocal (ratio > 1e4), groups of 1 and 2, and far-apart points."""
     bw = torch.tensor([1e-3, 50.0, 1e5, 3.0, 4.0], dtype=torch.float64)

@@ -158,6 +158,10 @@ def check_all(n, m, d, group, dtype, seed, cfg, s=4, offset=0.0):
     for name, g, w, tol, dt in zip(("values", "da", "dwa", "db", "dwb"), got, want, (tv, tda, tdw, tda, tdw),
                                    (F64, a.dtype, wa.dtype, b.dtype, wb.dtype)):
         assert_close(g, w, tol, "cross grad " + name, dt)
+    rows_only = K.imq_cross_grad(h, a, wa, b, wb, bw, False, **cfg)  # b_grad=False: no column pass, zeros
+    for name, g, w in zip(("values", "da", "dwa"), rows_only[:3], got[:3]):
+        assert torch.equal(g, w), "cross grad (b_grad=False) " + name
+    assert not rows_only[3].any() and not rows_only[4].any(), "cross grad (b_grad=False) db/dwb not zero"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,9 +62,9 @@ def triton_imq_self_grad(h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: in
 
 
 @torch.library.custom_op("gmwae_fast::triton_imq_cross_grad", mutates_args=())
-def triton_imq_cross_grad(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor,
-                          bw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_tk().imq_cross_grad(h, a, wa, b, wb, bw))
+def triton_imq_cross_grad(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor,
+                          b_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_tk().imq_cross_grad(h, a, wa, b, wb, bw, b_grad))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def _self_grad_fake(h, a, wa, bw, group, unbiased):
     return bw.new_empty(bw.shape, dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa)
 
 
-def _cross_grad_fake(h, a, wa, b, wb, bw):
+def _cross_grad_fake(h, a, wa, b, wb, bw, b_grad=True):
     return (bw.new_empty(bw.shape, dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa),
             torch.empty_like(b), torch.empty_like(wb))
 
@@ -109,8 +109,9 @@ def _register(ops: OpSet) -> None:
 
     def cross_backward(ctx, grad):
         a, wa, b, wb, bw = ctx.saved_tensors
-        _, da, dwa, db, dwb = ops.cross_grad(grad.to(torch.float64).contiguous(), a, wa, b, wb, bw)
-        return da, dwa, db, dwb, None
+        b_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        _, da, dwa, db, dwb = ops.cross_grad(grad.to(torch.float64).contiguous(), a, wa, b, wb, bw, b_grad)
+        return da, dwa, (db if b_grad else None), (dwb if b_grad else None), None
 
     torch.library.register_autograd(ops.self_values, self_backward, setup_context=self_setup)
     torch.library.register_autograd(ops.cross_values, cross_backward, setup_context=cross_setup)
@@ -174,16 +175,17 @@ imq_self_total.register_autograd(_self_total_backward, setup_context=_self_total
 
 
 @torch.library.custom_op("gmwae_fast::imq_cross_total", mutates_args=())
-def imq_cross_total(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(sum_s cross_s, d/da, d/dwa, d/db, d/dwb)`` in one kernel pass."""
+def imq_cross_total(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, backend: str,
+                    b_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(sum_s cross_s, d/da, d/dwa, d/db, d/dwb)`` in one kernel pass (``d/db``, ``d/dwb`` zero and not
+    computed when ``b_grad`` is false)."""
     ones = torch.ones_like(bw, dtype=torch.float64)
-    values, da, dwa, db, dwb = op_set(backend).cross_grad(ones, a, wa, b, wb, bw)
+    values, da, dwa, db, dwb = op_set(backend).cross_grad(ones, a, wa, b, wb, bw, b_grad)
     return values.sum(), da, dwa, db, dwb
 
 
 @imq_cross_total.register_fake
-def _(a, wa, b, wb, bw, backend):
+def _(a, wa, b, wb, bw, backend, b_grad=True):
     return (bw.new_empty((), dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa), torch.empty_like(b),
             torch.empty_like(wb))
 
@@ -194,7 +196,7 @@ def _cross_total_setup(ctx, inputs, output):
 
 def _cross_total_backward(ctx, g_total, *_unused):
     grads = ctx.saved_tensors
-    return (*[(g_total * g).to(g.dtype) for g in grads], None, None)
+    return (*[(g_total * g).to(g.dtype) for g in grads], None, None, None)
 
 
 imq_cross_total.register_autograd(_cross_total_backward, setup_context=_cross_total_setup)
