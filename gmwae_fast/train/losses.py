@@ -57,7 +57,7 @@ def encode_sample(model, x, gen: torch.Generator, ops: Ops, backend: str = "auto
 
 def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: float,
                n_prior: int, backend: str = "auto", reparam_backend: str = "auto",
-               recon_scale: float = 0.05) -> Dict[str, torch.Tensor]:
+               recon_scale: float = 1.0) -> Dict[str, torch.Tensor]:
     """recon_scale * sum_k pi_k ||x - g(z_k)||^2 + lam * MMD; ``recon`` is reported unscaled."""
     mu, sigma_raw, logits, z, pi = encode_sample(model, x, gen, ops, reparam_backend)
     xr = torch.sigmoid(model.decode(z))                                         # (B, K, 1, 28, 28)
