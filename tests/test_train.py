@@ -278,3 +278,5 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 def test_parser_defaults():
     a = build_parser().parse_args([])
     assert (a.model, a.prior, a.lr, a.lam, a.modes, a.mmd_backend) == ("gmwae", "simplex", 5e-4, 500.0, 10, "auto")
+    # the paper's settings (section 3): squared-L2 cost without rescaling, batch 100, decoder width 128
+    assert (a.recon_scale, a.batch_size, a.dec_channels) == (1.0, 100, 128)

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=600,
                    help="training steps after pretraining (600 x 64 images: a few minutes on CPU; the paper's "
                         "20 epochs are 18750 steps at batch 64)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=100, help="images per step (the paper's 100)")
     p.add_argument("--lr", type=_positive_float, default=5e-4)
     p.add_argument("--lam", type=_nonneg_float, default=500.0, help="MMD weight (GM-WAE)")
     p.add_argument("--recon-scale", type=_positive_float, default=1.0,
@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="d for the simplex prior (default K; rot2d is always 2)")
     g.add_argument("--sigma0", type=_positive_float, default=1.0, help="simplex prior std (means 4*sigma0 apart)")
     g.add_argument("--enc-channels", type=_positive_int, default=64, help="widest encoder conv layer")
-    g.add_argument("--dec-channels", type=_positive_int, default=64,
-                   help="widest decoder layer (the paper uses 128; 64 halves the CPU cost of the B*K decodes)")
+    g.add_argument("--dec-channels", type=_positive_int, default=128,
+                   help="widest decoder layer (the paper's 128; 64 halves the CPU cost of the B*K decodes but "
+                        "clusters worse: see results/README.md)")
     g.add_argument("--hidden", type=_positive_int, default=32, help="hidden units of the q_C dense nets")
     g.add_argument("--prior-samples", type=_positive_int, default=None,
                    help="prior samples per MMD estimate, modes taken in turn (default: batch size x K)")
