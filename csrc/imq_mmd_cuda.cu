@@ -55,14 +55,21 @@ namespace {
 
 using namespace imq_cuda;
 
-// SM count of a device (cached; avoids ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers).
-int multiprocessor_count(int device) {
+// A device attribute, cached per (attribute, device) (avoids ATen/cuda/CUDAContext.h, which needs the
+// cuSPARSE/cuBLAS headers).  Each call site passes one fixed attribute, so one cache per template instance.
+template <cudaDeviceAttr ATTR>
+int cached_device_attribute(int device) {
   static int cache[64] = {0};
   if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device] = sms;
-  return sms;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTR, device));
+  if (device >= 0 && device < 64) cache[device] = value;
+  return value;
+}
+
+// SM count of a device.
+int multiprocessor_count(int device) {
+  return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device);
 }
 
 struct CudaResult {
@@ -70,14 +77,9 @@ struct CudaResult {
   at::Tensor da, dwa, db, dwb;  // compute dtype
 };
 
-// Largest dynamic shared memory a block may opt in to on a device (cached).
+// Largest dynamic shared memory a block may opt in to on a device.
 int max_smem_optin(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < 64) cache[device] = bytes;
-  return bytes;
+  return cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
 }
 
 template <class T, bool SELF, bool GRAD>

@@ -201,13 +201,13 @@ def _fused(x, y, xw, yw, bws, unbiased, reduction, name, out_dtype) -> Tensor:
     b, wb, gb = _flatten(y, yw, pts_dtype, w_dtype)
     bw = torch.tensor(bws, dtype=torch.float64, device=x.device)
 
+    op = ops.op_set(name)
     grad_on = torch.is_grad_enabled()
     x_grad = grad_on and any(t is not None and t.requires_grad for t in (x, xw))
     y_grad = grad_on and any(t is not None and t.requires_grad for t in (y, yw))
     if reduction == "sum" and (x_grad or y_grad):
         # One fused pass per term computes the value and the gradient of the sum over bandwidths.  A side that
         # needs no gradient (the prior samples of a WAE) gets the cheaper values-only self pass.
-        op = ops.op_set(name)
         sxx = ops.imq_self_total(a, wa, bw, ga, unbiased, name)[0] if x_grad else \
             op.self_values(a, wa, bw, ga, unbiased).sum()
         syy = ops.imq_self_total(b, wb, bw, gb, unbiased, name)[0] if y_grad else \
@@ -217,7 +217,6 @@ def _fused(x, y, xw, yw, bws, unbiased, reduction, name, out_dtype) -> Tensor:
         else:  # cross is symmetric: put the side that needs a gradient in the rows
             sxy = ops.imq_cross_total(b, wb, a, wa, bw, name, False)[0]
     else:
-        op = ops.op_set(name)
         sxx = op.self_values(a, wa, bw, ga, unbiased)
         syy = op.self_values(b, wb, bw, gb, unbiased)
         sxy = op.cross_values(a, wa, b, wb, bw)

@@ -191,12 +191,15 @@ def _(a, wa, b, wb, bw, backend, b_grad=True):
 
 
 def _cross_total_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    ctx.b_grad = inputs[-1]
+    ctx.save_for_backward(*(output[1:] if ctx.b_grad else output[1:3]))
 
 
 def _cross_total_backward(ctx, g_total, *_unused):
-    grads = ctx.saved_tensors
-    return (*[(g_total * g).to(g.dtype) for g in grads], None, None, None)
+    grads = [(g_total * g).to(g.dtype) for g in ctx.saved_tensors]
+    if not ctx.b_grad:  # d/db and d/dwb were not computed (zeros): no gradient for b, wb
+        grads += [None, None]
+    return (*grads, None, None, None)
 
 
 imq_cross_total.register_autograd(_cross_total_backward, setup_context=_cross_total_setup)
