@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory holding MNIST/raw (default: $GMWAE_DATA, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
     p.add_argument("--steps", type=_positive_int, default=600,
-                   help="training steps after pretraining (600 x 64 images: a few minutes on CPU; the paper's "
-                        "20 epochs are 18750 steps at batch 64)")
+                   help="training steps after pretraining (600 steps of 100 images: about 7 min on a 2-core "
+                        "CPU; the paper's 20 epochs are 12000 steps at batch 100)")
     p.add_argument("--batch-size", type=_positive_int, default=100, help="images per step (the paper's 100)")
     p.add_argument("--lr", type=_positive_float, default=5e-4)
     p.add_argument("--lam", type=_nonneg_float, default=500.0, help="MMD weight (GM-WAE)")
