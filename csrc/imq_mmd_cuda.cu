@@ -97,7 +97,7 @@ void launch_tiles(const TileArgs<T>& A, int nblocks, size_t smem, cudaStream_t s
 template <class T>
 CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
                         const at::Tensor& wb, const at::Tensor& bw, const at::Tensor& h, int64_t group,
-                        bool unbiased) {
+                        bool unbiased, bool b_grad) {
   const int64_t N = a.size(0);
   const int64_t d = a.size(1);
   const at::Tensor& bb = self ? a : b;
@@ -114,8 +114,9 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
     R.da = alloc({N, d}, dev);
     R.dwa = alloc({N}, dev);
     if (!self) {
-      R.db = alloc({M, d}, dev);
-      R.dwb = alloc({M}, dev);
+      // Without b_grad the kernels never touch the column side: its gradients are the contract's zeros.
+      R.db = b_grad ? alloc({M, d}, dev) : at::zeros({M, d}, dev);
+      R.dwb = b_grad ? alloc({M}, dev) : at::zeros({M}, dev);
     }
   }
   if (empty) return R;  // (self: M == N, so a biased self term with N > 0 and S > 0 is never empty)
@@ -135,6 +136,7 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
   A.S = S;
   A.group = group;
   A.unbiased = unbiased;
+  A.b_grad = self || b_grad;
   const int nblocks = plan_tiles(A, self, grad, sms);
   at::Tensor slot_i, slot_j;
   A.slot_i = nullptr;
@@ -164,7 +166,7 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
                                                        A.wb, M, R.vals.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (grad) {
-    const int fblocks = grad_finalize_blocks(self ? N : N + M, d, sms);
+    const int fblocks = grad_finalize_blocks(self ? N : N + (A.b_grad ? M : 0), d, sms);
     imq_grad_finalize_kernel<T><<<fblocks, 256, 0, stream>>>(
         A, self, self ? 4.0 : 2.0, self ? 2.0 : 1.0, diag, R.da.data_ptr<T>(), R.dwa.data_ptr<T>(),
         self ? nullptr : R.db.data_ptr<T>(), self ? nullptr : R.dwb.data_ptr<T>());
@@ -175,7 +177,7 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
 
 CudaResult imq_cuda(bool grad, const at::Tensor& a_in, const at::Tensor& wa_in, const at::Tensor* b_in,
                     const at::Tensor* wb_in, const at::Tensor& bw_in, const at::Tensor* h_in, int64_t group,
-                    bool unbiased, const char* op) {
+                    bool unbiased, const char* op, bool b_grad = true) {
   TORCH_CHECK(a_in.is_cuda(), op, ": expected CUDA tensors, got ", a_in.device());
   TORCH_CHECK(bw_in.size(0) <= kImqMaxBandwidthsCuda, op, ": the CUDA kernels take at most ",
               kImqMaxBandwidthsCuda, " bandwidths, got ", bw_in.size(0));
@@ -192,8 +194,8 @@ CudaResult imq_cuda(bool grad, const at::Tensor& a_in, const at::Tensor& wa_in, 
   const at::Tensor bw = bw_in.to(at::kDouble).contiguous();
   at::Tensor h;
   if (h_in) h = h_in->to(at::kDouble).contiguous();
-  if (ct == at::kDouble) return imq_cuda_run<double>(!b_in, grad, a, wa, b, wb, bw, h, group, unbiased);
-  return imq_cuda_run<float>(!b_in, grad, a, wa, b, wb, bw, h, group, unbiased);
+  if (ct == at::kDouble) return imq_cuda_run<double>(!b_in, grad, a, wa, b, wb, bw, h, group, unbiased, b_grad);
+  return imq_cuda_run<float>(!b_in, grad, a, wa, b, wb, bw, h, group, unbiased, b_grad);
 }
 
 at::Tensor imq_self_cuda(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bw, int64_t group,
@@ -224,13 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imq_cross
     const at::Tensor& bw, bool b_grad) {
   const char* op = "gmwae_fast::imq_cross_grad";
   imq_check_args(op, a, wa, &b, &wb, bw, &h, 1);
-  CudaResult r = imq_cuda(true, a, wa, &b, &wb, bw, &h, 1, false, op);
-  if (!b_grad) {
-    // Contract: zeros when b_grad is false.  The tile kernel accumulates both sides in the same pass, so the
-    // column side is computed and dropped here (skipping it inside the kernel is not implemented yet).
-    r.db.zero_();
-    r.dwb.zero_();
-  }
+  // Without b_grad the tile kernel skips the column-side L and G work and db, dwb are zeros.
+  CudaResult r = imq_cuda(true, a, wa, &b, &wb, bw, &h, 1, false, op, b_grad);
   return {r.vals, r.da.to(a.scalar_type()), r.dwa.to(wa.scalar_type()), r.db.to(b.scalar_type()),
           r.dwb.to(wb.scalar_type())};
 }

@@ -98,11 +98,13 @@ struct TileArgs {
   int S;
   int64_t group;
   bool unbiased;
+  bool b_grad;  // gradient ops: accumulate the column side too (self: always; cross: unless only a's gradient
+                // is wanted, then slot_j is unused and the column-side L and G work is skipped)
   int TI, TJ;  // tiles of a and of b
   int PI, PJ;  // panels of a and of b (self: PI == PJ)
   int PSI, PSJ;  // tiles per panel
   T* slot_i;  // [PJ][N][d + 1]: row-side partials (gradient ops)
-  T* slot_j;  // [PI][M][d + 1]: column-side partials (gradient ops)
+  T* slot_j;  // [PI][M][d + 1]: column-side partials (gradient ops with b_grad)
   double* block_vals;  // [gridDim.x][2 S]: sums of w w k, then of w w (1 - k)
 };
 
@@ -417,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             s += which ? X[r * kLd + j] * wJ[j] : X[r * kLd + j];
           }
           Lsum[(2 * which) * kBT + r] = s;
-        } else {
+        } else if (A.b_grad) {
           const int cidx = line - kBT;
           for (int i = 0; i < kBT; ++i) s += which ? X[i * kLd + cidx] * wI[i] : X[i * kLd + cidx];
           Lsum[(2 * which + 1) * kBT + cidx] = s;
@@ -430,10 +432,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         const bool first_i = (J == J_begin);  // first visit of this block to slot (q, rows of I)
         const bool first_j = (I == I_begin);  // first visit of this block to slot (p, rows of J)
         T* si = A.slot_i + (int64_t(q) * N + I0) * (d + 1);
-        T* sj = A.slot_j + (int64_t(p) * M + J0) * (d + 1);
+        T* sj = A.b_grad ? A.slot_j + (int64_t(p) * M + J0) * (d + 1) : nullptr;
         if (tid < kBT) {
           if (I0 + tid < N) slot_put(si + int64_t(tid) * (d + 1) + d, Lsum[2 * kBT + tid], first_i);
-        } else if (tid < 2 * kBT) {
+        } else if (tid < 2 * kBT && A.b_grad) {
           const int r = tid - kBT;
           if (J0 + r < M) slot_put(sj + int64_t(r) * (d + 1) + d, Lsum[3 * kBT + r], first_j);
         }
@@ -481,8 +483,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
               }
             }
           }
-          // Column side: sum_i P[i][j] a~[i][k].
-          {
+          // Column side: sum_i P[i][j] a~[i][k] (A.b_grad is uniform across the block).
+          if (A.b_grad) {
             T o[4][NL];
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj)
@@ -586,13 +588,13 @@ __global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* 
 
 // Gradient of one row block: sums the written slots of each (row, coordinate) in a fixed order.
 //   self:  slots_i[q] for q = panel(row) .. P - 1, then slots_j[p] for p = 0 .. panel(row)
-//   cross: a rows: slots_i[q], q < PJ; b rows: slots_j[p], p < PI
+//   cross: a rows: slots_i[q], q < PJ; b rows (only with b_grad): slots_j[p], p < PI
 template <class T>
 __global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T> A, bool self, double fa, double fw,
                                                                 bool diag, T* __restrict__ da, T* __restrict__ dwa,
                                                                 T* __restrict__ db, T* __restrict__ dwb) {
   const int64_t d1 = A.d + 1;
-  const int64_t rows = self ? A.N : A.N + A.M;
+  const int64_t rows = self ? A.N : A.N + (A.b_grad ? A.M : 0);
   const int64_t total = rows * d1;
   double hsum = 0.0;
   if (diag && A.h) {
@@ -631,7 +633,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Panels along a (PI) and b (PJ): enough blocks for every SM, capped slot memory for the gradient ops.
+// Panels along a (PI) and b (PJ): enough blocks for every SM, capped slot memory for the gradient ops.  The plan
+// does not depend on b_grad, so the row side is summed in the same order (bitwise the same) with and without it.
 inline void choose_panels(bool self, bool grad, int64_t N, int64_t M, int64_t d, size_t elem, int sms, int TI, int TJ,
                    int& PI, int& PJ, int& PSI, int& PSJ) {
   const double target = 6.0 * sms;  // blocks
@@ -675,7 +678,7 @@ inline int plan_tiles(TileArgs<T>& A, bool self, bool grad, int sms) {
 template <class T>
 inline void slot_sizes(const TileArgs<T>& A, int64_t& ni, int64_t& nj) {
   ni = int64_t(A.PJ) * A.N * (A.d + 1);
-  nj = int64_t(A.PI) * A.M * (A.d + 1);
+  nj = A.b_grad ? int64_t(A.PI) * A.M * (A.d + 1) : 0;
 }
 
 inline int grad_finalize_blocks(int64_t rows, int64_t d, int sms) {
