@@ -280,3 +280,20 @@ def test_parser_defaults():
     assert (a.model, a.prior, a.lr, a.lam, a.modes, a.mmd_backend) == ("gmwae", "simplex", 5e-4, 500.0, 10, "auto")
     # the paper's settings (section 3): squared-L2 cost without rescaling, batch 100, decoder width 128
     assert (a.recon_scale, a.batch_size, a.dec_channels) == (1.0, 100, 128)
+
+
+def test_profile_step_reports_each_backend(tmp_path):
+    """The MMD-share profiler runs a real step per backend and writes consistent JSON (tiny sizes)."""
+    from gmwae_fast.train import profile_step
+    out = tmp_path / "profile.json"
+    rc = profile_step.main(["--batch-size", "3", "--dec-channels", "8", "--backends", "cpu", "reference",
+                            "--reps", "1", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert (res["batch_size"], res["modes"], res["dec_channels"]) == (3, 10, 8)
+    assert set(res["backends"]) == {"cpu", "reference"}
+    for be, r in res["backends"].items():
+        assert r["resolved"] == be
+        assert r["step_s"] > 0 and r["mmd_fwd_bwd_s"] > 0
+        # the JSON rounds the times to 0.1 ms, the share is computed before rounding
+        assert r["mmd_share"] == pytest.approx(r["mmd_fwd_bwd_s"] / r["step_s"], rel=0.05, abs=2e-3)

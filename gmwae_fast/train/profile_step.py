@@ -1,6 +1,6 @@
 """Share of a GM-WAE training step spent in the MMD, per backend.
 
-    python -m gmwae_fast.train.profile_step --batch-size 64 --dec-channels 64 --backends cpu reference
+    python -m gmwae_fast.train.profile_step --backends cpu reference      # the trainer's defaults: batch 100, width 128
 
 For each backend: the median wall time of a full training step (encoder, gm_reparameterize, B*K decodes,
 MMD, backward, Adam) and of the MMD alone (forward + backward on tensors of the same shapes: x (B, K, d)
@@ -33,9 +33,9 @@ def _median_time(fn, reps: int, warmup: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmwae_fast.train.profile_step")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--modes", type=int, default=10)
-    p.add_argument("--dec-channels", type=int, default=64)
+    p.add_argument("--dec-channels", type=int, default=128)
     p.add_argument("--backends", nargs="+", default=["auto", "reference"])
     p.add_argument("--reparam-backend", default="reference")
     p.add_argument("--reps", type=int, default=10)
