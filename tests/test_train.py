@@ -167,6 +167,7 @@ def _run(tmp_path, name, *extra, figures=False):
     ["--model", "ae"], ["--prior", "cube"], ["--steps", "0"], ["--steps", "x"], ["--lr", "-1"],
     ["--lam", "nan"], ["--batch-size", "-3"], ["--device", "tpu"], ["--mmd-backend", "bogus"],
     ["--prior", "rot2d", "--latent-dim", "5"], ["--dataset", "cifar"],
+    ["--steps", "100", "--lr-decay-from", "100"], ["--lr", "1e-4", "--lr-final", "1e-3"], ["--lr-final", "-1"],
 ])
 def test_invalid_options_are_argparse_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
@@ -236,7 +237,7 @@ def _final_state(out):
 
 @needs_data
 def test_resume_is_identical_to_uninterrupted(tmp_path):
-    common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3", *REF]
+    common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3", "--lr-decay-from", "4", *REF]
     rc, full = _run(tmp_path, "full", *common)
     assert rc == 0
     rc, part = _run(tmp_path, "part", *common, "--debug-interrupt-at-step", "5")   # as if Ctrl-C at step 5
@@ -254,6 +255,9 @@ def test_resume_is_identical_to_uninterrupted(tmp_path):
     ma = (full / "metrics.jsonl").read_text()
     mb = (part / "metrics.jsonl").read_text()
     assert ma == mb
+    lrs = [json.loads(l)["lr"] for l in ma.splitlines() if json.loads(l)["kind"] == "train"]
+    # logged at steps 2, 4 (updates 1, 3: constant), 6, 8, 9 (updates 5, 7, 8: annealed)
+    assert lrs[:2] == [5e-4, 5e-4] and all(x > y for x, y in zip(lrs[1:], lrs[2:])), lrs
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((part / "summary.json").read_text())
     for k in ("test_accuracy", "recon_l2", "bernoulli_nll", "mmd", "active_modes"):
@@ -273,6 +277,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     # and it can be resumed from there
     rc, _ = _run(tmp_path, "nan", "--steps", "6", "--ckpt-every", "2", "--resume", *REF)
     assert rc == 0
+
+
+def test_lr_schedule():
+    from gmwae_fast.train.cli import lr_at
+    a = build_parser().parse_args(["--steps", "110", "--lr", "1e-3", "--lr-decay-from", "10", "--lr-final", "1e-5"])
+    assert [lr_at(s, a) for s in (0, 9, 10)] == [1e-3, 1e-3, 1e-3]
+    assert lr_at(60, a) == pytest.approx(0.5 * (1e-3 + 1e-5))
+    assert lr_at(110, a) == pytest.approx(1e-5) and lr_at(500, a) == pytest.approx(1e-5)
+    lrs = [lr_at(s, a) for s in range(10, 111)]
+    assert all(x > y for x, y in zip(lrs, lrs[1:]))
+    const = build_parser().parse_args(["--steps", "50"])
+    assert {lr_at(s, const) for s in range(60)} == {5e-4}
 
 
 def test_parser_defaults():

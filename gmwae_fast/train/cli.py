@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU; the paper's 20 epochs are 12000 steps at batch 100)")
     p.add_argument("--batch-size", type=_positive_int, default=100, help="images per step (the paper's 100)")
     p.add_argument("--lr", type=_positive_float, default=5e-4)
+    p.add_argument("--lr-decay-from", type=_nonneg_int, default=None, metavar="STEP",
+                   help="from this step on, the learning rate falls along a half cosine from --lr to --lr-final "
+                        "at --steps (default: constant --lr). Set it when resuming to anneal a finished run.")
+    p.add_argument("--lr-final", type=_nonneg_float, default=0.0, help="learning rate at --steps with --lr-decay-from")
     p.add_argument("--lam", type=_nonneg_float, default=500.0, help="MMD weight (GM-WAE)")
     p.add_argument("--recon-scale", type=_positive_float, default=1.0,
                    help="GM-WAE cost c(x,y) = recon_scale * ||x-y||^2 (1: the paper's squared L2; the WAE code's "
@@ -155,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def lr_at(step: int, a) -> float:
+    """Learning rate of the update that follows ``step`` completed steps (a function of the step alone, so a
+    resumed run follows the same schedule): ``--lr`` up to ``--lr-decay-from``, then a half cosine down to
+    ``--lr-final`` at ``--steps``."""
+    if a.lr_decay_from is None or step < a.lr_decay_from:
+        return a.lr
+    t = min(1.0, (step - a.lr_decay_from) / (a.steps - a.lr_decay_from))
+    return a.lr_final + 0.5 * (a.lr - a.lr_final) * (1.0 + math.cos(math.pi * t))
+
+
 def _check_args(p: argparse.ArgumentParser, a) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
@@ -166,8 +180,10 @@ def _check_args(p: argparse.ArgumentParser, a) -> None:
         p.error("--resume and --init-from are mutually exclusive")
     if a.init_from and not Path(a.init_from).is_file():
         p.error(f"--init-from: no such checkpoint {a.init_from!r}")
-    if a.modes > 10 and a.dataset == "mnist":
-        pass
+    if a.lr_decay_from is not None and a.lr_decay_from >= a.steps:
+        p.error(f"--lr-decay-from ({a.lr_decay_from}) must be below --steps ({a.steps})")
+    if a.lr_final > a.lr:
+        p.error(f"--lr-final ({a.lr_final}) must not exceed --lr ({a.lr})")
     if a.train_subset is not None and a.train_subset < a.batch_size:
         p.error(f"--train-subset ({a.train_subset}) must be >= --batch-size ({a.batch_size})")
 
@@ -329,12 +345,15 @@ def main(argv: Optional[list] = None) -> int:
                 return EXIT_DIVERGED
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lr = lr_at(step, a)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.step()
             step += 1
             if a.debug_interrupt_at_step is not None and step == a.debug_interrupt_at_step:
                 stop.requested = True          # behaves exactly like a first Ctrl-C after this step
             if step % a.log_every == 0 or step == a.steps:
-                rec = {"kind": "train", "step": step, "epoch": round(batcher.epoch_of(step), 4),
+                rec = {"kind": "train", "step": step, "epoch": round(batcher.epoch_of(step), 4), "lr": lr,
                        **{k: float(v.detach()) for k, v in res.items() if k != "pi"}}
                 pi = res["pi"]
                 rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes)
