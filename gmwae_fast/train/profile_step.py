@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
         t_step = _median_time(step, a.reps, a.warmup)
         t_mmd = _median_time(mmd_only, a.reps, a.warmup)
-        res["backends"][be] = {"resolved": name, "step_s": round(t_step, 4), "mmd_fwd_bwd_s": round(t_mmd, 4),
+        res["backends"][be] = {"resolved": name, "step_s": round(t_step, 6), "mmd_fwd_bwd_s": round(t_mmd, 6),
                                "mmd_share": round(t_mmd / t_step, 3)}
         print(f"{be:>9} ({name}): step {t_step * 1e3:8.1f} ms, MMD fwd+bwd {t_mmd * 1e3:8.1f} ms, "
               f"share {t_mmd / t_step:6.1%}", flush=True)
