@@ -166,7 +166,7 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
                                                        A.wb, M, R.vals.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (grad) {
-    const int fblocks = grad_finalize_blocks(self ? N : N + (A.b_grad ? M : 0), d, sms);
+    const int fblocks = grad_finalize_blocks(A, self, sms);
     imq_grad_finalize_kernel<T><<<fblocks, 256, 0, stream>>>(
         A, self, self ? 4.0 : 2.0, self ? 2.0 : 1.0, diag, R.da.data_ptr<T>(), R.dwa.data_ptr<T>(),
         self ? nullptr : R.db.data_ptr<T>(), self ? nullptr : R.dwb.data_ptr<T>());

@@ -586,6 +586,12 @@ __global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* 
   }
 }
 
+// Rows the gradient finalize kernel writes: those of a, then (cross, with b_grad) those of b.
+template <class T>
+GMW_HD inline int64_t grad_rows(const TileArgs<T>& A, bool self) {
+  return self ? A.N : A.N + (A.b_grad ? A.M : 0);
+}
+
 // Gradient of one row block: sums the written slots of each (row, coordinate) in a fixed order.
 //   self:  slots_i[q] for q = panel(row) .. P - 1, then slots_j[p] for p = 0 .. panel(row)
 //   cross: a rows: slots_i[q], q < PJ; b rows (only with b_grad): slots_j[p], p < PI
@@ -594,7 +600,7 @@ __global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T
                                                                 bool diag, T* __restrict__ da, T* __restrict__ dwa,
                                                                 T* __restrict__ db, T* __restrict__ dwb) {
   const int64_t d1 = A.d + 1;
-  const int64_t rows = self ? A.N : A.N + (A.b_grad ? A.M : 0);
+  const int64_t rows = grad_rows(A, self);
   const int64_t total = rows * d1;
   double hsum = 0.0;
   if (diag && A.h) {
@@ -681,7 +687,9 @@ inline void slot_sizes(const TileArgs<T>& A, int64_t& ni, int64_t& nj) {
   nj = A.b_grad ? int64_t(A.PI) * A.M * (A.d + 1) : 0;
 }
 
-inline int grad_finalize_blocks(int64_t rows, int64_t d, int sms) {
+template <class T>
+inline int grad_finalize_blocks(const TileArgs<T>& A, bool self, int sms) {
+  const int64_t rows = grad_rows(A, self), d = A.d;
   return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows * (d + 1), 256), int64_t(sms) * 8)));
 }
 

@@ -135,7 +135,7 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
     // Like the host: without b_grad db, dwb are allocated as zeros and the kernels must leave them alone.
     const T bfill = A.b_grad ? nan : T(0);
     std::vector<T> da(c.N * c.d, nan), dwa(c.N, nan), db(M * c.d, bfill), dwb(M, bfill);
-    const int fb = grad_finalize_blocks(SELF ? c.N : c.N + (A.b_grad ? M : 0), c.d, c.sms);
+    const int fb = grad_finalize_blocks(A, SELF, c.sms);
     gmw_emu::launch(imq_grad_finalize_kernel<T>, unsigned(fb), 256u, 0, A, SELF, SELF ? 4.0 : 2.0, SELF ? 2.0 : 1.0,
                     diag, da.data(), dwa.data(), SELF ? (T*)nullptr : db.data(), SELF ? (T*)nullptr : dwb.data());
     r.da.assign(da.begin(), da.end());
