@@ -168,6 +168,7 @@ def _run(tmp_path, name, *extra, figures=False):
     ["--lam", "nan"], ["--batch-size", "-3"], ["--device", "tpu"], ["--mmd-backend", "bogus"],
     ["--prior", "rot2d", "--latent-dim", "5"], ["--dataset", "cifar"],
     ["--steps", "100", "--lr-decay-from", "100"], ["--lr", "1e-4", "--lr-final", "1e-3"], ["--lr-final", "-1"],
+    ["--mode-prune", "1"], ["--mode-prune", "-0.1"],
 ])
 def test_invalid_options_are_argparse_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
@@ -291,11 +292,94 @@ def test_lr_schedule():
     assert {lr_at(s, const) for s in range(60)} == {5e-4}
 
 
+class _CountingDecoder(torch.nn.Module):
+    """A tiny decoder z (N, d) -> logits (N, 1, 28, 28) that records how many rows it decoded."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, 784, dtype=torch.float64)
+        self.rows = []
+
+    def decode(self, z):
+        lead = z.shape[:-1]
+        self.rows.append(z.reshape(-1, z.shape[-1]).shape[0])
+        return self.lin(z.reshape(-1, z.shape[-1])).view(*lead, 1, 28, 28)
+
+
+def _mode_problem(B=7, K=5, d=3, confident=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 1, 28, 28, generator=g, dtype=torch.float64)
+    z = torch.randn(B, K, d, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(B, K, generator=g, dtype=torch.float64) * (12.0 if confident else 0.3)
+    logits.requires_grad_(True)
+    return x, z, logits
+
+
+@pytest.mark.parametrize("cost", ["l2", "bernoulli"])
+def test_mode_expectation_exact_and_pruned(cost):
+    from gmwae_fast.train.losses import _bernoulli_nll, _l2_cost, mode_expectation
+    fn = {"l2": _l2_cost, "bernoulli": _bernoulli_nll}[cost]
+    dec = _CountingDecoder(3)
+    x, z, logits = _mode_problem()
+    B, K = logits.shape
+    pi = logits.softmax(-1)
+    # every (b, k) cost by brute force, then the exact expectation
+    c = torch.stack([torch.stack([fn(x[b:b + 1], dec.decode(z[b, k][None]))[0] for k in range(K)]) for b in range(B)])
+    exact = (pi * c).sum(1).mean()
+    dec.rows.clear()
+    got = mode_expectation(dec, x, z, pi, fn, 0.0)
+    assert dec.rows == [B * K]
+    torch.testing.assert_close(got, exact, rtol=1e-12, atol=0)
+    # pruned: only the kept (b, k) are decoded, and the expectation is renormalised over them
+    eps = 1e-3
+    keep = (pi > eps) | (pi == pi.amax(1, keepdim=True))
+    assert 0 < keep.sum() < B * K, "the test problem must prune something"
+    w = torch.where(keep, pi, torch.zeros_like(pi))
+    want = ((w / w.sum(1, keepdim=True)) * c).sum(1).mean()
+    dec.rows.clear()
+    got = mode_expectation(dec, x, z, pi, fn, eps)
+    assert dec.rows == [int(keep.sum())]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # within the documented bound of the exact value: dropped mass times the cost spread
+    dropped = (pi * ~keep).sum(1)
+    assert (got - exact).abs() <= (dropped * (c.amax(1) - c.amin(1))).mean() + 1e-12
+    # gradients (z, logits, decoder weights) against the brute-force renormalised form
+    gz, gl, gw = torch.autograd.grad(got, (z, logits, dec.lin.weight), retain_graph=True)
+    wz, wl, ww = torch.autograd.grad(want, (z, logits, dec.lin.weight))
+    for a, b in ((gz, wz), (gl, wl), (gw, ww)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert (gz[~keep] == 0).all()                      # dropped latents get no reconstruction gradient
+
+
+def test_mode_expectation_prune_below_every_prob_is_exact():
+    from gmwae_fast.train.losses import _l2_cost, mode_expectation
+    dec = _CountingDecoder(3)
+    x, z, logits = _mode_problem(confident=False)
+    pi = logits.softmax(-1)
+    assert pi.min() > 1e-3
+    a = mode_expectation(dec, x, z, pi, _l2_cost, 0.0)
+    b = mode_expectation(dec, x, z, pi, _l2_cost, 1e-3)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    ga = torch.autograd.grad(a, (z, logits), retain_graph=True)
+    gb = torch.autograd.grad(b, (z, logits))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-13)
+
+
+@needs_data
+def test_mode_prune_trains_and_is_recorded(tmp_path):
+    rc, out = _run(tmp_path, "prune", "--steps", "4", "--mode-prune", "1e-3", *REF)
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["mode_prune"] == 1e-3 and math.isfinite(s["recon_l2"])
+
+
 def test_parser_defaults():
     a = build_parser().parse_args([])
     assert (a.model, a.prior, a.lr, a.lam, a.modes, a.mmd_backend) == ("gmwae", "simplex", 5e-4, 500.0, 10, "auto")
     # the paper's settings (section 3): squared-L2 cost without rescaling, batch 100, decoder width 128
     assert (a.recon_scale, a.batch_size, a.dec_channels) == (1.0, 100, 128)
+    assert a.mode_prune == 0.0                     # the exact objective unless asked
 
 
 def test_profile_step_reports_each_backend(tmp_path):

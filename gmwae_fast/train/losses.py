@@ -55,14 +55,48 @@ def encode_sample(model, x, gen: torch.Generator, ops: Ops, backend: str = "auto
     return mu, sigma_raw, logits, z, pi
 
 
+def mode_expectation(model, x, z, pi, cost: Callable, prune: float = 0.0) -> torch.Tensor:
+    """Batch mean of E_{k ~ q_D(k|x)} cost(x, g(z_k)) = mean_b sum_k pi_bk cost(x_b, decode(z_bk)).
+
+    x (B, 1, 28, 28); z (B, K, d); pi (B, K); ``cost(x_rows, logits_rows) -> (M,)`` per image.
+
+    ``prune = 0`` (default) decodes all B*K latents: the exact expectation. ``prune = eps > 0`` decodes only the
+    latents of the modes with pi_bk > eps (and each image's most likely mode) and renormalises pi over them:
+    sum_{k in S_b} pi_bk c_bk / sum_{k in S_b} pi_bk. Its value differs from the exact one by at most the
+    dropped mass (< K*eps per image) times the spread of the costs, and the dropped modes' logits get no
+    gradient from it (they still get the MMD's). Late in training q_D is confident (about 1.4 modes per image
+    above 1e-4 at 20 epochs), so this cuts the decodes, the bulk of a CPU step, about 5x. The decoder's batch
+    norm then sees only the kept latents.
+    """
+    B, K = pi.shape
+    if prune <= 0.0:
+        logits = model.decode(z)                                                 # (B, K, 1, 28, 28)
+        c = cost(x.unsqueeze(1).expand_as(logits).flatten(0, 1), logits.flatten(0, 1)).view(B, K)
+        return (pi * c).sum(1).mean()
+    with torch.no_grad():
+        keep = (pi > prune) | (pi == pi.amax(1, keepdim=True))
+    b_idx, k_idx = keep.nonzero(as_tuple=True)
+    c = cost(x[b_idx], model.decode(z[b_idx, k_idx]))                            # (M,)
+    w = pi * keep
+    w = w / w.sum(1, keepdim=True)
+    return (w[b_idx, k_idx] * c).sum() / B
+
+
+def _l2_cost(x, logits):
+    return (torch.sigmoid(logits) - x).pow(2).flatten(1).sum(-1)
+
+
+def _bernoulli_nll(x, logits):
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(-1)
+
+
 def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: float,
                n_prior: int, backend: str = "auto", reparam_backend: str = "auto",
-               recon_scale: float = 1.0) -> Dict[str, torch.Tensor]:
-    """recon_scale * sum_k pi_k ||x - g(z_k)||^2 + lam * MMD; ``recon`` is reported unscaled."""
+               recon_scale: float = 1.0, prune: float = 0.0) -> Dict[str, torch.Tensor]:
+    """recon_scale * sum_k pi_k ||x - g(z_k)||^2 + lam * MMD; ``recon`` is reported unscaled.
+    ``prune``: see :func:`mode_expectation`."""
     mu, sigma_raw, logits, z, pi = encode_sample(model, x, gen, ops, reparam_backend)
-    xr = torch.sigmoid(model.decode(z))                                         # (B, K, 1, 28, 28)
-    l2 = (xr - x.unsqueeze(1)).pow(2).flatten(2).sum(-1)                        # (B, K)
-    recon = (pi * l2).sum(1).mean()
+    recon = mode_expectation(model, x, z, pi, _l2_cost, prune)
     pz = prior.sample_stratified(n_prior, generator=gen)
     mmd = ops.fast_imq_mmd(z, pz, x_weights=pi, backend=backend)
     loss = recon_scale * recon + lam * mmd
@@ -84,12 +118,10 @@ def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
 
 
 def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: float,
-               reparam_backend: str = "auto") -> Dict[str, torch.Tensor]:
+               reparam_backend: str = "auto", prune: float = 0.0) -> Dict[str, torch.Tensor]:
+    """sum_k pi_k [-log p(x|z_k)] + beta * (KL_C + KL_D); ``prune``: see :func:`mode_expectation`."""
     mu, sigma_raw, logits, z, pi = encode_sample(model, x, gen, ops, reparam_backend)
-    xl = model.decode(z)                                                         # (B, K, 1, 28, 28)
-    bce = F.binary_cross_entropy_with_logits(xl, x.unsqueeze(1).expand_as(xl), reduction="none")
-    nll = bce.flatten(2).sum(-1)                                                 # (B, K)
-    rec = (pi * nll).sum(1).mean()
+    rec = mode_expectation(model, x, z, pi, _bernoulli_nll, prune)
     sigma = F.softplus(sigma_raw)
     kl_c = (pi * gaussian_kl_to_prior(mu, sigma, prior)).sum(1).mean()
     logpi = torch.log_softmax(logits, -1)
