@@ -317,7 +317,7 @@ def _mode_problem(B=7, K=5, d=3, confident=True, seed=0):
 
 @pytest.mark.parametrize("cost", ["l2", "bernoulli"])
 def test_mode_expectation_exact_and_pruned(cost):
-    from gmwae_fast.train.losses import _bernoulli_nll, _l2_cost, mode_expectation
+    from gmwae_fast.train.losses import _bernoulli_nll, _l2_cost, kept_modes, mode_expectation
     fn = {"l2": _l2_cost, "bernoulli": _bernoulli_nll}[cost]
     dec = _CountingDecoder(3)
     x, z, logits = _mode_problem()
@@ -333,6 +333,7 @@ def test_mode_expectation_exact_and_pruned(cost):
     # pruned: only the kept (b, k) are decoded, and the expectation is renormalised over them
     eps = 1e-3
     keep = (pi > eps) | (pi == pi.amax(1, keepdim=True))
+    assert torch.equal(keep, kept_modes(pi, eps))
     assert 0 < keep.sum() < B * K, "the test problem must prune something"
     w = torch.where(keep, pi, torch.zeros_like(pi))
     want = ((w / w.sum(1, keepdim=True)) * c).sum(1).mean()
@@ -372,6 +373,9 @@ def test_mode_prune_trains_and_is_recorded(tmp_path):
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["config"]["mode_prune"] == 1e-3 and math.isfinite(s["recon_l2"])
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    dec = [r["decoded_modes"] for r in recs if r["kind"] == "train"]
+    assert dec and all(1 <= v <= 10 for v in dec)
 
 
 def test_parser_defaults():

@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint as ck
 from .data import Batcher, MissingDataError, default_data_dir, load_mnist, subset
-from .losses import gmvae_loss, gmwae_loss, pretrain_loss, resolve_ops, resolved_backend
+from .losses import gmvae_loss, gmwae_loss, kept_modes, pretrain_loss, resolve_ops, resolved_backend
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
 from .priors import PRIORS, make_prior
@@ -364,6 +364,8 @@ def main(argv: Optional[list] = None) -> int:
                 pi = res["pi"]
                 rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes)
                                                  >= max(1, 0.01 * len(pi))).sum())
+                if a.mode_prune > 0:
+                    rec["decoded_modes"] = round(float(kept_modes(pi, a.mode_prune).sum(1).float().mean()), 3)
                 _append_jsonl(metrics_path, rec)
             if step % a.eval_every == 0 or step == a.steps:
                 last_eval = dict(_eval(model, x_te, y_te, prior, ops, a), step=step)

@@ -55,6 +55,12 @@ def encode_sample(model, x, gen: torch.Generator, ops: Ops, backend: str = "auto
     return mu, sigma_raw, logits, z, pi
 
 
+def kept_modes(pi: torch.Tensor, prune: float) -> torch.Tensor:
+    """(B, K) bool: the modes :func:`mode_expectation` decodes, pi_bk > prune or each row's most likely mode."""
+    with torch.no_grad():
+        return (pi > prune) | (pi == pi.amax(1, keepdim=True))
+
+
 def mode_expectation(model, x, z, pi, cost: Callable, prune: float = 0.0) -> torch.Tensor:
     """Batch mean of E_{k ~ q_D(k|x)} cost(x, g(z_k)) = mean_b sum_k pi_bk cost(x_b, decode(z_bk)).
 
@@ -73,8 +79,7 @@ def mode_expectation(model, x, z, pi, cost: Callable, prune: float = 0.0) -> tor
         logits = model.decode(z)                                                 # (B, K, 1, 28, 28)
         c = cost(x.unsqueeze(1).expand_as(logits).flatten(0, 1), logits.flatten(0, 1)).view(B, K)
         return (pi * c).sum(1).mean()
-    with torch.no_grad():
-        keep = (pi > prune) | (pi == pi.amax(1, keepdim=True))
+    keep = kept_modes(pi, prune)
     b_idx, k_idx = keep.nonzero(as_tuple=True)
     c = cost(x[b_idx], model.decode(z[b_idx, k_idx]))                            # (M,)
     w = pi * keep
