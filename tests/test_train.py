@@ -401,3 +401,21 @@ def test_profile_step_reports_each_backend(tmp_path):
         assert r["step_s"] > 0 and r["mmd_fwd_bwd_s"] > 0
         # the JSON keeps the times to 1 us and the share to 0.001 (computed before rounding)
         assert r["mmd_share"] == pytest.approx(r["mmd_fwd_bwd_s"] / r["step_s"], rel=0.01, abs=1e-3)
+
+
+@needs_data
+def test_profile_step_on_a_checkpoint_with_pruning(tmp_path):
+    """--checkpoint takes the model sizes from the run's config; --mode-prune is recorded with its decodes."""
+    from gmwae_fast.train import profile_step
+    rc, run = _run(tmp_path, "prof", "--steps", "2", *REF)
+    assert rc == 0
+    out = tmp_path / "profile.json"
+    rc = profile_step.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--data-dir", str(DATA),
+                            "--batch-size", "5", "--mode-prune", "0.05", "--backends", "cpu", "--reps", "1",
+                            "--warmup", "0", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert (res["dec_channels"], res["mode_prune"], res["images"]) == (8, 0.05, "mnist train")
+    assert 1 <= res["decoded_modes_per_image"] <= 10
+    with pytest.raises(SystemExit):
+        profile_step.main(["--mode-prune", "1.5"])

@@ -1,10 +1,15 @@
 """Share of a GM-WAE training step spent in the MMD, per backend.
 
     python -m gmwae_fast.train.profile_step --backends cpu reference      # the trainer's defaults: batch 100, width 128
+    python -m gmwae_fast.train.profile_step --checkpoint runs/.../checkpoints/last.pt --data-dir ../shared/data \
+        --mode-prune 1e-4                                                   # a trained model, late-training step
 
 For each backend: the median wall time of a full training step (encoder, gm_reparameterize, B*K decodes,
 MMD, backward, Adam) and of the MMD alone (forward + backward on tensors of the same shapes: x (B, K, d)
-with weights (B, K), y (B*K, d)); share = MMD / step. Random images (the cost does not depend on them).
+with weights (B, K), y (B*K, d)); share = MMD / step. By default a freshly initialised model on random images
+(every step then costs the same). ``--checkpoint`` profiles a trained model (sizes from its config) and
+``--data-dir`` the first B training images: with ``--mode-prune`` the decodes then depend on how confident
+q_D is, which is what a late training step costs.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import time
 
 import torch
 
-from .losses import gmwae_loss, resolve_ops
+from .losses import gmwae_loss, kept_modes, resolve_ops
 from .models import GMModel
 from .priors import make_prior
 
@@ -41,26 +46,50 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mode-prune", type=float, default=0.0, metavar="EPS", help="as the trainer's --mode-prune")
+    p.add_argument("--checkpoint", default=None, help="a trainer checkpoint: profile that model (its sizes)")
+    p.add_argument("--data-dir", default=None, help="MNIST: profile on the first B training images")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     a = p.parse_args(argv)
+    if not 0.0 <= a.mode_prune < 1.0:
+        p.error(f"--mode-prune must be in [0, 1), got {a.mode_prune}")
     if a.threads:
         torch.set_num_threads(a.threads)
     ops = resolve_ops()
-    prior = make_prior("simplex", a.modes)
-    B, K, d = a.batch_size, a.modes, prior.d
     torch.manual_seed(0)
-    model = GMModel(K, d, 64, a.dec_channels).to(memory_format=torch.channels_last)
+    if a.checkpoint:
+        from .checkpoint import load_checkpoint
+        st = load_checkpoint(a.checkpoint)
+        c = st["config"]
+        prior = make_prior(c["prior"], c["modes"], c["sigma0"], c["latent_dim"])
+        model = GMModel(c["modes"], prior.d, c["enc_channels"], c["dec_channels"], c["hidden"], c["qc_input"])
+        model.load_state_dict(st["model"])
+        a.modes, a.dec_channels = c["modes"], c["dec_channels"]
+    else:
+        prior = make_prior("simplex", a.modes)
+        model = GMModel(a.modes, prior.d, 64, a.dec_channels)
+    model = model.to(memory_format=torch.channels_last)
+    B, K, d = a.batch_size, a.modes, prior.d
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-    x = torch.rand(B, 1, 28, 28)
+    if a.data_dir:
+        from .data import load_mnist
+        x = load_mnist(a.data_dir, download=False)[0][:B].contiguous()
+    else:
+        x = torch.rand(B, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pi = torch.softmax(model.encoder(x)[2], -1)
+    decoded = float(kept_modes(pi, a.mode_prune).sum(1).float().mean()) if a.mode_prune > 0 else float(K)
     res = {"batch_size": B, "modes": K, "latent_dim": d, "dec_channels": a.dec_channels,
-           "torch_threads": torch.get_num_threads(), "reparam_backend": a.reparam_backend, "backends": {}}
+           "torch_threads": torch.get_num_threads(), "reparam_backend": a.reparam_backend,
+           "checkpoint": a.checkpoint, "images": "mnist train" if a.data_dir else "random",
+           "mode_prune": a.mode_prune, "decoded_modes_per_image": round(decoded, 3), "backends": {}}
     from gmwae_fast.backends import resolve_backend
     for be in a.backends:
         name = resolve_backend(be, "cpu")
 
         def step():
-            out = gmwae_loss(model, x, prior, gen, ops, 500.0, B * K, be, a.reparam_backend)
+            out = gmwae_loss(model, x, prior, gen, ops, 500.0, B * K, be, a.reparam_backend, prune=a.mode_prune)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
