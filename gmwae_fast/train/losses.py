@@ -70,9 +70,9 @@ def mode_expectation(model, x, z, pi, cost: Callable, prune: float = 0.0) -> tor
     latents of the modes with pi_bk > eps (and each image's most likely mode) and renormalises pi over them:
     sum_{k in S_b} pi_bk c_bk / sum_{k in S_b} pi_bk. Its value differs from the exact one by at most the
     dropped mass (< K*eps per image) times the spread of the costs, and the dropped modes' logits get no
-    gradient from it (they still get the MMD's). Late in training q_D is confident (about 1.4 modes per image
-    above 1e-4 at 20 epochs), so this cuts the decodes, the bulk of a CPU step, about 5x. The decoder's batch
-    norm then sees only the kept latents.
+    gradient from it (they still get the MMD's). q_D soon becomes confident: with eps = 1e-4 the decodes per
+    image fell from 10 to 3.5 by epoch 3 and 1.6 by epoch 20 in our MNIST runs, and a 20-epoch CPU run took
+    28 min instead of about 2.2 h. The decoder's batch norm then sees only the kept latents.
     """
     B, K = pi.shape
     if prune <= 0.0:
