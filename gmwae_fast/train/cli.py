@@ -17,17 +17,17 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import checkpoint as ck
 from .data import Batcher, MissingDataError, default_data_dir, load_mnist, subset
-from .losses import gmvae_loss, gmwae_loss, kept_modes, pretrain_loss, resolve_ops, resolved_backend
+from .losses import gmvae_loss, decodes_per_image, gmwae_loss, pretrain_loss, resolve_ops, resolved_backend
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
-from .priors import PRIORS, make_prior
+from .priors import PRIORS, GMPrior, make_prior
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -194,6 +194,14 @@ def _check_args(p: argparse.ArgumentParser, a) -> None:
         p.error(f"--train-subset ({a.train_subset}) must be >= --batch-size ({a.batch_size})")
 
 
+def prior_and_model(cfg: Dict) -> Tuple[GMPrior, GMModel]:
+    """The prior and a freshly initialised model for a trainer config (``vars(args)``, or a checkpoint's
+    ``config``), on the CPU."""
+    prior = make_prior(cfg["prior"], cfg["modes"], cfg["sigma0"], cfg["latent_dim"])
+    model = GMModel(cfg["modes"], prior.d, cfg["enc_channels"], cfg["dec_channels"], cfg["hidden"], cfg["qc_input"])
+    return prior, model
+
+
 def _config(a) -> Dict:
     return {k: v for k, v in vars(a).items() if not k.startswith("debug_")}
 
@@ -282,8 +290,8 @@ def main(argv: Optional[list] = None) -> int:
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    prior = make_prior(a.prior, a.modes, a.sigma0, a.latent_dim).to(device)
-    model = GMModel(a.modes, prior.d, a.enc_channels, a.dec_channels, a.hidden, a.qc_input).to(device)
+    prior, model = prior_and_model(vars(a))
+    prior, model = prior.to(device), model.to(device)
     model.encoder.init_to_prior(prior.means, prior.diag_stds)
     if a.channels_last == "on" or (a.channels_last == "auto" and device.type == "cpu"):
         model = model.to(memory_format=torch.channels_last)
@@ -365,7 +373,7 @@ def main(argv: Optional[list] = None) -> int:
                 rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes)
                                                  >= max(1, 0.01 * len(pi))).sum())
                 if a.mode_prune > 0:
-                    rec["decoded_modes"] = round(float(kept_modes(pi, a.mode_prune).sum(1).float().mean()), 3)
+                    rec["decoded_modes"] = decodes_per_image(pi, a.mode_prune)
                 _append_jsonl(metrics_path, rec)
             if step % a.eval_every == 0 or step == a.steps:
                 last_eval = dict(_eval(model, x_te, y_te, prior, ops, a), step=step)

@@ -61,6 +61,13 @@ def kept_modes(pi: torch.Tensor, prune: float) -> torch.Tensor:
         return (pi > prune) | (pi == pi.amax(1, keepdim=True))
 
 
+def decodes_per_image(pi: torch.Tensor, prune: float) -> float:
+    """Mean latents per image :func:`mode_expectation` decodes (K when ``prune`` is 0), to 3 decimals."""
+    if prune <= 0.0:
+        return float(pi.shape[1])
+    return round(float(kept_modes(pi, prune).sum(1).float().mean()), 3)
+
+
 def mode_expectation(model, x, z, pi, cost: Callable, prune: float = 0.0) -> torch.Tensor:
     """Batch mean of E_{k ~ q_D(k|x)} cost(x, g(z_k)) = mean_b sum_k pi_bk cost(x_b, decode(z_bk)).
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .losses import gmwae_loss, kept_modes, resolve_ops
+from .losses import decodes_per_image, gmwae_loss, resolve_ops
 from .models import GMModel
 from .priors import make_prior
 
@@ -59,17 +59,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if a.checkpoint:
         from .checkpoint import load_checkpoint
+        from .cli import prior_and_model
         st = load_checkpoint(a.checkpoint)
-        c = st["config"]
-        prior = make_prior(c["prior"], c["modes"], c["sigma0"], c["latent_dim"])
-        model = GMModel(c["modes"], prior.d, c["enc_channels"], c["dec_channels"], c["hidden"], c["qc_input"])
+        prior, model = prior_and_model(st["config"])
         model.load_state_dict(st["model"])
-        a.modes, a.dec_channels = c["modes"], c["dec_channels"]
     else:
         prior = make_prior("simplex", a.modes)
         model = GMModel(a.modes, prior.d, 64, a.dec_channels)
     model = model.to(memory_format=torch.channels_last)
-    B, K, d = a.batch_size, a.modes, prior.d
+    B, K, d = a.batch_size, model.K, prior.d
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     if a.data_dir:
         from .data import load_mnist
@@ -79,11 +77,10 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         pi = torch.softmax(model.encoder(x)[2], -1)
-    decoded = float(kept_modes(pi, a.mode_prune).sum(1).float().mean()) if a.mode_prune > 0 else float(K)
-    res = {"batch_size": B, "modes": K, "latent_dim": d, "dec_channels": a.dec_channels,
+    res = {"batch_size": B, "modes": K, "latent_dim": d, "dec_channels": model.decoder.c1,
            "torch_threads": torch.get_num_threads(), "reparam_backend": a.reparam_backend,
            "checkpoint": a.checkpoint, "images": "mnist train" if a.data_dir else "random",
-           "mode_prune": a.mode_prune, "decoded_modes_per_image": round(decoded, 3), "backends": {}}
+           "mode_prune": a.mode_prune, "decoded_modes_per_image": decodes_per_image(pi, a.mode_prune), "backends": {}}
     from gmwae_fast.backends import resolve_backend
     for be in a.backends:
         name = resolve_backend(be, "cpu")
