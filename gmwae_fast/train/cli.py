@@ -24,7 +24,9 @@ import torch
 
 from . import checkpoint as ck
 from .data import Batcher, MissingDataError, default_data_dir, load_mnist, subset
-from .losses import gmvae_loss, decodes_per_image, gmwae_loss, pretrain_loss, resolve_ops, resolved_backend
+from .augment import AffineRange
+from .losses import (add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, pretrain_loss, resolve_ops,
+                     resolved_backend)
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
 from .priors import PRIORS, GMPrior, make_prior
@@ -118,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode only the modes with q_D(k|x) > EPS (and the most likely one) and renormalise the "
                         "reconstruction expectation over them; 0 decodes all K modes (the exact objective). 1e-4 "
                         "ran 20 epochs on a 2-core CPU in 28 min instead of about 2.2 h: see results/README.md")
+    g = p.add_argument_group("augmentation consistency (beyond the paper; off by default)")
+    g.add_argument("--consistency", type=_nonneg_float, default=0.0, metavar="GAMMA",
+                   help="add GAMMA * KL(q_D(.|x) || q_D(.|warp(x))) to the loss, warp a random affine map, no gradient "
+                        "through the clean view (gmwae_fast/train/augment.py); 0 = the paper's objective")
+    g.add_argument("--aug-rotate", type=_nonneg_float, default=15.0, metavar="DEG", help="rotation U(-DEG, DEG)")
+    g.add_argument("--aug-shear", type=_nonneg_float, default=0.3, help="shear x += s*y, s ~ U(-S, S)")
+    g.add_argument("--aug-scale", type=_nonneg_float, default=0.1, help="scale U(1-A, 1+A), A < 1")
+    g.add_argument("--aug-translate", type=_nonneg_float, default=2.0, metavar="PX",
+                   help="translation U(-PX, PX) pixels per axis")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default=None, help="output directory (default runs/<model>_<prior>_seed<seed>)")
@@ -186,6 +197,8 @@ def _check_args(p: argparse.ArgumentParser, a) -> None:
         p.error(f"--init-from: no such checkpoint {a.init_from!r}")
     if a.mode_prune >= 1.0:
         p.error(f"--mode-prune ({a.mode_prune}) must be below 1 (0 disables it)")
+    if a.aug_scale >= 1.0:
+        p.error(f"--aug-scale ({a.aug_scale}) must be below 1")
     if a.lr_decay_from is not None and a.lr_decay_from >= a.steps:
         p.error(f"--lr-decay-from ({a.lr_decay_from}) must be below --steps ({a.steps})")
     if a.lr_final > a.lr:
@@ -368,7 +381,7 @@ def main(argv: Optional[list] = None) -> int:
                 stop.requested = True          # behaves exactly like a first Ctrl-C after this step
             if step % a.log_every == 0 or step == a.steps:
                 rec = {"kind": "train", "step": step, "epoch": round(batcher.epoch_of(step), 4), "lr": lr,
-                       **{k: float(v.detach()) for k, v in res.items() if k != "pi"}}
+                       **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits")}}
                 pi = res["pi"]
                 rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes)
                                                  >= max(1, 0.01 * len(pi))).sum())
@@ -458,10 +471,16 @@ def _eval(model, x_te, y_te, prior, ops, a):
 
 def _make_loss_fn(a, prior, gen, ops, n_prior):
     if a.model == "gmwae":
-        def fn(model, x):
+        def base(model, x):
             return gmwae_loss(model, x, prior, gen, ops, a.lam, n_prior, a.mmd_backend, a.reparam_backend,
                               a.recon_scale, a.mode_prune)
     else:
-        def fn(model, x):
+        def base(model, x):
             return gmvae_loss(model, x, prior, gen, ops, a.beta, a.reparam_backend, a.mode_prune)
+    if a.consistency == 0:
+        return base
+    warp = AffineRange(a.aug_rotate, a.aug_shear, a.aug_scale, a.aug_translate)
+
+    def fn(model, x):
+        return add_consistency(base(model, x), model, x, gen, a.consistency, warp)
     return fn

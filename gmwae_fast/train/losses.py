@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .augment import AffineRange, consistency_kl, random_affine
 from .priors import GMPrior
 
 @dataclass
@@ -112,7 +113,7 @@ def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: fl
     pz = prior.sample_stratified(n_prior, generator=gen)
     mmd = ops.fast_imq_mmd(z, pz, x_weights=pi, backend=backend)
     loss = recon_scale * recon + lam * mmd
-    return {"loss": loss, "recon": recon.detach(), "mmd": mmd.detach(), "pi": pi.detach()}
+    return {"loss": loss, "recon": recon.detach(), "mmd": mmd.detach(), "pi": pi.detach(), "logits": logits.detach()}
 
 
 def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
@@ -140,7 +141,16 @@ def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: f
     kl_d = (pi * (logpi + math.log(model.K))).sum(1).mean()
     loss = rec + beta * (kl_c + kl_d)
     return {"loss": loss, "recon": rec.detach(), "kl_c": kl_c.detach(), "kl_d": kl_d.detach(),
-            "pi": pi.detach()}
+            "pi": pi.detach(), "logits": logits.detach()}
+
+
+def add_consistency(res: Dict[str, torch.Tensor], model, x, gen: torch.Generator, gamma: float,
+                    warp: AffineRange) -> Dict[str, torch.Tensor]:
+    """Adds ``gamma * consistency_kl(q_D(x), q_D(random_affine(x)))`` to the loss ``res`` of
+    :func:`gmwae_loss` / :func:`gmvae_loss` for the batch ``x`` and records the KL as ``res["consistency"]``
+    (see :mod:`.augment`; one extra pass of the q_D conv net, the warp drawn from ``gen``)."""
+    kl = consistency_kl(res["logits"], model.encoder.q_d_logits(random_affine(x, gen, warp)))
+    return dict(res, loss=res["loss"] + gamma * kl, consistency=kl.detach())
 
 
 def pretrain_loss(model, x, prior: GMPrior):

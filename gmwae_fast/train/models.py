@@ -61,6 +61,10 @@ class Encoder(nn.Module):
         self.b3[:, : self.d] = means
         self.b3[:, self.d:] = torch.log(torch.expm1(stds.clamp_min(1e-4)))
 
+    def q_d_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the q_D head: x (B, 1, 28, 28) -> logits (B, K)."""
+        return self.logits(self.trunk(x))
+
     def forward(self, x: torch.Tensor):
         h = self.trunk(x)                                                   # (B, F)
         logits = self.logits(h)                                             # (B, K)
