@@ -119,6 +119,16 @@ def test_protocol_greedy_order_matters():
     assert acc2 == pytest.approx(5 / 6)
 
 
+def test_usage_kl_label_free_balance():
+    from gmwae_fast.train.metrics import usage_kl
+    K = 4
+    assert usage_kl(np.eye(K)[np.arange(8) % K]) == 0.0                         # equal mode sizes
+    assert math.isclose(usage_kl(np.eye(K)[np.zeros(5, int)]), math.log(K))       # everything in one mode
+    probs = np.eye(K)[[0, 0, 0, 1, 1, 2]] * 0.7 + 0.075                          # sizes 3, 2, 1, 0 of 6
+    u = np.array([3, 2, 1]) / 6
+    assert math.isclose(usage_kl(probs), float((u * np.log(K * u)).sum()), rel_tol=1e-12)
+
+
 def test_active_modes_threshold():
     probs = np.zeros((1000, 10))
     probs[:985, 0] = 1
@@ -202,8 +212,8 @@ def test_tiny_end_to_end_with_figures(tmp_path):
     rc, out = _run(tmp_path, "e2e", "--steps", "6", figures=True)
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
-    for k in ("test_accuracy", "active_modes", "recon_l2", "bernoulli_nll", "mmd", "steps", "wall_s", "device",
-              "mmd_backend", "config"):
+    for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll", "mmd", "steps", "wall_s",
+              "device", "mmd_backend", "config"):
         assert k in s
     assert s["steps"] == 6 and 0 <= s["test_accuracy"] <= 1 and 1 <= s["active_modes"] <= 10
     assert s["mmd_backend"] not in ("", None, "auto")
