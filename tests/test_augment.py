@@ -1,8 +1,10 @@
-"""The augmentation-consistency term (gmwae_fast/train/augment.py): warps and KL against float64 references."""
+"""The q_D regularisers beyond the paper: augmentation consistency (gmwae_fast/train/augment.py) and the mode
+balance term (losses.add_balance), against float64 references."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +111,20 @@ def test_add_consistency_adds_gamma_kl_and_trains_the_q_d_net():
     assert model.encoder.trunk[0].weight.grad.abs().sum() > 0 and model.encoder.logits.weight.grad.abs().sum() > 0
     assert model.decoder.fc[0].weight.grad is None               # only q_D is involved
     assert math.isfinite(out["loss"].item())
+
+
+def test_add_balance_value_and_gradient_against_float64_references():
+    from gmwae_fast.train.losses import add_balance
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    out = add_balance({"loss": torch.tensor(1.5, dtype=torch.float64), "logits": logits}, 4.0)
+    pbar = torch.softmax(logits.detach(), -1).mean(0).numpy()
+    ref = float((pbar * np.log(5 * pbar)).sum())
+    assert math.isclose(out["balance"].item(), ref, rel_tol=1e-12)
+    assert math.isclose(out["loss"].item(), 1.5 + 4.0 * ref, rel_tol=1e-12)
+    assert torch.autograd.gradcheck(lambda l: add_balance({"loss": l.sum() * 0, "logits": l}, 4.0)["loss"], (logits,))
+    # equal use of the modes is the minimum: zero value and zero gradient
+    even = torch.zeros(6, 3, dtype=torch.float64, requires_grad=True)
+    out = add_balance({"loss": torch.zeros((), dtype=torch.float64), "logits": even}, 1.0)
+    out["loss"].backward()
+    assert abs(out["balance"].item()) < 1e-15 and even.grad.abs().max() < 1e-15

@@ -179,7 +179,7 @@ def _run(tmp_path, name, *extra, figures=False):
     ["--prior", "rot2d", "--latent-dim", "5"], ["--dataset", "cifar"],
     ["--steps", "100", "--lr-decay-from", "100"], ["--lr", "1e-4", "--lr-final", "1e-3"], ["--lr-final", "-1"],
     ["--mode-prune", "1"], ["--mode-prune", "-0.1"], ["--consistency", "-1"], ["--aug-scale", "1"],
-    ["--aug-rotate", "nan"],
+    ["--aug-rotate", "nan"], ["--balance", "-2"],
 ])
 def test_invalid_options_are_argparse_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
@@ -248,9 +248,9 @@ def _final_state(out):
 
 
 @needs_data
-@pytest.mark.parametrize("extra", [[], ["--consistency", "5"]], ids=["paper", "consistency"])
+@pytest.mark.parametrize("extra", [[], ["--consistency", "5", "--balance", "3"]], ids=["paper", "regularised"])
 def test_resume_is_identical_to_uninterrupted(tmp_path, extra):
-    """Also with the augmentation-consistency term, whose warps come from the checkpointed generator."""
+    """Also with the q_D regularisers: the consistency warps come from the checkpointed generator."""
     common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3", "--lr-decay-from", "4", *REF, *extra]
     rc, full = _run(tmp_path, "full", *common)
     assert rc == 0
@@ -270,9 +270,10 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, extra):
     mb = (part / "metrics.jsonl").read_text()
     assert ma == mb
     train = [json.loads(l) for l in ma.splitlines() if json.loads(l)["kind"] == "train"]
-    assert all(("consistency" in r) == bool(extra) for r in train)
-    if extra:
-        assert all(r["consistency"] > 0 for r in train)
+    for key in ("consistency", "balance"):
+        assert all((key in r) == bool(extra) for r in train)
+        if extra:
+            assert all(r[key] > 0 for r in train)
     lrs = [r["lr"] for r in train]
     # logged at steps 2, 4 (updates 1, 3: constant), 6, 8, 9 (updates 5, 7, 8: annealed)
     assert lrs[:2] == [5e-4, 5e-4] and all(x > y for x, y in zip(lrs[1:], lrs[2:])), lrs
@@ -400,7 +401,7 @@ def test_parser_defaults():
     assert (a.model, a.prior, a.lr, a.lam, a.modes, a.mmd_backend) == ("gmwae", "simplex", 5e-4, 500.0, 10, "auto")
     # the paper's settings (section 3): squared-L2 cost without rescaling, batch 100, decoder width 128
     assert (a.recon_scale, a.batch_size, a.dec_channels) == (1.0, 100, 128)
-    assert a.mode_prune == 0.0 and a.consistency == 0.0   # the paper's exact objective unless asked
+    assert a.mode_prune == 0.0 and a.consistency == 0.0 and a.balance == 0.0   # the paper's exact objective unless asked
 
 
 def test_profile_step_reports_each_backend(tmp_path):

@@ -25,8 +25,8 @@ import torch
 from . import checkpoint as ck
 from .data import Batcher, MissingDataError, default_data_dir, load_mnist, subset
 from .augment import AffineRange
-from .losses import (add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, pretrain_loss, resolve_ops,
-                     resolved_backend)
+from .losses import (add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, pretrain_loss,
+                     resolve_ops, resolved_backend)
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
 from .priors import PRIORS, GMPrior, make_prior
@@ -120,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode only the modes with q_D(k|x) > EPS (and the most likely one) and renormalise the "
                         "reconstruction expectation over them; 0 decodes all K modes (the exact objective). 1e-4 "
                         "ran 20 epochs on a 2-core CPU in 28 min instead of about 2.2 h: see results/README.md")
-    g = p.add_argument_group("augmentation consistency (beyond the paper; off by default)")
+    g = p.add_argument_group("q_D regularisers (beyond the paper; off by default)")
     g.add_argument("--consistency", type=_nonneg_float, default=0.0, metavar="GAMMA",
                    help="add GAMMA * KL(q_D(.|x) || q_D(.|warp(x))) to the loss, warp a random affine map, no gradient "
                         "through the clean view (gmwae_fast/train/augment.py); 0 = the paper's objective")
+    g.add_argument("--balance", type=_nonneg_float, default=0.0, metavar="W",
+                   help="add W * KL(batch mean of q_D || uniform) to the loss (losses.add_balance); 0 = off")
     g.add_argument("--aug-rotate", type=_nonneg_float, default=15.0, metavar="DEG", help="rotation U(-DEG, DEG)")
     g.add_argument("--aug-shear", type=_nonneg_float, default=0.3, help="shear x += s*y, s ~ U(-S, S)")
     g.add_argument("--aug-scale", type=_nonneg_float, default=0.1, help="scale U(1-A, 1+A), A < 1")
@@ -477,10 +479,13 @@ def _make_loss_fn(a, prior, gen, ops, n_prior):
     else:
         def base(model, x):
             return gmvae_loss(model, x, prior, gen, ops, a.beta, a.reparam_backend, a.mode_prune)
-    if a.consistency == 0:
-        return base
     warp = AffineRange(a.aug_rotate, a.aug_shear, a.aug_scale, a.aug_translate)
 
     def fn(model, x):
-        return add_consistency(base(model, x), model, x, gen, a.consistency, warp)
+        res = base(model, x)
+        if a.consistency:
+            res = add_consistency(res, model, x, gen, a.consistency, warp)
+        if a.balance:
+            res = add_balance(res, a.balance)
+        return res
     return fn

@@ -113,7 +113,7 @@ def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: fl
     pz = prior.sample_stratified(n_prior, generator=gen)
     mmd = ops.fast_imq_mmd(z, pz, x_weights=pi, backend=backend)
     loss = recon_scale * recon + lam * mmd
-    return {"loss": loss, "recon": recon.detach(), "mmd": mmd.detach(), "pi": pi.detach(), "logits": logits.detach()}
+    return {"loss": loss, "recon": recon.detach(), "mmd": mmd.detach(), "pi": pi.detach(), "logits": logits}
 
 
 def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
@@ -141,7 +141,7 @@ def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: f
     kl_d = (pi * (logpi + math.log(model.K))).sum(1).mean()
     loss = rec + beta * (kl_c + kl_d)
     return {"loss": loss, "recon": rec.detach(), "kl_c": kl_c.detach(), "kl_d": kl_d.detach(),
-            "pi": pi.detach(), "logits": logits.detach()}
+            "pi": pi.detach(), "logits": logits}
 
 
 def add_consistency(res: Dict[str, torch.Tensor], model, x, gen: torch.Generator, gamma: float,
@@ -151,6 +151,17 @@ def add_consistency(res: Dict[str, torch.Tensor], model, x, gen: torch.Generator
     (see :mod:`.augment`; one extra pass of the q_D conv net, the warp drawn from ``gen``)."""
     kl = consistency_kl(res["logits"], model.encoder.q_d_logits(random_affine(x, gen, warp)))
     return dict(res, loss=res["loss"] + gamma * kl, consistency=kl.detach())
+
+
+def add_balance(res: Dict[str, torch.Tensor], weight: float) -> Dict[str, torch.Tensor]:
+    """Adds ``weight * KL(pbar || uniform)`` to the loss ``res`` of :func:`gmwae_loss` / :func:`gmvae_loss`,
+    pbar = the batch mean of q_D(.|x) (with gradient through ``res["logits"]``), and records the KL as
+    ``res["balance"]``. Beyond the paper: the MMD sees only z, so the continuous encoders can hide unequal mode
+    sizes from it (a mode holding two classes puts some of its latents near another mode's prior mean); this
+    asks q_D itself to use the modes equally, as the uniform prior p_D says."""
+    pbar = torch.softmax(res["logits"], -1).mean(0)
+    kl = (pbar * torch.log(pbar * pbar.numel()).clamp_min(-1e4)).sum()
+    return dict(res, loss=res["loss"] + weight * kl, balance=kl.detach())
 
 
 def pretrain_loss(model, x, prior: GMPrior):
