@@ -419,8 +419,8 @@ def main(argv: Optional[list] = None) -> int:
         _append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": round(batcher.epoch_of(step), 4),
                                      **{k: v for k, v in last_eval.items()
                                         if k not in ("heatmap", "class_to_mode", "step")}})
-    summary = {k: last_eval[k] for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll", "mmd",
-                                         "mode_usage", "class_to_mode")}
+    summary = {k: last_eval[k] for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll",
+                                         "mmd", "mode_usage", "class_to_mode")}
     summary.update({"model": a.model, "prior": a.prior, "steps": step,
                     "epochs": round(batcher.epoch_of(step), 3), "wall_s": round(wall, 2),
                     "sec_per_step": round(wall / max(step, 1), 4), "device": str(device),
