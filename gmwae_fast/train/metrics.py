@@ -52,11 +52,15 @@ def protocol_accuracy(probs, labels, n_classes: int = 10) -> Tuple[float, Dict[i
     return float((pred == labels).mean()), c2m, M
 
 
+def mode_sizes(probs) -> np.ndarray:
+    """(K,) number of images whose argmax of q_D(k|x) is mode k; ``probs`` (N, K)."""
+    probs = np.asarray(probs)
+    return np.bincount(probs.argmax(1), minlength=probs.shape[1])
+
+
 def active_modes(probs, threshold: float = 0.01) -> int:
     """Number of modes that are the argmax of q_D(k|x) for at least ``threshold`` of the images."""
-    probs = np.asarray(probs)
-    counts = np.bincount(probs.argmax(1), minlength=probs.shape[1])
-    return int((counts >= threshold * len(probs)).sum())
+    return int((mode_sizes(probs) >= threshold * len(probs)).sum())
 
 
 def usage_kl(probs) -> float:
@@ -64,10 +68,9 @@ def usage_kl(probs) -> float:
     the mode sizes are from the uniform prior p_D, without labels (0 = equal sizes, log K = one mode). A
     merge of two classes into one mode shows here; in our consistency runs it ranked the seeds' final accuracy
     from step 500 on (results/README.md)."""
-    probs = np.asarray(probs)
-    u = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
+    u = mode_sizes(probs) / len(probs)
     nz = u > 0
-    return float((u[nz] * np.log(probs.shape[1] * u[nz])).sum())
+    return float((u[nz] * np.log(len(u) * u[nz])).sum())
 
 
 @torch.no_grad()
@@ -98,7 +101,7 @@ def evaluate(model, x_test, y_test, prior, ops, backend: str = "auto", reparam_b
         acc, c2m, M = protocol_accuracy(probs, labels)
         out = {"test_accuracy": acc, "active_modes": active_modes(probs),
                "usage_kl": usage_kl(probs), "class_to_mode": c2m,
-               "heatmap": M.tolist(), "mode_usage": np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist()}
+               "heatmap": M.tolist(), "mode_usage": mode_sizes(probs).tolist()}
         n = min(n_recon, len(x_test))
         g = torch.Generator(device=dev).manual_seed(seed)
         xs = x_test[:n].to(dev)
