@@ -49,6 +49,18 @@ def test_simplex_prior_lower_dim():
         make_prior("simplex", 10, 1.0, latent_dim=5)
 
 
+@pytest.mark.parametrize("K,d", [(9, 10), (7, 12)])
+def test_simplex_prior_higher_dim(K, d):
+    """d > K: the K-1 dimensional simplex padded with zero coordinates (d x d covariances)."""
+    p = make_prior("simplex", K, 0.5, latent_dim=d)
+    assert p.means.shape == (K, d) and p.d == d and p.chol.shape == (K, d, d)
+    D = torch.cdist(p.means.double(), p.means.double())
+    off = D[~torch.eye(K, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, 2.0), atol=1e-5)
+    assert p.means.double().mean(0).abs().max() < 1e-6
+    assert p.sample(5, generator=torch.Generator().manual_seed(0)).shape == (5, d)
+
+
 def test_rot2d_prior_geometry():
     p = rot2d_prior(10)
     assert p.means.shape == (10, 2)

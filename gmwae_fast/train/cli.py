@@ -3,7 +3,11 @@
     python -m gmwae_fast.train --model gmwae --prior simplex --data-dir ../shared/data --steps 600 --out runs/x
 
 Outputs under --out: metrics.jsonl (one JSON object per log/eval), summary.json, checkpoints/last.pt
-(atomic, every --ckpt-every steps, at the end and on Ctrl-C) and figures/*.png.
+(atomic and checksummed, every --ckpt-every steps, at the end and on Ctrl-C) and figures/*.png.
+``--recipe robust`` bundles the q_D regularisers, mode pruning and a final annealing (explicit options win);
+``--resume`` refuses options that differ from the checkpoint's except those in ``RESUME_MAY_CHANGE``.
+Exit status: 0, 2 (invalid options, or one ``error:`` line for unusable data / checkpoint / output directory /
+backend), 3 (diverged), 130 (interrupted).
 """
 from __future__ import annotations
 
@@ -15,15 +19,17 @@ import platform
 import random
 import signal
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 
 from . import checkpoint as ck
-from .data import Batcher, MissingDataError, default_data_dir, load_mnist, subset
+from .data import Batcher, InvalidDataError, MissingDataError, default_data_dir, load_mnist, subset
 from .augment import AffineRange
 from .losses import (add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, pretrain_loss,
                      resolve_ops, resolved_backend)
@@ -37,7 +43,11 @@ KNOWN_BACKENDS = ("auto", "reference", "cpu", "cpp", "cuda", "triton")
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """Training produced a non-finite loss or non-finite values at ``step``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def _positive_int(s: str) -> int:
@@ -92,34 +102,65 @@ def _backend(s: str) -> str:
     return s
 
 
+#: Option bundles for ``--recipe``: dest -> value, or a function of the parsed options. "paper" changes nothing.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "paper": {},
+    "robust": {"consistency": 50.0, "balance": 100.0, "mode_prune": 1e-4,
+               "lr_decay_from": lambda a: int(0.75 * a.steps), "lr_final": 0.0},
+}
+#: Options that may differ from the checkpoint's on --resume (they do not change what the run computes, or
+#: change only its length and the end of its learning-rate schedule).
+RESUME_MAY_CHANGE = ("steps", "lr_decay_from", "lr_final", "log_every", "eval_every", "ckpt_every", "threads",
+                     "no_progress", "progress_seconds", "no_figures", "no_kmeans", "out", "data_dir", "no_download",
+                     "recipe")
+#: Options that only concern how a run starts or resumes; never compared.
+_NOT_COMPARED = ("resume", "allow_config_change", "init_from")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _recipes_help() -> str:
+    def show(v):
+        return "0.75*steps" if callable(v) else f"{v:g}"
+    lines = ["recipes (--recipe; an option given on the command line overrides the recipe's value):"]
+    for name, opts in RECIPES.items():
+        body = " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in opts.items())
+        lines.append(f"  {name:7s} {body or 'the paper objective and settings: changes nothing'}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gmwae_fast.train",
                                 description="Train a GM-WAE (or the GM-VAE baseline) on MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=_recipes_help(), formatter_class=_HelpFormatter)
     p.add_argument("--model", choices=("gmwae", "gmvae"), default="gmwae")
     p.add_argument("--prior", choices=PRIORS, default="simplex")
     p.add_argument("--dataset", choices=("mnist",), default="mnist")
     p.add_argument("--data-dir", default=None,
                    help="directory holding MNIST/raw (default: $GMWAE_DATA, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
+                   help="a bundle of defaults (see the recipes below); options given explicitly override it")
     p.add_argument("--steps", type=_positive_int, default=600,
-                   help="training steps after pretraining (600 steps of 100 images: about 7 min on a 2-core "
-                        "CPU; the paper's 20 epochs are 12000 steps at batch 100)")
-    p.add_argument("--batch-size", type=_positive_int, default=100, help="images per step (the paper's 100)")
+                   help="training steps after pretraining (the paper's 20 epochs are 12000 steps at batch 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=100,
+                   help="images per step, at least 2 (the paper's 100)")
     p.add_argument("--lr", type=_positive_float, default=5e-4)
     p.add_argument("--lr-decay-from", type=_nonneg_int, default=None, metavar="STEP",
                    help="from this step on, the learning rate falls along a half cosine from --lr to --lr-final "
-                        "at --steps (default: constant --lr). Set it when resuming to anneal a finished run.")
+                        "at --steps (default: constant --lr; --recipe robust: 0.75 * --steps). Set it when resuming "
+                        "to anneal a finished run.")
     p.add_argument("--lr-final", type=_nonneg_float, default=0.0, help="learning rate at --steps with --lr-decay-from")
     p.add_argument("--lam", type=_nonneg_float, default=500.0, help="MMD weight (GM-WAE)")
     p.add_argument("--recon-scale", type=_positive_float, default=1.0,
                    help="GM-WAE cost c(x,y) = recon_scale * ||x-y||^2 (1: the paper's squared L2; the WAE code's "
-                        "l2sq is 0.05, which left q_D to the MMD and clustered worse: see results/README.md)")
+                        "l2sq cost is 0.05)")
     p.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL terms (GM-VAE)")
     p.add_argument("--mode-prune", type=_nonneg_float, default=0.0, metavar="EPS",
                    help="decode only the modes with q_D(k|x) > EPS (and the most likely one) and renormalise the "
-                        "reconstruction expectation over them; 0 decodes all K modes (the exact objective). 1e-4 "
-                        "ran 20 epochs on a 2-core CPU in 28 min instead of about 2.2 h: see results/README.md")
+                        "reconstruction expectation over them; 0 decodes all K modes (the exact objective)")
     g = p.add_argument_group("q_D regularisers (beyond the paper; off by default)")
     g.add_argument("--consistency", type=_nonneg_float, default=0.0, metavar="GAMMA",
                    help="add GAMMA * KL(q_D(.|x) || q_D(.|warp(x))) to the loss, warp a random affine map, no gradient "
@@ -134,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default=None, help="output directory (default runs/<model>_<prior>_seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoints/last.pt; options that change the run must match the "
+                        "checkpoint's, except " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume, accept other differences from the checkpoint's options (recorded in "
+                        "metrics.jsonl as a 'resume' record); the network sizes must still match")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="initialise the networks from a trained checkpoint (e.g. GM-VAE from a GM-WAE)")
     p.add_argument("--mmd-backend", type=_backend, default="auto", help="backend of gmwae_fast.fast_imq_mmd")
@@ -147,11 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigma0", type=_positive_float, default=1.0, help="simplex prior std (means 4*sigma0 apart)")
     g.add_argument("--enc-channels", type=_positive_int, default=64, help="widest encoder conv layer")
     g.add_argument("--dec-channels", type=_positive_int, default=128,
-                   help="widest decoder layer (the paper's 128; 64 halves the CPU cost of the B*K decodes but "
-                        "clusters worse: see results/README.md)")
+                   help="widest decoder layer (the paper's 128)")
     g.add_argument("--hidden", type=_positive_int, default=32, help="hidden units of the q_C dense nets")
     g.add_argument("--prior-samples", type=_positive_int, default=None,
-                   help="prior samples per MMD estimate, modes taken in turn (default: batch size x K)")
+                   help="prior samples per MMD estimate, at least 2, modes taken in turn (default: batch size x K)")
     g.add_argument("--qc-input", choices=("pixels", "features"), default="pixels",
                    help="what the per-mode q_C dense nets read: pixels, or the q_D conv features")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
@@ -169,11 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on only N test images")
     g.add_argument("--no-kmeans", action="store_true", help="skip the k-means-on-pixels baseline")
     g.add_argument("--no-figures", action="store_true")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress output (by default a tqdm bar when stderr is a terminal, otherwise plain lines)")
+    g.add_argument("--progress-seconds", type=_nonneg_float, default=30.0, metavar="S",
+                   help="without a terminal: at most one progress line per S seconds, at --log-every steps (and at "
+                        "the first and last step)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     p.add_argument("--debug-nan-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-interrupt-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-nan-weight-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def explicit_options(argv: List[str]) -> Set[str]:
+    """The option names (dests) given explicitly in ``argv``."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def apply_recipe(a: argparse.Namespace, explicit: Set[str]) -> None:
+    """Sets the options of ``RECIPES[a.recipe]`` that were not given explicitly (in place)."""
+    for dest, value in RECIPES[a.recipe].items():
+        if dest not in explicit:
+            setattr(a, dest, value(a) if callable(value) else value)
 
 
 def lr_at(step: int, a) -> float:
@@ -205,6 +270,13 @@ def _check_args(p: argparse.ArgumentParser, a) -> None:
         p.error(f"--lr-decay-from ({a.lr_decay_from}) must be below --steps ({a.steps})")
     if a.lr_final > a.lr:
         p.error(f"--lr-final ({a.lr_final}) must not exceed --lr ({a.lr})")
+    if a.batch_size < 2:
+        p.error("--batch-size must be at least 2 (the networks' batch norm needs 2 images per batch)")
+    if a.prior_samples is not None and a.prior_samples < 2:
+        p.error("--prior-samples must be at least 2 (the unbiased MMD needs 2 prior samples)")
+    for opt in ("test_subset", "eval_recon"):
+        if getattr(a, opt) is not None and getattr(a, opt) < 2:
+            p.error(f"--{opt.replace('_', '-')} must be at least 2 (the evaluation's MMD needs 2 images)")
     if a.train_subset is not None and a.train_subset < a.batch_size:
         p.error(f"--train-subset ({a.train_subset}) must be >= --batch-size ({a.batch_size})")
 
@@ -271,179 +343,460 @@ def _machine_info(device) -> Dict:
     return info
 
 
+class RunError(RuntimeError):
+    """A problem with the inputs or the environment found while running: one ``error:`` line, exit status 2."""
+
+
+#: The options that fix the networks' shapes (latent_dim resolved to the prior's dimension).
+ARCH_OPTIONS = ("modes", "latent_dim", "enc_channels", "dec_channels", "hidden", "qc_input")
+
+
+def _parser_defaults() -> Dict:
+    return _config(build_parser().parse_args([]))
+
+
+def config_changes(saved: Dict, now: Dict) -> Dict[str, List]:
+    """{option: [checkpoint's value, current value]} for each current option whose value differs from the
+    checkpoint's config (an option an older checkpoint lacks counts as having its default)."""
+    defaults = _parser_defaults()
+    out = {}
+    for k in sorted(now):
+        if k in _NOT_COMPARED or k.startswith("debug_"):
+            continue
+        old = saved.get(k, defaults.get(k))
+        if old != now[k]:
+            out[k] = [old, now[k]]
+    return out
+
+
+def _arch(cfg: Dict) -> Dict:
+    c = {**_parser_defaults(), **cfg}
+    d = make_prior(c["prior"], c["modes"], c["sigma0"], c["latent_dim"]).d
+    return {k: (d if k == "latent_dim" else c[k]) for k in ARCH_OPTIONS}
+
+
+def arch_differences(saved: Dict, now: Dict) -> List[str]:
+    """``--option X in the checkpoint, Y now`` for each option of ``ARCH_OPTIONS`` whose value differs."""
+    a, b = _arch(saved), _arch(now)
+    return [_describe(k, a[k], b[k]) for k in ARCH_OPTIONS if a[k] != b[k]]
+
+
+def _describe(key: str, old, new) -> str:
+    return f"--{key.replace('_', '-')} {old} in the checkpoint, {new} now"
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds (the trainer's functions read and update it)."""
+    a: argparse.Namespace
+    device: torch.device
+    out: Path
+    ops: Any = None
+    prior: Any = None
+    model: Any = None
+    opt: Any = None
+    gen: Any = None
+    batcher: Any = None
+    data: Tuple = ()
+    step: int = 0
+    wall_prev: float = 0.0
+    wall: float = 0.0
+    last_eval: Optional[Dict] = None
+    saved_step: Optional[int] = None      # step of the checkpoint this run wrote or resumed from
+    mmd_backend_used: str = ""
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / ck.CKPT_NAME
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
 def main(argv: Optional[list] = None) -> int:
+    """``python -m gmwae_fast.train``. Returns 0, 2 (a clear ``error:`` line: unusable data, checkpoint, output
+    directory, backend or resume options), EXIT_DIVERGED (3) or EXIT_INTERRUPTED (130); invalid options exit 2
+    through argparse."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
+    apply_recipe(a, explicit_options(argv))
     _check_args(parser, a)
+    out = Path(a.out or f"runs/{a.model}_{a.prior}_seed{a.seed}")
+    if a.resume and not (out / "checkpoints" / ck.CKPT_NAME).is_file():
+        parser.error(f"--resume: no checkpoint at {out / 'checkpoints' / ck.CKPT_NAME}")
+    try:
+        return _main(a, out)
+    except (RunError, ck.CheckpointError, MissingDataError, InvalidDataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(a, out: Path) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if (a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()))
                           else "cpu")
-    out = Path(a.out or f"runs/{a.model}_{a.prior}_seed{a.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoints" / ck.CKPT_NAME
-    metrics_path = out / "metrics.jsonl"
-    if a.resume and not ckpt_path.exists():
-        parser.error(f"--resume: no checkpoint at {ckpt_path}")
+    r = _Run(a, device, out)
+    _prepare_out(r)
+    saved = _load_for_resume(r) if a.resume else None
+    _resolve_ops(r)
+    _load_data(r)
+    _build(r)
+    try:
+        if saved is None:
+            _start(r)
+        else:
+            _restore(r, *saved)
+        rc = _train_loop(r)
+    except TrainingDiverged as e:
+        return _diverged(r, e)
+    return rc if rc else _finish(r)
 
+
+def _prepare_out(r: _Run) -> None:
+    """Creates --out/checkpoints, checks that it is writable, removes temporaries of killed checkpoint writes."""
+    if r.out.exists() and not r.out.is_dir():
+        raise RunError(f"--out {r.out} exists and is not a directory")
     try:
-        ops = resolve_ops()
+        r.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=r.ckpt_path.parent) as f:
+            f.write(b"probe")
+    except OSError as e:
+        raise RunError(f"--out {r.out} is not a writable directory ({e.strerror or e})") from e
+    n = ck.remove_stale_temporaries(r.ckpt_path)
+    if n:
+        print(f"removed {n} temporary file(s) of interrupted checkpoint writes in {r.ckpt_path.parent}",
+              file=sys.stderr)
+
+
+def _load_for_resume(r: _Run) -> Tuple[Dict, Dict]:
+    """The verified checkpoint and the option changes it is resumed with; RunError for changes not allowed."""
+    st = ck.load_checkpoint(r.ckpt_path, map_location=r.device)
+    if not all(k in st for k in ("model", "optimizer", "rng", "step", "config")):
+        raise ck.CheckpointError(f"{r.ckpt_path} is not a trainer checkpoint (it lacks the model, optimizer, rng, "
+                                 f"step or config entry)")
+    now = _config(r.a)
+    arch = arch_differences(st["config"], now)
+    if arch:
+        raise RunError(f"--resume: the checkpoint's networks have other sizes: {'; '.join(arch)}")
+    changes = config_changes(st["config"], now)
+    forced = [k for k in changes if k not in RESUME_MAY_CHANGE]
+    if forced and not r.a.allow_config_change:
+        raise RunError(f"--resume: {r.ckpt_path} was written with other options: "
+                       + "; ".join(_describe(k, *changes[k]) for k in forced)
+                       + ". Pass the checkpoint's values, or --allow-config-change to continue with the new ones")
+    return st, changes
+
+
+def _resolve_ops(r: _Run) -> None:
+    try:
+        r.ops = resolve_ops()
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    data_dir = a.data_dir or default_data_dir()
-    try:
-        x_tr, y_tr, x_te, y_te = load_mnist(data_dir, download=not a.no_download)
-    except MissingDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise RunError(str(e)) from e
+    for opt in ("mmd_backend", "reparam_backend"):
+        requested = getattr(r.a, opt)
+        try:
+            used = resolved_backend(requested, r.device, r.ops)
+        except (RuntimeError, ValueError) as e:
+            raise RunError(f"--{opt.replace('_', '-')} {requested}: {e}") from e
+        if opt == "mmd_backend":
+            r.mmd_backend_used = used
+
+
+def _load_data(r: _Run) -> None:
+    a = r.a
+    x_tr, y_tr, x_te, y_te = load_mnist(a.data_dir or default_data_dir(), download=not a.no_download)
     x_tr, y_tr = subset(x_tr, y_tr, a.train_subset, a.seed)
     x_te, y_te = subset(x_te, y_te, a.test_subset, 0)
-    x_tr, x_te = x_tr.to(device), x_te.to(device)
+    if a.batch_size > len(x_tr):
+        raise RunError(f"--batch-size {a.batch_size} exceeds the number of training images ({len(x_tr)})")
+    if len(x_te) < 2:
+        raise RunError(f"the evaluation needs at least 2 test images, the data has {len(x_te)}")
+    r.data = (x_tr.to(r.device), y_tr, x_te.to(r.device), y_te)
 
+
+def _build(r: _Run) -> None:
+    a = r.a
     random.seed(a.seed)
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
-    gen = torch.Generator(device=device).manual_seed(a.seed)
+    r.gen = torch.Generator(device=r.device).manual_seed(a.seed)
     prior, model = prior_and_model(vars(a))
-    prior, model = prior.to(device), model.to(device)
-    model.encoder.init_to_prior(prior.means, prior.diag_stds)
-    if a.channels_last == "on" or (a.channels_last == "auto" and device.type == "cpu"):
+    r.prior, model = prior.to(r.device), model.to(r.device)
+    model.encoder.init_to_prior(r.prior.means, r.prior.diag_stds)
+    if a.channels_last == "on" or (a.channels_last == "auto" and r.device.type == "cpu"):
         model = model.to(memory_format=torch.channels_last)
-    n_prior = a.prior_samples or a.batch_size * a.modes
-    batcher = Batcher(x_tr, y_tr, a.batch_size, a.seed)
+    r.model = model
+    r.batcher = Batcher(r.data[0], r.data[1], a.batch_size, a.seed)
+
+
+def _adam(r: _Run, params) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=r.a.lr, betas=(r.a.adam_beta1, 0.999))
+
+
+def _load_weights(r: _Run, state: Dict, source: str) -> None:
     try:
-        mmd_backend_used = resolved_backend(a.mmd_backend, device, ops)
-    except (RuntimeError, ValueError) as e:
-        print(f"error: --mmd-backend {a.mmd_backend}: {e}", file=sys.stderr)
-        return 2
+        r.model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()
+        raise RunError(f"{source}: the checkpoint's parameters do not fit this network "
+                       f"({first[-1].strip() if first else type(e).__name__})") from e
 
-    step, wall_prev, last_eval = 0, 0.0, None
-    if a.resume:
-        st = ck.load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(st["model"])
-        opt = torch.optim.Adam(model.parameters(), lr=a.lr, betas=(a.adam_beta1, 0.999))
-        opt.load_state_dict(st["optimizer"])
-        ck.set_rng_state(st["rng"], gen)
-        step, wall_prev, last_eval = st["step"], st.get("wall_s", 0.0), st.get("last_eval")
-        _truncate_metrics(metrics_path, step)
-        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
-    else:
-        if metrics_path.exists():
-            metrics_path.unlink()
-        if a.init_from:
-            st = ck.load_checkpoint(a.init_from, map_location=device)
-            model.load_state_dict(st["model"] if "model" in st else st)
-        elif a.pretrain_steps:
-            popt = torch.optim.Adam(model.encoder.parameters(), lr=a.lr, betas=(a.adam_beta1, 0.999))
-            pb = Batcher(x_tr, y_tr, a.batch_size, a.seed + 7919)
-            for i in range(a.pretrain_steps):
-                x, _ = pb.batch(i)
-                loss = pretrain_loss(model, x, prior)
-                popt.zero_grad(set_to_none=True)
-                loss.backward()
-                popt.step()
-            _append_jsonl(metrics_path, {"kind": "pretrain", "step": 0, "pretrain_steps": a.pretrain_steps,
-                                         "pretrain_loss": loss.item()})
-        opt = torch.optim.Adam(model.parameters(), lr=a.lr, betas=(a.adam_beta1, 0.999))
-        _save(ckpt_path, model, opt, gen, step, 0.0, last_eval, a)
 
-    loss_fn = _make_loss_fn(a, prior, gen, ops, n_prior)
+def _start(r: _Run) -> None:
+    """A fresh run: initial weights (--init-from, or the q_C pretraining), Adam, and the step-0 checkpoint."""
+    a = r.a
+    if r.metrics_path.exists():
+        r.metrics_path.unlink()
+    if a.init_from:
+        st = ck.load_checkpoint(a.init_from, map_location=r.device)
+        if isinstance(st.get("config"), dict):
+            arch = arch_differences(st["config"], _config(a))
+            if arch:
+                raise RunError(f"--init-from {a.init_from}: its networks have other sizes: {'; '.join(arch)}")
+        _load_weights(r, st["model"] if "model" in st else st, f"--init-from {a.init_from}")
+    elif a.pretrain_steps:
+        _pretrain(r)
+    r.opt = _adam(r, r.model.parameters())
+    _save(r, 0.0)
+
+
+def _pretrain(r: _Run) -> None:
+    a = r.a
+    popt = _adam(r, r.model.encoder.parameters())
+    pb = Batcher(r.data[0], r.data[1], a.batch_size, a.seed + 7919)
+    for i in range(a.pretrain_steps):
+        x, _ = pb.batch(i)
+        loss = pretrain_loss(r.model, x, r.prior)
+        popt.zero_grad(set_to_none=True)
+        loss.backward()
+        popt.step()
+    _append_jsonl(r.metrics_path, {"kind": "pretrain", "step": 0, "pretrain_steps": a.pretrain_steps,
+                                   "pretrain_loss": loss.item()})
+
+
+def _restore(r: _Run, st: Dict, changes: Dict) -> None:
+    """Continues from the verified checkpoint ``st``; option ``changes`` go to metrics.jsonl as a resume record."""
+    _load_weights(r, st["model"], f"--resume {r.ckpt_path}")
+    r.opt = _adam(r, r.model.parameters())
+    r.opt.load_state_dict(st["optimizer"])
+    for group in r.opt.param_groups:
+        group["betas"] = (r.a.adam_beta1, 0.999)       # the lr is set before every step (lr_at)
+    ck.set_rng_state(st["rng"], r.gen)
+    r.step, r.wall_prev, r.last_eval = st["step"], st.get("wall_s", 0.0), st.get("last_eval")
+    r.saved_step = r.step
+    _truncate_metrics(r.metrics_path, r.step)
+    if changes:
+        forced = [k for k in changes if k not in RESUME_MAY_CHANGE]
+        _append_jsonl(r.metrics_path, {"kind": "resume", "step": r.step, "config_changes": changes,
+                                       "allowed_by_allow_config_change": forced})
+    print(f"resumed from {r.ckpt_path} at step {r.step}", file=sys.stderr)
+
+
+def _one_step(r: _Run, loss_fn) -> Tuple[torch.Tensor, Dict, float]:
+    """One optimiser step; TrainingDiverged (before the update) when the loss is not finite."""
+    a = r.a
+    x, _ = r.batcher.batch(r.step)
+    res = loss_fn(r.model, x)
+    loss = res["loss"]
+    if a.debug_nan_at_step is not None and r.step + 1 == a.debug_nan_at_step:
+        loss = loss * float("nan")
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {r.step + 1}", r.step + 1)
+    r.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    lr = lr_at(r.step, a)
+    for group in r.opt.param_groups:
+        group["lr"] = lr
+    r.opt.step()
+    r.step += 1
+    if a.debug_nan_weight_at_step == r.step:
+        with torch.no_grad():
+            next(r.model.parameters()).fill_(float("nan"))
+    return loss, res, lr
+
+
+def _train_loop(r: _Run) -> int:
+    """Steps up to --steps with logging, evaluation and checkpoints; 0, or EXIT_INTERRUPTED after a Ctrl-C."""
+    a = r.a
+    loss_fn = _make_loss_fn(a, r.prior, r.gen, r.ops, a.prior_samples or a.batch_size * a.modes)
     t0 = time.perf_counter()
-    bar = None
-    if not a.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=a.steps, initial=step, desc=a.model, dynamic_ncols=True)
-    model.train()
-    status = "completed"
-    with _Stop() as stop:
-        while step < a.steps:
-            x, _ = batcher.batch(step)
-            res = loss_fn(model, x)
-            loss = res["loss"]
-            if a.debug_nan_at_step is not None and step + 1 == a.debug_nan_at_step:
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                msg = (f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped. The last good "
-                       f"checkpoint is kept at {ckpt_path} (step {_ckpt_step(ckpt_path)}); lower --lr/--lam "
-                       f"or resume from it with --resume.")
-                if bar:
-                    bar.close()
-                print(f"error: {msg}", file=sys.stderr)
-                _append_jsonl(metrics_path, {"kind": "diverged", "step": step + 1, "message": msg})
-                return EXIT_DIVERGED
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = lr_at(step, a)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            step += 1
-            if a.debug_interrupt_at_step is not None and step == a.debug_interrupt_at_step:
-                stop.requested = True          # behaves exactly like a first Ctrl-C after this step
-            if step % a.log_every == 0 or step == a.steps:
-                rec = {"kind": "train", "step": step, "epoch": round(batcher.epoch_of(step), 4), "lr": lr,
-                       **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits")}}
-                pi = res["pi"]
-                rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes)
-                                                 >= max(1, 0.01 * len(pi))).sum())
-                if a.mode_prune > 0:
-                    rec["decoded_modes"] = decodes_per_image(pi, a.mode_prune)
-                _append_jsonl(metrics_path, rec)
-            if step % a.eval_every == 0 or step == a.steps:
-                last_eval = dict(_eval(model, x_te, y_te, prior, ops, a), step=step)
-                _append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": round(batcher.epoch_of(step), 4),
-                                             **{k: v for k, v in last_eval.items() if k not in ("heatmap", "class_to_mode", "step")}})
-            if bar:
-                post = {"loss": f"{loss.item():.3f}"}
-                if last_eval:
-                    post["acc"] = f"{last_eval['test_accuracy']:.3f}"
-                    post["modes"] = last_eval["active_modes"]
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if step % a.ckpt_every == 0 or step == a.steps or stop.requested:
-                _save(ckpt_path, model, opt, gen, step, wall_prev + time.perf_counter() - t0, last_eval, a)
-            if stop.requested:
-                status = "interrupted"
-                break
-    if bar:
-        bar.close()
-    wall = wall_prev + time.perf_counter() - t0
-    if status == "interrupted":
-        print(f"interrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume)",
+    prog = make_progress(a, r.step)
+    r.model.train()
+    try:
+        with _Stop() as stop:
+            while r.step < a.steps:
+                loss, res, lr = _one_step(r, loss_fn)
+                if a.debug_interrupt_at_step is not None and r.step == a.debug_interrupt_at_step:
+                    stop.requested = True          # behaves exactly like a first Ctrl-C after this step
+                last = r.step == a.steps
+                if r.step % a.log_every == 0 or last:
+                    _log_train(r, res, lr)
+                due_eval = r.step % a.eval_every == 0 or last
+                due_ckpt = r.step % a.ckpt_every == 0 or last or stop.requested
+                if due_eval or due_ckpt:
+                    _require_finite(r)
+                if due_eval:
+                    _evaluate_now(r)
+                if prog:
+                    prog.update(r.step, loss.item(), r.last_eval)
+                if due_ckpt:
+                    _save(r, r.wall_prev + time.perf_counter() - t0)
+                if stop.requested:
+                    break
+    finally:
+        if prog:
+            prog.close()
+    r.wall = r.wall_prev + time.perf_counter() - t0
+    if stop.requested:
+        print(f"interrupted at step {r.step}; checkpoint saved to {r.ckpt_path} (continue with --resume)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    return 0
 
-    if last_eval is None or last_eval.get("step") != step:   # e.g. --resume with --steps <= the saved step
-        last_eval = dict(_eval(model, x_te, y_te, prior, ops, a), step=step)
-        _append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": round(batcher.epoch_of(step), 4),
-                                     **{k: v for k, v in last_eval.items()
-                                        if k not in ("heatmap", "class_to_mode", "step")}})
-    summary = {k: last_eval[k] for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll",
-                                         "mmd", "mode_usage", "class_to_mode")}
-    summary.update({"model": a.model, "prior": a.prior, "steps": step,
-                    "epochs": round(batcher.epoch_of(step), 3), "wall_s": round(wall, 2),
-                    "sec_per_step": round(wall / max(step, 1), 4), "device": str(device),
-                    "mmd_backend": mmd_backend_used, "mmd_backend_requested": a.mmd_backend,
-                    "reparam_backend": _reparam_backend_used(a.reparam_backend, device), "config": _config(a), "machine": _machine_info(device),
-                    "train_images": len(x_tr), "test_images": len(x_te)})
+
+def _log_train(r: _Run, res: Dict, lr: float) -> None:
+    a = r.a
+    rec = {"kind": "train", "step": r.step, "epoch": round(r.batcher.epoch_of(r.step), 4), "lr": lr,
+           **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits")}}
+    pi = res["pi"]
+    rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes) >= max(1, 0.01 * len(pi))).sum())
+    if a.mode_prune > 0:
+        rec["decoded_modes"] = decodes_per_image(pi, a.mode_prune)
+    _append_jsonl(r.metrics_path, rec)
+
+
+def _evaluate_now(r: _Run) -> None:
+    x_te, y_te = r.data[2], r.data[3]
+    r.last_eval = dict(_eval(r.model, x_te, y_te, r.prior, r.ops, r.a), step=r.step)
+    _append_jsonl(r.metrics_path, {"kind": "eval", "step": r.step, "epoch": round(r.batcher.epoch_of(r.step), 4),
+                                   **{k: v for k, v in r.last_eval.items()
+                                      if k not in ("heatmap", "class_to_mode", "step")}})
+
+
+def _require_finite(r: _Run) -> None:
+    """TrainingDiverged when a parameter, buffer or Adam moment holds a NaN or an infinity."""
+    bad = next(ck.nonfinite_entries({"model": r.model.state_dict(), "optimizer": r.opt.state_dict()}), None)
+    if bad is not None:
+        raise TrainingDiverged(f"non-finite values in {bad} after step {r.step}", r.step)
+
+
+def _save(r: _Run, wall: float) -> None:
+    """Checkpoints the run (never with non-finite values: TrainingDiverged); a failed write is a RunError that
+    says which checkpoint is kept."""
+    _require_finite(r)
+    state = {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "rng": ck.rng_state(r.gen),
+             "step": r.step, "wall_s": wall, "last_eval": r.last_eval, "config": _config(r.a)}
+    try:
+        ck.atomic_save(state, r.ckpt_path)
+    except OSError as e:
+        kept = (f"the checkpoint of step {r.saved_step} is kept" if r.saved_step is not None
+                else "no checkpoint of this run was written")
+        raise RunError(f"could not write the checkpoint {r.ckpt_path} at step {r.step} "
+                       f"({e.strerror or e}); {kept}") from e
+    r.saved_step = r.step
+
+
+def _diverged(r: _Run, e: TrainingDiverged) -> int:
+    if r.saved_step is not None:
+        where = (f"The last good checkpoint is kept at {r.ckpt_path} (step {r.saved_step}); lower --lr/--lam "
+                 f"or resume from it with --resume.")
+    else:
+        where = "No checkpoint of this run was written; lower --lr/--lam."
+    msg = f"{e}; training stopped. {where}"
+    print(f"error: {msg}", file=sys.stderr)
+    _append_jsonl(r.metrics_path, {"kind": "diverged", "step": e.step, "message": msg})
+    return EXIT_DIVERGED
+
+
+def _finish(r: _Run) -> int:
+    """Final evaluation (if not just done), summary.json, k-means baseline and figures."""
+    a, step = r.a, r.step
+    x_tr, _, x_te, y_te = r.data
+    if r.last_eval is None or r.last_eval.get("step") != step:   # e.g. --resume with --steps <= the saved step
+        _evaluate_now(r)
+    summary = {k: r.last_eval[k] for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll",
+                                           "mmd", "mode_usage", "class_to_mode")}
+    summary.update({"model": a.model, "prior": a.prior, "recipe": a.recipe, "steps": step,
+                    "epochs": round(r.batcher.epoch_of(step), 3), "wall_s": round(r.wall, 2),
+                    "sec_per_step": round(r.wall / max(step, 1), 4), "device": str(r.device),
+                    "mmd_backend": r.mmd_backend_used, "mmd_backend_requested": a.mmd_backend,
+                    "reparam_backend": _reparam_backend_used(a.reparam_backend, r.device), "config": _config(a),
+                    "machine": _machine_info(r.device), "train_images": len(x_tr), "test_images": len(x_te)})
     if not a.no_kmeans:
         t = time.perf_counter()
         summary["kmeans_accuracy"] = kmeans_baseline(x_tr.cpu(), x_te.cpu(), y_te.cpu(), a.modes, seed=a.seed)
         summary["kmeans_wall_s"] = round(time.perf_counter() - t, 2)
-        last_eval = dict(last_eval, kmeans_accuracy=summary["kmeans_accuracy"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    fig_dir = out / "figures"
+        r.last_eval = dict(r.last_eval, kmeans_accuracy=summary["kmeans_accuracy"])
+    (r.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    fig_dir = r.out / "figures"
     if not a.no_figures:
         from .figures import make_all_figures
-        make_all_figures(model, prior, x_te, y_te, last_eval, metrics_path, fig_dir, ops, a)
+        make_all_figures(r.model, r.prior, x_te, y_te, r.last_eval, r.metrics_path, fig_dir, r.ops, a)
     print(f"test accuracy {summary['test_accuracy']:.4f}, active modes {summary['active_modes']}/{a.modes}"
           + (f", k-means {summary['kmeans_accuracy']:.4f}" if "kmeans_accuracy" in summary else "")
-          + f"; {step} steps in {wall:.1f}s on {device}")
-    print(f"summary: {out / 'summary.json'}")
+          + f"; {step} steps in {r.wall:.1f}s on {r.device}")
+    print(f"summary: {r.out / 'summary.json'}")
     if not a.no_figures:
         print(f"figures: {fig_dir}/")
     return 0
+
+
+class _LineProgress:
+    """Progress as plain lines (stderr not a terminal: CI and nohup logs): the first and last step, and the
+    --log-every steps at least --progress-seconds apart."""
+
+    def __init__(self, a, step: int, stream):
+        self.a, self.stream, self.start = a, stream, step
+        self.t0, self.last = time.perf_counter(), -math.inf
+
+    def update(self, step: int, loss: float, last_eval: Optional[Dict]) -> None:
+        a, now = self.a, time.perf_counter()
+        due = step % a.log_every == 0 and now - self.last >= a.progress_seconds
+        if not (due or step in (self.start + 1, a.steps)):
+            return
+        self.last = now
+        per_step = (now - self.t0) / max(step - self.start, 1)
+        text = f"{a.model} step {step}/{a.steps}: loss {loss:.4f}"
+        if last_eval:
+            text += (f", test accuracy {last_eval['test_accuracy']:.4f}, active modes "
+                     f"{last_eval['active_modes']}/{a.modes} (step {last_eval.get('step', '?')})")
+        left = int(per_step * (a.steps - step))
+        text += f"; {per_step:.3f} s/step, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left"
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _BarProgress:
+    """A tqdm bar with the loss and the latest accuracy / active modes (stderr is a terminal)."""
+
+    def __init__(self, a, step: int, stream):
+        from tqdm import tqdm
+        self.bar = tqdm(total=a.steps, initial=step, desc=a.model, dynamic_ncols=True, file=stream)
+
+    def update(self, step: int, loss: float, last_eval: Optional[Dict]) -> None:
+        post = {"loss": f"{loss:.3f}"}
+        if last_eval:
+            post["acc"] = f"{last_eval['test_accuracy']:.3f}"
+            post["modes"] = last_eval["active_modes"]
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def make_progress(a, step: int, stream=None):
+    """None with --no-progress; else a tqdm bar when ``stream`` (default stderr) is a terminal, plain lines if not."""
+    stream = sys.stderr if stream is None else stream
+    if a.no_progress:
+        return None
+    isatty = getattr(stream, "isatty", None)
+    return (_BarProgress if isatty is not None and isatty() else _LineProgress)(a, step, stream)
 
 
 def _reparam_backend_used(requested: str, device) -> str:
@@ -452,18 +805,6 @@ def _reparam_backend_used(requested: str, device) -> str:
         return resolve_backend(requested, device)
     except Exception:
         return requested
-
-
-def _ckpt_step(path: Path):
-    try:
-        return ck.load_checkpoint(path)["step"]
-    except Exception:
-        return "unknown"
-
-
-def _save(path, model, opt, gen, step, wall, last_eval, a):
-    ck.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": ck.rng_state(gen),
-                    "step": step, "wall_s": wall, "last_eval": last_eval, "config": _config(a)}, path)
 
 
 def _eval(model, x_te, y_te, prior, ops, a):

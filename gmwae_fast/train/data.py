@@ -6,10 +6,14 @@ position is fully described by the global step (checkpointed) and a resumed run 
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 MNIST_FILES = (
@@ -22,16 +26,33 @@ DATA_ENV = "GMWAE_DATA"
 
 
 class MissingDataError(FileNotFoundError):
-    pass
+    """MNIST is absent under the data directory and could not be downloaded."""
+
+
+class InvalidDataError(ValueError):
+    """An MNIST file is present but unreadable: truncated, garbled, wrong shape or labels out of range."""
+
+
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049      # IDX: unsigned bytes, 3 dimensions / 1 dimension
+IMAGE_SIDE = 28
+N_CLASSES = 10
 
 
 def default_data_dir() -> str:
     return os.environ.get(DATA_ENV, "data")
 
 
+def _find(raw: Path, name: str) -> Optional[Path]:
+    """``raw/name``, else ``raw/name.gz``, else None."""
+    for p in (raw / name, raw / (name + ".gz")):
+        if p.is_file():
+            return p
+    return None
+
+
 def _raw_present(root: Path) -> bool:
     raw = root / "MNIST" / "raw"
-    return all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in MNIST_FILES)
+    return all(_find(raw, f) is not None for f in MNIST_FILES)
 
 
 def missing_data_message(root: Path, cause: Optional[BaseException] = None) -> str:
@@ -47,28 +68,73 @@ def missing_data_message(root: Path, cause: Optional[BaseException] = None) -> s
     return msg
 
 
-def load_mnist(data_dir: str, download: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (x_train (60000,1,28,28) float32 in [0,1], y_train int64, x_test, y_test)."""
-    from torchvision.datasets import MNIST
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:     # gzip.BadGzipFile is an OSError
+        raise InvalidDataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
 
+
+def read_idx(path: Path, magic: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes (``magic`` 2051: images (n, rows, cols); 2049: labels (n,)) as a uint8
+    tensor, after checking the magic number and that the payload has exactly the size the header announces.
+    ``path`` may be gzip-compressed (``.gz``). Raises :class:`InvalidDataError` naming the file and the problem."""
+    buf = _read_bytes(path)
+    ndim = 3 if magic == IMAGE_MAGIC else 1
+    head = 4 * (1 + ndim)
+    if len(buf) < head:
+        raise InvalidDataError(f"{path}: truncated IDX file ({len(buf)} bytes, shorter than its header)")
+    found = struct.unpack(">i", buf[:4])[0]
+    if found != magic:
+        raise InvalidDataError(f"{path}: not an MNIST IDX file of this kind (magic number {found}, expected {magic})")
+    dims = struct.unpack(f">{ndim}i", buf[4:head])
+    if ndim == 3 and dims[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise InvalidDataError(f"{path}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIDE}x{IMAGE_SIDE}")
+    want = head + int(np.prod(dims))
+    if len(buf) != want:
+        kind = "truncated" if len(buf) < want else "oversized"
+        raise InvalidDataError(f"{path}: {kind} IDX file ({len(buf)} bytes; its header {list(dims)} needs {want})")
+    return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8, offset=head).reshape(dims).copy())
+
+
+def _load_split(raw: Path, images: str, labels: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = read_idx(_find(raw, images), IMAGE_MAGIC)
+    y = read_idx(_find(raw, labels), LABEL_MAGIC)
+    if len(x) != len(y):
+        raise InvalidDataError(f"{raw}: {images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    if len(x) == 0:
+        raise InvalidDataError(f"{raw}: {images} holds no images")
+    if int(y.max()) >= N_CLASSES:
+        raise InvalidDataError(f"{raw}: {labels} holds the label {int(y.max())}; MNIST labels are 0..{N_CLASSES - 1}")
+    return x.to(torch.float32).div_(255.0).unsqueeze(1).contiguous(), y.to(torch.int64)
+
+
+def _download(root: Path) -> None:
+    from torchvision.datasets import MNIST
+    try:
+        MNIST(str(root), train=True, download=True)
+        MNIST(str(root), train=False, download=True)
+    except Exception as e:  # network unreachable, permission denied, bad checksum ...
+        raise MissingDataError(missing_data_message(root, e)) from e
+
+
+def load_mnist(data_dir: str, download: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train (n, 1, 28, 28) float32 in [0, 1], y_train int64 in 0..9, x_test, y_test) from the four IDX files
+    (each optionally ``.gz``) under ``<data_dir>/MNIST/raw``; downloaded with torchvision when absent and
+    ``download``. Raises :class:`MissingDataError` when absent, :class:`InvalidDataError` when a file is truncated
+    or garbled, the image and label counts of a split differ, or a label is outside 0..9."""
     root = Path(data_dir).expanduser()
     if not _raw_present(root):
         if not download:
             raise MissingDataError(missing_data_message(root))
-        try:
-            MNIST(str(root), train=True, download=True)
-            MNIST(str(root), train=False, download=True)
-        except Exception as e:  # network unreachable, permission denied, bad checksum ...
-            raise MissingDataError(missing_data_message(root, e)) from e
-    out = []
-    for train in (True, False):
-        try:
-            ds = MNIST(str(root), train=train, download=False)
-        except Exception as e:
-            raise MissingDataError(missing_data_message(root, e)) from e
-        x = ds.data.to(torch.float32).div_(255.0).unsqueeze(1).contiguous()
-        out += [x, ds.targets.to(torch.int64).clone()]
-    return tuple(out)  # type: ignore[return-value]
+        _download(root)
+        if not _raw_present(root):
+            raise MissingDataError(missing_data_message(root))
+    raw = root / "MNIST" / "raw"
+    return _load_split(raw, *MNIST_FILES[:2]) + _load_split(raw, *MNIST_FILES[2:])
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int], seed: int = 0):

@@ -73,7 +73,7 @@ def simplex_prior(K: int = 10, sigma0: float = 1.0, spacing: float = 4.0, d: Opt
         raise ValueError(f"a regular simplex with {K} vertices needs d >= {K - 1}, got d={d}")
     e = torch.eye(K, dtype=torch.float64)
     v = e - e.mean(0, keepdim=True)                   # centred, pairwise distance sqrt(2), rank K-1
-    if d < K:                                         # project onto an orthonormal basis of the span
+    if d != K:                                        # project onto an orthonormal basis of the span
         q, _ = torch.linalg.qr(v.T)                   # (K, K)
         v = v @ q[:, : K - 1]
         if d > K - 1:
