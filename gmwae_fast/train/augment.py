@@ -1,7 +1,7 @@
 """Augmentation-consistency term for q_D (beyond the paper; off by default).
 
 The paper's GM-WAE clusters MNIST by what the decoder finds cheapest to reconstruct per mode, so q_D can spend
-two modes on two slants of "1" and merge 4/9 or 5/8 (``results/README.md``). This optional term asks q_D to give
+two modes on two slants of "1" and merge 4/9 or 5/8. This optional term asks q_D to give
 an image and a small random affine warp of it the same mode distribution:
 
     consistency(x) = mean_b KL( sg(q_D(.|x_b)) || q_D(.|warp(x_b)) )

@@ -66,8 +66,7 @@ def active_modes(probs, threshold: float = 0.01) -> int:
 def usage_kl(probs) -> float:
     """KL(u || uniform) = sum_k u_k log(K u_k), u_k the fraction of images whose argmax of q_D(k|x) is k: how far
     the mode sizes are from the uniform prior p_D, without labels (0 = equal sizes, log K = one mode). A
-    merge of two classes into one mode shows here; in our consistency runs it ranked the seeds' final accuracy
-    from step 500 on (results/README.md)."""
+    merge of two classes into one mode shows here."""
     u = mode_sizes(probs) / len(probs)
     nz = u > 0
     return float((u[nz] * np.log(len(u) * u[nz])).sum())
