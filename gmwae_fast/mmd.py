@@ -1,15 +1,19 @@
 """Multi-bandwidth inverse-multiquadratic MMD: the public functional :func:`fast_imq_mmd` and :class:`IMQMMDLoss`."""
 from __future__ import annotations
 
+import functools
+import math
 import numbers
-from typing import Optional, Sequence, Union
+from collections.abc import Iterable
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import backends, reference
+from .ops import imq_mmd as ops  # registers the ops (fake + autograd) at import: torch.compile works first
 
-__all__ = ["PAPER_SCALES", "WAE_SCALES", "fast_imq_mmd", "IMQMMDLoss"]
+__all__ = ["PAPER_SCALES", "WAE_SCALES", "fast_imq_mmd", "imq_mmd_terms", "IMQMMDTerms", "IMQMMDLoss"]
 
 #: The 15 scales ``{1, 2, 5} x 10^j``, ``j = -2..2`` of Gaujac et al. (2019), ascending.
 PAPER_SCALES: tuple[float, ...] = tuple(float(f"{m}e{j}") for j in range(-2, 3) for m in (1, 2, 5))
@@ -46,29 +50,57 @@ def _check_weights(name: str, w: object, pts: Tensor, pts_name: str) -> Optional
     return w
 
 
-def _resolve_bandwidths(d: int, scales: Sequence[float], sigma2: float,
-                        bandwidths: Optional[Sequence[float]]) -> tuple[float, ...]:
+def _real(name: str, v: object) -> float:
+    """A Python real number or a one-element real tensor (read once on the host) as a float."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
+                            f"{tuple(v.shape)} and dtype {v.dtype}")
+        return float(v.detach().reshape(()).item())
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    return float(v)
+
+
+def _real_sequence(name: str, vals: object) -> tuple[float, ...]:
+    if isinstance(vals, Tensor):
+        if vals.is_complex() or vals.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {vals.dtype}")
+        return tuple(float(v) for v in vals.detach().reshape(-1).tolist())
+    if isinstance(vals, (str, bytes)) or not isinstance(vals, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(vals).__name__}")
+    return tuple(_real(f"{name}[{i}]", v) for i, v in enumerate(vals))
+
+
+def _check_bandwidths(vals: tuple[float, ...], compute_dtype: torch.dtype, what: str) -> tuple[float, ...]:
+    """Every ``C_s`` finite, > 0 and a normal number of the compute dtype (no underflow to 0, no overflow)."""
+    fi = torch.finfo(compute_dtype)
+    bad = [c for c in vals if not (math.isfinite(c) and fi.tiny <= c <= fi.max)]
+    if bad:
+        raise ValueError(f"every bandwidth C_s must be positive, finite and representable in {compute_dtype} "
+                         f"([{fi.tiny:.3g}, {fi.max:.3g}]); {what} gave {bad}")
+    return vals
+
+
+def _resolve_bandwidths(d: int, scales: Sequence[float], sigma2: Union[float, Tensor],
+                        bandwidths: Optional[Sequence[float]], compute_dtype: torch.dtype = torch.float64
+                        ) -> tuple[float, ...]:
     if bandwidths is not None:
-        if isinstance(bandwidths, Tensor):
-            bandwidths = bandwidths.detach().reshape(-1).tolist()
-        vals = tuple(float(c) for c in bandwidths)
+        vals = _real_sequence("bandwidths", bandwidths)
         if not vals:
             raise ValueError("bandwidths is empty: give at least one bandwidth C_s > 0")
-        bad = [c for c in vals if not (c > 0 and c != float("inf"))]
-        if bad:
-            raise ValueError(f"every bandwidth must be positive and finite, got {bad}")
-        return vals
-    if isinstance(scales, Tensor):
-        scales = scales.detach().reshape(-1).tolist()
-    scales = tuple(float(s) for s in scales)
+        return _check_bandwidths(vals, compute_dtype, "bandwidths")
+    scales = _real_sequence("scales", scales)
     if not scales:
         raise ValueError("scales is empty: give at least one scale (e.g. gmwae_fast.PAPER_SCALES)")
-    bad = [s for s in scales if not (s > 0 and s != float("inf"))]
+    bad = [s for s in scales if not (s > 0 and math.isfinite(s))]
     if bad:
-        raise ValueError(f"every scale must be positive and finite, got {bad}")
-    if not isinstance(sigma2, numbers.Real) or not (sigma2 > 0 and sigma2 != float("inf")):
+        raise ValueError(f"every entry of scales must be positive and finite, got {bad}")
+    sigma2 = _real("sigma2", sigma2)
+    if not (sigma2 > 0 and math.isfinite(sigma2)):
         raise ValueError(f"sigma2 must be a positive finite number, got {sigma2!r}")
-    return tuple(reference.bandwidths_for(d, scales, float(sigma2)))
+    vals = tuple(reference.bandwidths_for(d, scales, sigma2))
+    return _check_bandwidths(vals, compute_dtype, f"C_s = 2 * d * sigma2 * s with d = {d}, sigma2 = {sigma2!r}")
 
 
 def _num_groups(t: Tensor) -> int:
@@ -96,24 +128,92 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
                                  "(use unbiased=False)")
 
 
+class IMQMMDTerms(NamedTuple):
+    """The per-bandwidth pieces of the MMD² (each an ``(S,)`` float64 tensor), see :func:`imq_mmd_terms`."""
+
+    #: ``sum_{a !~ a'} W_a W_a' k_s(a, a')`` over ordered pairs (all pairs, ``a = a'`` included, when biased).
+    self_x: Tensor
+    #: the same for ``y``.
+    self_y: Tensor
+    #: ``sum_{a, b} W_a V_b k_s(a, b)``.
+    cross: Tensor
+    #: ``1 - sum_g W_g^2`` when unbiased, else 1.
+    den_x: Tensor
+    #: the same for ``y``.
+    den_y: Tensor
+
+    def mmd(self) -> Tensor:
+        """``(S,)`` MMD² per bandwidth: ``self_x / den_x + self_y / den_y - 2 cross``."""
+        return self.self_x / self.den_x + self.self_y / self.den_y - 2.0 * self.cross
+
+
+class _Call(NamedTuple):
+    """A checked call: inputs, the bandwidths the kernels see and the factor of each (``eps``), the backend."""
+
+    x: Tensor
+    y: Tensor
+    xw: Optional[Tensor]
+    yw: Optional[Tensor]
+    bws: tuple[float, ...]
+    factors: Optional[tuple[float, ...]]
+    unbiased: bool
+    backend: str
+    out_dtype: torch.dtype
+
+
+def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps) -> _Call:
+    x = _check_points("x", x)
+    y = _check_points("y", y)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
+    if x.device != y.device:
+        raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
+    x_weights = _check_weights("x_weights", x_weights, x, "x")
+    y_weights = _check_weights("y_weights", y_weights, y, "y")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if unbiased:
+        for name, t in (("x", x), ("y", y)):
+            if _num_groups(t) < 2:
+                raise ValueError(f"the unbiased estimate needs at least 2 groups of points in {name}, got "
+                                 f"{_num_groups(t)} (shape {tuple(t.shape)}); use unbiased=False")
+    eps = _real("eps", eps)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    out_dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    bws = _resolve_bandwidths(x.shape[-1], scales, sigma2, bandwidths, compute)
+    factors = None
+    if eps > 0:  # C / (C + D + eps) = C / (C + eps) * C' / (C' + D) with C' = C + eps
+        factors = tuple(c / (c + eps) for c in bws)
+        bws = _check_bandwidths(tuple(c + eps for c in bws), compute, f"C_s + eps with eps = {eps!r}")
+    name = backends.resolve_backend(backend, x.device)
+    if validate:
+        _validate_values(x, y, x_weights, y_weights, unbiased)
+    return _Call(x, y, x_weights, y_weights, bws, factors, unbiased, name, out_dtype)
+
+
 def fast_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None, *,
-                 scales: Sequence[float] = PAPER_SCALES, sigma2: float = 1.0,
+                 scales: Sequence[float] = PAPER_SCALES, sigma2: Union[float, Tensor] = 1.0,
                  bandwidths: Optional[Sequence[float]] = None, unbiased: bool = True, reduction: str = "sum",
-                 backend: str = "auto", validate: bool = False) -> Tensor:
+                 eps: float = 0.0, backend: str = "auto", validate: bool = False,
+                 process_group: Optional["torch.distributed.ProcessGroup"] = None) -> Tensor:
     r"""Multi-bandwidth inverse-multiquadratic MMD² between two weighted samples, fused (no ``n x m`` matrix).
 
     .. math::
 
-        k(a, b) = \sum_s \frac{C_s}{C_s + \lVert a - b\rVert^2}, \qquad C_s = 2\,d\,\sigma^2 s,
+        k_s(a, b) = \frac{C_s}{C_s + \lVert a - b\rVert^2 + \varepsilon}, \qquad C_s = 2\,d\,\sigma^2 s,
 
-        \mathrm{MMD}^2_s = \frac{\sum_{a \not\sim a'} w_a w_{a'} k_s(a, a')}{1 - \sum_g W_g^2}
-                         + \frac{\sum_{b \not\sim b'} v_b v_{b'} k_s(b, b')}{1 - \sum_h V_h^2}
-                         - 2 \sum_{a, b} w_a v_b k_s(a, b)
+        \mathrm{MMD}^2_s = \frac{\sum_{a \not\sim a'} W_a W_{a'} k_s(a, a')}{1 - \sum_g W_g^2}
+                         + \frac{\sum_{b \not\sim b'} V_b V_{b'} k_s(b, b')}{1 - \sum_h V_h^2}
+                         - 2 \sum_{a, b} W_a V_b k_s(a, b)
 
     where ``a ~ a'`` means "same group" (unbiased estimate; ``unbiased=False`` sums over all pairs, ``a = a'``
-    included, without the division) and the weights are normalised to sum to 1. With ``(n, d)`` inputs and no
-    weights this is exactly the penalty of the original WAE code (U-statistic self terms over ``n (n - 1)``
-    pairs, cross term over ``n m``).
+    included, without the division) and ``W``, ``V`` are the weights normalised to sum to 1 (in float64, so any
+    positive weight vector, however concentrated or large, is exact). With ``(n, d)`` inputs, no weights and
+    ``scales=WAE_SCALES`` this is exactly the penalty of the original WAE code (U-statistic self terms over
+    ``n (n - 1)`` pairs, cross term over ``n m``); the default is the paper's 15 scales. ``docs/migrating.md``
+    maps other WAE codes onto these options.
 
     Args:
         x: ``(n, d)`` points, or ``(B, K, d)``: ``B`` groups of ``K`` points (e.g. the ``K`` per-mode encodings of
@@ -121,20 +221,37 @@ def fast_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_wei
         y: ``(m, d)`` or ``(B', K', d)``, likewise (e.g. prior samples).
         x_weights: ``(n,)`` or ``(B, K)`` non-negative relative masses (default uniform); gradients flow to them.
         y_weights: likewise for ``y``.
-        scales: bandwidth scales ``s`` (default :data:`PAPER_SCALES`, 15 values).
-        sigma2: prior variance ``sigma^2`` in ``C_s = 2 d sigma^2 s``.
-        bandwidths: absolute ``C_s``; overrides ``scales`` and ``sigma2``.
+        scales: bandwidth scales ``s`` (default :data:`PAPER_SCALES`, 15 values): a sequence of numbers.
+        sigma2: the kernel constant ``sigma^2`` in ``C_s = 2 d sigma^2 s`` (a number or a one-element tensor, read
+            once on the host). For a standard normal prior the WAE codes use 1; it is a kernel parameter, not
+            necessarily the prior's variance.
+        bandwidths: absolute ``C_s``; overrides ``scales`` and ``sigma2``. Every ``C_s`` (and ``C_s + eps``) must be
+            finite, positive and a normal number of the compute dtype, else :class:`ValueError`.
         unbiased: U-statistic self terms (default) or the biased V-statistic.
         reduction: ``"sum"`` over bandwidths (a scalar, the WAE convention) or ``"none"`` (an ``(S,)`` vector).
+        eps: ``>= 0`` added to every kernel denominator (some WAE codes add ``1e-9``); exact on every backend.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``
             (see :func:`gmwae_fast.available_backends`).
         validate: also run the checks that need a device sync (finite inputs, weights non-negative and not all
             zero). Without it a NaN input gives a NaN result.
+        process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``): ``x``, ``y``
+            and the weights are then this rank's shards (``(n_r, d)`` or ``(B_r, K, d)``; sizes may differ, an
+            empty ``(0, d)`` shard is allowed) and every rank gets the MMD² of the union of all shards in rank
+            order, exactly the single-process value on the concatenation (weights normalised globally, groups
+            never span ranks). The backward gives each rank the gradient with respect to its *local* points and
+            weights (the matching slice of the single-process gradient) with no communication. Cost per rank:
+            one all-gather of the points and weights, one all-reduce of ``3 S`` float64 values,
+            ``O(n_r N S)`` pair work, ``O(N d)`` memory. Collective: every rank must call it.
+            **Under DistributedDataParallel**, which averages parameter gradients over the ``R`` ranks, use
+            ``loss_r = (n_r / N) * R * recon_r + lam * R * mmd`` (``recon_r`` the mean over the local batch; with
+            equal shards ``recon_r + lam * R * mmd``): the averaged parameter gradients then equal those of
+            ``recon + lam * mmd`` on the global batch in one process. See :mod:`gmwae_fast.distributed`.
 
     Returns:
         A float32 scalar (or ``(S,)`` vector) for float32/float16/bfloat16 inputs, float64 for float64 inputs.
         Sums are accumulated in float64 inside the kernels, so float32 inputs are accurate to ~1e-6 relative
-        even when MMD² is near zero.
+        even when MMD² is near zero. Gradients are first order: differentiating them again raises
+        :class:`RuntimeError` on the fused backends (use ``backend="reference"`` for second derivatives).
 
     Example::
 
@@ -145,85 +262,144 @@ def fast_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_wei
         >>> z, pi = gmwae_fast.gm_reparameterize(mu, sigma_raw, logits)    # (B, K, d), (B, K)
         >>> mmd = gmwae_fast.fast_imq_mmd(z, prior_samples, x_weights=pi)
     """
-    x = _check_points("x", x)
-    y = _check_points("y", y)
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
-    if x.device != y.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
-    x_weights = _check_weights("x_weights", x_weights, x, "x")
-    y_weights = _check_weights("y_weights", y_weights, y, "y")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if unbiased:
-        for name, t in (("x", x), ("y", y)):
-            if _num_groups(t) < 2:
-                raise ValueError(f"the unbiased estimate needs at least 2 groups of points in {name}, got "
-                                 f"{_num_groups(t)} (shape {tuple(t.shape)}); use unbiased=False")
-    d = x.shape[-1]
-    bws = _resolve_bandwidths(d, scales, sigma2, bandwidths)
-    name = backends.resolve_backend(backend, x.device)
-    if validate:
-        _validate_values(x, y, x_weights, y_weights, unbiased)
+    if process_group is not None:
+        from .distributed import distributed_imq_mmd
 
-    out_dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    if name == "reference":
-        return reference.imq_mmd_reference(x, y, x_weights, y_weights, bandwidths=bws, unbiased=unbiased,
-                                           reduction=reduction).to(out_dtype)
-    return _fused(x, y, x_weights, y_weights, bws, unbiased, reduction, name, out_dtype)
+        return distributed_imq_mmd(x, y, x_weights, y_weights, process_group=process_group, scales=scales,
+                                   sigma2=sigma2, bandwidths=bandwidths, unbiased=unbiased, reduction=reduction,
+                                   eps=eps, backend=backend, validate=validate)
+    c = _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps)
+    grad_on = torch.is_grad_enabled()
+    x_grad = grad_on and any(t is not None and t.requires_grad for t in (c.x, c.xw))
+    y_grad = grad_on and any(t is not None and t.requires_grad for t in (c.y, c.yw))
+    if c.backend != "reference" and reduction == "sum" and (x_grad or y_grad):
+        return _fused_total(c, x_grad, y_grad).to(c.out_dtype)
+    mmd = _terms(c).mmd()
+    return (mmd.sum() if reduction == "sum" else mmd).to(c.out_dtype)
 
 
-def _flatten(t: Tensor, w: Optional[Tensor], pts_dtype: torch.dtype, w_dtype: torch.dtype):
+def imq_mmd_terms(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None, *,
+                  scales: Sequence[float] = PAPER_SCALES, sigma2: Union[float, Tensor] = 1.0,
+                  bandwidths: Optional[Sequence[float]] = None, unbiased: bool = True, eps: float = 0.0,
+                  backend: str = "auto", validate: bool = False) -> IMQMMDTerms:
+    r"""The pieces of :func:`fast_imq_mmd` per bandwidth, to rebuild other estimators from the same fused sums.
+
+    Returns :class:`IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, each ``(S,)`` float64 and
+    differentiable (points and weights), with the weights normalised to sum to 1:
+    ``self_x = sum_{a !~ a'} W_a W_a' k_s(a, a')`` (ordered pairs; all pairs when ``unbiased=False``),
+    ``cross = sum_{a, b} W_a V_b k_s(a, b)``, ``den_x = 1 - sum_g W_g^2`` (1 when biased), and
+    ``terms.mmd()`` equals ``fast_imq_mmd(..., reduction="none")``. Options as in :func:`fast_imq_mmd`.
+
+    Example (an estimator whose cross term leaves out the pairs ``(x_i, y_i)``, as some WAE codes do)::
+
+        >>> t = gmwae_fast.imq_mmd_terms(z, prior, scales=gmwae_fast.WAE_SCALES)      # (n, d), (n, d)
+        >>> c = torch.tensor(gmwae_fast.mmd.bandwidths_for(z, gmwae_fast.WAE_SCALES), dtype=torch.float64)
+        >>> diag = (c / (c + ((z - prior) ** 2).sum(1, keepdim=True).double())).sum(0)   # (S,), O(n d)
+        >>> n = z.shape[0]
+        >>> cross_offdiag = (t.cross * n * n - diag) / (n * (n - 1))
+        >>> penalty = (t.self_x / t.den_x + t.self_y / t.den_y - 2 * cross_offdiag).sum()
+    """
+    c = _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps)
+    return _terms(c)
+
+
+def bandwidths_for(x: Tensor, scales: Sequence[float] = PAPER_SCALES, sigma2: float = 1.0) -> tuple[float, ...]:
+    """The absolute bandwidths ``C_s = 2 d sigma2 s`` that :func:`fast_imq_mmd` uses for points ``x`` (``d`` is
+    ``x.shape[-1]``)."""
+    return _resolve_bandwidths(x.shape[-1], scales, sigma2, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation. Weights reach the kernels unnormalised (scaled by an exact power of two so the largest is in
+# [0.5, 1)); the normalisation 1 / (sum w)^2 and the unbiased denominators are applied here in float64 to the
+# same rounded weights the kernels used, so the result is the exact MMD of those weights.
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Side(NamedTuple):
+    pts: Tensor
+    w: Tensor           # unnormalised weights in the compute dtype
+    group: int
+    total: Union[Tensor, float]      # sum of w (float64)
+    same_group: Union[Tensor, float]  # sum over groups of (group sum of w)^2 (float64)
+
+
+def _side(t: Tensor, w: Optional[Tensor], pts_dtype: torch.dtype, w_dtype: torch.dtype, unbiased: bool) -> _Side:
     group = 1 if t.dim() == 2 else t.shape[1]
     pts = t.reshape(-1, t.shape[-1]).to(pts_dtype).contiguous()
-    if w is None:
-        flat = torch.full((pts.shape[0],), 1.0 / pts.shape[0], dtype=w_dtype, device=t.device)
-    else:
-        flat = w.reshape(-1).to(w_dtype)
-        flat = (flat / flat.sum()).contiguous()
-    return pts, flat, group
+    n = pts.shape[0]
+    if w is None:  # ones: the sums are exact integers
+        return _Side(pts, torch.ones(n, dtype=w_dtype, device=t.device), group, float(n), float(n * group))
+    flat = w.reshape(-1).to(torch.float64)
+    _, exponent = torch.frexp(flat.detach().abs().amax())
+    flat = torch.ldexp(flat, -exponent).to(w_dtype).contiguous()
+    w64 = flat.to(torch.float64)
+    same = (w64.view(-1, group).sum(1) ** 2).sum() if unbiased else 0.0
+    return _Side(pts, flat, group, w64.sum(), same)
 
 
-def _den(w: Tensor, group: int, unbiased: bool) -> Union[Tensor, float]:
-    if not unbiased:
-        return 1.0
-    return 1.0 - (w.to(torch.float64).view(-1, group).sum(1) ** 2).sum()
+def _self_norm(s: _Side, unbiased: bool):
+    """What divides a raw self sum: ``(sum w)^2 - sum_g w_g^2`` (unbiased) or ``(sum w)^2``."""
+    return s.total * s.total - s.same_group if unbiased else s.total * s.total
 
 
-def _fused(x, y, xw, yw, bws, unbiased, reduction, name, out_dtype) -> Tensor:
-    from .ops import imq_mmd as ops
+def _consts(vals: tuple[float, ...], device: torch.device) -> Tensor:
+    """A float64 tensor of ``vals`` on ``device``; cached per device for CUDA so that a call makes no host-to-device
+    copy (a blocking copy from pageable memory) after the first one."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return torch.tensor(vals, dtype=torch.float64, device=device)
+    return _cuda_consts(vals, str(device))
 
-    pts_dtype = torch.promote_types(x.dtype, y.dtype)  # float16 with bfloat16 promotes to float32
+
+@functools.lru_cache(maxsize=256)
+def _cuda_consts(vals: tuple[float, ...], device: str) -> Tensor:
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def _sides(c: _Call) -> tuple[_Side, _Side]:
+    pts_dtype = torch.promote_types(c.x.dtype, c.y.dtype)  # float16 with bfloat16 promotes to float32
     w_dtype = torch.float64 if pts_dtype == torch.float64 else torch.float32
-    a, wa, ga = _flatten(x, xw, pts_dtype, w_dtype)
-    b, wb, gb = _flatten(y, yw, pts_dtype, w_dtype)
-    bw = torch.tensor(bws, dtype=torch.float64, device=x.device)
+    return (_side(c.x, c.xw, pts_dtype, w_dtype, c.unbiased), _side(c.y, c.yw, pts_dtype, w_dtype, c.unbiased))
 
-    op = ops.op_set(name)
-    grad_on = torch.is_grad_enabled()
-    x_grad = grad_on and any(t is not None and t.requires_grad for t in (x, xw))
-    y_grad = grad_on and any(t is not None and t.requires_grad for t in (y, yw))
-    if reduction == "sum" and (x_grad or y_grad):
-        # One fused pass per term computes the value and the gradient of the sum over bandwidths.  A side that
-        # needs no gradient (the prior samples of a WAE) gets the cheaper values-only self pass.
-        sxx = ops.imq_self_total(a, wa, bw, ga, unbiased, name)[0] if x_grad else \
-            op.self_values(a, wa, bw, ga, unbiased).sum()
-        syy = ops.imq_self_total(b, wb, bw, gb, unbiased, name)[0] if y_grad else \
-            op.self_values(b, wb, bw, gb, unbiased).sum()
-        if x_grad:
-            sxy = ops.imq_cross_total(a, wa, b, wb, bw, name, y_grad)[0]
-        else:  # cross is symmetric: put the side that needs a gradient in the rows
-            sxy = ops.imq_cross_total(b, wb, a, wa, bw, name, False)[0]
+
+def _terms(c: _Call) -> IMQMMDTerms:
+    if c.backend == "reference":
+        terms = reference.imq_terms_reference(c.x, c.y, c.xw, c.yw, bandwidths=c.bws, unbiased=c.unbiased)
     else:
-        sxx = op.self_values(a, wa, bw, ga, unbiased)
-        syy = op.self_values(b, wb, bw, gb, unbiased)
-        sxy = op.cross_values(a, wa, b, wb, bw)
-    mmd = sxx / _den(wa, ga, unbiased) + syy / _den(wb, gb, unbiased) - 2.0 * sxy
-    if reduction == "sum" and mmd.dim() > 0:
-        mmd = mmd.sum()
-    return mmd.to(out_dtype)
+        op = ops.op_set(c.backend)
+        a, b = _sides(c)
+        bw = _consts(c.bws, c.x.device)
+        one = torch.ones((), dtype=torch.float64, device=c.x.device)
+        den = (lambda s: (1.0 - s.same_group / (s.total * s.total)) * one) if c.unbiased else (lambda s: one)
+        terms = IMQMMDTerms(op.self_values(a.pts, a.w, bw, a.group, c.unbiased) / (a.total * a.total),
+                            op.self_values(b.pts, b.w, bw, b.group, c.unbiased) / (b.total * b.total),
+                            op.cross_values(a.pts, a.w, b.pts, b.w, bw) / (a.total * b.total), den(a), den(b))
+    if c.factors is None:
+        return terms
+    f = _consts(c.factors, c.x.device)
+    return terms._replace(self_x=terms.self_x * f, self_y=terms.self_y * f, cross=terms.cross * f)
+
+
+def _fused_total(c: _Call, x_grad: bool, y_grad: bool) -> Tensor:
+    """``reduction="sum"`` with a gradient: one fused value+gradient pass per term. A side that needs no gradient
+    (the prior samples of a WAE) gets the cheaper values-only self pass."""
+    op = ops.op_set(c.backend)
+    a, b = _sides(c)
+    bw = _consts(c.bws, c.x.device)
+    h = _consts(c.factors or (1.0,) * len(c.bws), c.x.device)
+
+    def self_sum(s: _Side, grad: bool) -> Tensor:
+        if grad:
+            return ops.imq_self_total(h, s.pts, s.w, bw, s.group, c.unbiased, c.backend)[0]
+        return (h * op.self_values(s.pts, s.w, bw, s.group, c.unbiased)).sum()
+
+    if x_grad:
+        sxy = ops.imq_cross_total(h, a.pts, a.w, b.pts, b.w, bw, c.backend, y_grad)[0]
+    else:  # cross is symmetric: put the side that needs a gradient in the rows
+        sxy = ops.imq_cross_total(h, b.pts, b.w, a.pts, a.w, bw, c.backend, False)[0]
+    return (self_sum(a, x_grad) / _self_norm(a, c.unbiased) + self_sum(b, y_grad) / _self_norm(b, c.unbiased)
+            - 2.0 * sxy / (a.total * b.total))
 
 
 class IMQMMDLoss(nn.Module):
@@ -234,27 +410,33 @@ class IMQMMDLoss(nn.Module):
         >>> loss_fn = gmwae_fast.IMQMMDLoss(scales=gmwae_fast.WAE_SCALES, sigma2=1.0)
         >>> penalty = loss_fn(z, prior_samples)                 # (n, d), (m, d) -> scalar
         >>> penalty = loss_fn(z_modes, prior_samples, pi)       # (B, K, d) with weights (B, K)
+        >>> global_fn = gmwae_fast.IMQMMDLoss(process_group=torch.distributed.group.WORLD)
+        >>> penalty = global_fn(z_local, prior_local)           # MMD² of the union of every rank's shards
     """
 
-    def __init__(self, *, scales: Sequence[float] = PAPER_SCALES, sigma2: float = 1.0,
+    def __init__(self, *, scales: Sequence[float] = PAPER_SCALES, sigma2: Union[float, Tensor] = 1.0,
                  bandwidths: Optional[Sequence[float]] = None, unbiased: bool = True, reduction: str = "sum",
-                 backend: str = "auto", validate: bool = False) -> None:
+                 eps: float = 0.0, backend: str = "auto", validate: bool = False,
+                 process_group: Optional["torch.distributed.ProcessGroup"] = None) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
-        self.scales = tuple(float(s) for s in scales)
-        self.sigma2 = sigma2
-        self.bandwidths = None if bandwidths is None else tuple(float(c) for c in bandwidths)
+        self.scales = _real_sequence("scales", scales)
+        self.sigma2 = _real("sigma2", sigma2)
+        self.bandwidths = None if bandwidths is None else _real_sequence("bandwidths", bandwidths)
+        self.eps = _real("eps", eps)
         self.unbiased = unbiased
         self.reduction = reduction
         self.backend = backend
         self.validate = validate
+        self.process_group = process_group
 
     def forward(self, x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None,
                 y_weights: Optional[Tensor] = None) -> Tensor:
         return fast_imq_mmd(x, y, x_weights, y_weights, scales=self.scales, sigma2=self.sigma2,
                             bandwidths=self.bandwidths, unbiased=self.unbiased, reduction=self.reduction,
-                            backend=self.backend, validate=self.validate)
+                            eps=self.eps, backend=self.backend, validate=self.validate,
+                            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         bw = f"bandwidths={self.bandwidths}" if self.bandwidths else f"scales={len(self.scales)}, sigma2={self.sigma2}"

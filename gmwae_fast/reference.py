@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "bandwidths_for",
     "imq_mmd_reference",
+    "imq_terms_reference",
     "reference_terms",
     "mmd_per_bandwidth",
     "mmd_vectorised",
@@ -88,6 +89,26 @@ def _flatten(x: Tensor, w: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
     return pts, w / w.sum(), group
 
 
+def imq_terms_reference(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None,
+                        *, bandwidths: Sequence[float], unbiased: bool = True, chunk: int = 1024):
+    """Float64 :class:`gmwae_fast.mmd.IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, each ``(S,)``, with
+    the contract of :func:`gmwae_fast.imq_mmd_terms` (weights normalised here, in float64)."""
+    from .mmd import IMQMMDTerms
+
+    a, wa, ga = _flatten(x, x_weights)
+    b, wb, gb = _flatten(y, y_weights)
+    bw = torch.as_tensor(list(bandwidths), dtype=torch.float64, device=x.device)
+
+    def self_term(p: Tensor, w: Tensor, g: int) -> Tensor:
+        return reference_terms(p, w, p, w, bw, group_a=g, group_b=g, exclude_same_group=unbiased, chunk=chunk)
+
+    def den(w: Tensor, g: int) -> Tensor:
+        return 1.0 - (w.view(-1, g).sum(1) ** 2).sum() if unbiased else w.new_ones(())
+
+    return IMQMMDTerms(self_term(a, wa, ga), self_term(b, wb, gb), reference_terms(a, wa, b, wb, bw, chunk=chunk),
+                       den(wa, ga), den(wb, gb))
+
+
 def imq_mmd_reference(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None,
                       *, bandwidths: Sequence[float], unbiased: bool = True, reduction: str = "sum",
                       chunk: int = 1024) -> Tensor:
@@ -97,18 +118,8 @@ def imq_mmd_reference(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, 
     ``bandwidths`` absolute ``C_s``. Returns a float64 scalar (``reduction="sum"``) or ``(S,)`` vector.
     No input checking: :func:`gmwae_fast.fast_imq_mmd` validates before calling this.
     """
-    a, wa, ga = _flatten(x, x_weights)
-    b, wb, gb = _flatten(y, y_weights)
-    bw = torch.as_tensor(list(bandwidths), dtype=torch.float64, device=x.device)
-
-    def self_term(p: Tensor, w: Tensor, g: int) -> Tensor:
-        t = reference_terms(p, w, p, w, bw, group_a=g, group_b=g, exclude_same_group=unbiased, chunk=chunk)
-        if unbiased:
-            t = t / (1.0 - (w.view(-1, g).sum(1) ** 2).sum())
-        return t
-
-    cross = reference_terms(a, wa, b, wb, bw, chunk=chunk)
-    mmd = self_term(a, wa, ga) + self_term(b, wb, gb) - 2.0 * cross
+    mmd = imq_terms_reference(x, y, x_weights, y_weights, bandwidths=bandwidths, unbiased=unbiased,
+                              chunk=chunk).mmd()
     return mmd.sum() if reduction == "sum" else mmd
 
 

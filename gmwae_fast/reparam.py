@@ -18,7 +18,7 @@ SIGMA_ACTIVATIONS: tuple[str, ...] = ("softplus", "exp")
 _SEED_LIMIT = 2 ** 63
 
 
-@torch.compiler.assume_constant_result
+@backends.assume_constant_result
 def _resolve_backend(backend: str, device: str) -> str:
     # backends.resolve_backend inspects the environment (imports, env vars, the dispatcher), which torch.compile
     # cannot trace; its answer depends only on the arguments, so compile runs it once and keeps the result.
@@ -49,6 +49,8 @@ def _seed_tensor(seed: object, device: torch.device) -> Tensor:
             raise ValueError(f"seed must be a single value, got a tensor of shape {tuple(seed.shape)}")
         if seed.device != device and seed.device.type != "cpu":
             raise ValueError(f"seed is on {seed.device} but mu is on {device}; put it on {device} or on the CPU")
+        if seed.device.type == "cpu" and not 0 <= int(seed.reshape(())) < _SEED_LIMIT:  # a device seed is not read
+            raise ValueError(f"seed must be in [0, 2**63), got {int(seed.reshape(()))}")
         return seed.reshape(()).to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be None, an int or an integer tensor, got {type(seed).__name__}")
@@ -106,7 +108,8 @@ def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Un
         seed: ``None`` (default) draws a fresh seed from torch's default generator on the inputs' device (as an
             int64 tensor, without a host sync, so ``torch.manual_seed`` makes runs reproducible and
             :func:`torch.compile` sees no graph break). An ``int`` in ``[0, 2**63)`` or an integer tensor with one
-            element (on the inputs' device or the CPU) gives the same ``eps`` on every call. The same seed gives
+            element (on the inputs' device or the CPU; a CPU tensor's value is checked to lie in ``[0, 2**63)``, a
+            device tensor's is not read, which would sync) gives the same ``eps`` on every call. The same seed gives
             the same noise on the ``cpu`` and ``cuda`` backends (same Philox bits and float32 operations) and,
             to ~1e-6, on ``triton``; ``reference`` uses ``torch.Generator().manual_seed(seed)`` instead (and is
             then not traceable by :func:`torch.compile`). Under :func:`torch.compile` a ``None`` seed is drawn by

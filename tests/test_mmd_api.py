@@ -120,9 +120,9 @@ def test_opcheck(device_backend, dtype):
         (op.self_grad, (h, a, wa, bw, 3 if a.shape[0] % 3 == 0 else 1, True)),
         (op.cross_grad, (h, a, wa, b, wb, bw)),
         (op.cross_grad, (h, a, wa, b, wb, bw, False)),
-        (ops.imq_self_total, (ga, gwa, bw, 1, True, backend)),
-        (ops.imq_cross_total, (ga, gwa, gb, gwb, bw, backend)),
-        (ops.imq_cross_total, (ga, gwa, b, wb, bw, backend, False)),
+        (ops.imq_self_total, (h, ga, gwa, bw, 1, True, backend)),
+        (ops.imq_cross_total, (h, ga, gwa, gb, gwb, bw, backend)),
+        (ops.imq_cross_total, (h, ga, gwa, b, wb, bw, backend, False)),
     ]
     for fn, args in cases:
         torch.library.opcheck(fn, args, test_utils=OPCHECK_TESTS)

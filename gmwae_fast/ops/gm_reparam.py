@@ -19,7 +19,8 @@ graph safe) or on the CPU (read on the host), ``None`` iff ``noise`` is given. `
 
 Autograd (shared): the forward saves ``sigma_raw``, ``logits``, ``seed`` (and ``noise`` when given) — never the
 generated noise, which the backward op regenerates from ``(seed, element index)``; ``d_mu = grad_z``.
-``noise`` gets no gradient (it is a constant sample). Double backward is not supported.
+``noise`` gets no gradient (it is a constant sample). Double backward is not supported: under
+``create_graph=True`` the gradients of ``sigma_raw`` and ``logits`` raise if differentiated again (``d_mu`` is exact).
 
 All ops are opaque to :func:`torch.compile` (no graph break) and checked with :func:`torch.library.opcheck`.
 """
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._autograd import first_order_only
 
 __all__ = ["ReparamOps", "op_set", "TRITON_OPS"]
 
@@ -100,6 +102,8 @@ def _register(ops: ReparamOps) -> None:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_sigma_raw, d_logits = ops.backward(grad_z.contiguous(), grad_pi.contiguous(), sigma_raw, logits, seed,
                                                  noise, ctx.activation)
+            d_sigma_raw, d_logits = first_order_only("gm_reparam", (d_sigma_raw, d_logits),
+                                                     (grad_z, grad_pi, sigma_raw, logits))
         return d_mu, d_sigma_raw, d_logits, None, None, None
 
     torch.library.register_autograd(ops.forward, backward, setup_context=setup_context)

@@ -11,17 +11,21 @@ On top of them, two backend-generic *fused* ops serve ``reduction="sum"`` when a
 pass returns the summed value and the gradient of that sum, which the backward only rescales by the incoming
 scalar cotangent (``imq_self_total``, ``imq_cross_total``).
 
-All ops are opaque to :func:`torch.compile` (no graph break) and checked with :func:`torch.library.opcheck`.
-Double backward is not supported.
+All ops are opaque to :func:`torch.compile` (no graph break) and checked with :func:`torch.library.opcheck`. The
+C++ op set is registered at import (when the extension is installed), so ``torch.compile(fullgraph=True)`` works
+as the very first call. Double backward is not supported: gradients computed with ``create_graph=True`` carry a
+node that raises :class:`RuntimeError` if they are differentiated again (never a silent zero).
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import backends
+from ._autograd import first_order_only
 
 __all__ = ["OpSet", "op_set"]
 
@@ -102,6 +106,7 @@ def _register(ops: OpSet) -> None:
     def self_backward(ctx, grad):
         a, wa, bw = ctx.saved_tensors
         _, da, dwa = ops.self_grad(grad.to(torch.float64).contiguous(), a, wa, bw, ctx.group, ctx.unbiased)
+        da, dwa = first_order_only("imq_self", (da, dwa), (grad, a, wa))
         return da, dwa, None, None, None
 
     def cross_setup(ctx, inputs, output):
@@ -111,6 +116,7 @@ def _register(ops: OpSet) -> None:
         a, wa, b, wb, bw = ctx.saved_tensors
         b_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         _, da, dwa, db, dwb = ops.cross_grad(grad.to(torch.float64).contiguous(), a, wa, b, wb, bw, b_grad)
+        da, dwa, db, dwb = first_order_only("imq_cross", (da, dwa, db, dwb), (grad, a, wa, b, wb))
         return da, dwa, (db if b_grad else None), (dwb if b_grad else None), None
 
     torch.library.register_autograd(ops.self_values, self_backward, setup_context=self_setup)
@@ -135,6 +141,12 @@ def _compiled_ops() -> OpSet:
     return _COMPILED_OPS
 
 
+# Register at import when the extension is installed, so that the first call inside torch.compile finds the
+# registrations done (register_fake cannot run while dynamo traces). Without an extension nothing is loaded here.
+if importlib.util.find_spec("gmwae_fast._C") is not None and backends.extension() is not None:
+    _compiled_ops()
+
+
 def op_set(backend: str) -> OpSet:
     """The primitive ops of a concrete backend (``"triton"``, ``"cpu"`` or ``"cuda"``)."""
     if backend == "triton":
@@ -149,57 +161,62 @@ def op_set(backend: str) -> OpSet:
 # ---------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("gmwae_fast::imq_self_total", mutates_args=())
-def imq_self_total(a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool,
+def imq_self_total(h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sum_s self_s, d/da, d/dwa)`` in one kernel pass."""
-    ones = torch.ones_like(bw, dtype=torch.float64)
-    values, da, dwa = op_set(backend).self_grad(ones, a, wa, bw, group, unbiased)
-    return values.sum(), da, dwa
+    """``(sum_s h_s self_s, d/da, d/dwa)`` in one kernel pass (``h`` a constant float64 ``(S,)``)."""
+    values, da, dwa = op_set(backend).self_grad(h, a, wa, bw, group, unbiased)
+    return (h * values).sum(), da, dwa
 
 
 @imq_self_total.register_fake
-def _(a, wa, bw, group, unbiased, backend):
+def _(h, a, wa, bw, group, unbiased, backend):
     return bw.new_empty((), dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa)
 
 
 def _self_total_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])  # kernel by-products: the backward never reads their grads
+    ctx.save_for_backward(output[1], output[2], inputs[1], inputs[2])
 
 
 def _self_total_backward(ctx, g_total, _g_da, _g_dwa):
-    da, dwa = ctx.saved_tensors
-    return (g_total * da).to(da.dtype), (g_total * dwa).to(dwa.dtype), None, None, None, None
+    da, dwa, a, wa = ctx.saved_tensors
+    da, dwa = first_order_only("imq_self_total", ((g_total * da).to(da.dtype), (g_total * dwa).to(dwa.dtype)),
+                               (g_total, a, wa))
+    return None, da, dwa, None, None, None, None
 
 
 imq_self_total.register_autograd(_self_total_backward, setup_context=_self_total_setup)
 
 
 @torch.library.custom_op("gmwae_fast::imq_cross_total", mutates_args=())
-def imq_cross_total(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, backend: str,
+def imq_cross_total(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, backend: str,
                     b_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(sum_s cross_s, d/da, d/dwa, d/db, d/dwb)`` in one kernel pass (``d/db``, ``d/dwb`` zero and not
-    computed when ``b_grad`` is false)."""
-    ones = torch.ones_like(bw, dtype=torch.float64)
-    values, da, dwa, db, dwb = op_set(backend).cross_grad(ones, a, wa, b, wb, bw, b_grad)
-    return values.sum(), da, dwa, db, dwb
+    """``(sum_s h_s cross_s, d/da, d/dwa, d/db, d/dwb)`` in one kernel pass (``h`` a constant float64 ``(S,)``;
+    ``d/db``, ``d/dwb`` zero and not computed when ``b_grad`` is false)."""
+    values, da, dwa, db, dwb = op_set(backend).cross_grad(h, a, wa, b, wb, bw, b_grad)
+    return (h * values).sum(), da, dwa, db, dwb
 
 
 @imq_cross_total.register_fake
-def _(a, wa, b, wb, bw, backend, b_grad=True):
+def _(h, a, wa, b, wb, bw, backend, b_grad=True):
     return (bw.new_empty((), dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa), torch.empty_like(b),
             torch.empty_like(wb))
 
 
 def _cross_total_setup(ctx, inputs, output):
     ctx.b_grad = inputs[-1]
-    ctx.save_for_backward(*(output[1:] if ctx.b_grad else output[1:3]))
+    ctx.mark_non_differentiable(*output[1:])  # kernel by-products: the backward never reads their grads
+    ctx.save_for_backward(*(output[1:] if ctx.b_grad else output[1:3]), *inputs[1:5])
 
 
 def _cross_total_backward(ctx, g_total, *_unused):
-    grads = [(g_total * g).to(g.dtype) for g in ctx.saved_tensors]
+    saved = ctx.saved_tensors
+    anchors = (g_total, *saved[-4:])
+    grads = [(g_total * g).to(g.dtype) for g in saved[:-4]]
+    grads = list(first_order_only("imq_cross_total", tuple(grads), anchors))
     if not ctx.b_grad:  # d/db and d/dwb were not computed (zeros): no gradient for b, wb
         grads += [None, None]
-    return (*grads, None, None, None)
+    return (None, *grads, None, None, None)
 
 
 imq_cross_total.register_autograd(_cross_total_backward, setup_context=_cross_total_setup)

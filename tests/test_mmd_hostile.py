@@ -1,0 +1,395 @@
+"""Hostile inputs to fast_imq_mmd / imq_mmd_terms, and a property-based test of every CPU-runnable backend against
+an independent float64 brute force written from the contract (README "Math contract").
+
+Each named case is one an adversarial test found: weight normalisation in float32, weights whose sum overflows,
+bandwidths that under/overflow, one-row inputs in float64, double backward, eps, tensors as sigma2.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gmwae_fast
+from gmwae_fast import PAPER_SCALES, fast_imq_mmd, imq_mmd_terms
+from gmwae_fast.reference import bandwidths_for
+
+from conftest import interpreted, skip_unless_usable
+
+CPU_BACKENDS = ["reference", "cpu", "triton"]
+
+
+def brute_force(x, y, xw=None, yw=None, *, bandwidths, unbiased=True, eps=0.0):
+    """(S,) MMD² per bandwidth, float64, materialised, straight from the contract."""
+    x, y = x.double(), y.double()
+    gx = 1 if x.dim() == 2 else x.shape[1]
+    gy = 1 if y.dim() == 2 else y.shape[1]
+    a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
+    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
+    wa, wb = wa / wa.sum(), wb / wb.sum()
+    c = torch.tensor(bandwidths, dtype=torch.float64)[:, None, None]
+
+    def k(p, q):
+        return c / (c + ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)[None] + eps)
+
+    def self_term(p, w, g):
+        kk = k(p, p)
+        if not unbiased:
+            return (w[:, None] * w[None, :] * kk).sum((1, 2))
+        ids = torch.arange(p.shape[0]) // g
+        keep = (ids[:, None] != ids[None, :]).double()
+        den = 1.0 - (w.view(-1, g).sum(1) ** 2).sum()
+        return (w[:, None] * w[None, :] * kk * keep).sum((1, 2)) / den
+
+    cross = (wa[:, None] * wb[None, :] * k(a, b)).sum((1, 2))
+    return self_term(a, wa, gx) + self_term(b, wb, gy) - 2.0 * cross
+
+
+def _rel(v, r):
+    return float((v.double() - r).abs().max() / r.abs().max().clamp_min(1e-300))
+
+
+def _skip(backend):
+    skip_unless_usable("cpu", backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight normalisation (float64, consistent with what the kernels see)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_unweighted_float32_meets_the_accuracy_contract(backend):
+    _skip(backend)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 10, generator=g), torch.randn(1000, 10, generator=g)
+    bws = bandwidths_for(10, PAPER_SCALES)
+    v = fast_imq_mmd(x, y, backend=backend)
+    r = fast_imq_mmd(x.double(), y.double(), backend="reference")
+    assert abs(v.item() - r.item()) <= 1e-5 * abs(r.item()), (v.item(), r.item())
+    assert r.item() == pytest.approx(brute_force(x, y, bandwidths=bws).sum().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_concentrated_weights_per_bandwidth(backend):
+    _skip(backend)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 10, generator=g), torch.randn(60, 10, generator=g)
+    w = torch.full((50,), 1e-6)
+    w[0] = 1.0
+    bws = bandwidths_for(10, PAPER_SCALES)
+    v = fast_imq_mmd(x, y, w, reduction="none", backend=backend)
+    r = brute_force(x, y, w, bandwidths=bws)
+    assert _rel(v, r) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("validate", [False, True])
+def test_weights_whose_float32_sum_overflows(backend, validate):
+    _skip(backend)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(40, 5, generator=g), torch.randn(30, 5, generator=g) + 0.3
+    w = torch.full((40,), 1e37, requires_grad=True)
+    v = fast_imq_mmd(x, y, w, validate=validate, backend=backend)
+    r = fast_imq_mmd(x.double(), y.double(), backend="reference")
+    assert v.item() == pytest.approx(r.item(), rel=1e-5)
+    (gw,) = torch.autograd.grad(v, w)
+    wr = w.detach().double().requires_grad_(True)
+    (gr,) = torch.autograd.grad(brute_force(x, y, wr, bandwidths=bandwidths_for(5, PAPER_SCALES)).sum(), wr)
+    # ~1e-39: float32 holds these only as subnormals (resolution 1.4e-45)
+    assert float((gw.double() - gr).abs().max()) <= 1e-4 * float(gr.abs().max()) + 1e-44
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bandwidths, scales, sigma2, eps
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,dtype", [
+    (dict(scales=[1e-200], sigma2=1e-200), torch.float64),
+    (dict(scales=[1e300], sigma2=1e300), torch.float64),
+    (dict(bandwidths=[1e-50]), torch.float32),
+    (dict(bandwidths=[1e39]), torch.float32),
+    (dict(bandwidths=[float("nan")]), torch.float64),
+    (dict(scales=[1.0], eps=float("inf")), torch.float64),
+])
+def test_bandwidths_outside_the_compute_dtype_are_refused(kwargs, dtype):
+    x, y = torch.randn(6, 3, dtype=dtype), torch.randn(5, 3, dtype=dtype)
+    with pytest.raises(ValueError, match="bandwidth|eps"):
+        fast_imq_mmd(x, y, backend="reference", **kwargs)
+
+
+@pytest.mark.parametrize("bad,exc", [("12", TypeError), (b"12", TypeError), (5.0, TypeError), ([1.0, "a"], TypeError),
+                                     ([], ValueError), ([1.0, -2.0], ValueError)])
+def test_scales_must_be_a_sequence_of_positive_numbers(bad, exc):
+    with pytest.raises(exc, match="scales"):
+        fast_imq_mmd(torch.randn(4, 2), torch.randn(4, 2), scales=bad)
+
+
+def test_sigma2_accepts_a_one_element_tensor():
+    x, y = torch.randn(9, 3), torch.randn(7, 3)
+    assert fast_imq_mmd(x, y, sigma2=torch.tensor(2.0)).item() == fast_imq_mmd(x, y, sigma2=2.0).item()
+    with pytest.raises(TypeError, match="sigma2"):
+        fast_imq_mmd(x, y, sigma2=torch.ones(2))
+    with pytest.raises(TypeError, match="sigma2"):
+        fast_imq_mmd(x, y, sigma2="2")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_eps_matches_the_brute_force(backend, unbiased):
+    _skip(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    y = torch.randn(13, 4, dtype=torch.float64, generator=g)
+    bws = bandwidths_for(4, (0.1, 1.0, 10.0))
+    v = fast_imq_mmd(x, y, bandwidths=bws, eps=0.25, unbiased=unbiased, backend=backend)
+    xr = x.detach().clone().requires_grad_(True)
+    r = brute_force(xr, y, bandwidths=bws, unbiased=unbiased, eps=0.25).sum()
+    assert v.item() == pytest.approx(r.item(), rel=1e-10)
+    (gv,) = torch.autograd.grad(v, x)
+    (gr,) = torch.autograd.grad(r, xr)
+    assert _rel(gv, gr) <= 1e-9
+    with pytest.raises(ValueError, match="eps"):
+        fast_imq_mmd(x, y, eps=-1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_terms_rebuild_the_mmd_and_are_differentiable(backend):
+    _skip(backend)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = torch.rand(5, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    y = torch.randn(17, 4, dtype=torch.float64, generator=g)
+    t = imq_mmd_terms(x, y, w, backend=backend)
+    assert isinstance(t, gmwae_fast.IMQMMDTerms)
+    ref = fast_imq_mmd(x, y, w, reduction="none", backend="reference")
+    assert _rel(t.mmd().detach(), ref.detach()) <= 1e-10
+    assert float(t.den_y) == pytest.approx(1 - 1 / 17, rel=1e-12)
+    gv = torch.autograd.grad(t.mmd().sum(), (x, w))
+    gr = torch.autograd.grad(ref.sum(), (x, w))
+    for a, b in zip(gv, gr):
+        assert _rel(a, b) <= 1e-9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd: one-row inputs, double backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("shape", [(1, 3), (1, 1, 3)])
+def test_one_row_float64_backward(backend, shape):
+    _skip(backend)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fast_imq_mmd(x, y, unbiased=False, backend=backend).backward()
+    yr = y.detach().clone().requires_grad_(True)
+    brute_force(x, yr, bandwidths=bandwidths_for(3, PAPER_SCALES), unbiased=False).sum().backward()
+    assert _rel(y.grad, yr.grad) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_double_backward_raises_instead_of_returning_zero(backend, reduction):
+    _skip(backend)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    v = fast_imq_mmd(x, y, w, reduction=reduction, backend=backend).sum()
+    gx, gw = torch.autograd.grad(v, (x, w), create_graph=True)   # first order with create_graph still works
+    xr = x.detach().clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(fast_imq_mmd(xr, y, w.detach(), backend="reference"), xr)
+    assert _rel(gx.detach(), gr) <= 1e-9
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gx.pow(2).sum(), x)
+
+
+def test_reference_backend_gives_second_derivatives():
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(fast_imq_mmd(x, y, backend="reference"), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    xr = x.detach().clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(brute_force(xr, y, bandwidths=bandwidths_for(2, PAPER_SCALES)).sum(), xr,
+                                create_graph=True)
+    (hr,) = torch.autograd.grad(gr.pow(2).sum(), xr)
+    assert hr.abs().max() > 1e-4 and _rel(hx, hr) <= 1e-8
+
+
+def test_gm_reparameterize_double_backward_raises():
+    skip_unless_usable("cpu", "cpu")
+    mu = torch.randn(3, 4, 2, requires_grad=True)
+    sr = torch.randn(3, 4, 2, requires_grad=True)
+    lg = torch.randn(3, 4, requires_grad=True)
+    z, pi = gmwae_fast.gm_reparameterize(mu, sr, lg, seed=7, backend="cpu")
+    gs, = torch.autograd.grad((z.pow(2).sum() + pi.pow(2).sum()), sr, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gs.sum(), sr)
+
+
+def test_gm_reparameterize_refuses_negative_tensor_seed():
+    mu = torch.randn(2, 3, 2)
+    with pytest.raises(ValueError, match="seed"):
+        gmwae_fast.gm_reparameterize(mu, mu, torch.randn(2, 3), seed=torch.tensor(-5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No host syncs on the op's path; torch.compile as the first call of a fresh process
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_cpu_path_makes_no_host_reads_of_tensors(monkeypatch):
+    """On CPU a host read is free, but the same code runs on CUDA tensors, where it is a device sync."""
+    skip_unless_usable("cpu", "cpu")
+    x = torch.randn(9, 2, 3, requires_grad=True)
+    w = torch.rand(9, 2, requires_grad=True)
+    y = torch.randn(11, 3)
+    fast_imq_mmd(x, y, w)  # warm up: lazy imports and registrations may read tensors once
+
+    def boom(*_a, **_k):
+        raise AssertionError("a host read of a tensor on the op's path")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    for reduction in ("sum", "none"):
+        v = fast_imq_mmd(x, y, w, reduction=reduction)
+        torch.autograd.grad(v.sum(), (x, w))
+        fast_imq_mmd(x.detach(), y, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_path_makes_no_device_sync(backend):
+    skip_unless_usable("cuda", backend)
+    x = torch.randn(37, 3, 5, device="cuda", requires_grad=True)
+    w = torch.rand(37, 3, device="cuda", requires_grad=True)
+    y = torch.randn(101, 5, device="cuda")
+    mu, sr, lg = (torch.randn(7, 3, 5, device="cuda", requires_grad=True) for _ in range(3))
+    lg = lg[..., 0].detach().requires_grad_(True)
+
+    def step():
+        z, pi = gmwae_fast.gm_reparameterize(mu, sr, lg, backend=backend)
+        v = fast_imq_mmd(x, y, w, backend=backend) + fast_imq_mmd(z, y, pi, backend=backend)
+        torch.autograd.grad(v, (x, w, mu, sr, lg))
+        fast_imq_mmd(x.detach(), y, reduction="none", backend=backend)
+
+    step()  # warm-up: compilation, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_compile_fullgraph_as_first_call():
+    skip_unless_usable("cpu", "cpu")
+    code = (
+        "import torch, gmwae_fast\n"
+        "f = torch.compile(lambda x, y: gmwae_fast.fast_imq_mmd(x, y), fullgraph=True, backend='aot_eager')\n"
+        "x = torch.randn(10, 3, requires_grad=True); y = torch.randn(12, 3)\n"
+        "v = f(x, y); v.backward()\n"
+        "r = gmwae_fast.fast_imq_mmd(x.detach(), y)\n"
+        "assert abs(v.item() - r.item()) <= 1e-6 * abs(r.item()), (v.item(), r.item())\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Property-based: every CPU-runnable backend against the brute force
+# ----------------------------------------------------------------------------------------------------------------
+
+@st.composite
+def mmd_cases(draw, max_points):
+    d = draw(st.integers(1, 9))
+    kx = draw(st.sampled_from([None, 1, 2, 3]))
+    bx = draw(st.integers(2, max(2, max_points // (kx or 1))))
+    my = draw(st.integers(2, max_points))
+    unbiased = draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    weighted = draw(st.sampled_from(["none", "x", "both"]))
+    spread = draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    outlier = draw(st.sampled_from([None, 1e3]))
+    concentrated = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    scales = draw(st.sampled_from([PAPER_SCALES, (0.5,), (0.1, 10.0)]))
+    return dict(d=d, kx=kx, bx=bx, my=my, unbiased=unbiased, dtype=dtype, weighted=weighted, spread=spread,
+                outlier=outlier, concentrated=concentrated, seed=seed, scales=scales)
+
+
+def _make(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    shape = (case["bx"], case["d"]) if case["kx"] is None else (case["bx"], case["kx"], case["d"])
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * case["spread"]).to(case["dtype"])
+    y = (torch.randn(case["my"], case["d"], generator=g, dtype=torch.float64) * case["spread"] + 0.1
+         ).to(case["dtype"])
+    if case["outlier"] is not None:
+        x.view(-1, case["d"])[0] += case["outlier"] * case["spread"]
+
+    def weights(n_shape):
+        w = torch.rand(*n_shape, generator=g, dtype=torch.float64) + 0.05
+        if case["concentrated"]:
+            w = w * 1e-4
+            w.view(-1)[-1] = 1.0
+        return w.to(case["dtype"])
+
+    xw = weights(shape[:-1]) if case["weighted"] in ("x", "both") else None
+    yw = weights((case["my"],)) if case["weighted"] == "both" else None
+    return x, y, xw, yw
+
+
+def _check_case(case, backend):
+    x, y, xw, yw = _make(case)
+    if case["unbiased"] and xw is not None and case["kx"] is not None and case["concentrated"]:
+        pass  # still defined: at least two groups carry mass
+    bws = bandwidths_for(case["d"], case["scales"])
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, y, xw, yw)]
+    v = fast_imq_mmd(*leaves, scales=case["scales"], unbiased=case["unbiased"], reduction="none", backend=backend)
+    refs = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, y, xw, yw)]
+    r = brute_force(*refs, bandwidths=bws, unbiased=case["unbiased"])
+    # A cotangent that weighs the bandwidths differently: exercises reduction="none" gradients.
+    h = torch.linspace(1.0, 2.0, len(bws), dtype=torch.float64)
+    gv = torch.autograd.grad((v.double() * h).sum(), [t for t in leaves if t is not None])
+    gr = torch.autograd.grad((r * h).sum(), [t for t in refs if t is not None])
+    f32 = case["dtype"] == torch.float32
+    # Values: relative to the size of the terms MMD² is a difference of (it may be ~0 itself).
+    scale = float(brute_force(*[t.detach() if t is not None else None for t in refs], bandwidths=bws,
+                              unbiased=False).abs().max()) + float(r.abs().max())
+    tol = 2e-5 if f32 else 1e-10
+    assert float((v.double() - r).abs().max()) <= tol * scale, (v, r)
+    # Gradients: MMD² is a difference of terms, and the unbiased self terms are ratios whose denominator
+    # 1 - sum_g W_g^2 can be small (concentrated weights); the gradient is then a cancellation of parts of size
+    # (per bandwidth, since 0 < k <= 1 and |psi(D)| |a - b| <= 0.65 / sqrt(C)) 2 / den for a weight and
+    # 4 * 0.65 / sqrt(C) / den for a point. Errors are measured against those parts, as the values are above.
+    den = 1.0
+    if case["unbiased"]:
+        for t, g in ((refs[2], case["kx"] or 1), (refs[3], 1)):
+            if t is not None:
+                wn = t.detach().reshape(-1) / t.detach().sum()
+                den = min(den, float(1.0 - (wn.view(-1, g).sum(1) ** 2).sum()))
+    c = torch.tensor(bws, dtype=torch.float64)
+    part = {"w": 2.0 * float((torch.ones_like(c) * h).sum()) / den,
+            "p": 2.6 * float((h / c.sqrt()).sum()) / den}
+    kinds = ["p", "p"] + ["w" for t in (xw, yw) if t is not None]
+    gtol = 2e-5 if f32 else 1e-10
+    for kind, a, b in zip(kinds, gv, gr):
+        err = float((a.double() - b).abs().max())
+        assert err <= gtol * (float(b.abs().max()) + part[kind]), (kind, err, a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=mmd_cases(max_points=30))
+def test_property_against_brute_force(backend, case):
+    _skip(backend)
+    _check_case(case, backend)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=mmd_cases(max_points=10))
+def test_property_against_brute_force_triton_interpreted(case):
+    _skip("triton")
+    assert interpreted("cpu", "triton")
+    _check_case(case, "triton")
