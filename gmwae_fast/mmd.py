@@ -358,9 +358,10 @@ def _cuda_consts(vals: tuple[float, ...], device: str) -> Tensor:
 
 
 def _sides(c: _Call) -> tuple[_Side, _Side]:
-    pts_dtype = torch.promote_types(c.x.dtype, c.y.dtype)  # float16 with bfloat16 promotes to float32
-    w_dtype = torch.float64 if pts_dtype == torch.float64 else torch.float32
-    return (_side(c.x, c.xw, pts_dtype, w_dtype, c.unbiased), _side(c.y, c.yw, pts_dtype, w_dtype, c.unbiased))
+    # float16/bfloat16 points are widened here: the math is float32 anyway, and the kernels then return float32
+    # gradients, which autograd sums (self + cross terms) before one rounding to the input dtype.
+    dtype = torch.float64 if torch.float64 in (c.x.dtype, c.y.dtype) else torch.float32
+    return (_side(c.x, c.xw, dtype, dtype, c.unbiased), _side(c.y, c.yw, dtype, dtype, c.unbiased))
 
 
 def _terms(c: _Call) -> IMQMMDTerms:
