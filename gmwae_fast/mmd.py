@@ -129,7 +129,8 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
 
 
 class IMQMMDTerms(NamedTuple):
-    """The per-bandwidth pieces of the MMD² (each an ``(S,)`` float64 tensor), see :func:`imq_mmd_terms`."""
+    """The pieces of the MMD² (float64; ``(S,)`` per-bandwidth sums and 0-d denominators), see
+    :func:`imq_mmd_terms`."""
 
     #: ``sum_{a !~ a'} W_a W_a' k_s(a, a')`` over ordered pairs (all pairs, ``a = a'`` included, when biased).
     self_x: Tensor
@@ -286,8 +287,8 @@ def imq_mmd_terms(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_we
                   backend: str = "auto", validate: bool = False) -> IMQMMDTerms:
     r"""The pieces of :func:`fast_imq_mmd` per bandwidth, to rebuild other estimators from the same fused sums.
 
-    Returns :class:`IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, each ``(S,)`` float64 and
-    differentiable (points and weights), with the weights normalised to sum to 1:
+    Returns :class:`IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, float64 and differentiable (points
+    and weights): three ``(S,)`` sums and two 0-d denominators, with the weights normalised to sum to 1:
     ``self_x = sum_{a !~ a'} W_a W_a' k_s(a, a')`` (ordered pairs; all pairs when ``unbiased=False``),
     ``cross = sum_{a, b} W_a V_b k_s(a, b)``, ``den_x = 1 - sum_g W_g^2`` (1 when biased), and
     ``terms.mmd()`` equals ``fast_imq_mmd(..., reduction="none")``. Options as in :func:`fast_imq_mmd`.
