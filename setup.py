@@ -12,6 +12,12 @@ Environment switches
 ``MAX_JOBS``                 parallel compile jobs (ninja), honoured by torch.utils.cpp_extension.
 ``GMWAE_FAST_SKIP_EXT=1``    no compiled extension at all (pure-Python install).
 
+In-place and editable builds (``python setup.py build_ext --inplace``, ``pip install -e .``) compile into the
+persistent folder ``build/temp-<python tag>``: ninja's dependency tracking (compiler depfiles) then recompiles only
+the sources whose text, included headers or compile command changed (a changed flag, architecture list or torch
+include path recompiles what it affects). The link step always runs (seconds); the library is copied into
+``gmwae_fast/`` only when its bytes changed, by an atomic rename (a process that has the old one loaded keeps it).
+
 CUDA sources are compiled when a toolkit is found (CUDA_HOME / nvcc), FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST is set,
 and torch itself has CUDA.  Otherwise (no nvcc, CPU-only torch) the CPU extension is built and ONE warning line is
 printed.  If the C++ build fails as well, the pure-Python package is still installed, with one warning line.
@@ -26,8 +32,11 @@ CPUID (the binary runs on any x86-64 CPU; ``GMWAE_FAST_CPU_ISA=generic|avx2|avx5
 
 Install: ``pip install --no-build-isolation -e .`` (development) or ``pip install .``.
 """
+import filecmp
 import glob
 import os
+import re
+import shutil
 import sys
 
 from setuptools import setup
@@ -35,6 +44,16 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 CONFIG_REL = os.path.join("gmwae_fast", "_build_config.py")
+PERSISTENT_TEMP = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
+
+
+def _read_version():
+    with open(os.path.join(ROOT, "gmwae_fast", "_version.py")) as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    if not match:
+        raise RuntimeError("gmwae_fast/_version.py has no __version__ line")
+    return match.group(1)
+
 
 PACKAGES = ["gmwae_fast", "gmwae_fast.ops", "gmwae_fast.kernels", "gmwae_fast.train"]
 PACKAGE_DIR = {"gmwae_fast": "gmwae_fast", "gmwae_fast.kernels": "kernels"}
@@ -75,17 +94,24 @@ def _base_facts(torch_mod=None):
         "cuda_arch_list": None,
         "torch_version": str(torch_mod.__version__) if torch_mod is not None else None,
         "torch_cuda_version": torch_mod.version.cuda if torch_mod is not None else None,
+        "torch_cxx11_abi": bool(torch_mod._C._GLIBCXX_USE_CXX11_ABI) if torch_mod is not None else None,
         "build_warning": None,
     }
 
 
 setup_kwargs = dict(
     name="gmwae_fast",
-    version="0.1.0",
+    version=_read_version(),
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "bench": ["pytest", "pytest-benchmark", "pykeops", "psutil", "tqdm", "matplotlib"],
+        "figures": ["matplotlib", "umap-learn"],
+        "train": ["torchvision", "matplotlib", "tqdm"],
+        "dev": ["pytest", "hypothesis", "ruff", "build", "ninja", "tqdm"],
+    },
     # A library built in place (editable install) must not leak into a wheel: build_ext provides its own.
     exclude_package_data={"gmwae_fast": ["_C*.so", "_C*.pyd", "_C*.dylib"]},
 )
@@ -175,6 +201,21 @@ if cpp_extension is not None:
 
     class BuildExt(cpp_extension.BuildExtension):
         """torch's BuildExtension (ninja) made optional: CUDA -> CPU-only -> no extension, one warning each."""
+
+        def finalize_options(self):
+            super().finalize_options()  # sets inplace for an editable build
+            if self.inplace:
+                self.build_temp = PERSISTENT_TEMP
+
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            # In-place copy of the built library: skipped when identical, else an atomic rename (never rewrite a
+            # library another process has mapped).
+            if os.path.exists(outfile) and filecmp.cmp(infile, outfile, shallow=False):
+                return outfile, False
+            tmp = f"{outfile}.tmp{os.getpid()}"
+            shutil.copy2(infile, tmp)
+            os.replace(tmp, outfile)
+            return outfile, True
 
         def _config_path(self):
             if self.inplace or getattr(self, "editable_mode", False):

@@ -12,28 +12,23 @@ Plain Python (no pytest import), so any benchmark file (``bench_*.py``) and the 
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
 import os
 import platform
 import re
 import subprocess
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+# One implementation of the memory and timing measurement, shared with ``python -m gmwae_fast.demo``.
+from gmwae_fast._measure import measure_peak_memory, sync, timed_call  # noqa: F401
 
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 #: MUFU (special function unit) reciprocal throughput per clock per SM. 16 on Volta..Hopper (sm_70 - sm_90).
 MUFU_PER_CLK_PER_SM = {7: 16, 8: 16, 9: 16, 10: 16, 12: 16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,85 +166,9 @@ def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
     return int(free_memory_bytes(device) * fraction)
 
 
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[Optional[int], str]:
-    """Peak extra memory of one (untimed) call of ``fn``: ``(bytes, method)``.
-
-    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated
-      before the call (tensors the call allocates, caching-allocator reuse included; not the allocator's slack).
-    * CPU (Linux): the process's peak resident set. Freed heap memory is first returned to the OS
-      (``malloc_trim(0)``) and the peak counter reset (``/proc/self/clear_refs`` ``5``), so every page the call
-      touches is counted; result = ``VmHWM`` after the call minus ``VmRSS`` before it. Memory the call takes from
-      what malloc still holds (small blocks) is missed, so this is a slight under-estimate for small sizes.
-    * CPU elsewhere: ``resource.getrusage`` max RSS delta (only a growth of the process-lifetime peak shows).
-    """
-    gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - base), "cuda max_memory_allocated - allocated before"
-    _malloc_trim()
-    if _reset_hwm():
-        base = _proc_status_kib("VmRSS")
-        fn()
-        peak = _proc_status_kib("VmHWM")
-        if base is not None and peak is not None:
-            return max(0, (peak - base) * 1024), "cpu peak RSS delta (malloc_trim + clear_refs, VmHWM - VmRSS)"
-    try:
-        import resource
-
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        scale = 1 if platform.system() == "Darwin" else 1024
-        return max(0, (after - before) * scale), "cpu ru_maxrss growth (lower bound)"
-    except ImportError:
-        fn()
-        return None, "unavailable"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------------
-
-def timed_call(fn: Callable[[], object], device: torch.device):
-    """``(result, seconds)`` of one call, synchronised before starting and before stopping the clock."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
 
 def plan_rounds(call_s: float, target_s: float, min_rounds: int, max_rounds: int,
                 min_round_s: float = 1e-3) -> tuple[int, int]:

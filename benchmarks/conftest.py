@@ -24,6 +24,8 @@ sys.path.insert(0, _HERE_STR)
 
 import _harness  # noqa: E402
 import _providers  # noqa: E402
+from _progress import (pytest_collection_finish, pytest_runtest_logfinish,  # noqa: E402,F401  progress bar/lines
+                       pytest_sessionfinish)
 
 _HERE = pathlib.Path(_HERE_STR)
 
@@ -57,6 +59,8 @@ SWEEPS = {
 
 def pytest_addoption(parser):
     g = parser.getgroup("gmwae_fast benchmarks")
+    g.addoption("--no-bench-progress", action="store_true",
+                help="no progress bar (terminal) or per-benchmark progress lines (otherwise) on stderr")
     g.addoption("--sweep", default="auto", choices=("auto",) + tuple(SWEEPS),
                 help="case set: auto = full with a GPU, small without (default auto)")
     g.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import sys
 import warnings
 from types import ModuleType
 from typing import Optional, Union
@@ -25,7 +26,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["BACKENDS", "available_backends", "build_info", "resolve_backend", "unavailable_reason",
-           "extension", "extension_error"]
+           "extension", "extension_error", "assume_constant_result", "torch_mismatch"]
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -35,20 +36,59 @@ _ext_error: Optional[str] = None
 _ext_loaded = False
 
 
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about 2 s) at import time.
+
+    The public decorator imports ``torch._dynamo`` only to set the marker attribute that Dynamo reads when it
+    traces a call (``torch/_dynamo/decorators.py``); this sets the same attribute, or defers to the public
+    decorator when ``torch._dynamo`` is already imported. ``tests/test_install.py`` checks that both agree.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _load_extension() -> None:
     global _ext, _ext_error, _ext_loaded
     if _ext_loaded:
         return
     _ext_loaded = True
-    try:
-        _ext = importlib.import_module("gmwae_fast._C")
-    except Exception as exc:  # ImportError, or an OSError / undefined symbol from a broken build
+    cfg = _build_config()
+    _ext_error = torch_mismatch(cfg.get("torch_version"), cfg.get("torch_cxx11_abi"))
+    if _ext_error is None:
+        try:
+            _ext = importlib.import_module("gmwae_fast._C")
+            _ext_error = torch_mismatch(getattr(_ext, "TORCH_VERSION", None), None)
+        except Exception as exc:  # ImportError, or an OSError / undefined symbol from a broken build
+            _ext_error = f"the compiled extension gmwae_fast._C could not be loaded ({type(exc).__name__}: {exc})"
+    if _ext_error is not None:
         _ext = None
-        _ext_error = f"the compiled extension gmwae_fast._C could not be loaded ({type(exc).__name__}: {exc})"
         if os.environ.get("GMWAE_FAST_QUIET_EXT", "0") != "1":
             warnings.warn(f"gmwae_fast: {_ext_error}; the 'cpu' and 'cuda' backends are disabled, 'triton' and "
-                          "'reference' still work. Reinstall with a C++ compiler (and nvcc for CUDA) to enable them.",
-                          RuntimeWarning, stacklevel=3)
+                          "'reference' still work. " + _REBUILD_HINT, RuntimeWarning, stacklevel=3)
+
+
+_REBUILD_HINT = ("To rebuild against the running torch: pip install --no-build-isolation --force-reinstall "
+                 "--no-deps <the gmwae_fast sdist or checkout> (in a checkout: bash scripts/setup.sh).")
+
+
+def torch_mismatch(built_version: Optional[str], built_cxx11_abi: Optional[bool]) -> Optional[str]:
+    """Why an extension built with torch ``built_version`` (``"2.14.1+cu130"``, or ``"2.14.1"`` as in
+    ``_C.TORCH_VERSION``) and ``built_cxx11_abi`` cannot be loaded by the running torch, or ``None`` (also when
+    the build facts are unknown). Only the ``major.minor.patch`` part is compared when the local part is missing.
+    """
+    running = torch.__version__
+    if built_version is not None:
+        same = running == built_version if "+" in built_version else running.split("+")[0] == built_version
+        if not same:
+            return (f"gmwae_fast._C was built against torch {built_version} but torch {running} is running "
+                    "(a C++ extension must be built with the torch it runs with)")
+    abi = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    if built_cxx11_abi is not None and bool(built_cxx11_abi) != abi:
+        return (f"gmwae_fast._C was built with _GLIBCXX_USE_CXX11_ABI={int(built_cxx11_abi)} but the running torch "
+                f"uses {int(abi)}")
+    return None
 
 
 def extension() -> Optional[ModuleType]:
@@ -141,7 +181,7 @@ def resolve_backend(requested: str, device: Union[str, torch.device]) -> str:
     return _resolve(requested, str(device))
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolve(requested: str, device: str) -> str:
     # Inspects imports, environment variables and the dispatcher, none of which torch.compile can trace.
     dev = torch.device(device)

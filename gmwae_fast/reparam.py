@@ -49,8 +49,11 @@ def _seed_tensor(seed: object, device: torch.device) -> Tensor:
             raise ValueError(f"seed must be a single value, got a tensor of shape {tuple(seed.shape)}")
         if seed.device != device and seed.device.type != "cpu":
             raise ValueError(f"seed is on {seed.device} but mu is on {device}; put it on {device} or on the CPU")
-        if seed.device.type == "cpu" and not 0 <= int(seed.reshape(())) < _SEED_LIMIT:  # a device seed is not read
-            raise ValueError(f"seed must be in [0, 2**63), got {int(seed.reshape(()))}")
+        # A CPU seed is read on the host (free); a device seed is not read (a sync), nor is a traced one.
+        if seed.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = int(seed.reshape(()))
+            if not 0 <= value < _SEED_LIMIT:
+                raise ValueError(f"seed must be in [0, 2**63), got {value}")
         return seed.reshape(()).to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be None, an int or an integer tensor, got {type(seed).__name__}")

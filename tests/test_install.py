@@ -1,0 +1,165 @@
+"""Installation as users meet it: import cost, the torch-version check of the compiled extension, and the sdist.
+
+The sdist test builds ``python -m build --no-isolation`` (sdist, then a wheel from the unpacked sdist, CPU kernels
+only: ``GMWAE_FAST_SKIP_CUDA=1``) from a copy of the tracked files, checks that the sdist holds every C++/CUDA
+source and header, installs the wheel into a fresh virtual environment that sees this environment's torch through
+a ``.pth`` line, and runs one call of the ``cpu`` backend there against the float64 reference.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd=None, env=None, exe=sys.executable) -> str:
+    proc = subprocess.run([exe, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_import_does_not_import_dynamo():
+    out = _python("""
+        import sys, gmwae_fast
+        print(sorted(m for m in ("torch._dynamo", "triton") if m in sys.modules))
+    """)
+    assert out.strip() == "[]"
+
+
+def test_constant_marker_matches_torch_decorator():
+    # In a process without torch._dynamo our marker must be what torch's public decorator sets.
+    out = _python("""
+        import sys
+        from gmwae_fast import backends, reparam
+        assert "torch._dynamo" not in sys.modules
+        def ours(): pass
+        def theirs(): pass
+        backends.assume_constant_result(ours)
+        import torch
+        torch.compiler.assume_constant_result(theirs)
+        assert vars(ours) == vars(theirs) and vars(theirs), (vars(ours), vars(theirs))
+        assert vars(backends._resolve) == vars(theirs) == vars(reparam._resolve_backend)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_torch_mismatch_messages():
+    import torch
+
+    from gmwae_fast.backends import torch_mismatch
+
+    running = torch.__version__
+    assert torch_mismatch(None, None) is None
+    assert torch_mismatch(running, bool(torch._C._GLIBCXX_USE_CXX11_ABI)) is None
+    assert torch_mismatch(running.split("+")[0], None) is None  # _C.TORCH_VERSION has no local part
+    msg = torch_mismatch("1.13.0+cpu", None)
+    assert "built against torch 1.13.0+cpu" in msg and running in msg
+    assert "_GLIBCXX_USE_CXX11_ABI" in torch_mismatch(running, not torch._C._GLIBCXX_USE_CXX11_ABI)
+    if "+" in running:  # same release, other build (e.g. +cpu vs +cu130): a different library
+        assert torch_mismatch(running.split("+")[0] + "+other", None) is not None
+
+
+def test_mismatched_build_disables_compiled_backends_only():
+    out = _python("""
+        import sys, types, warnings, torch
+        fake = types.ModuleType("gmwae_fast._build_config")   # as if built against another torch
+        fake.torch_version, fake.cpu_compiled = "1.13.0+cpu", True
+        sys.modules["gmwae_fast._build_config"] = fake
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import gmwae_fast
+            from gmwae_fast import reference
+            reasons = gmwae_fast.available_backends("cpu")
+        assert "gmwae_fast._C" not in sys.modules
+        assert "built against torch 1.13.0+cpu" in reasons["cpu"], reasons
+        assert reasons["reference"] is None
+        assert len(caught) == 1 and "rebuild" in str(caught[0].message), [str(w.message) for w in caught]
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(37, 5, generator=gen, dtype=torch.float64)
+        y = torch.randn(29, 5, generator=gen, dtype=torch.float64)
+        got = gmwae_fast.fast_imq_mmd(x, y)   # auto falls back to the reference backend
+        want = reference.imq_mmd_reference(x, y, bandwidths=reference.bandwidths_for(5, gmwae_fast.PAPER_SCALES))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        try:
+            gmwae_fast.fast_imq_mmd(x, y, backend="cpu")
+        except RuntimeError as exc:
+            assert "built against torch" in str(exc)
+        else:
+            raise AssertionError("backend='cpu' ran with a mismatched extension")
+        print("ok")
+    """, env={**os.environ, "GMWAE_FAST_QUIET_EXT": "0"})
+    assert out.strip().endswith("ok")
+
+
+def _tracked_files() -> list[str]:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the sdist test copies the tracked files")
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    return [p for p in out.splitlines() if (ROOT / p).is_file()]
+
+
+def _fresh_venv(path: Path) -> Path:
+    """A venv without pip whose ``.pth`` line puts this environment's site-packages (torch, pip, setuptools) after
+    its own; .pth files there (an editable gmwae_fast) are not processed, so only the wheel is importable."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    exe = path / "bin" / "python"
+    site = _python("import sysconfig; print(sysconfig.get_paths()['purelib'])", exe=exe).strip()
+    Path(site, "zz_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return exe
+
+
+@pytest.mark.slow
+def test_sdist_builds_wheel_that_installs_and_runs(tmp_path):
+    pytest.importorskip("build", reason="python -m build is needed (pip install build)")
+    src = tmp_path / "src"
+    files = _tracked_files()
+    for rel in files:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, src / rel)
+    env = {**os.environ, "GMWAE_FAST_SKIP_CUDA": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"),
+                           str(src)], capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sdists = list((tmp_path / "dist").glob("gmwae_fast-*.tar.gz"))
+    wheels = list((tmp_path / "dist").glob("gmwae_fast-*.whl"))
+    assert len(sdists) == 1 and len(wheels) == 1, os.listdir(tmp_path / "dist")
+
+    with tarfile.open(sdists[0]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    needed = {p for p in files if p.startswith(("csrc/", "kernels/", "gmwae_fast/")) and
+              p.endswith((".h", ".cuh", ".cu", ".cpp", ".py"))}
+    assert any(p.endswith(".cu") for p in needed) and any(p.startswith("csrc/testing/") for p in needed)
+    assert needed <= names, sorted(needed - names)
+    assert not any(n.endswith((".so", "_build_config.py")) for n in names)
+
+    exe = _fresh_venv(tmp_path / "venv")
+    subprocess.run([str(exe), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
+    out = _python("""
+        import torch, gmwae_fast
+        from gmwae_fast import reference
+        assert "/venv/" in gmwae_fast.__file__, gmwae_fast.__file__
+        info = gmwae_fast.build_info()
+        assert info["cpu_compiled"] and info["extension_error"] is None, info
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(53, 7, generator=gen), torch.randn(41, 7, generator=gen)
+        got = gmwae_fast.fast_imq_mmd(x, y, backend="cpu")
+        want = reference.imq_mmd_reference(x.double(), y.double(),
+                                           bandwidths=reference.bandwidths_for(7, gmwae_fast.PAPER_SCALES))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+        print("ok", gmwae_fast.__version__)
+    """, cwd=tmp_path, exe=exe)
+    import gmwae_fast
+
+    assert out.strip() == f"ok {gmwae_fast.__version__}"
