@@ -62,8 +62,19 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, rng: AffineRange = Affi
         g = torch.Generator().manual_seed(0)
         x_aug = random_affine(torch.rand(8, 1, 28, 28), g, AffineRange(rotate_deg=10))
     """
+    return affine_from_uniforms(x, affine_uniforms(x.shape[0], gen), rng)
+
+
+def affine_uniforms(n: int, gen: torch.Generator) -> torch.Tensor:
+    """The (n, 5) U(-1, 1) draws of :func:`random_affine` for n images (a data-parallel run draws them for the
+    global batch on every rank and uses its rows)."""
+    return torch.rand(n, 5, generator=gen, device=gen.device) * 2 - 1
+
+
+def affine_from_uniforms(x: torch.Tensor, u: torch.Tensor, rng: AffineRange = AffineRange()) -> torch.Tensor:
+    """``x`` (B, C, H, W) warped by the maps that the draws ``u`` (B, 5) in U(-1, 1) select in ``rng``."""
     B, _, H, W = x.shape
-    u = torch.rand(B, 5, generator=gen, device=gen.device).to(x.device) * 2 - 1      # U(-1, 1)
+    u = u.to(x.device)
     ang = u[:, 0] * math.radians(rng.rotate_deg)
     sh = u[:, 1] * rng.shear
     sc = 1 + u[:, 2] * rng.scale

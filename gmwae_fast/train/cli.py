@@ -6,8 +6,10 @@ Outputs under --out: metrics.jsonl (one JSON object per log/eval), summary.json,
 (atomic and checksummed, every --ckpt-every steps, at the end and on Ctrl-C) and figures/*.png.
 ``--recipe robust`` bundles the q_D regularisers, mode pruning and a final annealing (explicit options win);
 ``--resume`` refuses options that differ from the checkpoint's except those in ``RESUME_MAY_CHANGE``.
-Exit status: 0, 2 (invalid options, or one ``error:`` line for unusable data / checkpoint / output directory /
-backend), 3 (diverged), 130 (interrupted).
+Data-parallel: ``torchrun --nproc_per_node=R -m gmwae_fast.train ...`` (see :mod:`.dist`); rank 0 writes every
+output. Exit status: 0, 2 (invalid options, or one ``error:`` line for unusable data / checkpoint / output directory /
+backend), 3 (diverged), 4 (data-parallel: a collective failed or timed out because another rank failed, was killed
+or is stuck), 130 (interrupted).
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ import numpy as np
 import torch
 
 from . import checkpoint as ck
+from . import dist as dp
 from .data import Batcher, InvalidDataError, MissingDataError, default_data_dir, load_mnist, subset
 from .augment import AffineRange
-from .losses import (add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, pretrain_loss,
-                     resolve_ops, resolved_backend)
+from .losses import (add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, objective,
+                     pretrain_loss, resolve_ops, resolved_backend)
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
 from .priors import PRIORS, GMPrior, make_prior
@@ -102,6 +105,14 @@ def _backend(s: str) -> str:
     return s
 
 
+def _rank_step(s: str) -> Tuple[int, int]:
+    try:
+        rank, step = (int(v) for v in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK:STEP, got {s!r}")
+    return rank, step
+
+
 #: Option bundles for ``--recipe``: dest -> value, or a function of the parsed options. "paper" changes nothing.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
@@ -112,7 +123,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 #: change only its length and the end of its learning-rate schedule).
 RESUME_MAY_CHANGE = ("steps", "lr_decay_from", "lr_final", "log_every", "eval_every", "ckpt_every", "threads",
                      "no_progress", "progress_seconds", "no_figures", "no_kmeans", "out", "data_dir", "no_download",
-                     "recipe")
+                     "recipe", "dist_timeout")
 #: Options that only concern how a run starts or resumes; never compared.
 _NOT_COMPARED = ("resume", "allow_config_change", "init_from")
 
@@ -220,9 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without a terminal: at most one progress line per S seconds, at --log-every steps (and at "
                         "the first and last step)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
+    g = p.add_argument_group("data-parallel (torchrun --nproc_per_node=R -m gmwae_fast.train ...; see train/dist.py)")
+    g.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="S",
+                   help="with several ranks: a collective that waits longer than S seconds for another rank (failed, "
+                        "killed or stuck) ends this rank with exit status 4; it must exceed rank 0's evaluation time")
+    g.add_argument("--bn-shards", type=_positive_int, default=1, metavar="S",
+                   help="one process only: batch-norm statistics over S equal shards of each batch (only shard 0 "
+                        "updates the running statistics), which is what an S-rank data-parallel run on CPU computes; "
+                        "for checking such a run against one process")
     p.add_argument("--debug-nan-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-interrupt-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-nan-weight-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-kill-at-step", type=_rank_step, default=None, help=argparse.SUPPRESS)   # RANK:STEP
     return p
 
 
@@ -279,6 +299,22 @@ def _check_args(p: argparse.ArgumentParser, a) -> None:
             p.error(f"--{opt.replace('_', '-')} must be at least 2 (the evaluation's MMD needs 2 images)")
     if a.train_subset is not None and a.train_subset < a.batch_size:
         p.error(f"--train-subset ({a.train_subset}) must be >= --batch-size ({a.batch_size})")
+    _check_parallel(p, a)
+
+
+def _check_parallel(p: argparse.ArgumentParser, a) -> None:
+    try:
+        world = dp.env_world_size()
+    except ValueError as e:
+        p.error(str(e))
+    if world > 1 and a.bn_shards > 1:
+        p.error(f"--bn-shards is for one process; this is rank {os.environ.get('RANK', '?')} of {world} (a "
+                f"data-parallel run on CPU already computes batch norm per rank)")
+    parts = max(world, a.bn_shards)
+    if a.batch_size // parts < 2:
+        what = f"{world} ranks" if world > 1 else f"--bn-shards {a.bn_shards}"
+        p.error(f"--batch-size {a.batch_size} split over {what} leaves a shard with fewer than 2 images (batch norm "
+                f"needs 2); use a batch of at least {2 * parts}")
 
 
 def prior_and_model(cfg: Dict) -> Tuple[GMPrior, GMModel]:
@@ -404,6 +440,18 @@ class _Run:
     last_eval: Optional[Dict] = None
     saved_step: Optional[int] = None      # step of the checkpoint this run wrote or resumed from
     mmd_backend_used: str = ""
+    env: Optional[dp.DistEnv] = None      # the process group of a data-parallel run (None: one process)
+    shards: Any = None                    # dp.Shards: this process's rows of each global batch
+    step_fn: Any = None                   # local rows -> loss dict (through DDP when data-parallel)
+    batch_norm: str = "batch"             # how batch norm is computed: batch, per-shard, per-rank or sync
+
+    @property
+    def is_main(self) -> bool:
+        return self.env is None or self.env.is_main
+
+    @property
+    def world(self) -> int:
+        return 1 if self.env is None else self.env.world
 
     @property
     def ckpt_path(self) -> Path:
@@ -416,31 +464,58 @@ class _Run:
 
 def main(argv: Optional[list] = None) -> int:
     """``python -m gmwae_fast.train``. Returns 0, 2 (a clear ``error:`` line: unusable data, checkpoint, output
-    directory, backend or resume options), EXIT_DIVERGED (3) or EXIT_INTERRUPTED (130); invalid options exit 2
-    through argparse."""
+    directory, backend or resume options), EXIT_DIVERGED (3), dist.EXIT_PEER_FAILED (4: data-parallel, a collective
+    failed or timed out) or EXIT_INTERRUPTED (130); invalid options exit 2 through argparse. Under torchrun
+    (WORLD_SIZE > 1) it joins the process group first and leaves it before returning."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
     apply_recipe(a, explicit_options(argv))
     _check_args(parser, a)
     out = Path(a.out or f"runs/{a.model}_{a.prior}_seed{a.seed}")
-    if a.resume and not (out / "checkpoints" / ck.CKPT_NAME).is_file():
+    if a.resume and os.environ.get("RANK", "0") == "0" and not (out / "checkpoints" / ck.CKPT_NAME).is_file():
         parser.error(f"--resume: no checkpoint at {out / 'checkpoints' / ck.CKPT_NAME}")
+    kind = "cuda" if (a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())) else "cpu"
+    env, failed = None, True
     try:
-        return _main(a, out)
+        env = _init_env(kind, a.dist_timeout)
+        rc = _main(a, out, env, kind)
+        failed = False
+        return rc
     except (RunError, ck.CheckpointError, MissingDataError, InvalidDataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_rank_prefix(env)}{e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if env is None:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {_rank_prefix(env)}a collective operation failed or timed out ({type(e).__name__}: {first}); "
+              f"another rank probably failed, was killed or is stuck (--dist-timeout {a.dist_timeout:g} s). "
+              f"Rank 0 keeps the last complete checkpoint; continue with --resume", file=sys.stderr)
+        return dp.EXIT_PEER_FAILED
+    finally:
+        dp.shutdown(env, failed)
 
 
-def _main(a, out: Path) -> int:
+def _init_env(kind: str, timeout: float) -> Optional[dp.DistEnv]:
+    try:
+        return dp.init_distributed(kind, timeout)
+    except (ValueError, RuntimeError) as e:
+        raise RunError(f"could not join the data-parallel process group ({type(e).__name__}: "
+                       f"{(str(e).strip().splitlines() or [''])[0]})") from e
+
+
+def _rank_prefix(env: Optional[dp.DistEnv]) -> str:
+    return "" if env is None else f"rank {env.rank} of {env.world}: "
+
+
+def _main(a, out: Path, env: Optional[dp.DistEnv], kind: str) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device("cuda" if (a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()))
-                          else "cpu")
-    r = _Run(a, device, out)
-    _prepare_out(r)
-    saved = _load_for_resume(r) if a.resume else None
+    device = torch.device(f"cuda:{env.local_rank}" if env is not None and kind == "cuda" else kind)
+    r = _Run(a, device, out, env=env)
+    _on_main(r, lambda: _prepare_out(r))
+    saved = dp.broadcast_object(env, _on_main(r, lambda: _load_for_resume(r))) if a.resume else None
     _resolve_ops(r)
     _load_data(r)
     _build(r)
@@ -449,10 +524,58 @@ def _main(a, out: Path) -> int:
             _start(r)
         else:
             _restore(r, *saved)
+        _parallelise(r)
         rc = _train_loop(r)
     except TrainingDiverged as e:
         return _diverged(r, e)
-    return rc if rc else _finish(r)
+    return rc if rc or not r.is_main else _finish(r)
+
+
+def _on_main(r: _Run, fn):
+    """``fn()`` on rank 0 only (its result there, None elsewhere); an error it raises there is raised on every rank,
+    so that no rank waits for a rank 0 that has stopped."""
+    error, result = None, None
+    if r.is_main:
+        try:
+            result = fn()
+        except (RunError, ck.CheckpointError, OSError) as e:
+            error = e
+    if r.env is None:
+        if error is not None:
+            raise error
+        return result
+    message = dp.broadcast_object(r.env, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunError(f"rank 0 stopped: {message}")
+    return result
+
+
+def _parallelise(r: _Run) -> None:
+    """The shards of every batch this process computes and the step function (DDP on several ranks)."""
+    a = r.a
+    loss_fn = _make_loss_fn(a, r.prior, r.gen, r.ops, a.prior_samples or a.batch_size * a.modes)
+    if r.env is None:
+        r.shards = dp.Shards.single(a.batch_size, a.bn_shards)
+        r.batch_norm = "per-shard" if a.bn_shards > 1 else "batch"
+        r.step_fn = lambda x: loss_fn(r.model, x, r.shards)
+        return
+    r.shards = dp.Shards.of_rank(a.batch_size, r.env.world, r.env.rank, r.env.group)
+    r.model, r.batch_norm = dp.sync_batchnorm(r.model, r.env, r.device)
+    ddp = dp.wrap_ddp(_LossModule(r.model, loss_fn, r.shards), r.env, r.device)
+    r.step_fn = ddp
+
+
+class _LossModule(torch.nn.Module):
+    """The networks and the loss as one module, so that DDP sees the whole step's forward."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn, shards):
+        super().__init__()
+        self.model, self.loss_fn, self.shards = model, loss_fn, shards
+
+    def forward(self, x: torch.Tensor) -> Dict:
+        return self.loss_fn(self.model, x, self.shards)
 
 
 def _prepare_out(r: _Run) -> None:
@@ -473,7 +596,7 @@ def _prepare_out(r: _Run) -> None:
 
 def _load_for_resume(r: _Run) -> Tuple[Dict, Dict]:
     """The verified checkpoint and the option changes it is resumed with; RunError for changes not allowed."""
-    st = ck.load_checkpoint(r.ckpt_path, map_location=r.device)
+    st = ck.load_checkpoint(r.ckpt_path, map_location=r.device if r.env is None else "cpu")   # sent to every rank
     if not all(k in st for k in ("model", "optimizer", "rng", "step", "config")):
         raise ck.CheckpointError(f"{r.ckpt_path} is not a trainer checkpoint (it lacks the model, optimizer, rng, "
                                  f"step or config entry)")
@@ -482,10 +605,13 @@ def _load_for_resume(r: _Run) -> Tuple[Dict, Dict]:
     if arch:
         raise RunError(f"--resume: the checkpoint's networks have other sizes: {'; '.join(arch)}")
     changes = config_changes(st["config"], now)
+    if st.get("world_size", 1) != r.world:     # per-rank batch norm on CPU: the ranks change what a step computes
+        changes["world_size"] = [st.get("world_size", 1), r.world]
     forced = [k for k in changes if k not in RESUME_MAY_CHANGE]
     if forced and not r.a.allow_config_change:
         raise RunError(f"--resume: {r.ckpt_path} was written with other options: "
-                       + "; ".join(_describe(k, *changes[k]) for k in forced)
+                       + "; ".join(_describe(k, *changes[k]) if k != "world_size" else
+                                   f"{changes[k][0]} rank(s) in the checkpoint, {changes[k][1]} now" for k in forced)
                        + ". Pass the checkpoint's values, or --allow-config-change to continue with the new ones")
     return st, changes
 
@@ -546,7 +672,15 @@ def _load_weights(r: _Run, state: Dict, source: str) -> None:
 
 
 def _start(r: _Run) -> None:
-    """A fresh run: initial weights (--init-from, or the q_C pretraining), Adam, and the step-0 checkpoint."""
+    """A fresh run: initial weights (--init-from, or the q_C pretraining), Adam, and the step-0 checkpoint. With
+    several ranks rank 0 does it and DDP copies its weights to the others."""
+    _on_main(r, lambda: _initial_weights(r))
+    r.opt = _adam(r, r.model.parameters())
+    if r.is_main:
+        _save(r, 0.0)
+
+
+def _initial_weights(r: _Run) -> None:
     a = r.a
     if r.metrics_path.exists():
         r.metrics_path.unlink()
@@ -559,8 +693,6 @@ def _start(r: _Run) -> None:
         _load_weights(r, st["model"] if "model" in st else st, f"--init-from {a.init_from}")
     elif a.pretrain_steps:
         _pretrain(r)
-    r.opt = _adam(r, r.model.parameters())
-    _save(r, 0.0)
 
 
 def _pretrain(r: _Run) -> None:
@@ -587,6 +719,8 @@ def _restore(r: _Run, st: Dict, changes: Dict) -> None:
     ck.set_rng_state(st["rng"], r.gen)
     r.step, r.wall_prev, r.last_eval = st["step"], st.get("wall_s", 0.0), st.get("last_eval")
     r.saved_step = r.step
+    if not r.is_main:
+        return
     _truncate_metrics(r.metrics_path, r.step)
     if changes:
         forced = [k for k in changes if k not in RESUME_MAY_CHANGE]
@@ -595,18 +729,18 @@ def _restore(r: _Run, st: Dict, changes: Dict) -> None:
     print(f"resumed from {r.ckpt_path} at step {r.step}", file=sys.stderr)
 
 
-def _one_step(r: _Run, loss_fn) -> Tuple[torch.Tensor, Dict, float]:
+def _one_step(r: _Run) -> Tuple[torch.Tensor, Dict, float]:
     """One optimiser step; TrainingDiverged (before the update) when the loss is not finite."""
     a = r.a
     x, _ = r.batcher.batch(r.step)
-    res = loss_fn(r.model, x)
-    loss = res["loss"]
+    res = r.step_fn(x[r.shards.first:r.shards.end])
+    loss = res["loss"]                        # the global batch's loss, the same on every rank
     if a.debug_nan_at_step is not None and r.step + 1 == a.debug_nan_at_step:
         loss = loss * float("nan")
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {r.step + 1}", r.step + 1)
     r.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    objective(res).backward()                 # with DDP: gradients averaged over the ranks
     lr = lr_at(r.step, a)
     for group in r.opt.param_groups:
         group["lr"] = lr
@@ -621,29 +755,25 @@ def _one_step(r: _Run, loss_fn) -> Tuple[torch.Tensor, Dict, float]:
 def _train_loop(r: _Run) -> int:
     """Steps up to --steps with logging, evaluation and checkpoints; 0, or EXIT_INTERRUPTED after a Ctrl-C."""
     a = r.a
-    loss_fn = _make_loss_fn(a, r.prior, r.gen, r.ops, a.prior_samples or a.batch_size * a.modes)
     t0 = time.perf_counter()
-    prog = make_progress(a, r.step)
+    prog = make_progress(a, r.step) if r.is_main else None
     r.model.train()
     try:
         with _Stop() as stop:
             while r.step < a.steps:
-                loss, res, lr = _one_step(r, loss_fn)
+                loss, res, lr = _one_step(r)
                 if a.debug_interrupt_at_step is not None and r.step == a.debug_interrupt_at_step:
                     stop.requested = True          # behaves exactly like a first Ctrl-C after this step
+                if a.debug_kill_at_step == ((r.env.rank if r.env else 0), r.step):
+                    os.kill(os.getpid(), signal.SIGKILL)   # a rank dying without any cleanup (tests)
+                stop.requested = dp.agree_any(r.env, stop.requested, r.device)   # every rank stops at one step
                 last = r.step == a.steps
-                if r.step % a.log_every == 0 or last:
-                    _log_train(r, res, lr)
                 due_eval = r.step % a.eval_every == 0 or last
                 due_ckpt = r.step % a.ckpt_every == 0 or last or stop.requested
                 if due_eval or due_ckpt:
                     _require_finite(r)
-                if due_eval:
-                    _evaluate_now(r)
-                if prog:
-                    prog.update(r.step, loss.item(), r.last_eval)
-                if due_ckpt:
-                    _save(r, r.wall_prev + time.perf_counter() - t0)
+                if r.is_main:
+                    _report(r, res, lr, loss, prog, due_eval, due_ckpt, t0)
                 if stop.requested:
                     break
     finally:
@@ -657,10 +787,23 @@ def _train_loop(r: _Run) -> int:
     return 0
 
 
+def _report(r: _Run, res: Dict, lr: float, loss: torch.Tensor, prog, due_eval: bool, due_ckpt: bool,
+            t0: float) -> None:
+    """Rank 0's part of a step: the train log, the evaluation, the progress line and the checkpoint."""
+    if r.step % r.a.log_every == 0 or r.step == r.a.steps:
+        _log_train(r, res, lr)
+    if due_eval:
+        _evaluate_now(r)
+    if prog:
+        prog.update(r.step, loss.item(), r.last_eval)
+    if due_ckpt:
+        _save(r, r.wall_prev + time.perf_counter() - t0)
+
+
 def _log_train(r: _Run, res: Dict, lr: float) -> None:
     a = r.a
     rec = {"kind": "train", "step": r.step, "epoch": round(r.batcher.epoch_of(r.step), 4), "lr": lr,
-           **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits")}}
+           **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits") and not k.startswith("_")}}
     pi = res["pi"]
     rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes) >= max(1, 0.01 * len(pi))).sum())
     if a.mode_prune > 0:
@@ -688,7 +831,8 @@ def _save(r: _Run, wall: float) -> None:
     says which checkpoint is kept."""
     _require_finite(r)
     state = {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "rng": ck.rng_state(r.gen),
-             "step": r.step, "wall_s": wall, "last_eval": r.last_eval, "config": _config(r.a)}
+             "step": r.step, "wall_s": wall, "last_eval": r.last_eval, "config": _config(r.a),
+             "world_size": r.world}
     try:
         ck.atomic_save(state, r.ckpt_path)
     except OSError as e:
@@ -706,8 +850,9 @@ def _diverged(r: _Run, e: TrainingDiverged) -> int:
     else:
         where = "No checkpoint of this run was written; lower --lr/--lam."
     msg = f"{e}; training stopped. {where}"
-    print(f"error: {msg}", file=sys.stderr)
-    _append_jsonl(r.metrics_path, {"kind": "diverged", "step": e.step, "message": msg})
+    if r.is_main:                             # every rank sees the same global loss and stops at the same step
+        print(f"error: {msg}", file=sys.stderr)
+        _append_jsonl(r.metrics_path, {"kind": "diverged", "step": e.step, "message": msg})
     return EXIT_DIVERGED
 
 
@@ -724,7 +869,9 @@ def _finish(r: _Run) -> int:
                     "sec_per_step": round(r.wall / max(step, 1), 4), "device": str(r.device),
                     "mmd_backend": r.mmd_backend_used, "mmd_backend_requested": a.mmd_backend,
                     "reparam_backend": _reparam_backend_used(a.reparam_backend, r.device), "config": _config(a),
-                    "machine": _machine_info(r.device), "train_images": len(x_tr), "test_images": len(x_te)})
+                    "machine": _machine_info(r.device), "train_images": len(x_tr), "test_images": len(x_te),
+                    "world_size": r.world, "dist_backend": None if r.env is None else r.env.backend,
+                    "batch_norm": r.batch_norm})
     if not a.no_kmeans:
         t = time.perf_counter()
         summary["kmeans_accuracy"] = kmeans_baseline(x_tr.cpu(), x_te.cpu(), y_te.cpu(), a.modes, seed=a.seed)
@@ -813,20 +960,21 @@ def _eval(model, x_te, y_te, prior, ops, a):
 
 
 def _make_loss_fn(a, prior, gen, ops, n_prior):
+    """``fn(model, x, shards)``: the loss dict of this process's rows ``x`` of a step's global batch."""
     if a.model == "gmwae":
-        def base(model, x):
+        def base(model, x, sh):
             return gmwae_loss(model, x, prior, gen, ops, a.lam, n_prior, a.mmd_backend, a.reparam_backend,
-                              a.recon_scale, a.mode_prune)
+                              a.recon_scale, a.mode_prune, shards=sh)
     else:
-        def base(model, x):
-            return gmvae_loss(model, x, prior, gen, ops, a.beta, a.reparam_backend, a.mode_prune)
+        def base(model, x, sh):
+            return gmvae_loss(model, x, prior, gen, ops, a.beta, a.reparam_backend, a.mode_prune, shards=sh)
     warp = AffineRange(a.aug_rotate, a.aug_shear, a.aug_scale, a.aug_translate)
 
-    def fn(model, x):
-        res = base(model, x)
+    def fn(model, x, sh):
+        res = base(model, x, sh)
         if a.consistency:
-            res = add_consistency(res, model, x, gen, a.consistency, warp)
+            res = add_consistency(res, model, x, gen, a.consistency, warp, shards=sh)
         if a.balance:
-            res = add_balance(res, a.balance)
-        return res
+            res = add_balance(res, a.balance, shards=sh)
+        return {k: v for k, v in res.items() if k not in ("_terms", "_parts")}
     return fn

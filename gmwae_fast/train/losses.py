@@ -3,17 +3,23 @@
 Both call ``gmwae_fast.gm_reparameterize`` (z, pi from the encoder outputs, with noise drawn here from
 the trainer's own generator as the op's ``seed``, so runs are reproducible and resumable) and the WAE calls
 ``gmwae_fast.fast_imq_mmd(z, prior_samples, x_weights=pi, backend=...)``.
+
+Every loss takes ``shards`` (:class:`.dist.Shards`, default: one process and the whole batch): in a data-parallel
+run ``x`` is this rank's rows of the global batch, the random numbers are drawn for the global batch and sliced,
+batch means become this rank's share ``(n_r / N) mean_r`` (logged after a sum over the ranks), the MMD is the global
+one (``process_group=``) and ``res["_objective"]`` is what the rank backpropagates (:func:`.dist.rank_objective`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .augment import AffineRange, consistency_kl, random_affine
+from .augment import AffineRange, affine_from_uniforms, affine_uniforms, consistency_kl
+from .dist import Shards, rank_objective
 from .priors import GMPrior
 
 @dataclass
@@ -54,6 +60,98 @@ def encode_sample(model, x, gen: torch.Generator, ops: Ops, backend: str = "auto
     mu, sigma_raw, logits = model.encoder(x)
     z, pi = ops.gm_reparameterize(mu, sigma_raw, logits, seed=draw_seed(gen), backend=backend)
     return mu, sigma_raw, logits, z, pi
+
+
+def global_noise(ops: Ops, seed: int, shape, like: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The ``eps`` of shape ``(N, K, d)`` that ``gm_reparameterize(..., seed=seed, backend=backend)`` draws for a
+    whole batch of N images (the op's counter is the element index), so that shards of the batch, computed apart,
+    get the noise the whole batch gets: with ``mu = sigma_raw = 0`` and ``sigma = exp(0) = 1``, ``z`` is ``eps``."""
+    zeros = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return ops.gm_reparameterize(zeros, zeros, zeros[..., 0], seed=seed, sigma_activation="exp", backend=backend)[0]
+
+
+@dataclass
+class Part:
+    """One local shard's images and encodings: x (n, 1, 28, 28); mu, sigma_raw, z (n, K, d); logits, pi (n, K)."""
+    x: torch.Tensor
+    mu: torch.Tensor
+    sigma_raw: torch.Tensor
+    logits: torch.Tensor
+    z: torch.Tensor
+    pi: torch.Tensor
+
+
+def encode_shards(model, x, gen: torch.Generator, ops: Ops, backend: str, sh: Shards) -> List[Part]:
+    """:func:`encode_sample` of this process's rows ``x``, each local shard through the encoder on its own (its
+    own batch-norm statistics), with the reparameterisation noise of the global batch (one seed from ``gen``)."""
+    if sh.whole:
+        return [Part(x, *encode_sample(model, x, gen, ops, backend))]
+    seed, noise, parts = draw_seed(gen), None, []
+    for s, ((lo, hi), x_s) in enumerate(zip(sh.bounds, sh.local(x))):
+        with sh.running_stats(model, s):
+            mu, sigma_raw, logits = model.encoder(x_s)
+        if noise is None:
+            noise = global_noise(ops, seed, (sh.total, *mu.shape[1:]), mu, backend)
+        z, pi = ops.gm_reparameterize(mu, sigma_raw, logits, noise=noise[lo:hi], backend=backend)
+        parts.append(Part(x_s, mu, sigma_raw, logits, z, pi))
+    return parts
+
+
+def _cat(parts: List[Part], name: str) -> torch.Tensor:
+    return parts[0].__dict__[name] if len(parts) == 1 else torch.cat([p.__dict__[name] for p in parts])
+
+
+def shard_mean(model, sh: Shards, parts: List[Part], fn: Callable[[Part], torch.Tensor]) -> torch.Tensor:
+    """This process's share of a batch mean, ``sum_s (n_s / N) fn(part_s)`` with ``fn`` the mean over one shard
+    (run with the shard's own batch-norm statistics); the whole batch's ``fn`` with one shard."""
+    if sh.whole:
+        return fn(parts[0])
+    total = None
+    for s, (w, part) in enumerate(zip(sh.weights(), parts)):
+        with sh.running_stats(model, s):
+            v = w * fn(part)
+        total = v if total is None else total + v
+    return total
+
+
+def _result(terms: List[Tuple[str, Optional[float], torch.Tensor, bool]], parts: List[Part], sh: Shards,
+            pi_global: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """The loss dict of a step. ``terms``: ``(name, weight, tensor, is_share)``; a share is this process's part
+    ``(n_r / N) mean_r`` of a batch mean, a non-share a global value (the distributed MMD); weight ``None``: logged,
+    not in the loss; names starting with ``_`` are not logged.
+
+    ``loss``: the global loss (with its graph in one process); the logged terms: global values (shares summed over
+    the ranks, one all-reduce); ``pi``: q_D of the global batch (N, K), detached; ``logits``: this process's rows,
+    with gradient; ``_objective``: what this process backpropagates (:func:`rank_objective`)."""
+    obj = rank_objective([(w, t) for _, w, t, _ in terms if w is not None], sh.world)
+    if sh.world == 1:
+        loss, glob = obj, {n: t.detach() for n, _, t, _ in terms}
+        pi = _cat(parts, "pi").detach()
+    else:
+        shares = [t.detach().to(torch.float64).reshape(1) for _, _, t, share in terms if share]
+        reduced = iter(sh.all_sum(torch.cat(shares)).unbind() if shares else ())
+        glob = {n: (next(reduced).to(t.dtype) if share else t.detach()) for n, _, t, share in terms}
+        loss = rank_objective([(w, glob[n]) for n, w, _, _ in terms if w is not None], 1)
+        pi = pi_global if pi_global is not None else sh.gather_rows(_cat(parts, "pi"))
+    res = {"loss": loss, **{n: v for n, v in glob.items() if not n.startswith("_")}}
+    res.update(pi=pi, logits=_cat(parts, "logits"), _objective=obj, _terms=terms, _parts=parts)
+    return res
+
+
+def _extend(res: Dict, terms: List[Tuple[str, Optional[float], torch.Tensor, bool]], sh: Shards) -> Dict:
+    """``res`` with more ``terms`` (see :func:`_result`); a plain ``{"loss", "logits"}`` dict gets them added."""
+    if "_terms" in res:
+        return _result(res["_terms"] + terms, res["_parts"], sh, res["pi"])
+    out = dict(res)
+    for name, w, t, _ in terms:
+        out["loss"] = out["loss"] + w * t
+        out[name] = t.detach()
+    return out
+
+
+def objective(res: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor this process backpropagates for the loss dict ``res``."""
+    return res.get("_objective", res["loss"])
 
 
 def kept_modes(pi: torch.Tensor, prune: float) -> torch.Tensor:
@@ -105,15 +203,18 @@ def _bernoulli_nll(x, logits):
 
 def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: float,
                n_prior: int, backend: str = "auto", reparam_backend: str = "auto",
-               recon_scale: float = 1.0, prune: float = 0.0) -> Dict[str, torch.Tensor]:
+               recon_scale: float = 1.0, prune: float = 0.0,
+               shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
     """recon_scale * sum_k pi_k ||x - g(z_k)||^2 + lam * MMD; ``recon`` is reported unscaled.
-    ``prune``: see :func:`mode_expectation`."""
-    mu, sigma_raw, logits, z, pi = encode_sample(model, x, gen, ops, reparam_backend)
-    recon = mode_expectation(model, x, z, pi, _l2_cost, prune)
-    pz = prior.sample_stratified(n_prior, generator=gen)
-    mmd = ops.fast_imq_mmd(z, pz, x_weights=pi, backend=backend)
-    loss = recon_scale * recon + lam * mmd
-    return {"loss": loss, "recon": recon.detach(), "mmd": mmd.detach(), "pi": pi.detach(), "logits": logits}
+    ``prune``: see :func:`mode_expectation`. ``shards`` (default: one process, the whole batch ``x``): ``x`` is this
+    process's rows of the global batch and the MMD is that of the global batch (see :mod:`.dist`); the ``n_prior``
+    prior samples are drawn for the global batch and split like it."""
+    sh = shards or Shards.single(len(x))
+    parts = encode_shards(model, x, gen, ops, reparam_backend, sh)
+    recon = shard_mean(model, sh, parts, lambda p: mode_expectation(model, p.x, p.z, p.pi, _l2_cost, prune))
+    pz = sh.rows_of(prior.sample_stratified(n_prior, generator=gen))
+    mmd = ops.fast_imq_mmd(_cat(parts, "z"), pz, x_weights=_cat(parts, "pi"), backend=backend, **sh.mmd_kwargs())
+    return _result([("recon", recon_scale, recon, True), ("mmd", lam, mmd, False)], parts, sh)
 
 
 def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
@@ -131,37 +232,57 @@ def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
 
 
 def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: float,
-               reparam_backend: str = "auto", prune: float = 0.0) -> Dict[str, torch.Tensor]:
-    """sum_k pi_k [-log p(x|z_k)] + beta * (KL_C + KL_D); ``prune``: see :func:`mode_expectation`."""
-    mu, sigma_raw, logits, z, pi = encode_sample(model, x, gen, ops, reparam_backend)
-    rec = mode_expectation(model, x, z, pi, _bernoulli_nll, prune)
-    sigma = F.softplus(sigma_raw)
-    kl_c = (pi * gaussian_kl_to_prior(mu, sigma, prior)).sum(1).mean()
-    logpi = torch.log_softmax(logits, -1)
-    kl_d = (pi * (logpi + math.log(model.K))).sum(1).mean()
-    loss = rec + beta * (kl_c + kl_d)
-    return {"loss": loss, "recon": rec.detach(), "kl_c": kl_c.detach(), "kl_d": kl_d.detach(),
-            "pi": pi.detach(), "logits": logits}
+               reparam_backend: str = "auto", prune: float = 0.0,
+               shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
+    """sum_k pi_k [-log p(x|z_k)] + beta * (KL_C + KL_D); ``prune``: see :func:`mode_expectation`; ``shards``: as
+    in :func:`gmwae_loss`."""
+    sh = shards or Shards.single(len(x))
+    parts = encode_shards(model, x, gen, ops, reparam_backend, sh)
+    rec = shard_mean(model, sh, parts, lambda p: mode_expectation(model, p.x, p.z, p.pi, _bernoulli_nll, prune))
+
+    def kl_c_of(p: Part):
+        return (p.pi * gaussian_kl_to_prior(p.mu, F.softplus(p.sigma_raw), prior)).sum(1).mean()
+
+    def kl_d_of(p: Part):
+        return (p.pi * (torch.log_softmax(p.logits, -1) + math.log(model.K))).sum(1).mean()
+    kl_c, kl_d = shard_mean(model, sh, parts, kl_c_of), shard_mean(model, sh, parts, kl_d_of)
+    return _result([("recon", 1.0, rec, True), ("_kl", beta, kl_c + kl_d, True), ("kl_c", None, kl_c, True),
+                    ("kl_d", None, kl_d, True)], parts, sh)
 
 
 def add_consistency(res: Dict[str, torch.Tensor], model, x, gen: torch.Generator, gamma: float,
-                    warp: AffineRange) -> Dict[str, torch.Tensor]:
+                    warp: AffineRange, shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
     """Adds ``gamma * consistency_kl(q_D(x), q_D(random_affine(x)))`` to the loss ``res`` of
     :func:`gmwae_loss` / :func:`gmvae_loss` for the batch ``x`` and records the KL as ``res["consistency"]``
-    (see :mod:`.augment`; one extra pass of the q_D conv net, the warp drawn from ``gen``)."""
-    kl = consistency_kl(res["logits"], model.encoder.q_d_logits(random_affine(x, gen, warp)))
-    return dict(res, loss=res["loss"] + gamma * kl, consistency=kl.detach())
+    (see :mod:`.augment`; one extra pass of the q_D conv net, the warp drawn from ``gen`` for the global batch;
+    ``shards`` as given to the loss)."""
+    sh = shards or Shards.single(len(x))
+    u = affine_uniforms(sh.total, gen)
+    kls = []
+    for s, ((lo, hi), x_s, logits_s) in enumerate(zip(sh.bounds, sh.local(x), sh.local(res["logits"]))):
+        with sh.running_stats(model, s):
+            kls.append(consistency_kl(logits_s, model.encoder.q_d_logits(affine_from_uniforms(x_s, u[lo:hi], warp))))
+    kl = kls[0] if sh.whole else sum(w * k for w, k in zip(sh.weights(), kls))
+    return _extend(res, [("consistency", gamma, kl, True)], sh)
 
 
-def add_balance(res: Dict[str, torch.Tensor], weight: float) -> Dict[str, torch.Tensor]:
+def add_balance(res: Dict[str, torch.Tensor], weight: float,
+                shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
     """Adds ``weight * KL(pbar || uniform)`` to the loss ``res`` of :func:`gmwae_loss` / :func:`gmvae_loss`,
     pbar = the batch mean of q_D(.|x) (with gradient through ``res["logits"]``), and records the KL as
     ``res["balance"]``. Beyond the paper: the MMD sees only z, so the continuous encoders can hide unequal mode
     sizes from it (a mode holding two classes puts some of its latents near another mode's prior mean); this
-    asks q_D itself to use the modes equally, as the uniform prior p_D says."""
-    pbar = torch.softmax(res["logits"], -1).mean(0)
+    asks q_D itself to use the modes equally, as the uniform prior p_D says. Data-parallel (``shards`` of several
+    ranks): pbar is the global batch mean (one all-reduce), with gradient through this rank's rows."""
+    sh = shards or Shards.single(len(res["logits"]))
+    p = torch.softmax(res["logits"], -1)
+    if sh.world == 1:
+        pbar = p.mean(0)
+    else:
+        local = p.sum(0)
+        pbar = (local + (sh.all_sum(local) - local.detach())) / sh.total
     kl = (pbar * torch.log(pbar * pbar.numel()).clamp_min(-1e4)).sum()
-    return dict(res, loss=res["loss"] + weight * kl, balance=kl.detach())
+    return _extend(res, [("balance", weight, kl, False)], sh)
 
 
 def pretrain_loss(model, x, prior: GMPrior):
