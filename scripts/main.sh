@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Set up everything from scratch (scripts/setup.sh), then run the main job: a short GM-WAE training run on MNIST
-# (prints the held-out clustering accuracy and where the figures are), preceded by the fused-vs-materialised MMD
-# demo. MNIST is read from $GMWAE_DATA (default ../shared/data, else downloaded by torchvision).
+# Set up everything from scratch (scripts/setup.sh), then run the main job: the fused-vs-materialised MMD demo and a
+# short GM-WAE training run on MNIST with `--recipe robust` (prints the held-out clustering accuracy and where the
+# figures are), then how the recorded 20-epoch runs compare with the paper. MNIST is read from $GMWAE_DATA
+# (default ../shared/data, else downloaded by torchvision). Extra arguments go to the trainer (e.g. --steps 300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m gmwae_fast.demo --n 2048 --d 10
 DATA=${GMWAE_DATA:-../shared/data}
-.venv/bin/python -m gmwae_fast.train --model gmwae --prior simplex --data-dir "$DATA" --out runs/main "$@"
+.venv/bin/python -m gmwae_fast.train --model gmwae --prior simplex --recipe robust --steps 1000 --seed 0 \
+  --eval-every 250 --no-kmeans --data-dir "$DATA" --out runs/main "$@"
+echo "Recorded 20-epoch runs (docs/results.md): the paper's objective 0.655 / 0.676 / 0.665 over three seeds" \
+  "(the paper: just under 0.70; k-means on pixels 0.54); with --consistency 50: 0.985 / 0.589 / 0.837."
