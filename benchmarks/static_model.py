@@ -336,7 +336,7 @@ GROUP_MAX, GROUP_RATIO = 3, 1.0e4  # kImqGroupMax, kImqMaxGroupRatio of csrc/imq
 
 
 def bandwidth_groups(bandwidths: Sequence[float]) -> Tuple[int, ...]:
-    """Sizes of the consecutive groups (<= 3 bandwidths, max/min <= 1e4) that share one reciprocal."""
+    """Sizes of the consecutive groups (<= 3 bandwidths, max/min <= 1e4) sharing one power-of-two scale R."""
     sizes, s = [], 0
     while s < len(bandwidths):
         lo = hi = bandwidths[s]
@@ -423,6 +423,17 @@ class RegionSpec:
     factor: object  # Callable[[Case], float]
 
 
+def _edge_share(case: Case) -> float:
+    """Share of the tiles that need per-pair masks: partial last tiles, self diagonal tiles (the WAE cases are
+    2-D inputs, group 1: no other tile shares a group)."""
+    ti, tj = -(-case.n // KBT), -(-case.m // KBT)
+    if case.self_term:
+        full = case.n // KBT
+        interior = full * (full - 1) // 2
+        return 1.0 - interior / (ti * (ti + 1) // 2)
+    return 1.0 - (case.n // KBT) * (case.m // KBT) / (ti * tj)
+
+
 def _slices(case: Case, n: int) -> float:
     """Share of the coordinate chunks whose G phase runs n slices of 16 coordinates (nl of the kernel)."""
     ch = _chunks(case.d)
@@ -468,6 +479,7 @@ REGION_MODEL = (
     RegionSpec("G slices: one (chunk of <= 16 coordinates)", r"if \(nl <= 1\)", lambda c: _slices(c, 1)),
     RegionSpec("G slices: two (17 .. 32 coordinates)", r"else if \(nl == 2\)", lambda c: _slices(c, 2)),
     RegionSpec("G slices: all four (33 .. 64 coordinates)", r"else g_side<", lambda c: _slices(c, 3) + _slices(c, 4)),
+    RegionSpec("edge tiles: pair masks (partial, diagonal)", r"if \(edge_tile\)", lambda c: _edge_share(c)),
     RegionSpec("chunk reload (d > 64)", r"if \(nchunks > 1\)", lambda c: float(len(_chunks(c.d)) > 1)),
     RegionSpec("first chunk: weights and groups", r"if \(c == 0\)", lambda c: 1.0 / len(_chunks(c.d))),
     RegionSpec("tid < 64 (2 of 8 warps)", r"if \(tid < kBT\)", lambda c: 0.25),
@@ -874,8 +886,9 @@ def predict(tc: TileCount, dev: Device, tiles_busiest: int) -> Dict[str, float]:
 
 
 def mufu_floor(case: Case, dev: Device) -> float:
-    """Seconds if only the reciprocals counted: one MUFU.RCP per pair and bandwidth group at 16 / SM / clock."""
-    return case.pairs * len(case.groups) / (16 * dev.sms * dev.clock_ghz * 1e9)
+    """Seconds if only the reciprocals counted: one MUFU.RCP per pair and bandwidth (imq_band_acc) at 16 / SM /
+    clock."""
+    return case.pairs * sum(case.groups) / (16 * dev.sms * dev.clock_ghz * 1e9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1078,29 +1091,29 @@ def _render_costs(a: dict) -> List[str]:
         d10 = c10["rows"][2]["tc"].per_phase.get("D", 0) * KWARPS * 32 / (KBT * KBT)
         L += ["",
               f"1. **Per-bandwidth arithmetic (K phase)**: {k:.0f} instructions per pair for 15 bandwidths "
-              f"({k / 15:.1f} per bandwidth) in cross-grad, against 5 MUFU.RCP per pair. Values need w w k and "
-              "w w (1 - k) "
-              "for every bandwidth (6 FFMA per group) plus phi/psi (3 per bandwidth) and the k_s/u_s products; "
-              "accumulating the values per row (or per 4x4 block) in registers instead of per pair, dropping the "
-              "complement sums where the bandwidth is small against the distances, and packing two pairs per "
-              "instruction (f16x2/bf16x2 is not accurate enough; FFMA2 does not exist on sm_90) are the levers. "
-              "It dominates d = 10.",
+              f"({k / 15:.1f} per bandwidth) in cross-grad, with one MUFU.RCP per bandwidth (imq_band_acc: "
+              "c_s + x, the reciprocal and its Newton step, the two value sums w r and (w x) r, phi and psi: "
+              "8 FP32 per bandwidth and pair) plus x, its cap and w x per pair and group of three, the pair masks "
+              "of edge tiles and the warp shuffles of the value partials (2 per bandwidth per tile). Remaining "
+              "levers: one scale group for all bandwidths (x, cap, w x once per pair), a shared-memory reduction "
+              "of the value partials instead of 5-level shuffle trees, and dropping the Newton step only if a GPU "
+              "run shows rcp.approx alone keeps the 1e-5 contract. It dominates d = 10.",
               f"2. **Gradient GEMMs on CUDA cores (G phase)**: {g64:.0f} instructions per pair in self-grad "
               "(row and column sides), each coordinate costing FADD + FFMA (the differences a_i - b_j are formed "
-              "per (pair, coordinate) instead of a_i sum_j P_ij - sum_j P_ij b_j). The G loops always run the "
-              "full 64-coordinate chunk: at d = 10, 54 of 64 coordinate lanes are padding (**d-padding waste**, "
-              "~84% of the G work at d = 10). A TF32/FP32 tensor-core MMA (or a chunk width matched to d) "
-              "removes most of it.",
+              "per (pair, coordinate) instead of a_i sum_j P_ij - sum_j P_ij b_j, whose cancellation the accuracy "
+              "contract excludes). The G loops run only the ceil(kc / 16) slices of 16 coordinates a chunk holds "
+              "(g_side<NL>): at d = 10 one slice of 16 lanes, 6 of them padding.",
               f"3. **Squared distances (D phase)**: {d64:.0f} per pair at d = 64 ({d10:.0f} at d = 10): "
               "FADD + FFMA per coordinate plus 2 LDS.128 per 16 pairs; the |a|^2 + |b|^2 - 2ab form on tensor "
               "cores is excluded by the accuracy contract, so this stays ~2 d per pair; a 8x4 register tile per "
               "thread would halve the shared-memory loads per FFMA.",
               "4. **Tile overheads (L phase, tile loop body)**: line sums of P/Phi run on 2-4 of 8 warps with "
-              "shared-memory reads and barriers; warp shuffles of the 6 value partials per group per tile.",
+              "shared-memory reads and barriers; the tiles' coordinates are reloaded from global memory for "
+              "every tile pair.",
               "5. **Latency hiding**: 128 registers (the __launch_bounds__(256, 2) cap) give 2 blocks = 16 "
               "warps per SM (25% occupancy); the issue-bound times above assume the FFMA chains and shared loads "
-              "are hidden, which 4 warps per scheduler may not do. The float gradient kernels also spill "
-              "(ptxas: see the kernel table), with spill reloads at the head of the K loop of cross-grad."]
+              "are hidden, which 4 warps per scheduler may not do. Spills (ptxas: see the kernel table) are "
+              "outside the per-pair loops (tests/test_static_model.py checks it)."]
     return L + [""]
 
 

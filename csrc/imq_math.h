@@ -1,8 +1,10 @@
 // Per-pair math of the inverse multiquadric (IMQ) kernel, in ONE place.
 //
 // Shared by the CPU kernels (csrc/imq_mmd_cpu*.{cpp,h}, compiled by the host C++ compiler) and the CUDA
-// kernels (csrc/imq_mmd_cuda.cu, compiled by nvcc), so that the CPU tests exercise the very formulas the GPU
-// runs.  Everything is a template over the lane type `V` (float, double, or a GCC vector of them on the CPU)
+// kernels (csrc/imq_mmd_cuda.cu, compiled by nvcc): the grouping, the ranges and the elementary operations are
+// common; the CPU kernels evaluate a group with imq_ku1/2/3 (one reciprocal per group), the CUDA kernels with
+// imq_band_acc (one reciprocal per bandwidth), which the CPU tests run under the SIMT emulator (csrc/testing/).
+// Everything is a template over the lane type `V` (float, double, or a GCC vector of them on the CPU)
 // and the scalar type `S` (float or double).
 //
 // Notation (docs/ARCHITECTURE.md): for a pair at squared distance D and bandwidths C_s,
@@ -10,8 +12,9 @@
 //   phi(D) = sum_s h_s k_s(D)                       (cotangent-weighted kernel)
 //   psi(D) = dphi/dD = -sum_s h_s C_s / (C_s + D)^2 = sum_s q_s k_s(D)^2,   q_s = -h_s / C_s.
 //
-// Division/reciprocal throughput (the x86 divider, the GPU special-function unit) bounds this math, so the
-// bandwidths are merged in groups of up to three that share ONE reciprocal:
+// On the CPU, division throughput (the x86 divider) bounds this math, so the bandwidths are merged in groups of
+// up to three that share ONE reciprocal (on the GPU the special-function unit has ~15x headroom against the
+// issue rate: one reciprocal per bandwidth costs fewer instructions, see imq_band_acc):
 //   with x = D / R (R = the power of two above the largest C of the group), c_s = C_s / R and t_s = c_s + x,
 //   r = 1 / (t0 t1 t2),  k0 = c0 t1 t2 r,  k1 = c1 t0 t2 r,  k2 = c2 t0 t1 r,
 // and the complements 1 - k_s = x / t_s from the same reciprocal (accurate where k_s ~ 1, i.e. for the
@@ -20,10 +23,13 @@
 // fused multiply-adds per bandwidth on top.  Accuracy in float32: each k_s carries a handful of roundings
 // (random in sign), i.e. a few ulp, and no cancellation: all factors are positive.
 //
-// Range safety: the host only groups bandwidths whose ratio max/min is <= kImqMaxGroupRatio, so the
-// normalised c_s lie in [1/(2 kImqMaxGroupRatio), 1) and t0 t1 t2 >= (2 kImqMaxGroupRatio)^-2 (no underflow);
-// x is clamped at kImqXMax<S> so that t0 t1 t2 <= (1 + kImqXMax)^3 stays finite (no overflow).  The clamp
-// only changes pairs with D > 1e12 R (float), where every k_s of the group is < 1e-12 anyway.
+// Range: the host only groups bandwidths whose ratio max/min is <= kImqMaxGroupRatio, so the normalised c_s lie
+// in [1/(2 kImqMaxGroupRatio), 1) and t0 t1 t2 >= (2 kImqMaxGroupRatio)^-2 (no underflow).  Far pairs, x above
+// ImqRange<S>::near_x (2^40 in float), take the far branch: m_s = 1 / x from the same single reciprocal (c_s / x
+// < 2^-40 is below the float rounding), so k_s = c_s / x and psi keep decaying like 1 / D and 1 / D^2 however far
+// the pair is (a clamp of x would freeze them, and psi times a huge a - b would swamp the other gradients).
+// x itself is capped at ImqRange<S>::far_x (2^126 in float, so 1 / x stays a normal number): D = inf (an
+// overflowed float distance) gives k_s ~ 1e-38 c_s, psi = 0 and u_s = 1, never NaN.
 #pragma once
 
 #include <cmath>
@@ -49,15 +55,19 @@ constexpr double kImqMaxGroupRatio = 1.0e4;
 // Most bandwidths sharing one reciprocal.
 constexpr int kImqGroupMax = 3;
 
+// Limits of x = D / R (powers of two): near_x bounds the shared-reciprocal products ((1 + near_x)^3 is finite and
+// c_s / near_x is below the rounding), far_x caps x so that 1 / x is a normal number (flush-to-zero safe).
 template <class S>
-struct ImqXMax;
+struct ImqRange;
 template <>
-struct ImqXMax<float> {
-  static constexpr float value = 1.0e12f;  // (1 + 1e12)^3 = 1e36 < FLT_MAX
+struct ImqRange<float> {
+  static constexpr float near_x = 0x1p40f;
+  static constexpr float far_x = 0x1p126f;
 };
 template <>
-struct ImqXMax<double> {
-  static constexpr double value = 1.0e100;  // (1 + 1e100)^3 < DBL_MAX
+struct ImqRange<double> {
+  static constexpr double near_x = 0x1p300;
+  static constexpr double far_x = 0x1p1000;
 };
 
 // Constants of one group of n (1..3) bandwidths, starting at bandwidth index s0.  Unused slots (s >= n) are
@@ -68,6 +78,8 @@ struct ImqGroup {
   S c[kImqGroupMax];  // C_s / R, in (0, 1)
   S h[kImqGroupMax];  // cotangent h_s (0 where not given)
   S q[kImqGroupMax];  // -h_s / C_s
+  S hc[kImqGroupMax];  // h_s c_s  (phi = sum_s hc_s r_s with r_s = 1 / (c_s + x), see imq_band_acc)
+  S qr[kImqGroupMax];  // -h_s c_s / R  (psi = sum_s qr_s r_s^2)
   int n;  // number of bandwidths in the group (1..3)
   int s0;  // index of the group's first bandwidth
 };
@@ -105,10 +117,14 @@ GMW_HD inline int imq_make_groups(const double* bw, const double* h, int num_bw,
         g.c[u] = static_cast<S>(bw[s + u] / R);
         g.h[u] = static_cast<S>(hs);
         g.q[u] = static_cast<S>(-hs / bw[s + u]);
+        g.hc[u] = static_cast<S>(hs * (bw[s + u] / R));
+        g.qr[u] = static_cast<S>(-hs * (bw[s + u] / R) / R);
       } else {
         g.c[u] = S(1);
         g.h[u] = S(0);
         g.q[u] = S(0);
+        g.hc[u] = S(0);
+        g.qr[u] = S(0);
       }
     }
     s += n;
@@ -171,29 +187,42 @@ struct ImqElem<V, decltype(void(std::declval<V&>()[0]))> {
   typedef typename std::remove_cv<typename std::remove_reference<decltype(std::declval<V&>()[0])>::type>::type type;
 };
 
-// x = D / R, clamped (see the range note at the top).  `inv_ref` may be a scalar or pre-broadcast lanes.
+// x = D / R capped at far_x (finite; NaN stays NaN).  `inv_ref` may be a scalar or pre-broadcast lanes.
 template <class V, class S>
 GMW_HD GMW_INLINE V imq_group_x(V D, S inv_ref) {
-  return imq_clamp_hi(D * inv_ref, ImqXMax<typename ImqElem<V>::type>::value);
+  return imq_clamp_hi(D * inv_ref, ImqRange<typename ImqElem<V>::type>::far_x);
 }
 
-// One reciprocal gives every m_s = 1 / t_s of the group; then k_s = c_s m_s and its complement
-// u_s = 1 - k_s = x m_s (computed directly, so it is accurate where k_s is close to 1: the value kernels
-// accumulate both sums and keep the better one, see imq_pick_value).
+// Element-wise x > near_x ? a : b (false for NaN).
+template <class V>
+GMW_HD GMW_INLINE V imq_far_select(V x, V a, V b) {
+  return x > ImqRange<typename ImqElem<V>::type>::near_x ? a : b;
+}
+
+// x capped at near_x: the argument of the shared-reciprocal products (finite for every x).
+template <class V>
+GMW_HD GMW_INLINE V imq_near_x(V x) {
+  return imq_clamp_hi(x, ImqRange<typename ImqElem<V>::type>::near_x);
+}
+
+// One reciprocal gives every m_s = 1 / t_s of the group (far pairs: m_s = 1 / x); then k_s = c_s m_s and its
+// complement u_s = 1 - k_s = x m_s (computed directly, so it is accurate where k_s is close to 1: the value
+// kernels accumulate both sums and keep the better one, see imq_pick_value).
 
 // n = 3: three values (and complements), one reciprocal.
 template <class V, class S>
 GMW_HD GMW_INLINE void imq_ku3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V& k2, V& u0, V& u1, V& u2) {
   const V x = imq_group_x(D, inv_ref);
-  const V t0 = x + c0;
-  const V t1 = x + c1;
-  const V t2 = x + c2;
+  const V xn = imq_near_x(x);
+  const V t0 = xn + c0;
+  const V t1 = xn + c1;
+  const V t2 = xn + c2;
   const V t01 = t0 * t1;
-  const V r = imq_rcp(t01 * t2);
+  const V r = imq_rcp(imq_far_select(x, x, t01 * t2));
   const V rt2 = r * t2;
-  const V m0 = t1 * rt2;
-  const V m1 = t0 * rt2;
-  const V m2 = t01 * r;
+  const V m0 = imq_far_select(x, r, t1 * rt2);
+  const V m1 = imq_far_select(x, r, t0 * rt2);
+  const V m2 = imq_far_select(x, r, t01 * r);
   k0 = m0 * c0;
   k1 = m1 * c1;
   k2 = m2 * c2;
@@ -206,18 +235,19 @@ GMW_HD GMW_INLINE void imq_ku3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V
 template <class V, class S>
 GMW_HD GMW_INLINE void imq_ku2(V D, S inv_ref, S c0, S c1, V& k0, V& k1, V& u0, V& u1) {
   const V x = imq_group_x(D, inv_ref);
-  const V t0 = x + c0;
-  const V t1 = x + c1;
-  const V r = imq_rcp(t0 * t1);
-  const V m0 = t1 * r;
-  const V m1 = t0 * r;
+  const V xn = imq_near_x(x);
+  const V t0 = xn + c0;
+  const V t1 = xn + c1;
+  const V r = imq_rcp(imq_far_select(x, x, t0 * t1));
+  const V m0 = imq_far_select(x, r, t1 * r);
+  const V m1 = imq_far_select(x, r, t0 * r);
   k0 = m0 * c0;
   k1 = m1 * c1;
   u0 = x * m0;
   u1 = x * m1;
 }
 
-// n = 1.
+// n = 1 (1 / (x + c0) directly: no product to overflow, x is finite).
 template <class V, class S>
 GMW_HD GMW_INLINE void imq_ku1(V D, S inv_ref, S c0, V& k0, V& u0) {
   const V x = imq_group_x(D, inv_ref);
@@ -226,45 +256,11 @@ GMW_HD GMW_INLINE void imq_ku1(V D, S inv_ref, S c0, V& k0, V& u0) {
   u0 = x * m0;
 }
 
-// Values only (no complements).
-template <class V, class S>
-GMW_HD GMW_INLINE void imq_k3(V D, S inv_ref, S c0, S c1, S c2, V& k0, V& k1, V& k2) {
-  V u0, u1, u2;
-  imq_ku3(D, inv_ref, c0, c1, c2, k0, k1, k2, u0, u1, u2);
-}
-template <class V, class S>
-GMW_HD GMW_INLINE void imq_k2(V D, S inv_ref, S c0, S c1, V& k0, V& k1) {
-  V u0, u1;
-  imq_ku2(D, inv_ref, c0, c1, k0, k1, u0, u1);
-}
-template <class V, class S>
-GMW_HD GMW_INLINE V imq_k1(V D, S inv_ref, S c0) {
-  V k0, u0;
-  imq_ku1(D, inv_ref, c0, k0, u0);
-  return k0;
-}
-
 // A value from its two accumulations (float64): K = sum w w k and U = sum w w (1 - k) over pairs of total
 // weight W (exact, float64).  Rounding errors are proportional to the accumulated quantity, so the smaller
 // of K and U is the accurate one; K = W - U then (no cancellation: U < W / 2).  NaN propagates (U < K false).
 GMW_HD GMW_INLINE double imq_pick_value(double K, double U, double W) {
   return U < K ? W - U : K;
-}
-
-// Evaluate a group of any size n (unused outputs are 0).  For code that branches on n outside the hot loop,
-// call imq_k3/imq_k2/imq_k1 directly.
-template <class V, class S>
-GMW_HD GMW_INLINE void imq_group_eval(const ImqGroup<S>& g, V D, V& k0, V& k1, V& k2) {
-  if (g.n == 3) {
-    imq_k3(D, g.inv_ref, g.c[0], g.c[1], g.c[2], k0, k1, k2);
-  } else if (g.n == 2) {
-    imq_k2(D, g.inv_ref, g.c[0], g.c[1], k0, k1);
-    k2 = k0 * S(0);
-  } else {
-    k0 = imq_k1(D, g.inv_ref, g.c[0]);
-    k1 = k0 * S(0);
-    k2 = k1;
-  }
 }
 
 // ---- cotangent-weighted sums (gradient path) ----
@@ -276,15 +272,25 @@ GMW_HD GMW_INLINE void imq_phi_psi_acc(V k, S h, S q, V& phi, V& psi) {
   psi = psi + (k * q) * k;
 }
 
-// Direct (reference-style) single-bandwidth forms, used for the analytic diagonal and by tests of the math.
-template <class S>
-GMW_HD GMW_INLINE S imq_k_direct(S D, S C) {
-  return C / (C + D);
-}
-template <class S>
-GMW_HD GMW_INLINE S imq_dk_direct(S D, S C) {
-  const S t = C + D;
-  return -C / (t * t);
+// ---- one reciprocal per bandwidth (the CUDA kernels, where the special-function unit has headroom) ----
+//
+// With x = D / R (exact: R is a power of two; imq_group_x caps it at far_x) and r_s = 1 / (c_s + x):
+//   k_s = c_s r_s,   1 - k_s = x r_s,   h_s k_s = hc_s r_s,   q_s k_s^2 = qr_s r_s^2
+// (hc_s = h_s c_s, qr_s = -h_s c_s / R: ImqGroup).  So one reciprocal and seven multiply-adds per bandwidth
+// accumulate the value sums a += w r (K_s = c_s a: scaled once per partial, not per pair) and b += (w x) r
+// (U_s = b, the complement sum of imq_pick_value) and, for the gradients, phi and psi; k_s itself is never
+// formed.  Every factor is positive and each term carries a few roundings of random sign, as in imq_ku3.
+// Range: x <= far_x gives c_s + x <= far_x (rounded), r_s >= 1 / far_x, a normal number: D = inf adds
+// ~1e-38 c_s w to K_s, exactly w to U_s and 0 to psi; NaN propagates.
+template <class V, class S, bool GRAD>
+GMW_HD GMW_INLINE void imq_band_acc(V x, V w, V wx, S c, S hc, S qr, V& a, V& b, V& phi, V& psi) {
+  const V r = imq_rcp(x + c);
+  a = a + w * r;
+  b = b + wx * r;
+  if (GRAD) {
+    phi = phi + hc * r;
+    psi = psi + (qr * r) * r;
+  }
 }
 
 }  // namespace gmwae_fast

@@ -402,7 +402,10 @@ at::Tensor values_tensor(const std::vector<double>& v) {
 std::pair<at::Tensor, at::Tensor> split_grad(const at::Tensor& g, int64_t r0, int64_t n, int64_t d,
                                              at::ScalarType pt, at::ScalarType wt) {
   const at::Tensor rows = g.narrow(0, r0, n);
-  return {rows.narrow(1, 0, d).to(pt).contiguous(), rows.select(1, d).to(wt).contiguous()};
+  // Always copies: for one row both pieces would otherwise be views of one buffer, and an op's outputs may not
+  // alias each other.
+  return {rows.narrow(1, 0, d).to(pt, /*non_blocking=*/false, /*copy=*/true).contiguous(),
+          rows.select(1, d).to(wt, /*non_blocking=*/false, /*copy=*/true).contiguous()};
 }
 
 at::Tensor imq_self_cpu(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bw, int64_t group,

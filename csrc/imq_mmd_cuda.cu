@@ -5,33 +5,38 @@
 // Points are cut into tiles of kBT = 64 rows; a thread block of 256 threads computes one 64 x 64 tile of pairs
 // at a time.  Tiles are grouped into *panels* of PS consecutive tiles, and one block owns one panel pair
 // (p, q): all tiles (I, J) with I in panel p and J in panel q (self terms: the upper triangle only, p <= q and
-// J >= I when p == q).  The number of panels is chosen from the SM count, so that small N still gives every SM
-// work (the reduction dimension is split across blocks), and capped so that the gradient slots below stay small.
+// J >= I when p == q).  The panels depend only on (N, M, d, dtype), never on the device: about kTargetBlocks =
+// 1024 panel pairs (when there are that many tile pairs), enough for every SM of any GPU; the reduction
+// dimension is split across blocks.  Gradient ops run the blocks in waves (launches) whose slots fit a 512 MiB
+// budget, panels shrinking (down to one tile) as N d grows so that a wave still holds >= kTargetBlocks blocks.
 //
 // Per tile:
-//   D phase   the tile's coordinates (shifted by the origin a[0], converted to the compute type) go through
+//   D phase   the tile's coordinates (in the compute type, unshifted) go through
 //             shared memory k-major; each thread accumulates a 4 x 4 register tile of squared distances
 //             sum_k (a_ik - b_jk)^2 (direct differences, never the |a|^2 + |b|^2 - 2ab expansion).
-//   K phase   per-pair kernel values through csrc/imq_math.h (the CPU kernels use the same functions), value
-//             partials per bandwidth, both of w w k and of w w (1 - k) (the finalize keeps the more accurate
-//             one, imq_pick_value): 16 pairs per thread in registers, warp shuffle tree, per-warp slots in
-//             shared memory, added per tile in float64 into per-block accumulators (fixed order).
+//   K phase   per-pair kernel values through csrc/imq_math.h (imq_band_acc: one reciprocal per bandwidth,
+//             the special-function unit has headroom here; the CPU kernels share one reciprocal per group of
+//             three, imq_ku3, because the x86 divider is their bottleneck), value partials per bandwidth, both
+//             of w w k and of w w (1 - k) (the finalize keeps the more accurate one, imq_pick_value): 16 pairs
+//             per thread in registers, warp shuffle tree, per-warp slots in shared memory, added per tile in
+//             float64 into per-block accumulators (fixed order).  Pair masks (partial, diagonal, same-group
+//             tiles) are formed only on the tiles that need them.
 //             Gradient ops also form P_ij = w_i w_j psi(D_ij) and Phi_ij = phi(D_ij) (masked) in shared memory.
-//   L phase   row/column sums of P and of the weighted Phi (one line per thread).
-//   G phase   gradients as two small GEMMs out of shared memory:
-//                 row side  g_i = a~_i sum_j P_ij - sum_j P_ij b~_j = sum_j P_ij (a_i - b_j)
-//                 col side  g_j = b~_j sum_i P_ij - sum_i P_ij a~_i = sum_i P_ij (b_j - a_i)
-//             (a~ = a - a[0]: the shift removes the cancellation of a large common offset).
-//             Weight gradients are the weighted Phi line sums.
+//   L phase   row/column sums of the weighted Phi (one line per thread): the weight gradients.
+//   G phase   point gradients out of shared memory, every difference formed directly (no GEMM expansion
+//             a_i sum_j P_ij - sum_j P_ij b_j, whose cancellation a common offset or one outlier would expose):
+//                 row side  g_i = sum_j P_ij (a_i - b_j),   col side  g_j = sum_i P_ij (b_j - a_i),
+//             over the ceil(kc / 16) slices of 16 coordinates the chunk holds (g_side: d = 10 runs 1 of 4).
 //
 // Determinism (no float atomics anywhere)
 // ---------------------------------------
-// Gradients: every block writes its row-side partial of tile I into slot (q, rows of I) and its column-side
-// partial of tile J into slot (p, rows of J) of two float buffers; a slot region is written by one block
-// only (first visit stores, later visits of the same block add, in program order), so the slot contents are
-// reproducible.  A second kernel sums the slots of every row in a fixed order in float64 and applies the
-// factors (self 4 and 2, cross 2 and 1) and the analytic diagonal.  Values: per-block float64 partials,
-// summed in a fixed order by a one-block kernel.  Memory: O(panels x (N + M) x (d + 1)), capped.
+// Gradients: every block of a wave owns two slot regions, the rows of its row panel and of its column panel
+// (first visit stores, later visits of the same block add, in program order), so the slot contents are
+// reproducible.  After each wave a fold kernel sums, for every row, the slots of the wave's blocks in a fixed
+// order in float64 and adds them to running float64 sums ((N + M) (d + 1), only with several waves); the last
+// fold applies the factors (self 4 and 2, cross 2 and 1) and the analytic diagonal.  Values: per-block float64
+// partials, summed per wave in a fixed order by a one-block kernel.  Slot memory <= 512 MiB whatever N and d.
+// The plan depends on no device property, so the bits are the same on every GPU.
 //
 // Self terms visit each unordered pair once (i < j, outside i's group when unbiased); the i == j terms of
 // the biased estimator are added analytically (k_s(0) = 1, phi(0) = sum_s h_s, no point gradient).
@@ -45,7 +50,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
 
 #include "imq_mmd_common.h"
 #include "imq_mmd_cuda_kernels.cuh"
@@ -55,19 +64,22 @@ namespace {
 
 using namespace imq_cuda;
 
-// A device attribute, cached per (attribute, device) (avoids ATen/cuda/CUDAContext.h, which needs the
-// cuSPARSE/cuBLAS headers).  Each call site passes one fixed attribute, so one cache per template instance.
+// A device attribute, cached per (attribute, device) under a mutex (avoids ATen/cuda/CUDAContext.h, which needs
+// the cuSPARSE/cuBLAS headers).  Each call site passes one fixed attribute, so one cache per template instance.
 template <cudaDeviceAttr ATTR>
 int cached_device_attribute(int device) {
-  static int cache[64] = {0};
-  if (device >= 0 && device < 64 && cache[device] > 0) return cache[device];
+  static std::mutex mu;
+  static std::unordered_map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTR, device));
-  if (device >= 0 && device < 64) cache[device] = value;
+  cache.emplace(device, value);
   return value;
 }
 
-// SM count of a device.
+// SM count of a device (sizes the grid of the gradient fold only; the results do not depend on it).
 int multiprocessor_count(int device) {
   return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device);
 }
@@ -82,16 +94,40 @@ int max_smem_optin(int device) {
   return cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
 }
 
+// Opts a tile kernel instantiation in to the device's largest dynamic shared memory, once per (device,
+// instantiation), under a mutex (host threads launching with different bandwidth counts never race on it).
 template <class T, bool SELF, bool GRAD>
-void launch_tiles(const TileArgs<T>& A, int nblocks, size_t smem, cudaStream_t stream, int device) {
+void opt_in_smem(int device) {
+  static std::mutex mu;
+  static std::unordered_set<int> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(device)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(imq_tiles_kernel<T, SELF, GRAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      max_smem_optin(device)));
+  done.insert(device);
+}
+
+template <class T, bool SELF, bool GRAD>
+void launch_tiles(const TileArgs<T>& A, int64_t nblocks, size_t smem, cudaStream_t stream, int device) {
   const int limit = max_smem_optin(device);
   TORCH_CHECK(smem <= size_t(limit), "gmwae_fast::imq_*: the CUDA kernel needs ", smem,
               " bytes of shared memory per block, the device allows ", limit,
               " (compute capability 8.0 or newer is required; float64 with many bandwidths needs the most)");
-  auto kernel = imq_tiles_kernel<T, SELF, GRAD>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<nblocks, kThreads, smem, stream>>>(A);
+  opt_in_smem<T, SELF, GRAD>(device);
+  imq_tiles_kernel<T, SELF, GRAD><<<unsigned(nblocks), kThreads, smem, stream>>>(A);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class T>
+void launch_tiles_any(bool self, bool grad, const TileArgs<T>& A, int64_t nblocks, size_t smem, cudaStream_t stream,
+                      int device) {
+  if (self) {
+    if (grad) launch_tiles<T, true, true>(A, nblocks, smem, stream, device);
+    else launch_tiles<T, true, false>(A, nblocks, smem, stream, device);
+  } else {
+    if (grad) launch_tiles<T, false, true>(A, nblocks, smem, stream, device);
+    else launch_tiles<T, false, false>(A, nblocks, smem, stream, device);
+  }
 }
 
 template <class T>
@@ -137,40 +173,45 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
   A.group = group;
   A.unbiased = unbiased;
   A.b_grad = self || b_grad;
-  const int nblocks = plan_tiles(A, self, grad, sms);
-  at::Tensor slot_i, slot_j;
+  const TilePlan plan = plan_tiles(A, self, grad);
+  const std::vector<Wave> waves = plan_waves(A, self, plan);
+  at::Tensor slot_i, slot_j, acc;
   A.slot_i = nullptr;
   A.slot_j = nullptr;
+  double* accp = nullptr;
   if (grad) {
-    // Not zeroed: every slot entry the finalize kernel reads is first stored by exactly one block.
+    // Not zeroed: every slot entry a fold reads is first stored by exactly one block of the wave.
     int64_t ni = 0, nj = 0;
-    slot_sizes(A, ni, nj);
+    slot_sizes(A, plan, ni, nj);
     slot_i = at::empty({ni}, dev);
     slot_j = at::empty({nj}, dev);
     A.slot_i = slot_i.data_ptr<T>();
     A.slot_j = slot_j.data_ptr<T>();
+    if (waves.size() > 1) {  // running float64 sums between waves (zeroed: a row may first be folded in any wave)
+      acc = at::zeros({(N + (self ? 0 : M)) * (d + 1)}, dev.dtype(at::kDouble));
+      accp = acc.data_ptr<double>();
+    }
   }
-  at::Tensor block_vals = at::empty({int64_t(nblocks) * 2 * S}, dev.dtype(at::kDouble));
+  at::Tensor block_vals = at::empty({plan.wave_blocks * 2 * S}, dev.dtype(at::kDouble));
+  at::Tensor vacc = at::empty({2 * S}, dev.dtype(at::kDouble));
   A.block_vals = block_vals.data_ptr<double>();
 
   const size_t smem = smem_layout<T>(S, grad).bytes;
-  if (self) {
-    if (grad) launch_tiles<T, true, true>(A, nblocks, smem, stream, a.get_device());
-    else launch_tiles<T, true, false>(A, nblocks, smem, stream, a.get_device());
-  } else {
-    if (grad) launch_tiles<T, false, true>(A, nblocks, smem, stream, a.get_device());
-    else launch_tiles<T, false, false>(A, nblocks, smem, stream, a.get_device());
-  }
   const bool diag = self && !unbiased;
-  imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, nblocks, S, self, unbiased, group, A.wa, N,
-                                                       A.wb, M, R.vals.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (grad) {
-    const int fblocks = grad_finalize_blocks(A, self, sms);
-    imq_grad_finalize_kernel<T><<<fblocks, 256, 0, stream>>>(
-        A, self, self ? 4.0 : 2.0, self ? 2.0 : 1.0, diag, R.da.data_ptr<T>(), R.dwa.data_ptr<T>(),
-        self ? nullptr : R.db.data_ptr<T>(), self ? nullptr : R.dwb.data_ptr<T>());
+  for (const Wave& w : waves) {
+    A.block0 = w.b0;
+    const int64_t nb = w.b1 - w.b0;
+    launch_tiles_any<T>(self, grad, A, nb, smem, stream, a.get_device());
+    imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, int(nb), S, self, unbiased, group, A.wa, N,
+                                                         A.wb, M, vacc.data_ptr<double>(), w.first, w.last,
+                                                         R.vals.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (grad) {
+      imq_grad_finalize_kernel<T><<<grad_finalize_blocks(w, d, sms), 256, 0, stream>>>(
+          A, w, self, self ? 4.0 : 2.0, self ? 2.0 : 1.0, diag, accp, R.da.data_ptr<T>(), R.dwa.data_ptr<T>(),
+          self ? nullptr : R.db.data_ptr<T>(), self ? nullptr : R.dwb.data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   return R;
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "imq_math.h"
 
@@ -73,22 +74,24 @@ GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
   L.gJ = o;
   o += kBT * sizeof(int64_t);
   L.Lsum = o;
-  o += 4 * kBT * sizeof(T);
+  o += 2 * kBT * sizeof(T);
+  // Everything above and the group table's offset are compile-time constants (no register holds them across
+  // the tile loop); the S-sized arrays follow.
+  L.ngroups = o;
+  o += 16;
+  L.groups = o;
+  o += align_up(ng * sizeof(ImqGroup<T>), 16);
   L.warp_part = o;
   o += align_up(size_t(kWarps) * 2 * ng * sizeof(T), 16);
   L.val = o;
   o += align_up(2 * ng * sizeof(double), 16);
-  L.groups = o;
-  o += align_up(ng * sizeof(ImqGroup<T>), 16);
-  L.ngroups = o;
-  o += 16;
   L.bytes = o;
   return L;
 }
 
 template <class T>
 struct TileArgs {
-  const T* a;  // N x d (compute type, contiguous); row 0 is the origin of the shift
+  const T* a;  // N x d (compute type, contiguous)
   const T* wa;
   const T* b;  // M x d (self: == a)
   const T* wb;
@@ -103,10 +106,33 @@ struct TileArgs {
   int TI, TJ;  // tiles of a and of b
   int PI, PJ;  // panels of a and of b (self: PI == PJ)
   int PSI, PSJ;  // tiles per panel
-  T* slot_i;  // [PJ][N][d + 1]: row-side partials (gradient ops)
-  T* slot_j;  // [PI][M][d + 1]: column-side partials (gradient ops with b_grad)
-  double* block_vals;  // [gridDim.x][2 S]: sums of w w k, then of w w (1 - k)
+  int64_t block0;  // panel pair (block id) of blockIdx.x == 0: a launch runs the blocks of one wave
+  T* slot_i;  // [blocks of the wave][PSI kBT][d + 1]: row-side partials of each block (gradient ops)
+  T* slot_j;  // [blocks of the wave][PSJ kBT][d + 1]: column-side partials (gradient ops with b_grad)
+  double* block_vals;  // [blocks of the wave][2 S]: sums of w w k, then of w w (1 - k)
 };
+
+// First block of row p of the self panel triangle (pairs p <= q, enumerated row by row).
+GMW_HD inline int64_t tri_row_start(int64_t p, int64_t P) {
+  return p * P - p * (p - 1) / 2;
+}
+
+// Panel pair (p, q) of block id: self, the triangle row by row; cross, row-major over PI x PJ.
+GMW_HD inline void block_panels(int64_t id, bool self, int PI, int PJ, int& p, int& q) {
+  if (!self) {
+    p = int(id / PJ);
+    q = int(id % PJ);
+    return;
+  }
+  // Root of p^2 - (2 P + 1) p + 2 id = 0, then corrected for its rounding.
+  const double b = 2.0 * PI + 1.0;
+  int64_t r = int64_t((b - sqrt(b * b - 8.0 * double(id))) / 2.0);
+  r = r < 0 ? 0 : (r > PI - 1 ? PI - 1 : r);
+  while (r > 0 && tri_row_start(r, PI) > id) --r;
+  while (r + 1 < PI && tri_row_start(r + 1, PI) <= id) ++r;
+  p = int(r);
+  q = int(r + (id - tri_row_start(r, PI)));
+}
 
 // Four consecutive elements of a shared tile row (16-byte aligned).
 template <class T>
@@ -151,11 +177,12 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Coordinates [c0, c0 + DK) of rows [r0, r0 + kBT) of x (rows x d), minus the origin o, into dst[k][r]
-// (k-major, leading dimension kLd); zero outside the matrix.
+// Coordinates [c0, c0 + DK) of rows [r0, r0 + kBT) of x (rows x d) into dst[k][r] (k-major, leading dimension
+// kLd); zero outside the matrix.  No shift: every difference a_ik - b_jk is formed directly (D and G phases),
+// so neither a common offset nor an outlier costs accuracy.
 template <class T>
 __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ x, int64_t rows, int64_t d, int64_t r0,
-                                           int64_t c0, const T* __restrict__ o) {
+                                           int64_t c0) {
   constexpr int DK = ChunkDims<T>::value;
   for (int e = threadIdx.x; e < DK * kBT; e += kThreads) {
     const int k = e % DK;
@@ -163,7 +190,7 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ x, int6
     const int64_t gr = r0 + r;
     const int64_t gc = c0 + k;
     T v = T(0);
-    if (gr < rows && gc < d) v = x[gr * d + gc] - o[gc];
+    if (gr < rows && gc < d) v = x[gr * d + gc];
     dst[k * kLd + r] = v;
   }
 }
@@ -174,10 +201,64 @@ __device__ __forceinline__ void slot_put(T* p, T v, bool first) {
   *p = first ? v : *p + v;
 }
 
+// G phase, one side, for the 4 rows 4 tg .. 4 tg + 3 of this thread (tg = tid / 16) and the coordinates
+// tk + 16 l, l < NL (tk = tid % 16) of the chunk:  o[r][k] = sum_u P(r, u) (own[r][k] - other[u][k]), with
+// P(r, u) = Ps[r][u] on the row side (ROW) and Ps[u][r] on the column side; own / other are the shared chunks
+// (k-major).  Rows r < rows_left and coordinates k < kc go to slot[r (d + 1) + k] (stored on the first visit,
+// added later).  NL is the number of 16-coordinate slices the chunk needs (ceil(kc / 16)): a small d runs 1.
+template <class T, int NL, bool ROW>
+__device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth_s, T* slot, int64_t rows_left,
+                                       int kc, int64_t d, bool first) {
+  const int tg = threadIdx.x >> 4;
+  const int tk = threadIdx.x & 15;
+  T own[NL][4];
+#pragma unroll
+  for (int l = 0; l < NL; ++l) ld4<T>(own_s + (tk + 16 * l) * kLd + 4 * tg, own[l]);
+  T o[4][NL];
+#pragma unroll
+  for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+    for (int l = 0; l < NL; ++l) o[ii][l] = T(0);
+#pragma unroll 1
+  for (int u = 0; u < kBT; u += 4) {
+    T pv[4][4], ov[NL][4];  // pv[ii][uu] = P(4 tg + ii, u + uu)
+    if (ROW) {
+#pragma unroll
+      for (int ii = 0; ii < 4; ++ii) ld4<T>(Ps + (4 * tg + ii) * kLd + u, pv[ii]);
+    } else {
+      T pt[4][4];
+#pragma unroll
+      for (int uu = 0; uu < 4; ++uu) ld4<T>(Ps + (u + uu) * kLd + 4 * tg, pt[uu]);
+#pragma unroll
+      for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+        for (int uu = 0; uu < 4; ++uu) pv[ii][uu] = pt[uu][ii];
+    }
+#pragma unroll
+    for (int l = 0; l < NL; ++l) ld4<T>(oth_s + (tk + 16 * l) * kLd + u, ov[l]);
+#pragma unroll
+    for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+      for (int l = 0; l < NL; ++l)
+#pragma unroll
+        for (int uu = 0; uu < 4; ++uu) o[ii][l] += pv[ii][uu] * (own[l][ii] - ov[l][uu]);
+  }
+#pragma unroll
+  for (int ii = 0; ii < 4; ++ii) {
+    const int r = 4 * tg + ii;
+    if (r >= rows_left) continue;
+#pragma unroll
+    for (int l = 0; l < NL; ++l) {
+      const int k = tk + 16 * l;
+      if (k < kc) slot_put(slot + int64_t(r) * (d + 1) + k, o[ii][l], first);
+    }
+  }
+}
+
 template <class T, bool SELF, bool GRAD>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_kernel(const TileArgs<T> A) {
   constexpr int DK = ChunkDims<T>::value;
-  constexpr int NL = DK / 16;  // coordinates per thread and chunk in the G phase
+  constexpr int NL = DK / 16;  // most coordinates per thread and chunk in the G phase (g_side)
   GMW_DYNAMIC_SMEM(smem_raw);
   const SmemLayout L = smem_layout<T>(A.S, GRAD);
   T* As = reinterpret_cast<T*>(smem_raw + L.As);
@@ -188,8 +269,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   T* wJ = reinterpret_cast<T*>(smem_raw + L.wJ);
   int64_t* gI = reinterpret_cast<int64_t*>(smem_raw + L.gI);  // group index of the tile rows (self, unbiased)
   int64_t* gJ = reinterpret_cast<int64_t*>(smem_raw + L.gJ);
-  T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);  // [0] row sums of P, [1] column sums of P,
-                                                      // [2] sum_j w_j Phi_ij, [3] sum_i w_i Phi_ij
+  T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);  // [0] sum_j w_j Phi_ij, [1] sum_i w_i Phi_ij
   T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps][2 S]
   double* val = reinterpret_cast<double*>(smem_raw + L.val);  // [2 S] block accumulators
   ImqGroup<T>* groups = reinterpret_cast<ImqGroup<T>*>(smem_raw + L.groups);
@@ -204,22 +284,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   if (tid == 0) *ngroups_s = imq_make_groups<T>(A.bw, A.h, S, groups);
   for (int s = tid; s < 2 * S; s += kThreads) val[s] = 0.0;
   __syncthreads();
-  const int ng = *ngroups_s;
 
   // Block -> panel pair (p, q); self: p <= q enumerated row by row.
   int p, q;
-  if (SELF) {
-    int b = blockIdx.x;
-    p = 0;
-    while (b >= A.PI - p) {
-      b -= A.PI - p;
-      ++p;
-    }
-    q = p + b;
-  } else {
-    p = blockIdx.x / A.PJ;
-    q = blockIdx.x % A.PJ;
-  }
+  block_panels(A.block0 + blockIdx.x, SELF, A.PI, A.PJ, p, q);
   const int I_begin = p * A.PSI;
   const int I_end = min(I_begin + A.PSI, A.TI);
   const int Jq_begin = q * A.PSJ;
@@ -229,10 +297,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   // Pair phase: rows 4*ti .. 4*ti+3, columns 4*tj .. 4*tj+3 of the tile.
   const int ti = tid >> 4;
   const int tj = tid & 15;
-  // G phase: rows 4*tg .. 4*tg+3 (of tile I for the row side, of tile J for the column side), coordinates
-  // tk + 16 l (l < NL) of the chunk.
-  const int tg = tid >> 4;
-  const int tk = tid & 15;
+  // G phase: see g_side.
 
   for (int I = I_begin; I < I_end; ++I) {
     const int J_begin = (SELF && p == q) ? I : Jq_begin;
@@ -248,8 +313,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         for (int jj = 0; jj < 4; ++jj) D[ii][jj] = T(0);
       for (int c = 0; c < nchunks; ++c) {
         __syncthreads();  // every user of the shared tiles (previous chunk / tile) is done
-        load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK, A.a);
-        load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK, A.a);
+        load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK);
+        load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK);
         if (c == 0) {
           if (tid < kBT) {
             wI[tid] = (I0 + tid < N) ? A.wa[I0 + tid] : T(0);
@@ -275,24 +340,35 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
 
       // ---- K phase ----
       T wpair[4][4];
-      unsigned okmask = 0;  // bit 4 ii + jj: pair allowed
+      unsigned okmask = 0xFFFFu;  // bit 4 ii + jj: pair allowed
+      // Every pair of the tile is allowed unless it is a last (partial) tile, a self diagonal tile or, unbiased,
+      // the two tiles share a group (uniform across the block).
+      const bool edge_tile = I0 + kBT > N || J0 + kBT > M ||
+                             (SELF && (I == J || (A.unbiased && gI[kBT - 1] >= gJ[0])));
       {
         T wi[4], wj[4];
         ld4<T>(wI + 4 * ti, wi);
         ld4<T>(wJ + 4 * tj, wj);
 #pragma unroll
-        for (int ii = 0; ii < 4; ++ii) {
-          const int64_t gi = I0 + 4 * ti + ii;
+        for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
-          for (int jj = 0; jj < 4; ++jj) {
-            const int64_t gj = J0 + 4 * tj + jj;
-            bool ok = gi < N && gj < M;
-            if (SELF) {
-              ok = ok && gi < gj;
-              if (A.unbiased) ok = ok && (gI[4 * ti + ii] != gJ[4 * tj + jj]);
+          for (int jj = 0; jj < 4; ++jj) wpair[ii][jj] = wi[ii] * wj[jj];
+        if (edge_tile) {
+          okmask = 0;
+#pragma unroll
+          for (int ii = 0; ii < 4; ++ii) {
+            const int64_t gi = I0 + 4 * ti + ii;
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj) {
+              const int64_t gj = J0 + 4 * tj + jj;
+              bool ok = gi < N && gj < M;
+              if (SELF) {
+                ok = ok && gi < gj;
+                if (A.unbiased) ok = ok && (gI[4 * ti + ii] != gJ[4 * tj + jj]);
+              }
+              wpair[ii][jj] = ok ? wpair[ii][jj] : T(0);
+              okmask |= unsigned(ok) << (4 * ii + jj);
             }
-            wpair[ii][jj] = ok ? wi[ii] * wj[jj] : T(0);
-            okmask |= unsigned(ok) << (4 * ii + jj);
           }
         }
       }
@@ -306,7 +382,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             psi[ii][jj] = T(0);
           }
       }
-      // Values: sums of w w k (a*) and of w w (1 - k) (b*) per bandwidth, see imq_pick_value.
+      const int ng = *ngroups_s;  // read per tile (after a barrier): no register holds it across the tile loop
+      // Values: sums of w w r (a*, K_s = c_s a) and of w w (1 - k) (b*) per bandwidth, see imq_band_acc and
+      // imq_pick_value; one reciprocal per bandwidth.
+#pragma unroll 1
       for (int g = 0; g < ng; ++g) {
         const ImqGroup<T>& G = groups[g];
         T a0 = T(0), a1 = T(0), a2 = T(0), b0 = T(0), b1 = T(0), b2 = T(0);
@@ -315,48 +394,32 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              T k0, k1, k2, u0, u1, u2;
-              imq_ku3(D[ii][jj], G.inv_ref, G.c[0], G.c[1], G.c[2], k0, k1, k2, u0, u1, u2);
+              const T x = imq_group_x(D[ii][jj], G.inv_ref);
               const T wp = wpair[ii][jj];
-              a0 += wp * k0;
-              a1 += wp * k1;
-              a2 += wp * k2;
-              b0 += wp * u0;
-              b1 += wp * u1;
-              b2 += wp * u2;
-              if (GRAD) {
-                imq_phi_psi_acc(k0, G.h[0], G.q[0], phi[ii][jj], psi[ii][jj]);
-                imq_phi_psi_acc(k1, G.h[1], G.q[1], phi[ii][jj], psi[ii][jj]);
-                imq_phi_psi_acc(k2, G.h[2], G.q[2], phi[ii][jj], psi[ii][jj]);
-              }
+              const T wx = wp * x;
+              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[0], G.hc[0], G.qr[0], a0, b0, phi[ii][jj], psi[ii][jj]);
+              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[1], G.hc[1], G.qr[1], a1, b1, phi[ii][jj], psi[ii][jj]);
+              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[2], G.hc[2], G.qr[2], a2, b2, phi[ii][jj], psi[ii][jj]);
             }
         } else if (G.n == 2) {
 #pragma unroll
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              T k0, k1, u0, u1;
-              imq_ku2(D[ii][jj], G.inv_ref, G.c[0], G.c[1], k0, k1, u0, u1);
+              const T x = imq_group_x(D[ii][jj], G.inv_ref);
               const T wp = wpair[ii][jj];
-              a0 += wp * k0;
-              a1 += wp * k1;
-              b0 += wp * u0;
-              b1 += wp * u1;
-              if (GRAD) {
-                imq_phi_psi_acc(k0, G.h[0], G.q[0], phi[ii][jj], psi[ii][jj]);
-                imq_phi_psi_acc(k1, G.h[1], G.q[1], phi[ii][jj], psi[ii][jj]);
-              }
+              const T wx = wp * x;
+              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[0], G.hc[0], G.qr[0], a0, b0, phi[ii][jj], psi[ii][jj]);
+              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[1], G.hc[1], G.qr[1], a1, b1, phi[ii][jj], psi[ii][jj]);
             }
         } else {
 #pragma unroll
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              T k0, u0;
-              imq_ku1(D[ii][jj], G.inv_ref, G.c[0], k0, u0);
-              a0 += wpair[ii][jj] * k0;
-              b0 += wpair[ii][jj] * u0;
-              if (GRAD) imq_phi_psi_acc(k0, G.h[0], G.q[0], phi[ii][jj], psi[ii][jj]);
+              const T x = imq_group_x(D[ii][jj], G.inv_ref);
+              const T wp = wpair[ii][jj];
+              imq_band_acc<T, T, GRAD>(x, wp, wp * x, G.c[0], G.hc[0], G.qr[0], a0, b0, phi[ii][jj], psi[ii][jj]);
             }
         }
         // Warp partials (all lanes take part: the group loop and G.n are uniform across the block).
@@ -373,14 +436,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         if (lane == 0) {
           T* wk = warp_part + warp * 2 * S + G.s0;
           T* wu = wk + S;
-          wk[0] = a0;
+          wk[0] = a0 * G.c[0];  // K_s = c_s sum w w r_s
           wu[0] = b0;
           if (G.n > 1) {
-            wk[1] = a1;
+            wk[1] = a1 * G.c[1];
             wu[1] = b1;
           }
           if (G.n > 2) {
-            wk[2] = a2;
+            wk[2] = a2 * G.c[2];
             wu[2] = b2;
           }
         }
@@ -408,115 +471,59 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         val[s] += v;
       }
       if (GRAD) {
-        const int which = tid >> 7;  // 0: P, 1: Phi
-        const int line = tid & 127;
-        const T* X = which ? Fs : Ps;
-        T s = T(0);
-        if (line < kBT) {
-          const int r = line;
+        // Weighted Phi line sums: threads 0..63 the rows, 64..127 the columns (with the column side).
+        if (tid < kBT) {
+          const int r = tid;
+          T s = T(0);
           for (int u = 0; u < kBT; ++u) {
             const int j = (u + r) & (kBT - 1);  // rotated start: conflict-free shared reads
-            s += which ? X[r * kLd + j] * wJ[j] : X[r * kLd + j];
+            s += Fs[r * kLd + j] * wJ[j];
           }
-          Lsum[(2 * which) * kBT + r] = s;
-        } else if (A.b_grad) {
-          const int cidx = line - kBT;
-          for (int i = 0; i < kBT; ++i) s += which ? X[i * kLd + cidx] * wI[i] : X[i * kLd + cidx];
-          Lsum[(2 * which + 1) * kBT + cidx] = s;
+          Lsum[r] = s;
+        } else if (tid < 2 * kBT && A.b_grad) {
+          const int cidx = tid - kBT;
+          T s = T(0);
+          for (int i = 0; i < kBT; ++i) s += Fs[i * kLd + cidx] * wI[i];
+          Lsum[kBT + cidx] = s;
         }
       }
       __syncthreads();
 
       if (GRAD) {
         // ---- G phase ----
-        const bool first_i = (J == J_begin);  // first visit of this block to slot (q, rows of I)
-        const bool first_j = (I == I_begin);  // first visit of this block to slot (p, rows of J)
-        T* si = A.slot_i + (int64_t(q) * N + I0) * (d + 1);
-        T* sj = A.b_grad ? A.slot_j + (int64_t(p) * M + J0) * (d + 1) : nullptr;
+        const bool first_i = (J == J_begin);  // first visit of this block to its row-side slot rows of I
+        const bool first_j = (I == I_begin);  // first visit of this block to its column-side slot rows of J
+        const int64_t wb = blockIdx.x;  // the block's slot regions within the wave
+        T* si = A.slot_i + (wb * A.PSI * kBT + (I0 - int64_t(I_begin) * kBT)) * (d + 1);
+        T* sj = A.b_grad ? A.slot_j + (wb * A.PSJ * kBT + (J0 - int64_t(Jq_begin) * kBT)) * (d + 1) : nullptr;
         if (tid < kBT) {
-          if (I0 + tid < N) slot_put(si + int64_t(tid) * (d + 1) + d, Lsum[2 * kBT + tid], first_i);
+          if (I0 + tid < N) slot_put(si + int64_t(tid) * (d + 1) + d, Lsum[tid], first_i);
         } else if (tid < 2 * kBT && A.b_grad) {
           const int r = tid - kBT;
-          if (J0 + r < M) slot_put(sj + int64_t(r) * (d + 1) + d, Lsum[3 * kBT + r], first_j);
+          if (J0 + r < M) slot_put(sj + int64_t(r) * (d + 1) + d, Lsum[kBT + r], first_j);
         }
         for (int c = 0; c < nchunks; ++c) {
           if (nchunks > 1) {
             __syncthreads();
-            load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK, A.a);
-            load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK, A.a);
+            load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK);
+            load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK);
             __syncthreads();
           }
           const int64_t c0 = int64_t(c) * DK;
           const int kc = int(d - c0 < DK ? d - c0 : DK);
-          // Row side: sum_j P[i][j] b~[j][k].
-          {
-            T o[4][NL];
-#pragma unroll
-            for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-              for (int l = 0; l < NL; ++l) o[ii][l] = T(0);
-#pragma unroll 1
-            for (int u = 0; u < kBT; u += 4) {
-              T pv[4][4], bv[NL][4];
-#pragma unroll
-              for (int ii = 0; ii < 4; ++ii) ld4<T>(Ps + (4 * tg + ii) * kLd + u, pv[ii]);
-#pragma unroll
-              for (int l = 0; l < NL; ++l) ld4<T>(Bs + (tk + 16 * l) * kLd + u, bv[l]);
-#pragma unroll
-              for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-                for (int l = 0; l < NL; ++l)
-#pragma unroll
-                  for (int uu = 0; uu < 4; ++uu) o[ii][l] += pv[ii][uu] * bv[l][uu];
-            }
-#pragma unroll
-            for (int ii = 0; ii < 4; ++ii) {
-              const int r = 4 * tg + ii;
-              if (I0 + r >= N) continue;
-#pragma unroll
-              for (int l = 0; l < NL; ++l) {
-                const int k = tk + 16 * l;
-                if (k < kc) {
-                  const T v = As[k * kLd + r] * Lsum[r] - o[ii][l];
-                  slot_put(si + int64_t(r) * (d + 1) + c0 + k, v, first_i);
-                }
-              }
-            }
-          }
-          // Column side: sum_i P[i][j] a~[i][k] (A.b_grad is uniform across the block).
+          // Only the coordinate lanes a chunk holds: nl of the NL slices of 16 (d = 10: one of four).
+          const int nl = (kc + 15) >> 4;
+          T* si_c = si + c0;
+          // Row side: sum_j P[i][j] (a[i][k] - b[j][k]), differences formed directly.
+          if (nl <= 1) g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+          else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+          else g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+          // Column side: sum_i P[i][j] (b[j][k] - a[i][k]) (A.b_grad is uniform across the block).
           if (A.b_grad) {
-            T o[4][NL];
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-              for (int l = 0; l < NL; ++l) o[jj][l] = T(0);
-#pragma unroll 1
-            for (int u = 0; u < kBT; u += 4) {
-              T pv[4][4], av[NL][4];
-#pragma unroll
-              for (int uu = 0; uu < 4; ++uu) ld4<T>(Ps + (u + uu) * kLd + 4 * tg, pv[uu]);
-#pragma unroll
-              for (int l = 0; l < NL; ++l) ld4<T>(As + (tk + 16 * l) * kLd + u, av[l]);
-#pragma unroll
-              for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-                for (int l = 0; l < NL; ++l)
-#pragma unroll
-                  for (int uu = 0; uu < 4; ++uu) o[jj][l] += pv[uu][jj] * av[l][uu];
-            }
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj) {
-              const int r = 4 * tg + jj;
-              if (J0 + r >= M) continue;
-#pragma unroll
-              for (int l = 0; l < NL; ++l) {
-                const int k = tk + 16 * l;
-                if (k < kc) {
-                  const T v = Bs[k * kLd + r] * Lsum[kBT + r] - o[jj][l];
-                  slot_put(sj + int64_t(r) * (d + 1) + c0 + k, v, first_j);
-                }
-              }
-            }
+            T* sj_c = sj + c0;
+            if (nl <= 1) g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+            else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+            else g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
           }
         }
       }
@@ -540,40 +547,45 @@ __device__ __forceinline__ double block_sum256(double v, double* red) {
   return total;
 }
 
-// values[s] = scale * pick(K_s, U_s, W) + (diag ? sum_i w_i^2 : 0) with K_s, U_s the sums of the block
-// partials and W the exact (float64) total weight of the visited pairs (imq_pick_value); one block, fixed
-// summation order.
+// Value partials of one wave: K_s, U_s = the sums of its block partials in a fixed order, added to the running
+// sums acc[2 S] of the earlier waves (first: none).  Last wave: values[s] = scale * pick(K_s, U_s, W) + (diag ?
+// sum_i w_i^2 : 0) with W the exact (float64) total weight of the visited pairs (imq_pick_value); otherwise the
+// running sums go back to acc.  One block, fixed summation order.
 template <class T>
 __global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* __restrict__ block_vals, int nblocks,
                                                                   int S, bool self, bool unbiased, int64_t group,
                                                                   const T* __restrict__ wa, int64_t n,
                                                                   const T* __restrict__ wb, int64_t m,
+                                                                  double* __restrict__ acc, bool first, bool last,
                                                                   double* __restrict__ out) {
   __shared__ double red[256];
   const int tid = threadIdx.x;
-  double sw = 0.0, sw2 = 0.0, sv = 0.0, sg = 0.0;
-  for (int64_t i = tid; i < n; i += 256) {
-    const double w = double(wa[i]);
-    sw += w;
-    sw2 += w * w;
-  }
-  if (!self) {
-    for (int64_t j = tid; j < m; j += 256) sv += double(wb[j]);
-  } else if (unbiased) {
-    for (int64_t g0 = int64_t(tid) * group; g0 < n; g0 += int64_t(256) * group) {
-      double s = 0.0;
-      for (int64_t i = g0; i < g0 + group && i < n; ++i) s += double(wa[i]);
-      sg += s * s;
+  double wtot = 0.0, diag = 0.0;
+  if (last) {
+    double sw = 0.0, sw2 = 0.0, sv = 0.0, sg = 0.0;
+    for (int64_t i = tid; i < n; i += 256) {
+      const double w = double(wa[i]);
+      sw += w;
+      sw2 += w * w;
     }
+    if (!self) {
+      for (int64_t j = tid; j < m; j += 256) sv += double(wb[j]);
+    } else if (unbiased) {
+      for (int64_t g0 = int64_t(tid) * group; g0 < n; g0 += int64_t(256) * group) {
+        double s = 0.0;
+        for (int64_t i = g0; i < g0 + group && i < n; ++i) s += double(wa[i]);
+        sg += s * s;
+      }
+    }
+    sw = block_sum256(sw, red);
+    sw2 = block_sum256(sw2, red);
+    sv = block_sum256(sv, red);
+    sg = block_sum256(sg, red);
+    // Self terms count the pairs i < j once (scale 2); the biased diagonal is added analytically.
+    wtot = !self ? sw * sv : (unbiased ? 0.5 * (sw * sw - sg) : 0.5 * (sw * sw - sw2));
+    diag = (self && !unbiased) ? sw2 : 0.0;
   }
-  sw = block_sum256(sw, red);
-  sw2 = block_sum256(sw2, red);
-  sv = block_sum256(sv, red);
-  sg = block_sum256(sg, red);
-  // Self terms count the pairs i < j once (scale 2); the biased diagonal is added analytically.
-  const double wtot = !self ? sw * sv : (unbiased ? 0.5 * (sw * sw - sg) : 0.5 * (sw * sw - sw2));
   const double scale = self ? 2.0 : 1.0;
-  const double diag = (self && !unbiased) ? sw2 : 0.0;
   for (int s = 0; s < S; ++s) {
     double k = 0.0, u = 0.0;
     for (int b = tid; b < nblocks; b += 256) {
@@ -582,55 +594,90 @@ __global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* 
     }
     k = block_sum256(k, red);
     u = block_sum256(u, red);
-    if (tid == 0) out[s] = scale * imq_pick_value(k, u, wtot) + diag;
+    if (tid == 0) {
+      if (!first) {
+        k += acc[s];
+        u += acc[S + s];
+      }
+      if (last) {
+        out[s] = scale * imq_pick_value(k, u, wtot) + diag;
+      } else {
+        acc[s] = k;
+        acc[S + s] = u;
+      }
+    }
   }
 }
 
-// Rows the gradient finalize kernel writes: those of a, then (cross, with b_grad) those of b.
-template <class T>
-GMW_HD inline int64_t grad_rows(const TileArgs<T>& A, bool self) {
-  return self ? A.N : A.N + (A.b_grad ? A.M : 0);
-}
+// One launch of the tile kernel: blocks [b0, b1) (panel pairs (p0, q0) .. (p1, q1)), and the rows its gradient
+// fold visits: rows [ra0, ra1) of a, then [rb0, rb1) of b (cross) or of a (self, disjoint from the first range).
+struct Wave {
+  int64_t b0, b1;
+  int p0, q0, p1, q1;
+  int64_t ra0, ra1, rb0, rb1;
+  bool first, last;
+};
 
-// Gradient of one row block: sums the written slots of each (row, coordinate) in a fixed order.
-//   self:  slots_i[q] for q = panel(row) .. P - 1, then slots_j[p] for p = 0 .. panel(row)
-//   cross: a rows: slots_i[q], q < PJ; b rows (only with b_grad): slots_j[p], p < PI
+// Gradient fold of one wave: for every visited (row, coordinate) the slots of the wave's blocks that hold it,
+// summed in a fixed order in float64 and added to the running sums acc[(N + M) (d + 1)] of the earlier waves
+// (null with a single wave).  Last wave (it visits every row): writes the gradients with the factors fa, fw
+// and the analytic diagonal; otherwise stores the running sums.  Order within a wave:
+//   self:  row-side slots of blocks (panel(row), q), q ascending, then column-side slots of (p, panel(row)),
+//          p ascending;  cross: a rows the row-side slots of (panel(row), q); b rows the column-side slots of
+//          (p, panel(row)).
 template <class T>
-__global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T> A, bool self, double fa, double fw,
-                                                                bool diag, T* __restrict__ da, T* __restrict__ dwa,
-                                                                T* __restrict__ db, T* __restrict__ dwb) {
+__global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T> A, const Wave W, bool self,
+                                                                double fa, double fw, bool diag,
+                                                                double* __restrict__ acc, T* __restrict__ da,
+                                                                T* __restrict__ dwa, T* __restrict__ db,
+                                                                T* __restrict__ dwb) {
   const int64_t d1 = A.d + 1;
-  const int64_t rows = grad_rows(A, self);
-  const int64_t total = rows * d1;
+  const int64_t na = (W.ra1 - W.ra0) * d1;
+  const int64_t total = na + (W.rb1 - W.rb0) * d1;
+  const int64_t rows_i = int64_t(A.PSI) * kBT, rows_j = int64_t(A.PSJ) * kBT;
   double hsum = 0.0;
   if (diag && A.h) {
     for (int s = 0; s < A.S; ++s) hsum += A.h[s];
   }
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / d1;
-    const int64_t k = e - r * d1;
+    const bool second = e >= na;
+    const int64_t r = second ? W.rb0 + (e - na) / d1 : W.ra0 + e / d1;
+    const int64_t k = second ? (e - na) % d1 : e % d1;
+    const bool b_side = second && !self;
     double v = 0.0;
-    bool b_side = false;
-    int64_t rr = r;
-    if (self) {
-      const int pr = int(r / kBT) / A.PSI;
-      for (int q = pr; q < A.PJ; ++q) v += double(A.slot_i[(int64_t(q) * A.N + r) * d1 + k]);
-      for (int p = 0; p <= pr; ++p) v += double(A.slot_j[(int64_t(p) * A.N + r) * d1 + k]);
-    } else if (r < A.N) {
-      for (int q = 0; q < A.PJ; ++q) v += double(A.slot_i[(int64_t(q) * A.N + r) * d1 + k]);
-    } else {
-      b_side = true;
-      rr = r - A.N;
-      for (int p = 0; p < A.PI; ++p) v += double(A.slot_j[(int64_t(p) * A.M + rr) * d1 + k]);
+    if (!b_side) {  // row side of a's row r: blocks (pr, q)
+      const int pr = int(r / rows_i);
+      if (pr >= W.p0 && pr <= W.p1) {
+        const int qa = pr == W.p0 ? W.q0 : (self ? pr : 0);
+        const int qb = pr == W.p1 ? W.q1 : A.PJ - 1;
+        const int64_t id0 = self ? tri_row_start(pr, A.PI) - pr : int64_t(pr) * A.PJ;
+        for (int q = qa; q <= qb; ++q) {
+          v += double(A.slot_i[((id0 + q - W.b0) * rows_i + r - pr * rows_i) * d1 + k]);
+        }
+      }
     }
-    if (k < A.d) {
-      (b_side ? db : da)[rr * A.d + k] = T(fa * v);
+    if (self || b_side) {  // column side of row r of b (self: of a): blocks (p, c)
+      const int c = int(r / rows_j);
+      const int pa = W.p0 + (c < W.q0 ? 1 : 0);
+      int pb = W.p1 - (c > W.q1 ? 1 : 0);
+      if (self && pb > c) pb = c;
+      for (int p = pa; p <= pb; ++p) {
+        const int64_t id = self ? tri_row_start(p, A.PI) + c - p : int64_t(p) * A.PJ + c;
+        v += double(A.slot_j[((id - W.b0) * rows_j + r - c * rows_j) * d1 + k]);
+      }
+    }
+    const int64_t g = (b_side ? A.N + r : r) * d1 + k;
+    if (acc && !W.first) v += acc[g];
+    if (!W.last) {
+      acc[g] = v;
+    } else if (k < A.d) {
+      (b_side ? db : da)[r * A.d + k] = T(fa * v);
     } else {
       const T* w = b_side ? A.wb : A.wa;
-      double g = fw * v;
-      if (diag) g += 2.0 * double(w[rr]) * hsum;
-      (b_side ? dwb : dwa)[rr] = T(g);
+      double gw = fw * v;
+      if (diag) gw += 2.0 * double(w[r]) * hsum;
+      (b_side ? dwb : dwa)[r] = T(gw);
     }
   }
 }
@@ -639,58 +686,144 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Panels along a (PI) and b (PJ): enough blocks for every SM, capped slot memory for the gradient ops.  The plan
-// does not depend on b_grad, so the row side is summed in the same order (bitwise the same) with and without it.
-inline void choose_panels(bool self, bool grad, int64_t N, int64_t M, int64_t d, size_t elem, int sms, int TI, int TJ,
-                   int& PI, int& PJ, int& PSI, int& PSJ) {
-  const double target = 6.0 * sms;  // blocks
-  const double budget = 512.0 * 1024 * 1024;  // bytes of gradient slots
+// The tiling plan depends only on (N, M, d, element size, self, grad) and the slot budget, never on the device:
+// the summation order, hence every bit of the results, is the same on any GPU (H100 SXM or PCIe, a MIG slice).
+// kTargetBlocks panel pairs keep any GPU of up to 512 SMs (2 resident blocks each) busy whenever there are
+// that many tile pairs; the gradient ops run the blocks in waves whose slots fit kSlotBudgetBytes.
+constexpr int64_t kTargetBlocks = 1024;
+constexpr double kSlotBudgetBytes = 512.0 * 1024 * 1024;
+
+// Panels along a (PI) and b (PJ), of PSI and PSJ tiles.  The plan does not depend on b_grad, so the row side is
+// summed in the same order (bitwise the same) with and without the column side.
+inline void choose_panels(bool self, bool grad, int64_t d, size_t elem, double budget, int TI, int TJ, int& PI,
+                          int& PJ, int& PSI, int& PSJ) {
+  // Slot bytes of one tile row block (kBT rows of d + 1); a wave of kTargetBlocks blocks must fit the budget.
+  const double tile_slot = double(kBT) * double(d + 1) * double(elem);
+  const double max_tiles = grad ? std::floor(budget / (double(kTargetBlocks) * tile_slot)) : 1e18;
   if (self) {
-    int P = int(std::ceil(std::sqrt(2.0 * target)));
-    P = std::max(1, std::min(P, TI));
-    if (grad) {
-      while (P > 1 && 2.0 * P * double(N) * double(d + 1) * double(elem) > budget) --P;
-    }
-    PSI = PSJ = int(ceil_div(TI, P));
-    PI = PJ = int(ceil_div(TI, PSI));
+    int64_t P0 = 1;
+    while (P0 * (P0 + 1) / 2 < kTargetBlocks) ++P0;
+    int64_t PS = std::max<int64_t>(1, TI / P0);
+    PS = std::max<int64_t>(1, std::min<int64_t>(PS, int64_t(max_tiles / 2)));
+    PSI = PSJ = int(PS);
+    PI = PJ = int(ceil_div(TI, PS));
     return;
   }
-  int pi = int(std::ceil(std::sqrt(target * double(TI) / double(TJ))));
-  pi = std::max(1, std::min(pi, TI));
-  int pj = int(std::ceil(target / pi));
-  pj = std::max(1, std::min(pj, TJ));
-  if (grad) {
-    auto bytes = [&](int a_, int b_) { return (double(b_) * N + double(a_) * M) * double(d + 1) * double(elem); };
-    while ((pi > 1 || pj > 1) && bytes(pi, pj) > budget) {
-      if ((pj >= pi && pj > 1) || pi == 1) --pj; else --pi;
-    }
+  int64_t pi = int64_t(std::ceil(std::sqrt(double(kTargetBlocks) * TI / TJ)));
+  pi = std::max<int64_t>(1, std::min<int64_t>(pi, TI));
+  int64_t pj = std::max<int64_t>(1, std::min<int64_t>(ceil_div(kTargetBlocks, pi), TJ));
+  int64_t psi = std::max<int64_t>(1, TI / pi), psj = std::max<int64_t>(1, TJ / pj);
+  if (double(psi + psj) > max_tiles) {
+    const double f = std::max(2.0, max_tiles) / double(psi + psj);
+    psi = std::max<int64_t>(1, int64_t(double(psi) * f));
+    psj = std::max<int64_t>(1, int64_t(double(psj) * f));
   }
-  PSI = int(ceil_div(TI, pi));
-  PSJ = int(ceil_div(TJ, pj));
-  PI = int(ceil_div(TI, PSI));
-  PJ = int(ceil_div(TJ, PSJ));
+  PSI = int(psi);
+  PSJ = int(psj);
+  PI = int(ceil_div(TI, psi));
+  PJ = int(ceil_div(TJ, psj));
 }
 
-// Fills the tiling fields of A (TI, TJ, panels) and returns the number of blocks of imq_tiles_kernel.
+struct TilePlan {
+  int64_t blocks;  // panel pairs in all
+  int64_t wave_blocks;  // most blocks of one launch (gradient ops: slots of one wave <= the budget)
+  double block_slot_bytes;  // slot bytes of one block (both sides, whether or not b_grad)
+};
+
+// Fills the tiling fields of A (TI, TJ, panels) and returns the plan.
 template <class T>
-inline int plan_tiles(TileArgs<T>& A, bool self, bool grad, int sms) {
+inline TilePlan plan_tiles(TileArgs<T>& A, bool self, bool grad, double budget = kSlotBudgetBytes) {
   A.TI = int(ceil_div(A.N, kBT));
   A.TJ = int(ceil_div(A.M, kBT));
-  choose_panels(self, grad, A.N, A.M, A.d, sizeof(T), sms, A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ);
-  return self ? A.PI * (A.PI + 1) / 2 : A.PI * A.PJ;
+  choose_panels(self, grad, A.d, sizeof(T), budget, A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ);
+  A.block0 = 0;
+  TilePlan P;
+  P.blocks = self ? int64_t(A.PI) * (A.PI + 1) / 2 : int64_t(A.PI) * A.PJ;
+  P.block_slot_bytes = grad ? double(A.PSI + A.PSJ) * kBT * double(A.d + 1) * double(sizeof(T)) : 0.0;
+  P.wave_blocks = grad ? std::max<int64_t>(1, int64_t(budget / P.block_slot_bytes)) : P.blocks;
+  P.wave_blocks = std::min(P.wave_blocks, std::max<int64_t>(P.blocks, 1));
+  return P;
 }
 
-// Slot elements (row side, column side) of the gradient ops.
+// Blocks of row p of the panel grid and the id of its first block.
 template <class T>
-inline void slot_sizes(const TileArgs<T>& A, int64_t& ni, int64_t& nj) {
-  ni = int64_t(A.PJ) * A.N * (A.d + 1);
-  nj = A.b_grad ? int64_t(A.PI) * A.M * (A.d + 1) : 0;
+inline int64_t grid_row_len(const TileArgs<T>& A, bool self, int p) {
+  return self ? A.PI - p : A.PJ;
+}
+template <class T>
+inline int64_t grid_row_start(const TileArgs<T>& A, bool self, int p) {
+  return self ? tri_row_start(p, A.PI) : int64_t(p) * A.PJ;
 }
 
+// The waves, in order: whole consecutive grid rows while they fit the wave's limit, the rest of a longer row in
+// equal chunks; the last two waves share what is left (a wave's limit is then half of it) and the last one takes all
+// that remains.  A wave's fold then visits about as many rows as its blocks hold, and every wave of a
+// multi-wave plan holds more than wave_blocks / 2 blocks (rows never grow along the enumeration).
 template <class T>
-inline int grad_finalize_blocks(const TileArgs<T>& A, bool self, int sms) {
-  const int64_t rows = grad_rows(A, self), d = A.d;
-  return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows * (d + 1), 256), int64_t(sms) * 8)));
+inline std::vector<Wave> plan_waves(const TileArgs<T>& A, bool self, const TilePlan& P) {
+  std::vector<Wave> out;
+  const int rows = A.PI;
+  int64_t b = 0;
+  while (b < P.blocks) {
+    Wave w;
+    int p, q;
+    block_panels(b, self, A.PI, A.PJ, p, q);
+    const int64_t rem = P.blocks - b;
+    const int64_t limit = rem <= 2 * P.wave_blocks ? ceil_div(rem, 2) : P.wave_blocks;
+    const int64_t len = grid_row_len(A, self, p), rs = grid_row_start(A, self, p);
+    int64_t e;
+    if (rem <= P.wave_blocks) {
+      e = P.blocks;
+    } else if (b == rs && len <= limit) {
+      e = rs + len;
+      for (int r = p + 1; r < rows && e + grid_row_len(A, self, r) - b <= limit; ++r) {
+        e += grid_row_len(A, self, r);
+      }
+    } else {
+      const int64_t left = rs + len - b;  // the rest of the row, in equal chunks of at most `limit`
+      e = b + ceil_div(left, ceil_div(left, limit));
+    }
+    w.b0 = b;
+    w.b1 = e;
+    block_panels(b, self, A.PI, A.PJ, w.p0, w.q0);
+    block_panels(e - 1, self, A.PI, A.PJ, w.p1, w.q1);
+    const int64_t ri = int64_t(A.PSI) * kBT, rj = int64_t(A.PSJ) * kBT;
+    const int qa = w.p0 == w.p1 ? w.q0 : (self ? w.p0 : 0);
+    const int qb = w.p0 == w.p1 ? w.q1 : A.PJ - 1;
+    w.ra0 = w.p0 * ri;
+    w.ra1 = std::min<int64_t>(A.N, (w.p1 + 1) * ri);
+    w.rb0 = A.b_grad ? qa * rj : 0;
+    w.rb1 = A.b_grad ? std::min<int64_t>(A.M, (qb + 1) * rj) : 0;
+    w.first = b == 0;
+    w.last = e == P.blocks;
+    if (w.last) {  // the last fold writes every gradient row
+      w.ra0 = 0;
+      w.ra1 = A.N;
+      w.rb0 = 0;
+      w.rb1 = (!self && A.b_grad) ? A.M : 0;
+    }
+    if (self && w.rb0 < w.ra1 && w.ra0 < w.rb1) {  // one range: each row is folded by one thread
+      w.ra0 = std::min(w.ra0, w.rb0);
+      w.ra1 = std::max(w.ra1, w.rb1);
+    }
+    if (self && (w.rb0 >= w.ra0 && w.rb1 <= w.ra1)) w.rb0 = w.rb1 = 0;
+    out.push_back(w);
+    b = e;
+  }
+  return out;
+}
+
+// Slot elements (row side, column side) of one wave of the gradient ops.
+template <class T>
+inline void slot_sizes(const TileArgs<T>& A, const TilePlan& P, int64_t& ni, int64_t& nj) {
+  ni = P.wave_blocks * A.PSI * kBT * (A.d + 1);
+  nj = A.b_grad ? P.wave_blocks * A.PSJ * kBT * (A.d + 1) : 0;
+}
+
+// Grid of the gradient fold of one wave (any grid gives the same bits: each element is summed by one thread).
+inline int grad_finalize_blocks(const Wave& W, int64_t d, int sms) {
+  const int64_t n = (W.ra1 - W.ra0 + W.rb1 - W.rb0) * (d + 1);
+  return int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), int64_t(sms) * 8)));
 }
 
 }  // namespace imq_cuda

@@ -5,7 +5,7 @@
 //
 //   element i (row-major flat index) -> counter c = i / 4, lane i % 4
 //   (x0, x1, x2, x3) = Philox4x32-10(counter = (c mod 2^32, c >> 32, 0, 0), key = (seed mod 2^32, seed >> 32))
-//   u_j = ((x_j >> 8) + 1/2) * 2^-24                    in (0, 1), exact in float32
+//   u_j = float32((x_j >> 8) + 1/2) * 2^-24              in (0, 1] (see uniform_open)
 //   lanes 0, 1 = r cos t, r sin t with r = sqrt(-2 ln u0), t = 2 pi u1    (Box-Muller, float32)
 //   lanes 2, 3 = the same from (u2, u3)
 //
@@ -190,7 +190,9 @@ GMWAE_RP_HD void sincos_2pi(float u, float& s, float& c) {
 // The normal stream.
 // ---------------------------------------------------------------------------------------------------------------
 
-// The top 24 bits of x as a float in (0, 1): never 0 (log is finite) and never 1.
+// The top 24 bits of x as a float in (0, 1]: never 0 (log is finite).  Exact below 1/2; from 1/2 up the half step
+// needs a 25th bit and float32 rounds it to even, and the top value (2^24 - 1/2) 2^-24 rounds to exactly 1.0, whose
+// log is 0: that element's pair of normals is (0, 0), a probability-2^-24 event the Triton kernels reproduce.
 GMWAE_RP_HD float uniform_open(uint32_t x) {
   return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
 }

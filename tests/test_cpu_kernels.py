@@ -418,3 +418,55 @@ def test_cuda_kernels_emulated(tmp_path):
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([exe, "quick"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a far outlier: the other points' gradients must not feel it (psi keeps decaying however far the pair is)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _normwise(got, ref):
+    return float((got.double() - ref).norm() / ref.norm())
+
+
+@needs_ext
+@pytest.mark.parametrize("outlier", [1e6, 1e12, 1e23, 1e25, 1e30, 3e38, -3e38])
+def test_float32_gradients_with_a_far_outlier(outlier):
+    """x[0] far away (float32 distance up to overflow): values and the normal points' gradients (x and y) within
+    ~1e-5 normwise of the float64 reference, the outlier's own gradient finite."""
+    from gmwae_fast import fast_imq_mmd
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g)
+    y = torch.randn(30, 5, generator=g)
+    x[0] = outlier
+
+    def run(xx, yy, backend):
+        xx, yy = xx.clone().requires_grad_(), yy.clone().requires_grad_()
+        v = fast_imq_mmd(xx, yy, backend=backend)
+        v.backward()
+        return v.detach(), xx.grad, yy.grad
+
+    v, gx, gy = run(x, y, "cpu")
+    rv, rgx, rgy = run(x.double(), y.double(), "reference")
+    assert abs(float(v) - float(rv)) <= 1e-6 * abs(float(rv)), (float(v), float(rv))
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all(), (gx[0], gy.abs().max())
+    assert _normwise(gx[1:], rgx[1:]) <= 1e-5, (_normwise(gx[1:], rgx[1:]), (gx[1:].double() - rgx[1:]).abs().max())
+    assert _normwise(gy, rgy) <= 1e-5, _normwise(gy, rgy)
+    assert float(gx[0].abs().max()) <= 1e-3 * float(rgx[1:].abs().max())  # true value ~ C / |x0|^3 ~ 0
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_far_pairs_keep_relative_accuracy(dtype):
+    """Every pair far beyond the bandwidths (x = D / R above 2^40): values and gradients still relative-accurate
+    (the far branch of csrc/imq_math.h, k = c / x; a clamp of x would freeze them)."""
+    a = _points(20, 3, dtype, 40) + 1e9
+    b = _points(17, 3, dtype, 41) - 1e9
+    wa, wb = _weights(20, _compute_dtype(dtype), 40), _weights(17, _compute_dtype(dtype), 41)
+    bw = torch.tensor([1e-3, 0.02, 0.5], dtype=torch.float64)
+    h = _h(42, s=3)
+    got = OPS.imq_cross_grad(h, a, wa, b, wb, bw)
+    ref = ref_cross(a, wa, b, wb, bw, h)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for gv, rv, name in zip(got, ref, ("values", "da", "dwa", "db", "dwb")):
+        _close(gv, rv, tol, name, atol_frac=tol)

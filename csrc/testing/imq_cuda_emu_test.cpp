@@ -9,6 +9,7 @@
 // chunks (d > 64 in float32, d > 32 in float64), empty columns, a large common offset, float32 and float64.
 #include "cuda_emu.h"
 #include "../imq_mmd_cuda_kernels.cuh"
+#include "../philox.h"
 
 #include <cmath>
 #include <cstdio>
@@ -29,10 +30,13 @@ struct Case {
   int64_t N, M, d;
   int64_t group;
   bool unbiased;
-  int sms;
+  int sms;  // sizes the gradient fold's grid only (the plan takes no device property)
   double offset;
   std::vector<double> bw;
   bool dbl;
+  double budget = kSlotBudgetBytes;  // slot budget of the plan (small: several waves)
+  double outlier = 0.0;  // != 0: row 0 of a is moved to this value in every coordinate
+  int sms2 = 0;  // != 0: the gradient op again with this SM count must give the same bits
 };
 
 struct Outs {
@@ -86,7 +90,8 @@ Outs reference(const Case& c, const std::vector<double>& a, const std::vector<do
 template <class T, bool SELF, bool GRAD>
 Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vector<double>& wa64,
                   const std::vector<double>& b64, const std::vector<double>& wb64, const std::vector<double>& h,
-                  bool b_grad = true) {
+                  bool b_grad = true, int sms = -1, bool verbose = true) {
+  if (sms < 0) sms = c.sms;
   const int S = int(c.bw.size());
   const int64_t M = SELF ? c.N : c.M;
   std::vector<T> a(a64.begin(), a64.end()), wa(wa64.begin(), wa64.end());
@@ -105,39 +110,53 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
   A.group = c.group;
   A.unbiased = c.unbiased;
   A.b_grad = SELF || b_grad;
-  const int nblocks = plan_tiles(A, SELF, GRAD, c.sms);
+  const TilePlan plan = plan_tiles(A, SELF, GRAD, c.budget);
+  const std::vector<Wave> waves = plan_waves(A, SELF, plan);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   std::vector<T> si, sj;
+  std::vector<double> acc;
   A.slot_i = nullptr;
   A.slot_j = nullptr;
   if (GRAD) {
     int64_t ni = 0, nj = 0;
-    slot_sizes(A, ni, nj);
+    slot_sizes(A, plan, ni, nj);
     si.assign(ni, nan);  // like at::empty: a read before the first store would poison the result
     sj.assign(nj, nan);
     A.slot_i = si.data();
     A.slot_j = sj.data();
+    if (waves.size() > 1) acc.assign(size_t((c.N + (SELF ? 0 : M)) * (c.d + 1)), 0.0);
   }
-  std::vector<double> block_vals(size_t(nblocks) * 2 * S, std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> block_vals(size_t(plan.wave_blocks) * 2 * S, std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> vacc(2 * S, std::numeric_limits<double>::quiet_NaN());
   A.block_vals = block_vals.data();
-  std::printf("    %s %s grad=%d%s: panels %dx%d (tiles/panel %d,%d), %d blocks\n", SELF ? "self" : "cross",
-              sizeof(T) == 4 ? "f32" : "f64", int(GRAD),
-              A.b_grad ? "" : " (no column side)", A.PI, A.PJ, A.PSI, A.PSJ, nblocks);
-
-  gmw_emu::launch(imq_tiles_kernel<T, SELF, GRAD>, unsigned(nblocks), unsigned(kThreads),
-                  smem_layout<T>(S, GRAD).bytes, A);
+  if (verbose) {
+    std::printf("    %s %s grad=%d%s: panels %dx%d (tiles/panel %d,%d), %lld blocks in %zu wave(s)\n",
+                SELF ? "self" : "cross", sizeof(T) == 4 ? "f32" : "f64", int(GRAD), A.b_grad ? "" : " (no column side)",
+                A.PI, A.PJ, A.PSI, A.PSJ, (long long)plan.blocks, waves.size());
+  }
   Outs r;
   r.vals.assign(S, std::numeric_limits<double>::quiet_NaN());
   const bool diag = SELF && !c.unbiased;
-  gmw_emu::launch(imq_values_finalize_kernel<T>, 1u, 256u, 0, (const double*)block_vals.data(), nblocks, S, SELF,
-                  c.unbiased, c.group, (const T*)A.wa, c.N, (const T*)A.wb, M, r.vals.data());
+  // Like the host: without b_grad db, dwb are allocated as zeros and the kernels must leave them alone.
+  const T bfill = A.b_grad ? nan : T(0);
+  std::vector<T> da(c.N * c.d, nan), dwa(c.N, nan), db(M * c.d, bfill), dwb(M, bfill);
+  for (const Wave& w : waves) {
+    A.block0 = w.b0;
+    const int64_t nb = w.b1 - w.b0;
+    std::fill(block_vals.begin(), block_vals.end(), std::numeric_limits<double>::quiet_NaN());
+    gmw_emu::launch(imq_tiles_kernel<T, SELF, GRAD>, unsigned(nb), unsigned(kThreads), smem_layout<T>(S, GRAD).bytes,
+                    A);
+    gmw_emu::launch(imq_values_finalize_kernel<T>, 1u, 256u, 0, (const double*)block_vals.data(), int(nb), S, SELF,
+                    c.unbiased, c.group, (const T*)A.wa, c.N, (const T*)A.wb, M, vacc.data(), w.first, w.last,
+                    r.vals.data());
+    if (GRAD) {
+      const int fb = grad_finalize_blocks(w, c.d, sms);
+      gmw_emu::launch(imq_grad_finalize_kernel<T>, unsigned(fb), 256u, 0, A, w, SELF, SELF ? 4.0 : 2.0,
+                      SELF ? 2.0 : 1.0, diag, acc.empty() ? (double*)nullptr : acc.data(), da.data(), dwa.data(),
+                      SELF ? (T*)nullptr : db.data(), SELF ? (T*)nullptr : dwb.data());
+    }
+  }
   if (GRAD) {
-    // Like the host: without b_grad db, dwb are allocated as zeros and the kernels must leave them alone.
-    const T bfill = A.b_grad ? nan : T(0);
-    std::vector<T> da(c.N * c.d, nan), dwa(c.N, nan), db(M * c.d, bfill), dwb(M, bfill);
-    const int fb = grad_finalize_blocks(A, SELF, c.sms);
-    gmw_emu::launch(imq_grad_finalize_kernel<T>, unsigned(fb), 256u, 0, A, SELF, SELF ? 4.0 : 2.0, SELF ? 2.0 : 1.0,
-                    diag, da.data(), dwa.data(), SELF ? (T*)nullptr : db.data(), SELF ? (T*)nullptr : dwb.data());
     r.da.assign(da.begin(), da.end());
     r.dwa.assign(dwa.begin(), dwa.end());
     if (!SELF) {
@@ -180,6 +199,9 @@ bool check_case(const Case& c) {
   const int64_t M = SELF ? c.N : c.M;
   std::vector<double> a(c.N * c.d), b(M * c.d), wa(c.N), wb(M), h(c.bw.size());
   for (auto& x : a) x = c.offset + nd(rng);
+  if (c.outlier != 0.0) {
+    for (int64_t k = 0; k < c.d; ++k) a[k] = c.outlier;
+  }
   for (auto& x : b) x = c.offset + 0.3 + 1.2 * nd(rng);
   double sa = 0, sb = 0;
   for (auto& x : wa) sa += (x = ud(rng));
@@ -210,8 +232,23 @@ bool check_case(const Case& c) {
     e_dwb = rel_err(got.dwb, ref.dwb);
   }
   bool ok = e_val <= tv && e_val2 <= tv && e_da <= tg && e_dwa <= tg && e_db <= tg && e_dwb <= tg;
-  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", c.name, ok ? "ok  " : "FAIL",
+  std::string name = c.name;
+  if (c.outlier != 0.0) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, " %.0e", c.outlier);
+    name += buf;
+  }
+  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", name.c_str(), ok ? "ok  " : "FAIL",
               e_val, e_val2, e_da, e_dwa, e_db, e_dwb);
+  if (c.sms2 != 0) {
+    // The plan takes no device property: another SM count gives the same bits.
+    const Outs other = run_emulated<T, SELF, true>(c, a, wa, b, wb, h, true, c.sms2, false);
+    const bool same = other.vals == got.vals && other.da == got.da && other.dwa == got.dwa &&
+                      other.db == got.db && other.dwb == got.dwb;
+    std::printf("  %-44s %s  bitwise equal with %d SMs instead of %d: %d\n", "  ... another SM count",
+                same ? "ok  " : "FAIL", c.sms2, c.sms, int(same));
+    ok = ok && same;
+  }
   if (!SELF) {
     // b_grad = false: the same values and row side, bit for bit (same plan, same order); db, dwb untouched zeros.
     const Outs row = run_emulated<T, SELF, true>(c, a, wa, b, wb, h, false);
@@ -233,24 +270,62 @@ bool run(const Case& c) {
 
 }  // namespace
 
+// csrc/philox.h's uniform: (0, 1], the top value exactly 1.0 (log 0: a (0, 0) pair of normals, never NaN).
+bool check_uniform_range() {
+  using namespace gmwae_fast::philox;
+  float n0 = 1.0f, n1 = 1.0f;
+  box_muller(uniform_open(0xFFFFFFFFu), 0.3f, n0, n1);
+  const bool ok = uniform_open(0xFFFFFFFFu) == 1.0f && uniform_open(0xFFFFFEFFu) < 1.0f &&
+                  uniform_open(0u) == 0x1p-25f && uniform_open(0x7FFFFFFFu) == 0.5f - 0x1p-25f && n0 == 0.0f &&
+                  n1 == 0.0f;
+  std::printf("  %-44s %s  top %.9g, bottom %.9g\n", "philox uniform_open range", ok ? "ok  " : "FAIL",
+              double(uniform_open(0xFFFFFFFFu)), double(uniform_open(0u)));
+  return ok;
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "quick";
   const std::vector<double> bw7 = {0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0};  // groups 3, 3, 1
   const std::vector<double> bw5 = {1e-3, 50.0, 1e5, 3.0, 4.0};  // isolated bandwidths: groups 1, 1, 1, 2
+  auto waves = [](Case c, double budget) {
+    c.budget = budget;
+    return c;
+  };
+  auto outlier = [](Case c, double x) {
+    c.outlier = x;
+    return c;
+  };
+  auto sms2 = [](Case c, int s) {
+    c.sms2 = s;
+    return c;
+  };
+  const Case self40 = {"self f32 N=40 d=5 outlier", true, 40, 0, 5, 1, true, 1, 0.0, bw7, false};
+  const Case cross40 = {"cross f32 N=40 M=30 d=5 outlier", false, 40, 30, 5, 1, false, 1, 0.0, bw7, false};
   std::vector<Case> cases = {
       // name, self, N, M, d, group, unbiased, sms, offset, bw, double
-      {"self f32 N=300 d=10 unbiased (3 panels x2)", true, 300, 0, 10, 1, true, 1, 0.0, bw7, false},
+      {"self f32 N=300 d=10 unbiased (5 panels)", true, 300, 0, 10, 1, true, 1, 0.0, bw7, false},
       {"self f64 N=195 G=3 d=40 (2 chunks)", true, 195, 0, 40, 3, true, 1, 0.0, bw7, true},
-      {"cross f32 N=150 M=260 d=3 (2x3 panels)", false, 150, 260, 3, 1, false, 1, 0.0, bw7, false},
+      {"cross f32 N=150 M=260 d=3 (3x5 panels)", false, 150, 260, 3, 1, false, 1, 0.0, bw7, false},
       {"self f32 N=130 d=70 biased (2 chunks)", true, 130, 0, 70, 1, false, 2, 0.0, bw5, false},
       {"cross f64 N=70 M=1 d=17", false, 70, 1, 17, 1, false, 4, 0.0, bw5, true},
       {"self f32 N=100 d=5 offset 1000", true, 100, 0, 5, 1, true, 1, 1000.0, bw7, false},
       {"self f32 N=6 d=0 biased", true, 6, 0, 0, 1, false, 1, 0.0, bw7, false},
       {"cross f32 N=1 M=129 d=64", false, 1, 129, 64, 1, false, 1, 0.0, bw7, false},
       {"self f32 N=300 G=100 d=7 unbiased", true, 300, 0, 7, 100, true, 1, 0.0, bw7, false},
+      // several waves (tiny slot budget): chunks of long grid rows, packs of short ones, float64 running sums
+      sms2(waves({"self f32 N=300 d=10 unbiased, 7 waves", true, 300, 0, 10, 1, true, 1, 0.0, bw7, false}, 2e4), 5),
+      waves({"self f64 N=195 G=3 d=40 biased, waves", true, 195, 0, 40, 3, false, 1, 0.0, bw7, true}, 1e5),
+      sms2(waves({"cross f32 N=150 M=260 d=3, waves", false, 150, 260, 3, 1, false, 3, 0.0, bw7, false}, 5e3), 132),
+      // one far outlier (row 0): the other points' gradients must not feel it (issue: psi frozen by a clamp)
+      outlier(self40, 1e6), outlier(self40, 1e23), outlier(self40, 1e30), outlier(self40, 3e38),
+      outlier(self40, -3e38), outlier(cross40, 1e30), outlier(cross40, -3e38),
+      outlier({"self f64 N=40 d=5 outlier", true, 40, 0, 5, 1, true, 1, 0.0, bw7, true}, 1e200),
   };
-  if (quick) cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7], cases[8]};
-  bool ok = true;
+  if (quick) {
+    cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7], cases[8], cases[9], cases[10], cases[11],
+             cases[14], cases[15], cases[17], cases[19]};
+  }
+  bool ok = check_uniform_range();
   for (const Case& c : cases) ok = run(c) && ok;
   std::printf(ok ? "ALL PASSED\n" : "SOME FAILED\n");
   return ok ? 0 : 1;
