@@ -25,42 +25,47 @@ so the inner loops need no masks. Nothing of size ``N x M`` is ever written.
   diagonal exit at once, pairs ``j > i`` count twice, ``i == j`` once when biased); same-group exclusion (unbiased:
   allowed iff ``i // G != j // G``) and the triangle are masks on global indices, only on tiles near the diagonal.
 * ``_imq_rowpass_kernel``: deterministic gradient pass, no atomics: the program accumulates, for its rows,
-  ``sum_j v_j phi_ij`` (``dwa``), ``sum_j v_j psi_ij`` and ``sum_j v_j psi_ij (b_j - c)`` (``da``; one
-  multiply-add chain per feature inside each thread, the feature loop unrolled over a constexpr chunk of at most
-  ``block_g`` features whose accumulators stay in registers) with ``c`` a common centre of the points (host-side
-  shifted copies keep ``(a_i - c) sum psi - sum psi (b_j - c)`` free of the cancellation a large common offset
-  would cause). Gradients of ``b`` (cross) are a second pass with the roles swapped. When there are too few row
-  blocks to fill the GPU the columns are split over programs; each split writes partial ``da`` / ``dwa`` to a
-  float workspace summed by the host in a fixed order (deterministic). The values come from the same pass.
+  ``sum_j v_j phi_ij`` (``dwa``) and, per feature ``g``, ``sum_j v_j psi_ij (b_jg - a_ig)`` (``da``), the
+  difference taken per pair (a pair at distance 0, such as the diagonal ``i == j`` of a biased self term, whose
+  ``psi`` is the largest of all, then adds exactly 0 instead of cancelling against the rest). The ``da`` sums are
+  float64 slots of a per-program scratch (one per row and feature, runtime feature loop: no feature-sized register
+  array, any ``d``, no register spills). Gradients of ``b`` (cross) are a second pass with the roles swapped. When
+  there are too few row blocks to fill the GPU the columns are split over programs; each split writes partial
+  ``da`` / ``dwa`` to a float64 workspace summed by the host in a fixed order (deterministic). The values come from
+  the same pass.
+
+No launcher reads a device value on the host (no synchronisation): every launch parameter is a shape, a
+configuration value or a tensor.
 
 Per-pair math (compute dtype: float32, float64 for float64 points)
 -----------------------------------------------------------------
 * Distances are built in registers feature by feature, ``D += (b_jk - a_ik)^2`` (loop over ``d`` in steps of the
-  constexpr ``BLOCK_D``, unrolled); the ``|a|^2 + |b|^2 - 2ab`` expansion is never used.
-* All bandwidths are evaluated on the same register tile (runtime loop over ``S``, ``1 / C_s`` loaded as a scalar),
-  one reciprocal per pair and bandwidth: ``k = 1 / (1 + D * ic)``, ``ic = 1 / C_s`` rounded once to the compute
-  dtype, reused for ``k`` and ``k' = -ic k^2`` in the gradient pass. On CUDA the float32 reciprocal is a single
-  ``rcp.approx.ftz.f32`` (one MUFU op; its <= 1 ulp error only touches the small centred part below). (``C + D``
-  would be rounded at the binade of ``D`` with the fixed low bits of ``C``, a bias that does not average out;
-  ``1 + D * ic`` only rounds ``D``-dependent bits. Using ``ic`` amounts to the bandwidth ``C' = 1 / ic``, within
-  6e-8 of ``C_s``, the same in every term, so the MMD combination is unaffected.)
-* Centring, for float64-grade sums of float32 pairs: with a reference distance ``D0`` (the host's weighted mean
-  of all pair distances, computed in O((N + M) d) and rounded to 8 significant bits so that ``D0 - D`` rounds
-  without bias), ``kappa = 1 / (1 + D0 ic)`` and ``e = D0 - D``, exactly ``k = kappa (1 + ic e k)``, hence
-  ``k = kappa + kappa^2 ic e + kappa^2 ic^2 e^2 k``. For the pairs with ``D <= 4 D0`` (where
-  ``|kappa ic e| <= 3``), the pair-weight total ``W`` and ``A1 = sum w e`` are formed in float64 (once per tile,
-  not per bandwidth), and only ``T = sum w e^2 k`` is summed from compute-dtype pairs (over ``j`` inside a thread,
-  then float64 across tiles in a per-row scratch and across threads); it enters multiplied by the small
-  ``kappa^2 ic^2``: ``sum w k = kappa (W + kappa ic (A1 + ic T))``. Rounding of ``k`` then only touches the small
-  part: float32 inputs reach a few 1e-6 relative error on ``MMD2 = self_x/den + self_y/den - 2 cross`` even when
-  it is ~1e-6 (``C / (C + D)`` summed per tile in float32 measured up to 3e-4 on the same data). Pairs beyond
-  ``4 D0`` (outliers, where the expansion would amplify rounding by ``(kappa ic e)^2``) are summed directly,
-  ``F = sum w k``, and enter ``T`` as ``(C' + D0)^2 F``. The gradient sums (``phi``, ``psi``) are stored in the
-  compute dtype and are summed directly.
+  constexpr ``BLOCK_D``, unrolled) from the original coordinates (no shift: the difference of two compute-dtype
+  numbers is rounded once); the ``|a|^2 + |b|^2 - 2ab`` expansion is never used.
+* All bandwidths are evaluated on the same register tile (runtime loop over ``S``, ``ic = 1 / C_s`` loaded as a
+  scalar), one reciprocal per pair and bandwidth: ``x = min(D ic, XMAX)``, ``k = 1 / (1 + x)`` and its complement
+  ``u = 1 - k = x k``; the gradient pass reuses ``k`` for ``phi = sum_s h_s k_s`` and
+  ``-psi = sum_s (h_s ic_s k_s) k_s``. Every quantity is a product of positive factors: accurate to a few ulp, and
+  for a far pair ``k ~ C / D`` and ``psi ~ C / D^2`` decay (towards 0 in float32 beyond ``D ~ 1e19 C``) instead of
+  overflowing as ``C / (C + D)^2`` would. ``XMAX`` (1e30 in float32) keeps ``1 + x`` finite when ``D`` is huge or
+  infinite (``k`` is then at most 1e-30 too large, ``u = 1``); NaN propagates. On CUDA the float32 reciprocal is
+  ``rcp.approx.ftz.f32`` refined by one Newton step (``csrc/imq_math.h`` does the same). Using ``ic`` amounts to the
+  bandwidth ``C' = 1 / ic``, within 6e-8 of ``C_s``, the same in every term.
+* Values (float64-grade sums of float32 pairs, as ``csrc/imq_math.h`` ``imq_pick_value``): per row and bandwidth
+  both ``K = sum_j w_j k`` and ``U = sum_j w_j u`` are accumulated (products in the compute dtype, sums in float64:
+  within a tile inside each thread, across tiles in a per-program scratch, across rows), and the exact float64 pair weight ``W``
+  (``w_j`` times 0, 1 or 2: exact). Since ``K + U = W`` exactly, the value is ``W - U`` when ``U < K``, else ``K``:
+  the smaller sum carries the smaller rounding error, so the bandwidths for which ``k ~ 1`` (large against the
+  distances, where ``MMD2`` is a tiny difference of large sums) are as accurate as the small ones. Row weights
+  ``wa_i`` multiply in float64 (an equal product ``wa_i wb_j`` rounded the same way for every pair would be a bias
+  that does not average out). Nothing global (mean distance, common centre) enters: one far point cannot set the
+  precision of the others, and no value has to be read back to the host.
 
-Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100 from the generated SASS: no
-register spills for float32 at S = 15, d = 64; not yet timed on one) and can be overridden per call with the keyword-only ``block_i``, ``block_j``, ``num_warps`` and
-``col_splits`` arguments of every launcher.
+Block sizes are module defaults (:data:`DEFAULTS`, chosen for a GPU such as an H100: ``python
+benchmarks/triton_aot.py`` compiles every variant for sm_90 without a GPU and reports registers and spills from
+``ptxas -v``; with triton 3.8, float32, S = 15, d = 10 and d = 64: no spills, see ``tests/test_triton_aot.py``; not
+yet timed on a GPU) and can be overridden per call with the keyword-only ``block_i``, ``block_j``, ``num_warps``
+and ``col_splits`` arguments of every launcher.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 """
@@ -68,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 from typing import Optional, Tuple
 
@@ -80,8 +84,7 @@ __all__ = ["imq_self", "imq_cross", "imq_self_grad", "imq_cross_grad", "DEFAULTS
 
 #: Default launch configuration (GPU oriented). ``*_block_i``: points of ``a`` per program (``32 * num_warps``:
 #: one per thread); ``*_block_j``: points of ``b`` per tile (held by every thread); ``block_d``: features unrolled
-#: per step of the distance loop; ``block_g``: widest ``da`` feature chunk a gradient program keeps in registers
-#: (larger ``d`` is split over a grid axis, recomputing the distances); ``programs_per_sm`` and
+#: per step of the distance loop; ``programs_per_sm`` and
 #: ``min_tiles_per_program``: how far the column range of a row block is split over programs.
 DEFAULTS = {
     "values_block_i": 128,
@@ -89,13 +92,11 @@ DEFAULTS = {
     "grad_block_i": 64,
     "grad_block_j": 16,
     "block_d": 16,
-    "block_g": 64,
     "programs_per_sm": 4,
     "min_tiles_per_program": 4,
     # float64 points: doubles take two registers; smaller tiles keep the kernels from spilling as much
     "values_block_j_f64": 8,
     "grad_block_j_f64": 8,
-    "block_g_f64": 32,
 }
 
 _POINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -125,19 +126,31 @@ def _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad,
 
 @triton.jit
 def _rcp(y, FAST_RCP: tl.constexpr):
-    """``1 / y`` for ``y >= 1``: one ``rcp.approx.ftz.f32`` on CUDA (float32), else a division."""
+    """``1 / y`` for ``y >= 1``. On CUDA (float32): one ``rcp.approx.ftz.f32`` (<= 1 ulp) refined by one Newton
+    step (two FMAs), as ``csrc/imq_math.h`` does; else a division."""
     if FAST_RCP:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return tl.fma(r, tl.fma(-y, r, 1.0), r)
     else:
         return 1.0 / y
 
 
 @triton.jit
-def _tile_weights(wb, wb64, rows, cols, group, row_hi,
+def _k_u(dist, ic, XMAX: tl.constexpr, FAST_RCP: tl.constexpr):
+    """``k = 1 / (1 + x)`` and its complement ``u = 1 - k = x k`` with ``x = min(D ic, XMAX)``, both products of
+    positive factors (a few ulp each, no cancellation). The clamp keeps ``1 + x`` finite for any ``D`` (an
+    infinite or huge distance gives ``k ~ 1 / XMAX``, ``u = 1``, never ``inf * 0``); NaN propagates."""
+    x = tl.minimum(dist * ic, XMAX, propagate_nan=tl.PropagateNan.ALL)
+    k = _rcp(x + 1.0, FAST_RCP)
+    return k, x * k
+
+
+@triton.jit
+def _tile_weights(wb, rows, cols, group, row_hi,
                   SELF_TRI: tl.constexpr, MASK_GROUPS: tl.constexpr, UNBIASED: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, CDT: tl.constexpr):
-    """Column weights of a ``[BLOCK_J, BLOCK_I]`` tile as ``wmat`` (compute dtype) and ``wm64`` (float64).
+    """Column weights of a ``[BLOCK_J, BLOCK_I]`` tile (compute dtype; exact: ``wb_j`` times 0, 1 or 2).
 
     ``SELF_TRI``: symmetric self values, pairs ``j > i`` weigh ``2 wb_j``, ``j == i`` weighs ``wb_j`` (biased) and
     ``j < i`` nothing. ``MASK_GROUPS``: pairs of one group (``i // group == j // group``) weigh nothing. The masks
@@ -146,8 +159,7 @@ def _tile_weights(wb, wb64, rows, cols, group, row_hi,
         scale = 2.0
     else:
         scale = 1.0
-    plain_w = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT) + (wb * scale)[:, None]
-    plain_w64 = tl.zeros([BLOCK_J, BLOCK_I], dtype=tl.float64) + (wb64 * scale)[:, None]
+    wmat = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT) + (wb * scale)[:, None]
     if SELF_TRI or MASK_GROUPS:
         col_lo = tl.min(cols, axis=0)
         if UNBIASED:
@@ -167,56 +179,38 @@ def _tile_weights(wb, wb64, rows, cols, group, row_hi,
             if MASK_GROUPS:
                 factor = tl.where((cols // group)[:, None] == (rows // group)[None, :], 0.0, factor)
             wmat = factor * wb[:, None]
-            wm64 = factor.to(tl.float64) * wb64[:, None]
-        else:
-            wmat = plain_w
-            wm64 = plain_w64
-    else:
-        wmat = plain_w
-        wm64 = plain_w64
-    return wmat, wm64
+    return wmat
 
 
 @triton.jit
-def _tile_split(dist, d0, wmat, wm64, wa):
-    """Centring data of a tile (see the module docstring). Pairs with ``D <= 4 D0`` ("near": there
-    ``|kappa ic (D0 - D)| <= 3`` for every bandwidth) are summed centred; the others ("far", outliers) directly.
-
-    Returns ``wn2 = w (D0 - D)^2`` on near pairs and ``wf = w`` on far pairs (compute dtype, ``w = wb_j wa_i``
-    with the tile's masks), and per row, in float64, ``sum_j wb_j`` and ``sum_j wb_j (D0 - D_ij)`` over near pairs."""
-    near = dist <= 4.0 * d0
-    w = wmat * wa[None, :]
-    e = d0 - dist
-    wn2 = tl.where(near, w * (e * e), 0.0)   # (select after the product: an infinite far D gives no 0 * inf)
-    wf = tl.where(near, 0.0, w)
-    wrow = tl.sum(tl.where(near, wm64, 0.0), axis=0)
-    a1row = tl.sum(tl.where(near, wm64 * (d0.to(tl.float64) - dist.to(tl.float64)), 0.0), axis=0)
-    return wn2, wf, wrow, a1row
+def _add_k_u(k_p, u_p, k, u, wmat, rmask):
+    """Row sums over the tile of ``wmat k`` and ``wmat u`` (products in the compute dtype, summed in float64 inside
+    each thread: a compute-dtype tile sum measured 2.8e-5 relative error on a near-zero MMD2), added to the float64
+    per-row accumulators at ``k_p`` / ``u_p`` (a scratch row owned by the program; ``rmask`` False: no-op)."""
+    kt = tl.sum((wmat * k).to(tl.float64), axis=0)
+    ut = tl.sum((wmat * u).to(tl.float64), axis=0)
+    tl.store(k_p, tl.load(k_p, mask=rmask, other=0.0) + kt, mask=rmask)
+    tl.store(u_p, tl.load(u_p, mask=rmask, other=0.0) + ut, mask=rmask)
 
 
 @triton.jit
-def _tile_t(k, wn2, wf, cp64, d0):
-    """Per row, float64: ``T_near + (C' + D0)^2 F_far`` for one bandwidth (``C' = 1 / ic``; the factor turns the
-    direct far sum ``F = sum_j wf k`` into the units of ``T = sum_j wn2 k``), both summed inside each thread."""
-    s2 = cp64 + d0.to(tl.float64)
-    return tl.sum(wn2 * k, axis=0).to(tl.float64) + (s2 * s2) * tl.sum(wf * k, axis=0).to(tl.float64)
-
-
-@triton.jit
-def _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S):
-    """``sum w k = kappa (W + kappa ic (A1 + ic T))`` per bandwidth, float64 (see the module docstring)."""
-    t = tl.sum(acc_t, axis=1)
+def _finish_values(k_rows, u_rows, row_stride, wrow, wa64, sidx, S):
+    """Per bandwidth, float64: ``K = sum_i wa_i Krow_i``, ``U = sum_i wa_i Urow_i`` and the pair weight
+    ``W = sum_i wa_i wrow_i``; the value is ``W - U`` when ``U < K`` else ``K`` (the smaller sum carries the
+    smaller rounding error; ``csrc/imq_math.h`` ``imq_pick_value``)."""
+    smask = (sidx < S)[:, None]
+    kr = tl.load(k_rows[None, :] + sidx[:, None] * row_stride, mask=smask, other=0.0)
+    ur = tl.load(u_rows[None, :] + sidx[:, None] * row_stride, mask=smask, other=0.0)
+    kv = tl.sum(kr * wa64[None, :], axis=1)
+    uv = tl.sum(ur * wa64[None, :], axis=1)
     w = tl.sum(wa64 * wrow, axis=0)
-    a1 = tl.sum(wa64 * a1row, axis=0)
-    ic = tl.load(inv_ptr + sidx, mask=sidx < S, other=0.0).to(tl.float64)
-    kap = 1.0 / (1.0 + d0.to(tl.float64) * ic)
-    return kap * (w + kap * ic * (a1 + ic * t))
+    return tl.where(uv < kv, w - uv, kv)
 
 
 @triton.jit
-def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr, part_ptr, scratch_ptr,
-                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog, S, d0_arg,
-                       SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr,
+def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, part_ptr, scratch_ptr,
+                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog, S,
+                       SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr, XMAX: tl.constexpr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                        S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
@@ -231,123 +225,114 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, inv_ptr, cp_ptr
     col_hi = tl.minimum(col_lo + cols_per_prog, m_cols)
     if SELF:
         col_lo = tl.maximum(col_lo, (row0 // BLOCK_J) * BLOCK_J)   # upper triangle j >= i only
-    wa = tl.load(wa_ptr + rows)
-    wa64 = wa.to(tl.float64)
-    # per row and bandwidth: T (near + scaled far) in a float64 scratch row owned by this program (zeroed by the
-    # host): a register array indexed by a runtime bandwidth would cost a select per element, an unrolled bandwidth
-    # loop spills; each thread only ever touches its own rows (no races, fixed order)
-    t_rows = scratch_ptr + ((pid_i * num_z + pid_z) * S).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j over near pairs
-    a1row = tl.zeros([BLOCK_I], dtype=tl.float64)          # per row: sum_j w_j (D0 - D_ij) over near pairs
-    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0) + d0_arg   # centring distance (host: mean distance, as float32)
+    wa64 = tl.load(wa_ptr + rows).to(tl.float64)
+    # per bandwidth and row: float64 sums K (of w k) and U (of w (1 - k)) in a scratch owned by this program
+    # (zeroed by the host): a register array indexed by a runtime bandwidth would cost a select per element, an
+    # unrolled bandwidth loop spills; each thread only ever touches its own rows (no races, fixed order)
+    k_rows = scratch_ptr + ((pid_i * num_z + pid_z) * 2 * S).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    u_rows = k_rows + S * BLOCK_I
+    rtrue = rows >= 0
+    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j (exact weights, float64)
     for n0 in range(col_lo, col_hi, BLOCK_J):
         cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
         wb = tl.load(wb_ptr + cols)
-        wb64 = tl.load(wb64_ptr + cols)
         dist = _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad, BLOCK_J, BLOCK_I, BLOCK_D, CDT)
-        wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, SELF, UNBIASED, UNBIASED,
-                                   BLOCK_J, BLOCK_I, CDT)
-        wn2, wf, wrow_t, a1row_t = _tile_split(dist, d0, wmat, wm64, wa)
-        wrow += wrow_t
-        a1row += a1row_t
+        wmat = _tile_weights(wb, rows, cols, group, row_hi, SELF, UNBIASED, UNBIASED, BLOCK_J, BLOCK_I, CDT)
+        wrow += tl.sum(wmat.to(tl.float64), axis=0)
         for s in range(S):
-            ic = tl.load(inv_ptr + s)
-            k = _rcp(dist * ic + 1.0, FAST_RCP)   # the one reciprocal per pair and bandwidth
-            t_p = t_rows + s * BLOCK_I
-            tl.store(t_p, tl.load(t_p) + _tile_t(k, wn2, wf, tl.load(cp_ptr + s), d0))
-    acc_t = tl.load(t_rows[None, :] + sidx[:, None] * BLOCK_I, mask=(sidx < S)[:, None], other=0.0)
-    vals = _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S)
+            k, u = _k_u(dist, tl.load(inv_ptr + s), XMAX, FAST_RCP)   # one reciprocal per pair and bandwidth
+            _add_k_u(k_rows + s * BLOCK_I, u_rows + s * BLOCK_I, k, u, wmat, rtrue)
+    vals = _finish_values(k_rows, u_rows, BLOCK_I, wrow, wa64, sidx, S)
     tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals)
 
 
 @triton.jit
-def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, wb64_ptr, aS_ptr, bS_ptr, inv_ptr, cp_ptr, hc_ptr,
-                        part_ptr, scratch_ptr, da_ptr, dwa_ptr,
-                        n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale, cols_per_prog, S,
-                        d0_arg,
+def _phi_psi(dist, inv_ptr, hc_ptr, k_rows, u_rows, row_stride, wmat, rmask, S,
+             WITH_VALUES: tl.constexpr, XMAX: tl.constexpr, FAST_RCP: tl.constexpr):
+    """``phi = sum_s h_s k_s`` and ``-psi = sum_s (h_s ic_s k_s) k_s`` on a tile (compute dtype; products of
+    decaying factors: a far pair underflows towards 0, never overflows), and the value sums when asked."""
+    phi = tl.zeros(dist.shape, dtype=dist.dtype)
+    npsi = tl.zeros(dist.shape, dtype=dist.dtype)
+    for s in range(S):
+        ic = tl.load(inv_ptr + s)
+        hs = tl.load(hc_ptr + s)                        # h_s (compute dtype)
+        k, u = _k_u(dist, ic, XMAX, FAST_RCP)           # the one reciprocal per pair and bandwidth, for k and k'
+        phi += hs * k
+        npsi += ((hs * ic) * k) * k
+        if WITH_VALUES:
+            _add_k_u(k_rows + s * row_stride, u_rows + s * row_stride, k, u, wmat, rmask)
+    return phi, npsi
+
+
+@triton.jit
+def _add_da(acc_p, a_p, b_p, p, n_feat, n_pad, m_pad):
+    """``acc[g, i] += sum_j p_ji (b_jg - a_ig)`` for every feature ``g`` (runtime loop; ``acc`` float64 in a
+    scratch owned by the program, one slot per row and feature). Per pair, so a pair at distance 0 (``i == j``)
+    adds exactly 0: no cancellation of a large diagonal ``psi`` against the rest, and no common offset."""
+    for g in range(0, n_feat):
+        diff = tl.load(b_p)[:, None] - tl.load(a_p)[None, :]
+        tl.store(acc_p, tl.load(acc_p) + tl.sum(p * diff, axis=0).to(tl.float64))
+        acc_p += n_pad
+        a_p += n_pad
+        b_p += m_pad
+
+
+@triton.jit
+def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_ptr, scratch_ptr, acc_ptr, da_ptr,
+                        dwa_ptr, n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale,
+                        cols_per_prog, S,
                         MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
-                        FAST_RCP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, G_LOOP: tl.constexpr, S_PAD: tl.constexpr):
+                        FAST_RCP: tl.constexpr, XMAX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                        BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
     pid_i = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    num_z = tl.num_programs(2)
+    pid_z = tl.program_id(1)
+    num_z = tl.num_programs(1)
     row0 = pid_i * BLOCK_I
     rows = tl.max_contiguous(tl.multiple_of(row0 + tl.arange(0, BLOCK_I), BLOCK_I), BLOCK_I)
     row_hi = row0 + BLOCK_I - 1
-    sidx = tl.arange(0, S_PAD)
-    gidx = tl.arange(0, BLOCK_G)
-    g0 = pid_g * BLOCK_G
     col_lo = pid_z * cols_per_prog
     col_hi = tl.minimum(col_lo + cols_per_prog, m_cols)
-    wa = tl.load(wa_ptr + rows)
-    wa64 = wa.to(tl.float64)
 
-    # per row and bandwidth T sums live in a float64 scratch row owned by this program (zeroed by the host): a
-    # register array indexed by a runtime bandwidth would cost a select per element, an unrolled bandwidth loop
-    # spills; each thread only ever touches its own rows (no races, fixed order)
-    t_rows = scratch_ptr + (pid_z * S).to(tl.int64) * n_pad + rows
-    first = pid_g == 0   # only the first feature chunk of a row block does the values
+    # per bandwidth and row, the value sums K and U live in a float64 scratch owned by this program (see
+    # _imq_values_kernel); so do the da sums, one slot per feature and row
+    k_rows = scratch_ptr + (pid_z * 2 * S).to(tl.int64) * n_pad + rows
+    u_rows = k_rows + S * n_pad
+    acc_rows = acc_ptr + (pid_z * n_feat).to(tl.int64) * n_pad + rows
+    rtrue = rows >= 0
     wrow = tl.zeros([BLOCK_I], dtype=tl.float64)
-    a1row = tl.zeros([BLOCK_I], dtype=tl.float64)
     sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)   # sum_j w_j phi_ij
-    sum_psi = tl.zeros([BLOCK_I], dtype=tl.float64)   # -sum_j w_j psi_ij
-    acc_g = tl.zeros([BLOCK_G, BLOCK_I], dtype=CDT)   # [g, i]: -sum_j w_j psi_ij (b_jg - c_g)
-    d0 = tl.sum(tl.zeros([1], dtype=CDT), axis=0) + d0_arg   # centring distance (host: mean distance, as float32)
     for n0 in range(col_lo, col_hi, BLOCK_J):
         cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
         wb = tl.load(wb_ptr + cols)
-        wb64 = tl.load(wb64_ptr + cols)
         dist = _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad, BLOCK_J, BLOCK_I, BLOCK_D, CDT)
-        wmat, wm64 = _tile_weights(wb, wb64, rows, cols, group, row_hi, False, MASK_GROUPS, True,
-                                   BLOCK_J, BLOCK_I, CDT)
+        wmat = _tile_weights(wb, rows, cols, group, row_hi, False, MASK_GROUPS, True, BLOCK_J, BLOCK_I, CDT)
         if WITH_VALUES:
-            wn2, wf, wrow_t, a1row_t = _tile_split(dist, d0, wmat, wm64, wa)
-            wrow += wrow_t
-            a1row += a1row_t
-        # phi = sum_s h_s k_s and -psi = sum_s h_s ic_s k_s^2 (their sums over j are gradients, stored in the
-        # compute dtype: summed directly)
-        phi = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
-        npsi = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
-        for s in range(S):
-            ic = tl.load(inv_ptr + s)
-            hs = tl.load(hc_ptr + s)                     # h_s (compute dtype)
-            k = _rcp(dist * ic + 1.0, FAST_RCP)   # the one reciprocal per pair and bandwidth, for k and k'
-            phi += hs * k
-            t = (hs * ic) * k
-            npsi += t * k
-            if WITH_VALUES:
-                t_p = t_rows + s * n_pad
-                tl.store(t_p, tl.load(t_p, mask=first, other=0.0) + _tile_t(k, wn2, wf, tl.load(cp_ptr + s), d0),
-                         mask=first)
+            wrow += tl.sum(wmat.to(tl.float64), axis=0)
+        phi, npsi = _phi_psi(dist, inv_ptr, hc_ptr, k_rows, u_rows, n_pad, wmat, rtrue, S, WITH_VALUES, XMAX,
+                             FAST_RCP)
         sum_phi += tl.sum(wmat * phi, axis=0).to(tl.float64)
-        p = wmat * npsi
-        sum_psi += tl.sum(p, axis=0).to(tl.float64)
-        # sum_j p_ji (b_jg - c_g) for this program's features g, inside each thread (c: the host's common shift)
-        bs_p = bS_ptr + g0.to(tl.int64) * m_pad + cols
-        for g in tl.static_range(G_LOOP):
-            bv = tl.load(bs_p)
-            acc_g = tl.where(gidx[:, None] == g, acc_g + tl.sum(p * bv[:, None], axis=0)[None, :], acc_g)
-            bs_p += m_pad
+        _add_da(acc_rows, aT_ptr + rows, bT_ptr + cols, wmat * npsi, n_feat, n_pad, m_pad)
 
     rmask = rows < n_rows
-    # outputs of split z at da[z], dwa[z] (the final tensors when there is one split, else float workspaces)
+    wa64 = tl.load(wa_ptr + rows).to(tl.float64)
+    # outputs of split z at da[z], dwa[z] (the final tensors when there is one split, else float64 workspaces)
     z_off = pid_z.to(tl.int64) * n_rows
-    tl.store(dwa_ptr + z_off + rows, (sum_phi * dw_scale).to(dwa_ptr.dtype.element_ty),
-             mask=rmask & first)
-    # da_i = da_scale * w_i * sum_j w_j psi_ij (a_i - b_j) = da_scale * w_i * (acc_g - (a_i - c) * sum_psi)
-    gcols = g0 + gidx
-    ag = tl.load(aS_ptr + gcols[:, None].to(tl.int64) * n_pad + rows[None, :])
-    grad = acc_g.to(tl.float64) - ag.to(tl.float64) * sum_psi[None, :]
-    grad = grad * (da_scale * wa64)[None, :]
-    # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
-    tl.store(da_ptr + (z_off + rows[None, :]) * n_feat + gcols[:, None], grad.to(CDT).to(da_ptr.dtype.element_ty),
-             mask=rmask[None, :] & (gcols < n_feat)[:, None])
+    tl.store(dwa_ptr + z_off + rows, (sum_phi * dw_scale).to(dwa_ptr.dtype.element_ty), mask=rmask)
+    # da_i = da_scale * w_i * sum_j w_j psi_ij (a_i - b_j) = da_scale * w_i * acc_i  (acc: -psi, b_j - a_i)
+    scale = da_scale * wa64
+    da_rows = da_ptr + (z_off + rows) * n_feat
+    for g in range(0, n_feat):
+        grad = tl.load(acc_rows) * scale
+        if da_ptr.dtype.element_ty == tl.float64:   # a float64 workspace of column splits
+            tl.store(da_rows, grad, mask=rmask)
+        else:   # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
+            tl.store(da_rows, grad.to(CDT).to(da_ptr.dtype.element_ty), mask=rmask)
+        acc_rows += n_pad
+        da_rows += 1
     if WITH_VALUES:
-        acc_t = tl.load(t_rows[None, :] + sidx[:, None] * n_pad, mask=(sidx < S)[:, None], other=0.0)
-        vals = _finish_values(acc_t, wrow, a1row, wa64, d0, inv_ptr, sidx, S)
-        tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals, mask=first)
+        vals = _finish_values(k_rows, u_rows, n_pad, wrow, wa64, tl.arange(0, S_PAD), S)
+        tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + tl.arange(0, S_PAD), vals)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,49 +484,24 @@ def _col_chunks(device: torch.device, programs: int, col_tiles: int, col_splits:
 
 
 def _prepare(x: torch.Tensor, w: torch.Tensor, n_pad: int, d_pad: int, cdt: torch.dtype):
-    """Transposed, zero-padded copy ``(d_pad, n_pad)`` of the points in the compute dtype, and padded weights in the
-    compute dtype and in float64 (padding points weigh nothing)."""
+    """Transposed, zero-padded copy ``(d_pad, n_pad)`` of the points in the compute dtype and the padded weights
+    (padding points and features are zeros: they weigh nothing and add nothing to a distance)."""
     n, d = x.shape
     xT = torch.zeros(d_pad, n_pad, dtype=cdt, device=x.device)
     xT[:d, :n] = x.t()
     wp = torch.zeros(n_pad, dtype=cdt, device=x.device)
     wp[:n] = w
-    return xT, wp, wp.to(torch.float64)
+    return xT, wp
 
 
-def _shifted(x: torch.Tensor, c: torch.Tensor, n_pad: int, g_pad: int, cdt: torch.dtype) -> torch.Tensor:
-    """Transposed, zero-padded copy ``(g_pad, n_pad)`` of ``x - c`` (shift in float64, then the compute dtype)."""
-    n, d = x.shape
-    xs = torch.zeros(g_pad, n_pad, dtype=cdt, device=x.device)
-    xs[:d, :n] = (x.to(torch.float64) - c).t()
-    return xs
+def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """``ic = 1 / C_s`` in the compute dtype (the kernels evaluate ``k = 1 / (1 + D ic)``)."""
+    return torch.reciprocal(bw).to(cdt)
 
 
-def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``ic = 1 / C_s`` in the compute dtype (the kernels evaluate ``k = 1 / (1 + D ic)``), and the bandwidths that
-    this amounts to, ``C' = 1 / ic``, in float64."""
-    ic = torch.reciprocal(bw).to(cdt)
-    return ic, torch.reciprocal(ic.to(torch.float64))
-
-
-def _mean_sq_distance(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor) -> float:
-    """Reference distance ``D0`` of the centring: the ``|w|``-weighted mean of ``||a_i - b_j||^2`` over all pairs,
-    ``E|a - c|^2 + E|b - c|^2`` with ``c`` the weighted mean of ``a`` (float64, O((N + M) d)), rounded to 8
-    significant bits (exact in every dtype: the kernels use the same value in the compute dtype and in float64).
-    0 when not finite or without weight."""
-    ua, ub = wa.abs().to(torch.float64), wb.abs().to(torch.float64)
-    sa, sb = ua.sum(), ub.sum()
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    c = (ua @ a64) / sa
-    d0 = (ua @ ((a64 - c) ** 2).sum(1)) / sa + (ub @ ((b64 - c) ** 2).sum(1)) / sb
-    d0 = float(d0)
-    if not (0.0 < d0 < 1e30):   # also NaN (no weight, non-finite points) -> 0: no centring
-        return 0.0
-    # 8 significant bits: then D0 - D is exact in float32 whenever D >= D0 (D is a multiple of the ulp of the
-    # difference, and so is D0); with D0's full mantissa that difference would round D0's fixed low bits away, the
-    # same way for every D of a binade: a bias that does not average out
-    m, ex = math.frexp(d0)
-    return math.ldexp(round(m * 256.0), ex - 8)
+def _xmax(cdt: torch.dtype) -> float:
+    """Clamp of ``x = D / C`` in the kernels: ``1 + x`` stays finite, ``k = 1 / (1 + x)`` stays a normal number."""
+    return 1e300 if cdt == torch.float64 else 1e30
 
 
 def _roundup(x: int, m: int) -> int:
@@ -560,22 +520,21 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Con
     d_pad = _roundup(max(d, 1), bd)
     if self_:
         n_pad = m_pad = _roundup(N, bi)
-        aT, wap, _ = bT, wbp, wb64 = _prepare(a, wa, n_pad, d_pad, cdt)
+        aT, wap = bT, wbp = _prepare(a, wa, n_pad, d_pad, cdt)
     else:
         n_pad, m_pad = _roundup(N, bi), _roundup(M, bj)
-        aT, wap, _ = _prepare(a, wa, n_pad, d_pad, cdt)
-        bT, wbp, wb64 = _prepare(b, wb, m_pad, d_pad, cdt)
+        aT, wap = _prepare(a, wa, n_pad, d_pad, cdt)
+        bT, wbp = _prepare(b, wb, m_pad, d_pad, cdt)
     row_blocks = n_pad // bi
     m_cols = _roundup(M, bj)   # columns visited (the self copy is padded further, to whole row blocks)
     splits, tiles = _col_chunks(a.device, row_blocks, m_cols // bj, cfg.col_splits)
     s_pad = _s_pad(S)
     part = torch.empty(row_blocks * splits, s_pad, dtype=torch.float64, device=a.device)
-    scratch = torch.zeros(row_blocks * splits * S * bi, dtype=torch.float64, device=a.device)
+    scratch = torch.zeros(row_blocks * splits * 2 * S * bi, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
         _imq_values_kernel[(row_blocks, splits)](
-            aT, wap, bT, wbp, wb64, *_inv_bw(bw, cdt), part, scratch, n_pad, m_pad, m_cols, d_pad, group, tiles * bj, S,
-            _mean_sq_distance(a, wa, b, wb),
-            SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt),
+            aT, wap, bT, wbp, _inv_bw(bw, cdt), part, scratch, n_pad, m_pad, m_cols, d_pad, group, tiles * bj, S,
+            SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt), XMAX=_xmax(cdt),
             BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
     return part[:, :S].sum(dim=0)
 
@@ -592,38 +551,31 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
     bi, bj = cfg.block_i, cfg.block_j
     bd = _block_d(d)
     d_pad = _roundup(max(d, 1), bd)
-    bg = min(triton.next_power_of_2(d_pad), int(DEFAULTS["block_g_f64" if cdt == torch.float64 else "block_g"]))
-    d_chunks = triton.cdiv(d_pad, bg)
-    g_loop = d_pad if d_chunks == 1 else bg
     same = b is a and wb is wa
     n_pad = _roundup(N, bi)
     m_pad = n_pad if same else _roundup(M, bj)
-    aT, wap, _ = _prepare(a, wa, n_pad, d_pad, cdt)
-    bT, wbp, wb64 = (aT, wap, wap.to(torch.float64)) if same else _prepare(b, wb, m_pad, d_pad, cdt)
-    # gradient copies shifted by a common centre (keeps (a_i - c) sum psi - sum psi (b_j - c) well conditioned),
-    # features padded to whole chunks
-    c = a.to(torch.float64).mean(dim=0)
-    aS = _shifted(a, c, n_pad, bg * d_chunks, cdt)
-    bS = aS if same else _shifted(b, c, m_pad, bg * d_chunks, cdt)
+    aT, wap = _prepare(a, wa, n_pad, d_pad, cdt)
+    bT, wbp = (aT, wap) if same else _prepare(b, wb, m_pad, d_pad, cdt)
     row_blocks = n_pad // bi
     m_cols = _roundup(M, bj)   # columns visited (the self copy is padded further, to whole row blocks)
-    splits, tiles = _col_chunks(a.device, row_blocks * d_chunks, m_cols // bj, cfg.col_splits)
+    splits, tiles = _col_chunks(a.device, row_blocks, m_cols // bj, cfg.col_splits)
     if splits == 1:
         da_out, dwa_out = torch.empty_like(a), torch.empty_like(wa)
     else:
-        da_out = torch.empty(splits, N, d, dtype=cdt, device=a.device)
+        da_out = torch.empty(splits, N, d, dtype=torch.float64, device=a.device)
         dwa_out = torch.empty(splits, N, dtype=torch.float64, device=a.device)
     s_pad = _s_pad(S)
     part = torch.empty(row_blocks * splits if with_values else 1, s_pad, dtype=torch.float64, device=a.device)
-    # per (split, bandwidth, row) float64 sums of the values (written by the first feature chunk only)
-    scratch = torch.zeros(splits * S * n_pad if with_values else 1, dtype=torch.float64, device=a.device)
+    # per (split, K or U, bandwidth, row) float64 sums of the values (written by the first feature chunk only)
+    scratch = torch.zeros(splits * 2 * S * n_pad if with_values else 1, dtype=torch.float64, device=a.device)
+    # per (split, feature, row) float64 sums of the da terms
+    acc = torch.zeros(splits * d * n_pad, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
-        _imq_rowpass_kernel[(row_blocks, d_chunks, splits)](
-            aT, wap, bT, wbp, wb64, aS, bS, *_inv_bw(bw, cdt), h.to(cdt), part, scratch, da_out, dwa_out,
+        _imq_rowpass_kernel[(row_blocks, splits)](
+            aT, wap, bT, wbp, _inv_bw(bw, cdt), h.to(cdt), part, scratch, acc, da_out, dwa_out,
             N, d, n_pad, m_pad, m_cols, d_pad, group, float(dw_scale), float(da_scale), tiles * bj, S,
-            _mean_sq_distance(a, wa, b, wb) if with_values else 0.0,
             MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
-            BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, BLOCK_G=bg, G_LOOP=g_loop, S_PAD=s_pad, num_warps=cfg.num_warps)
+            XMAX=_xmax(cdt), BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
     values = part[:, :S].sum(dim=0) if with_values else None
     if splits == 1:
         return values, da_out, dwa_out

@@ -1,9 +1,10 @@
 """The Triton IMQ MMD launchers (``kernels/imq_mmd.py``) against a float64 brute-force reference written here.
 
 Without a CUDA device the kernels run on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``, set
-below before Triton is imported), so sizes are small: the whole module takes about 55 s of CPU time (about 95 s on
-two busy cores), a third of it the n = 2048 float32 accuracy check. With a CUDA device the same tests run on the GPU
-(the accuracy checks then with the default GPU tiles). Skipped when Triton is not importable.
+below before Triton is imported), so sizes are small (the n = 2048 float32 accuracy check is the largest). With a
+CUDA device the same tests run on the GPU (the accuracy checks then with the default GPU tiles). Skipped when Triton
+is not importable. Besides values and gradients: no host-device synchronisation in the launchers, accuracy at any
+spread of the points, one far outlier, one-hot cotangents.
 """
 import importlib
 import importlib.util
@@ -354,3 +355,184 @@ def test_grad_column_splits(dtype):
         assert_close(g, w, tol, "self grad " + name)
     with pytest.raises(ValueError, match="col_splits"):
         K.imq_cross_grad(h, a, wa, b, wb, bw, col_splits=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no host-device synchronisation in the launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+class _SyncGuard:
+    """Within ``with guard:``, the tensor methods that copy a device value to the host (``_SYNCING``) raise; a
+    kernel launch made through :meth:`wrap` runs with them restored (the interpreter copies CPU tensors to numpy
+    itself), so only the launcher's own host code is checked. On CUDA, ``torch.cuda.set_sync_debug_mode("error")``
+    is on as well."""
+
+    def __init__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in _SYNCING}
+
+    def _raise(self, name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"host-device synchronisation: Tensor.{name} called by the launcher")
+        return method
+
+    def _patch(self, on: bool):
+        for name, orig in self.saved.items():
+            setattr(torch.Tensor, name, self._raise(name) if on else orig)
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("error" if on else "default")
+
+    def __enter__(self):
+        self._patch(True)
+        return self
+
+    def __exit__(self, *exc):
+        self._patch(False)
+
+    def wrap(self, kernel):
+        guard = self
+
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    guard._patch(False)
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        guard._patch(True)
+                return run
+        return Launch()
+
+
+def test_sync_guard_catches_a_host_read():
+    """The guard of the next test is not vacuous: reading a device value in the launcher's code raises."""
+    x = torch.ones(2, device=DEVICE)
+    for read in (lambda: float(x.sum()), lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(x[0] > 0)):
+        with pytest.raises(AssertionError, match="synchronisation"):
+            with _SyncGuard():
+                read()
+    assert float(x.sum()) == 2.0   # restored afterwards
+
+
+def test_launchers_do_not_synchronise(monkeypatch):
+    """Values and row passes (self, cross, with and without column splits) read nothing back to the host."""
+    a, wa, b, wb, bw, h = make_inputs(37, 21, 5, 3, torch.float32, seed=31)
+    guard = _SyncGuard()
+    for name in ("_imq_values_kernel", "_imq_rowpass_kernel"):
+        monkeypatch.setattr(K, name, guard.wrap(getattr(K, name)))
+    with guard:
+        out = [K.imq_self(a, wa, bw, 1, True, **SMALL), K.imq_cross(a, wa, b, wb, bw, **SMALL),
+               *K.imq_self_grad(h, a, wa, bw, 1, False, **SMALL),
+               *K.imq_cross_grad(h, a, wa, b, wb, bw, col_splits=2, **SMALL)]
+    assert_close(out[0], ref_self(a, wa, bw, 1, True), TOL[torch.float32][0], "self")
+    assert_close(out[1], ref_terms(a, wa, b, wb, bw), TOL[torch.float32][0], "cross")
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy at any spread, far outliers, one-hot cotangents
+# ---------------------------------------------------------------------------------------------------------------
+
+def normwise(got, want):
+    return ((got.to(F64) - want.to(F64)).norm() / want.to(F64).norm()).item()
+
+
+@pytest.mark.parametrize("std,d,n,m", [(3.0, 10, 40, 33), (30.0, 10, 40, 33), (85.7, 30, 28, 67)])
+def test_gradients_at_any_spread_float32(std, d, n, m):
+    """Biased self terms (the diagonal pair has the largest psi of all) and cross terms of widely spread points:
+    float32 gradients within 1e-5 (normwise) of float64, for a mixed and a one-hot cotangent."""
+    gen = torch.Generator().manual_seed(int(std * 10) + d)
+    a = (torch.randn(n, d, generator=gen) * std).to(DEVICE)
+    b = (torch.randn(m, d, generator=gen) * std).to(DEVICE)
+    wa, wb = torch.full((n,), 1 / n, device=DEVICE), torch.full((m,), 1 / m, device=DEVICE)
+    bw = 2.0 * d * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0], dtype=F64, device=DEVICE)
+    for h in (torch.tensor([1.0, -0.5, 2.0, 1.0, 0.7], dtype=F64, device=DEVICE),
+              torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=F64, device=DEVICE)):
+        for unbiased in (False, True):
+            got = K.imq_self_grad(h, a, wa, bw, 1, unbiased, **SMALL)
+            want = ref_self_grad(h, a, wa, bw, 1, unbiased)
+            for name, g, w in zip(("values", "da", "dwa"), got, want):
+                err = normwise(g, w)
+                assert err <= 1e-5, f"self(unbiased={unbiased}) {name}: {err:.2e} (h = {h.tolist()})"
+        got = K.imq_cross_grad(h, a, wa, b, wb, bw, **SMALL)
+        want = ref_cross_grad(h, a, wa, b, wb, bw)
+        for name, g, w in zip(("values", "da", "dwa", "db", "dwb"), got, want):
+            err = normwise(g, w)
+            assert err <= 1e-5, f"cross {name}: {err:.2e} (h = {h.tolist()})"
+
+
+@pytest.mark.parametrize("outlier", [1e6, 1e10, 1e14, 1e30])
+def test_one_far_point_float32(outlier):
+    """One point far from all others (its distances up to ~1e29, or infinite in float32 for 1e30): finite values
+    and gradients, the other points unaffected (the pairs are evaluated one by one, nothing global is centred)."""
+    gen = torch.Generator().manual_seed(17)
+    a = torch.randn(40, 5, generator=gen)
+    a[0] = outlier
+    b = (torch.randn(30, 5, generator=gen) + 0.3)
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    wa, wb = torch.full((40,), 1 / 40, device=DEVICE), torch.full((30,), 1 / 30, device=DEVICE)
+    bw = 2.0 * 5 * torch.tensor([0.01, 0.2, 1.0, 5.0, 100.0], dtype=F64, device=DEVICE)
+    h = torch.tensor([1.0, -0.5, 2.0, 1.0, 0.7], dtype=F64, device=DEVICE)
+    for unbiased in (False, True):
+        got = K.imq_self_grad(h, a, wa, bw, 1, unbiased, **SMALL)
+        want = ref_self_grad(h, a, wa, bw, 1, unbiased)
+        for name, g, w in zip(("values", "da", "dwa"), got, want):
+            assert torch.isfinite(g).all(), f"self {name}: not finite"
+            assert normwise(g, w) <= 1e-6, f"self(unbiased={unbiased}) {name}: {normwise(g, w):.2e}"
+        vals = K.imq_self(a, wa, bw, 1, unbiased, **SMALL)
+        assert normwise(vals, want[0]) <= 1e-6, f"self values: {normwise(vals, want[0]):.2e}"
+    got = K.imq_cross_grad(h, a, wa, b, wb, bw, **SMALL)
+    want = ref_cross_grad(h, a, wa, b, wb, bw)
+    for name, g, w in zip(("values", "da", "dwa", "db", "dwb"), got, want):
+        assert torch.isfinite(g).all(), f"cross {name}: not finite"
+        assert normwise(g, w) <= 1e-6, f"cross {name}: {normwise(g, w):.2e}"
+    assert normwise(K.imq_cross(a, wa, b, wb, bw, **SMALL), want[0]) <= 1e-6
+
+
+def test_nan_points_give_nan():
+    """A NaN coordinate is not clamped away: the values are NaN, as in the reference."""
+    a, wa, b, wb, bw, h = make_inputs(9, 7, 3, 2, torch.float32, seed=41)
+    a[2, 1] = float("nan")
+    assert torch.isnan(K.imq_cross(a, wa, b, wb, bw)).all()
+    assert torch.isnan(K.imq_self_grad(h, a, wa, bw, 1, False)[0]).all()
+
+
+def _public_api():
+    gmwae_fast = pytest.importorskip("gmwae_fast")
+    if gmwae_fast.available_backends(DEVICE).get("triton") is not None:
+        pytest.skip(f"triton backend unusable: {gmwae_fast.available_backends(DEVICE)['triton']}")
+    return gmwae_fast
+
+
+def _mmd_and_grads(gmwae_fast, x, y, backend, **kw):
+    x, y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    v = gmwae_fast.fast_imq_mmd(x, y, backend=backend, **kw)
+    v.backward(torch.zeros_like(v).index_fill_(0, torch.tensor([0], device=v.device), 1.0) if v.dim() else None)
+    return v.detach(), x.grad, y.grad
+
+
+@pytest.mark.parametrize("case", ["spread", "outlier", "one-hot-none"])
+def test_issue_cases_through_fast_imq_mmd(case):
+    """The reported cases end to end (``backend="triton"`` against ``backend="reference"`` in float64): widely
+    spread points with ``unbiased=False``, one point at 1e10, and ``reduction="none"`` with a one-hot cotangent on
+    the smallest bandwidth."""
+    gmwae_fast = _public_api()
+    gen = torch.Generator().manual_seed(0)
+    kw = {}
+    if case == "spread":
+        x, y = torch.randn(28, 30, generator=gen) * 85.7, torch.randn(67, 30, generator=gen) * 85.7
+        kw["unbiased"] = False
+    elif case == "outlier":
+        x, y = torch.randn(40, 5, generator=gen), torch.randn(30, 5, generator=gen) + 0.3
+        x[0] = 1e10
+    else:
+        x, y = torch.randn(40, 10, generator=gen) * 10, torch.randn(30, 10, generator=gen) * 10
+        kw["reduction"] = "none"
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    got = _mmd_and_grads(gmwae_fast, x, y, "triton", **kw)
+    want = _mmd_and_grads(gmwae_fast, x.double(), y.double(), "reference", **kw)
+    for name, g, w in zip(("value", "dx", "dy"), got, want):
+        assert torch.isfinite(g).all(), f"{case} {name}: not finite"
+        assert normwise(g, w) <= 1e-5, f"{case} {name}: normwise relative error {normwise(g, w):.2e}"
