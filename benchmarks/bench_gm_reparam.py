@@ -65,7 +65,7 @@ def _provider_fn(provider: str, device: torch.device):
     backend = provider.split("-", 1)[1]
     if backend == "triton" and device.type == "cpu":
         pytest.skip("Triton on CPU tensors runs in the interpreter: not a performance path")
-    reason = gmwae_fast.available_backends(device)[backend]
+    reason = gmwae_fast.available_backends(device, op="gm_reparam")[backend]
     if reason is not None:
         pytest.skip(f"backend {backend!r} unusable on {device.type}: {reason}")
 

@@ -3,8 +3,8 @@ Adam step) with the fused MMD against the float64 reference MMD (``backend="refe
 
 Shapes of the paper's MNIST run: B = 100 images, K = 10 modes, d = 10, prior samples m = B*K = 1000, the weighted
 grouped MMD ``fast_imq_mmd(z (B, K, d), prior (m, d), x_weights=pi)``. The model and loss are the trainer's
-(``gmwae_fast.train``: ``GMModel``, ``gmwae_loss``); if that package cannot be imported a minimal stand-in of the
-same shapes (MLP encoder, MLP decoder to 28x28) is used and ``extra_info["model"]`` says so.
+(``gmwae_fast.train``: ``GMModel``, ``gmwae_loss``; ``gm_reparameterize`` on ``backend="auto"``). ``extra_info``
+records the backends that really ran (``gmwae_fast.backends.last_backend``).
 """
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import gc
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import _harness
-import gmwae_fast
+from gmwae_fast import backends
 
 B, K, D = 100, 10, 10
 N_PRIOR = B * K
@@ -25,36 +23,15 @@ PROVIDERS = ("fused", "reference")
 
 
 def _mmd_backend(provider: str, device: torch.device):
-    """``(backend name, None)`` or ``(None, reason)``."""
+    """``(backend name, None)`` or ``(None, reason)``: the first fused backend of the registry's ``auto`` order."""
     if provider == "reference":
         return "reference", None
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    avail = gmwae_fast.available_backends(device)
-    for b in order:
-        if avail[b] is None:
+    fused = [b for b in backends.auto_order(device) if b != "reference"]
+    reasons = {b: backends.unavailable_reason(b, device, op="imq_mmd") for b in fused}
+    for b in fused:
+        if reasons[b] is None:
             return b, None
-    return None, "no fused backend usable on " + device.type + ": " + "; ".join(f"{b}: {avail[b]}" for b in order)
-
-
-class _StandIn(nn.Module):
-    """Encoder (784 -> 256 -> K logits + K x 2d) and decoder (d -> 256 -> 784) of the trainer's shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, K + 2 * K * D))
-        self.dec = nn.Sequential(nn.Linear(D, 256), nn.ReLU(), nn.Linear(256, 784))
-
-    def loss(self, x, backend, gen):
-        out = self.enc(x)
-        logits, rest = out[:, :K], out[:, K:].view(-1, K, 2 * D)
-        mu, sigma_raw = rest[..., :D], rest[..., D:]
-        noise = torch.randn(mu.shape, generator=gen, device=x.device)
-        z = mu + F.softplus(sigma_raw) * noise
-        pi = torch.softmax(logits, -1)
-        xr = torch.sigmoid(self.dec(z)).view(B, K, 784)
-        recon = (pi * (xr - x.view(B, 1, 784)).pow(2).sum(-1)).sum(1).mean()
-        pz = torch.randn(N_PRIOR, D, generator=gen, device=x.device)
-        return recon + LAM * gmwae_fast.fast_imq_mmd(z, pz, x_weights=pi, backend=backend)
+    return None, f"no fused backend usable on {device.type}: " + "; ".join(f"{b}: {r}" for b, r in reasons.items())
 
 
 def _inputs(device: torch.device):
@@ -86,19 +63,6 @@ def _trainer_step(device: torch.device, backend: str, reparam_backend: str = "au
                   f"backend={reparam_backend})")
 
 
-def _standin_step(device: torch.device, backend: str, why: str):
-    gen, x = _inputs(device)
-    model = _StandIn().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model.loss(x, backend, gen).backward()
-        opt.step()
-
-    return step, f"stand-in MLP encoder/decoder of the same shapes ({why})"
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_gmwae_train_step(benchmark, provider, bench_settings, record_skip):
     s = bench_settings
@@ -111,21 +75,11 @@ def test_gmwae_train_step(benchmark, provider, bench_settings, record_skip):
     if backend is None:
         record_skip("unavailable", reason, **case)
 
-    step = None
-    errors = []
-    for reparam_backend in ("auto", "reference"):  # the reparameterisation is not what is compared here
-        try:
-            step, model_desc = _trainer_step(dev, backend, reparam_backend)
-            _, warmup_s = _harness.timed_call(step, dev)  # first call: warm-up (allocations, autotune)
-            break
-        except Exception as exc:  # noqa: BLE001 - trainer absent or its API moved: measure the stand-in, say so
-            if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-                record_skip("oom", f"out of memory: {str(exc)[:200]}", **case)
-            errors.append(f"reparam {reparam_backend}: {type(exc).__name__}: {str(exc)[:200]}")
-            step = None
-    if step is None:
-        step, model_desc = _standin_step(dev, backend, "gmwae_fast.train unusable: " + "; ".join(errors))
-        _, warmup_s = _harness.timed_call(step, dev)
+    step, model_desc = _trainer_step(dev, backend)
+    try:
+        _, warmup_s = _harness.timed_call(step, dev)  # first call: warm-up (allocations, autotune)
+    except torch.OutOfMemoryError as exc:
+        record_skip("oom", f"out of memory: {str(exc)[:200]}", **case)
     peak, mem_method = _harness.measure_peak_memory(step, dev)
     call_s = min(_harness.timed_call(step, dev)[1] for _ in range(2))
     rounds, iterations = _harness.plan_rounds(call_s, s.target_s, 3 if call_s > 2 else s.min_rounds, s.max_rounds)
@@ -137,7 +91,8 @@ def test_gmwae_train_step(benchmark, provider, bench_settings, record_skip):
     benchmark.pedantic(target, rounds=rounds, iterations=iterations)
     info = benchmark.extra_info
     info.update(case)
-    info.update(mmd_backend=backend, model=model_desc, device_name=s.info["device_name"],
+    info.update(mmd_backend=backends.last_backend("imq_mmd"), reparam_backend=backends.last_backend("gm_reparam"),
+                model=model_desc, device_name=s.info["device_name"],
                 slug=s.info["slug"], torch=s.info["torch"], gmwae_fast=s.info["build_info"].get("version"),
                 torch_threads=torch.get_num_threads(), warmup_s=warmup_s, steady_call_s=call_s,
                 peak_mem_bytes=peak, mem_method=mem_method)

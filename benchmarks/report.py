@@ -227,11 +227,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def markdown(dev: dict, recs: list[dict], skipped: list[dict], sp: list[dict], targets: list[dict],
-             settings: dict, when: str, png_name: str) -> str:
-    cfgs = by_config(recs)
-    skips = skip_index(skipped)
-    dtype_ = dev.get("device_type", "cpu")
+def _md_header(dev: dict, settings: dict, when: str, png_name: str) -> list[str]:
     bi = dev.get("build_info") or {}
     L = [f"# Benchmarks on {dev.get('device_name') or dev['slug']}", ""]
     L.append(f"Measured {when}; torch {dev.get('torch')}, triton {dev.get('triton')}, pykeops {dev.get('pykeops')}, "
@@ -245,134 +241,160 @@ def markdown(dev: dict, recs: list[dict], skipped: list[dict], sp: list[dict], t
              "(quartiles in the JSON), each call ending with a device synchronisation; compile/autotune time is "
              "excluded (`warmup_s` in the JSON). Peak memory: one separate untimed call (method in the JSON, "
              "`mem_method`). Speed-up = baseline median / fastest `fast_imq_mmd` backend median.")
-    L.append("")
-    L.append(f"![time vs n]({png_name})")
-    L.append("")
+    return L + ["", f"![time vs n]({png_name})", ""]
 
-    # key configurations
+
+def _skip_cell(skips: dict, key: tuple) -> str:
+    return SKIP_LABEL.get(skips[key]["status"], skips[key]["status"]) if key in skips else "-"
+
+
+def _key_config_row(cfg: tuple, provs: dict, skips: dict, dtype_: str) -> list[str]:
+    fused = best_fused(provs)
+    row = [f"n={cfg[0]} d={cfg[1]} {cfg[2]} {cfg[3]}",
+           f"{LABELS[fused['provider']]}: {_fmt_time(fused['median_s'])}, {_fmt_bytes(fused.get('peak_mem_bytes'))}"
+           if fused else "-"]
+    for base in BASELINES:
+        if base in provs and fused:
+            row.append(f"{_fmt_x(provs[base]['median_s'] / fused['median_s'])} "
+                       f"({_fmt_time(provs[base]['median_s'])}, {_fmt_bytes(provs[base].get('peak_mem_bytes'))})")
+        else:
+            row.append(_skip_cell(skips, cfg + (base,)))
+    if fused and fused.get("sfu_fraction") is not None:
+        row.append(f"{100 * fused['sfu_fraction']:.0f}%")
+    elif dtype_ == "cuda":
+        row.append("-")
+    return row
+
+
+def _md_key_configs(cfgs: dict, skips: dict, dtype_: str) -> list[str]:
     keys = [c for c in KEY_CONFIGS.get(dtype_, []) if c in cfgs]
-    if keys:
-        L += ["## Key configurations", ""]
-        rows = []
-        for cfg in keys:
-            provs = cfgs[cfg]
-            fused = best_fused(provs)
-            row = [f"n={cfg[0]} d={cfg[1]} {cfg[2]} {cfg[3]}",
-                   f"{LABELS[fused['provider']]}: {_fmt_time(fused['median_s'])}, {_fmt_bytes(fused.get('peak_mem_bytes'))}"
-                   if fused else "-"]
-            for base in BASELINES:
-                if base in provs and fused:
-                    row.append(f"{_fmt_x(provs[base]['median_s'] / fused['median_s'])} "
-                               f"({_fmt_time(provs[base]['median_s'])}, {_fmt_bytes(provs[base].get('peak_mem_bytes'))})")
-                elif cfg + (base,) in skips:
-                    row.append(SKIP_LABEL.get(skips[cfg + (base,)]["status"], skips[cfg + (base,)]["status"]))
-                else:
-                    row.append("-")
-            if fused and fused.get("sfu_fraction") is not None:
-                row.append(f"{100 * fused['sfu_fraction']:.0f}%")
-            elif dtype_ == "cuda":
-                row.append("-")
-            rows.append(row)
-        header = ["config", "fast_imq_mmd (time, peak mem)"] + [f"vs {LABELS[b]}" for b in BASELINES]
-        if dtype_ == "cuda":
-            header.append("of SFU bound")
-        L += _table(header, rows) + [""]
+    if not keys:
+        return []
+    rows = [_key_config_row(cfg, cfgs[cfg], skips, dtype_) for cfg in keys]
+    header = ["config", "fast_imq_mmd (time, peak mem)"] + [f"vs {LABELS[b]}" for b in BASELINES]
+    if dtype_ == "cuda":
+        header.append("of SFU bound")
+    return ["## Key configurations", ""] + _table(header, rows) + [""]
 
-    if targets:
-        L += ["## Targets", ""]
-        rows = [[t["target"], f"n={t['n']} d={t['d']} {t['mode']} {t['dtype']}",
-                 (_fmt_time(t["measured"]) if t["kind"] == "time" else _fmt_x(t["measured"]))
-                 if t["measured"] is not None else "-", t["status"], t["detail"]] for t in targets]
-        L += _table(["target", "config", "measured", "status", "detail"], rows) + [""]
 
-    if sp:
-        L += ["## Speed-ups of fast_imq_mmd (all configurations)", ""]
-        rows = [[f"n={r['n']} d={r['d']} {r['mode']} {r['dtype']}",
-                 f"{LABELS[r['fused']]} {_fmt_time(r['fused_median_s'])}"]
-                + [_fmt_x(r.get(f"vs_{b}")) for b in BASELINES] for r in sp]
-        L += _table(["config", "fastest fused"] + [f"vs {LABELS[b]}" for b in BASELINES], rows) + [""]
+def _md_targets(targets: list[dict]) -> list[str]:
+    if not targets:
+        return []
+    rows = [[t["target"], f"n={t['n']} d={t['d']} {t['mode']} {t['dtype']}",
+             (_fmt_time(t["measured"]) if t["kind"] == "time" else _fmt_x(t["measured"]))
+             if t["measured"] is not None else "-", t["status"], t["detail"]] for t in targets]
+    return ["## Targets", ""] + _table(["target", "config", "measured", "status", "detail"], rows) + [""]
 
-    # per (dtype, mode, d): rows n, columns providers
+
+def _md_speedups(sp: list[dict]) -> list[str]:
+    if not sp:
+        return []
+    rows = [[f"n={r['n']} d={r['d']} {r['mode']} {r['dtype']}",
+             f"{LABELS[r['fused']]} {_fmt_time(r['fused_median_s'])}"]
+            + [_fmt_x(r.get(f"vs_{b}")) for b in BASELINES] for r in sp]
+    return (["## Speed-ups of fast_imq_mmd (all configurations)", ""]
+            + _table(["config", "fastest fused"] + [f"vs {LABELS[b]}" for b in BASELINES], rows) + [""])
+
+
+def _provider_cell(r: Optional[dict], skips: dict, key: tuple) -> str:
+    if not r:
+        return _skip_cell(skips, key)
+    cell = (f"{_fmt_time(r['median_s'])} [{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}], "
+            f"{_fmt_bytes(r.get('peak_mem_bytes'))}")
+    if r.get("rel_err") is not None and r["rel_err"] > 1e-3:
+        cell += f", value off by {100 * r['rel_err']:.2g}%"
+    return cell
+
+
+def _md_per_provider(cfgs: dict, skips: dict) -> list[str]:
+    """Per (dtype, mode, d): rows n, columns providers."""
+    if not cfgs:
+        return []
     all_cfgs = set(cfgs) | {k[:4] for k in skips}
     present = [p for p in PROVIDER_ORDER if any(p in cfgs.get(c, {}) for c in cfgs)]
-    if cfgs:
-        L += ["## Time and peak memory per provider", ""]
-        L.append("Cells: median time [q1-q3], peak memory; pairs/s and SFU fraction in the JSON. "
-                 "`too large`: estimated footprint over the memory budget, not attempted; `OOM`: ran out of memory; "
-                 "`too slow`: call time extrapolated from a smaller n over `--bench-max-call-s`; "
-                 "`value off by`: relative error against the float64 reference when above 0.1% (low-precision "
-                 "baselines).")
-        L.append("")
-        panels = sorted({(c[3], c[2], c[1]) for c in all_cfgs if c[0] is not None})
-        for dt, mode, d in panels:
-            ns = sorted({c[0] for c in all_cfgs if (c[3], c[2], c[1]) == (dt, mode, d)})
-            if not any((n, d, mode, dt) in cfgs for n in ns):
-                continue
-            L += [f"### {mode}, {dt}, d={d}", ""]
-            rows = []
-            for n in ns:
-                cfg = (n, d, mode, dt)
-                row = [str(n)]
-                for p in present:
-                    r = cfgs.get(cfg, {}).get(p)
-                    if r:
-                        cell = (f"{_fmt_time(r['median_s'])} [{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}], "
-                                f"{_fmt_bytes(r.get('peak_mem_bytes'))}")
-                        if r.get("rel_err") is not None and r["rel_err"] > 1e-3:
-                            cell += f", value off by {100 * r['rel_err']:.2g}%"
-                        row.append(cell)
-                    elif cfg + (p,) in skips:
-                        row.append(SKIP_LABEL.get(skips[cfg + (p,)]["status"], skips[cfg + (p,)]["status"]))
-                    else:
-                        row.append("-")
-                rows.append(row)
-            L += _table(["n"] + [LABELS[p] for p in present], rows) + [""]
+    L = ["## Time and peak memory per provider", ""]
+    L.append("Cells: median time [q1-q3], peak memory; pairs/s and SFU fraction in the JSON. "
+             "`too large`: estimated footprint over the memory budget, not attempted; `OOM`: ran out of memory; "
+             "`too slow`: call time extrapolated from a smaller n over `--bench-max-call-s`; "
+             "`value off by`: relative error against the float64 reference when above 0.1% (low-precision "
+             "baselines).")
+    L.append("")
+    panels = sorted({(c[3], c[2], c[1]) for c in all_cfgs if c[0] is not None})
+    for dt, mode, d in panels:
+        ns = sorted({c[0] for c in all_cfgs if (c[3], c[2], c[1]) == (dt, mode, d)})
+        if not any((n, d, mode, dt) in cfgs for n in ns):
+            continue
+        rows = [[str(n)] + [_provider_cell(cfgs.get((n, d, mode, dt), {}).get(p), skips, (n, d, mode, dt, p))
+                            for p in present] for n in ns]
+        L += [f"### {mode}, {dt}, d={d}", ""] + _table(["n"] + [LABELS[p] for p in present], rows) + [""]
+    return L
 
+
+def _md_train_step(recs: list[dict]) -> list[str]:
     train = [r for r in recs if r.get("kind") == "train_step" and r.get("median_s")]
-    if train:
-        ref = next((r for r in train if r.get("provider") == "reference"), None)
-        r0 = train[0]
-        L += [f"## One GM-WAE training step (B={r0.get('B')}, K={r0.get('K')}, d={r0.get('d')}, "
-              f"m={r0.get('m')} prior samples)", ""]
-        L.append(f"Model: {r0.get('model')}. Encoder, reparameterisation, decoder of all B*K codes, weighted grouped "
-                 "MMD, backward and Adam step; only the MMD backend differs.")
-        L.append("")
-        rows = []
-        for r in sorted(train, key=lambda r: r.get("provider") != "fused"):
-            rows.append([f"{r.get('provider')} (MMD backend `{r.get('mmd_backend')}`)", _fmt_time(r["median_s"]),
-                         f"{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}", _fmt_bytes(r.get("peak_mem_bytes")),
-                         _fmt_x(ref["median_s"] / r["median_s"]) if ref else "-"])
-        L += _table(["MMD", "median step", "q1-q3", "peak mem", "speed-up vs reference"], rows) + [""]
+    if not train:
+        return []
+    ref = next((r for r in train if r.get("provider") == "reference"), None)
+    r0 = train[0]
+    L = [f"## One GM-WAE training step (B={r0.get('B')}, K={r0.get('K')}, d={r0.get('d')}, "
+         f"m={r0.get('m')} prior samples)", ""]
+    L.append(f"Model: {r0.get('model')}. Encoder, reparameterisation, decoder of all B*K codes, weighted grouped "
+             "MMD, backward and Adam step; only the MMD backend differs.")
+    L.append("")
+    rows = []
+    for r in sorted(train, key=lambda r: r.get("provider") != "fused"):
+        rows.append([f"{r.get('provider')} (MMD backend `{r.get('mmd_backend')}`)", _fmt_time(r["median_s"]),
+                     f"{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}", _fmt_bytes(r.get("peak_mem_bytes")),
+                     _fmt_x(ref["median_s"] / r["median_s"]) if ref else "-"])
+    return L + _table(["MMD", "median step", "q1-q3", "peak mem", "speed-up vs reference"], rows) + [""]
 
+
+def _md_other(recs: list[dict]) -> list[str]:
     other = [r for r in recs if r.get("kind") not in ("imq_mmd", "train_step")]
-    if other:
-        L += ["## Other benchmarks", ""]
-        rows = []
-        for r in sorted(other, key=lambda r: (str(r.get("group")), str(r.get("name")))):
-            parts = [f"{k}={r[k]}" for k in ("provider", "backend", "mode", "B", "K", "d", "device")
-                     if r.get(k) is not None]
-            parts += [f"{k}={_fmt_bytes(v)}" for k, v in r.items()
-                      if k.endswith("_bytes") and k != "peak_mem_bytes" and isinstance(v, (int, float))]
-            note = ", ".join(parts)
-            rows.append([str(r.get("group")), str(r.get("name")), _fmt_time(r.get("median_s")),
-                         f"{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}", _fmt_bytes(r.get("peak_mem_bytes")),
-                         str(note).replace("|", "/")])
-        L += _table(["group", "benchmark", "median", "q1-q3", "peak mem", "notes"], rows) + [""]
+    if not other:
+        return []
+    rows = []
+    for r in sorted(other, key=lambda r: (str(r.get("group")), str(r.get("name")))):
+        parts = [f"{k}={r[k]}" for k in ("provider", "backend", "mode", "B", "K", "d", "device")
+                 if r.get(k) is not None]
+        parts += [f"{k}={_fmt_bytes(v)}" for k, v in r.items()
+                  if k.endswith("_bytes") and k != "peak_mem_bytes" and isinstance(v, (int, float))]
+        note = ", ".join(parts)
+        rows.append([str(r.get("group")), str(r.get("name")), _fmt_time(r.get("median_s")),
+                     f"{_fmt_time(r.get('q1_s'))}-{_fmt_time(r.get('q3_s'))}", _fmt_bytes(r.get("peak_mem_bytes")),
+                     str(note).replace("|", "/")])
+    return ["## Other benchmarks", ""] + _table(["group", "benchmark", "median", "q1-q3", "peak mem", "notes"],
+                                                rows) + [""]
 
+
+def _md_not_measured(skipped: list[dict]) -> list[str]:
     non_plain = [s for s in skipped if s.get("status") != "unavailable"]
     unavailable = {}
     for s in skipped:
         if s.get("status") == "unavailable":
             unavailable.setdefault((s.get("provider"), s.get("reason")), 0)
             unavailable[(s.get("provider"), s.get("reason"))] += 1
-    if unavailable or non_plain:
-        L += ["## Not measured", ""]
-        for (prov, reason), count in sorted(unavailable.items(), key=lambda kv: str(kv[0])):
-            L.append(f"* `{prov}` unavailable ({count} cases): {reason}")
-        for s in non_plain:
-            L.append(f"* `{s.get('provider')}` n={s.get('n')} d={s.get('d')} {s.get('mode')} {s.get('dtype')}: "
-                     f"{SKIP_LABEL.get(s.get('status'), s.get('status'))} - {s.get('reason')}")
-        L.append("")
+    if not (unavailable or non_plain):
+        return []
+    L = ["## Not measured", ""]
+    for (prov, reason), count in sorted(unavailable.items(), key=lambda kv: str(kv[0])):
+        L.append(f"* `{prov}` unavailable ({count} cases): {reason}")
+    for s in non_plain:
+        L.append(f"* `{s.get('provider')}` n={s.get('n')} d={s.get('d')} {s.get('mode')} {s.get('dtype')}: "
+                 f"{SKIP_LABEL.get(s.get('status'), s.get('status'))} - {s.get('reason')}")
+    return L + [""]
+
+
+def markdown(dev: dict, recs: list[dict], skipped: list[dict], sp: list[dict], targets: list[dict],
+             settings: dict, when: str, png_name: str) -> str:
+    """The report's Markdown: header, key configurations, targets, speed-ups, per-provider tables, the training
+    step, other benchmarks and what was not measured (each section only when it has content)."""
+    cfgs = by_config(recs)
+    skips = skip_index(skipped)
+    dtype_ = dev.get("device_type", "cpu")
+    L = _md_header(dev, settings, when, png_name)
+    L += _md_key_configs(cfgs, skips, dtype_) + _md_targets(targets) + _md_speedups(sp)
+    L += _md_per_provider(cfgs, skips) + _md_train_step(recs) + _md_other(recs) + _md_not_measured(skipped)
     return "\n".join(L)
 
 

@@ -43,7 +43,9 @@ __all__ = ["compile_all", "variants", "ptxas_usage", "markdown", "main"]
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+    from gmwae_fast.backends import triton_interpreting
+
+    return triton_interpreting()
 
 
 def _load(name: str):

@@ -7,16 +7,19 @@ Public API::
     imq_mmd_terms(x, y, ...)              # its per-bandwidth pieces (self_x, self_y, cross, den_x, den_y)
     gm_reparameterize(mu, sigma_raw, logits, *, seed=None, noise=None, ...)  # fused per-mode reparameterisation
     PAPER_SCALES, WAE_SCALES              # bandwidth scale sets
-    available_backends(device=None)       # backend -> None (usable) or the reason it is not
+    available_backends(device=None, op="imq_mmd")  # backend -> None (usable) or the reason it is not
+    backends.resolve_backend / last_backend         # which backend will run / ran last (gmwae_fast.backends)
     build_info()                          # versions and what was compiled
 """
 from ._version import __version__
 from .backends import available_backends, build_info
 from .mmd import PAPER_SCALES, WAE_SCALES, IMQMMDLoss, IMQMMDTerms, fast_imq_mmd, imq_mmd_terms
+from .reparam import gm_reparameterize
 
 __all__ = [
     "fast_imq_mmd",
     "imq_mmd_terms",
+    "gm_reparameterize",
     "IMQMMDTerms",
     "IMQMMDLoss",
     "PAPER_SCALES",
@@ -25,14 +28,6 @@ __all__ = [
     "build_info",
     "__version__",
 ]
-
-try:  # the per-mode reparameterisation op family (gmwae_fast/reparam.py)
-    from .reparam import gm_reparameterize  # noqa: F401
-
-    __all__.append("gm_reparameterize")
-except ImportError as _exc:  # pragma: no cover - only while the module is missing
-    if "gmwae_fast.reparam" not in str(_exc):
-        raise
 
 
 def __getattr__(name: str):  # gmwae_fast.selftest(...): the post-install check, imported on first use

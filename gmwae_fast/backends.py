@@ -1,16 +1,23 @@
-"""The one place that decides which backend runs an op.
+"""The backend registry: the one place that says which backends exist, where each can run, and which one runs.
 
-Backends:
+Backends (:data:`REGISTRY`, in ``auto`` priority order):
 
-* ``"reference"``: plain PyTorch (autograd by PyTorch); always available; the oracle of the tests.
-* ``"triton"``: fused Triton kernels (``gmwae_fast.kernels``); CUDA tensors, or CPU tensors under
-  ``TRITON_INTERPRET=1`` (slow; used by CI to test the kernels without a GPU).
-* ``"cpu"``: fused C++ kernels of the compiled extension ``gmwae_fast._C``, CPU tensors.
-* ``"cuda"``: fused CUDA kernels of ``gmwae_fast._C``, CUDA tensors.
+* ``"cuda"``: fused CUDA kernels of the compiled extension ``gmwae_fast._C``; CUDA tensors.
+* ``"cpu"``: fused C++ kernels of ``gmwae_fast._C``; CPU tensors.
+* ``"triton"``: fused Triton kernels (``gmwae_fast.kernels``); CUDA tensors, or CPU tensors when the Triton
+  interpreter is on (:func:`triton_interpreting`; slow, used by CI to test the kernels without a GPU).
+* ``"reference"``: plain PyTorch (autograd by PyTorch); always available, any device; the oracle of the tests.
 
-``"auto"`` picks, for the inputs' device, ``cuda`` > ``triton`` > ``reference`` on a GPU and ``cpu`` >
-``reference`` on a CPU. An explicitly requested backend that cannot run raises :class:`RuntimeError` saying why.
-A compiled extension that fails to load is reported once, as a warning, and the other backends keep working.
+Each op family (:data:`OP_FAMILIES`: ``"imq_mmd"`` for :func:`gmwae_fast.fast_imq_mmd`, ``"gm_reparam"`` for
+:func:`gmwae_fast.gm_reparameterize`) asks the registry the same questions, so availability is per
+``(backend, op family, device)``: an extension built before the ``gm_reparam`` family existed runs the MMD on
+``cpu``/``cuda`` and the reparameterisation on the next backend of the ``auto`` order.
+
+``"auto"`` picks, for the inputs' device, the first usable backend of :func:`auto_order` (``cuda`` > ``triton`` >
+``reference`` on a GPU, ``cpu`` > ``reference`` on a CPU: the interpreter is never picked). An explicitly requested
+backend that cannot run raises :class:`RuntimeError` saying why. The ops record the backend that really ran
+(:func:`last_backend`); :func:`resolve_backend` says which one will run. A compiled extension that fails to load is
+reported once, as a warning, and the other backends keep working. Adding a backend: ``docs/ARCHITECTURE.md``.
 """
 from __future__ import annotations
 
@@ -21,15 +28,39 @@ import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "build_info", "resolve_backend", "unavailable_reason",
-           "extension", "extension_error", "assume_constant_result", "torch_mismatch"]
+__all__ = ["Backend", "REGISTRY", "BACKENDS", "OP_FAMILIES", "auto_order", "backend_choices", "check_backend_name",
+           "available_backends", "build_info", "resolve_backend", "select_backend", "last_backend",
+           "unavailable_reason", "triton_interpreting", "extension", "extension_error", "assume_constant_result",
+           "torch_mismatch"]
 
-BACKENDS = ("reference", "triton", "cpu", "cuda")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+Device = Union[str, torch.device, None]
+
+#: Op family -> (public function, the compiled op whose dispatcher kernels say whether ``_C`` has this family).
+OP_FAMILIES: dict[str, tuple[str, str]] = {
+    "imq_mmd": ("fast_imq_mmd", "gmwae_fast::imq_self"),
+    "gm_reparam": ("gm_reparameterize", "gmwae_fast::gm_reparam"),
+}
+
+
+class Backend(NamedTuple):
+    """One registry entry.
+
+    ``devices``: device types whose tensors it can run (``None``: every device). ``auto_devices``: device types on
+    which ``"auto"`` may pick it (``None``: every device). ``priority``: ``auto`` tries lower numbers first.
+    ``reason``: ``reason(device, op) -> None`` if it runs op family ``op`` on ``device`` here, else why not
+    (called only for a device in ``devices``).
+    """
+
+    name: str
+    devices: Optional[tuple[str, ...]]
+    auto_devices: Optional[tuple[str, ...]]
+    priority: int
+    reason: Callable[[torch.device, str], Optional[str]]
+
 
 _ext: Optional[ModuleType] = None
 _ext_error: Optional[str] = None
@@ -111,12 +142,14 @@ def _build_config() -> dict:
     return {k: getattr(cfg, k) for k in dir(cfg) if not k.startswith("_")}
 
 
-def _ext_has_kernel(dispatch_key: str) -> bool:
+
+def _compiled_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``gmwae_fast._C`` has a ``dispatch_key`` kernel of op family ``op`` (False for an unknown op)."""
     if extension() is None:
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("gmwae_fast::imq_self", dispatch_key)
-    except Exception:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(OP_FAMILIES[op][1], dispatch_key)
+    except RuntimeError:  # the op is not registered: an extension built before this op family existed
         return False
 
 
@@ -129,78 +162,182 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Values of ``TRITON_INTERPRET`` that Triton reads as "on" (its ``getenv_bool``: case-insensitive, not stripped).
+_TRUE = ("1", "true", "on", "yes", "y")
 
 
-def unavailable_reason(backend: str, device: Union[str, torch.device, None] = None) -> Optional[str]:
-    """``None`` if ``backend`` can run on tensors of ``device`` here, else a sentence saying why not.
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter: ``TRITON_INTERPRET`` read with Triton's own rule (``1``,
+    ``true``, ``on``, ``yes``, ``y``, any case). Triton reads it when a kernel module is first imported, so set it
+    before that. The one definition used by the registry and the Triton launchers."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE
 
-    ``device=None`` asks about the default device (CUDA when present, else CPU).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
-        if dev.type == "cuda":
-            return None if torch.cuda.is_available() else "no CUDA device is available"
-        if dev.type == "cpu":
-            return None if _interpret() else "triton runs CPU tensors only under TRITON_INTERPRET=1 (set it before importing triton)"
-        return f"triton does not support device type {dev.type!r}"
-    # compiled backends
-    if extension() is None:
-        return extension_error()
-    if backend == "cpu":
-        if dev.type != "cpu":
-            return f"the 'cpu' backend needs CPU tensors, got {dev.type!r} tensors"
-        return None if _ext_has_kernel("CPU") else "gmwae_fast._C was built without the CPU kernels"
-    # cuda
-    if dev.type != "cuda":
-        return f"the 'cuda' backend needs CUDA tensors, got {dev.type!r} tensors"
-    if not _ext_has_kernel("CUDA"):
-        return "gmwae_fast._C was built without CUDA kernels (no CUDA toolkit at build time, or GMWAE_FAST_SKIP_CUDA=1)"
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
+
+def _reference_reason(dev: torch.device, op: str) -> Optional[str]:
     return None
 
 
-def resolve_backend(requested: str, device: Union[str, torch.device]) -> str:
-    """The concrete backend that runs on tensors of ``device`` for ``requested`` (``"auto"`` or a name).
+def _triton_reason(dev: torch.device, op: str) -> Optional[str]:
+    err = _triton_import_error()
+    if err:
+        return err
+    if dev.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if triton_interpreting():
+        return None
+    return "triton runs CPU tensors only under TRITON_INTERPRET=1 (set it before importing triton)"
 
-    Raises :class:`ValueError` for an unknown name and :class:`RuntimeError` (with the reason) for a known backend
-    that cannot run here. Safe to call inside :func:`torch.compile`: the answer depends only on the arguments, so
-    the compiler evaluates it once while tracing and keeps the result as a constant.
+
+def _compiled_family_reason(op: str, key: str) -> Optional[str]:
+    if extension() is None:
+        return extension_error()
+    if _compiled_kernel(op, key):
+        return None
+    if not any(_compiled_kernel(op, k) for k in ("CPU", "CUDA")):
+        if op != "imq_mmd" and (_compiled_kernel("imq_mmd", "CPU") or _compiled_kernel("imq_mmd", "CUDA")):
+            return (f"gmwae_fast._C was built before the {op} ops existed (it has the imq_mmd kernels only); "
+                    "rebuild the extension")
+    if key == "CUDA":
+        return (f"gmwae_fast._C was built without the CUDA {op} kernels (no CUDA toolkit at build time, or "
+                "GMWAE_FAST_SKIP_CUDA=1)")
+    return f"gmwae_fast._C was built without the CPU {op} kernels"
+
+
+def _cpu_reason(dev: torch.device, op: str) -> Optional[str]:
+    return _compiled_family_reason(op, "CPU")
+
+
+def _cuda_reason(dev: torch.device, op: str) -> Optional[str]:
+    reason = _compiled_family_reason(op, "CUDA")
+    if reason is None and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return reason
+
+
+#: name -> entry. ``auto`` order on a device: its usable entries by ``priority`` (ties: registry order).
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("cuda", ("cuda",), ("cuda",), 0, _cuda_reason),
+    Backend("cpu", ("cpu",), ("cpu",), 0, _cpu_reason),
+    Backend("triton", ("cuda", "cpu"), ("cuda",), 10, _triton_reason),
+    Backend("reference", None, None, 100, _reference_reason),
+)}
+
+#: The backend names (what ``backend=`` accepts besides ``"auto"``).
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu", "cuda")
+assert set(BACKENDS) == set(REGISTRY), "BACKENDS and REGISTRY must name the same backends"
+
+
+def backend_choices() -> tuple[str, ...]:
+    """Every value ``backend=`` accepts: ``("auto", *BACKENDS)`` (for command-line choices)."""
+    return ("auto",) + BACKENDS
+
+
+def check_backend_name(name: object) -> str:
+    """``name`` if it is ``"auto"`` or a registered backend; :class:`TypeError` / :class:`ValueError` otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return name
+
+
+def _check_op(op: object) -> str:
+    if op not in OP_FAMILIES:
+        raise ValueError(f"unknown op family {op!r}; expected one of {tuple(OP_FAMILIES)}")
+    return op
+
+
+def _device(device: Device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def auto_order(device: Device = None) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries on tensors of ``device``, first choice first (usable or not), e.g.
+    ``("cuda", "triton", "reference")`` for ``"cuda"`` and ``("cpu", "reference")`` for ``"cpu"``."""
+    kind = _device(device).type
+    names = [b.name for b in REGISTRY.values() if b.auto_devices is None or kind in b.auto_devices]
+    return tuple(sorted(names, key=lambda n: REGISTRY[n].priority))
+
+
+def unavailable_reason(backend: str, device: Device = None, op: str = "imq_mmd") -> Optional[str]:
+    """``None`` if ``backend`` can run op family ``op`` on tensors of ``device`` here, else a sentence saying why not.
+
+    ``device=None`` asks about the default device (CUDA when present, else CPU).
     """
-    if not isinstance(requested, str):
-        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
-    return _resolve(requested, str(device))
+    if backend not in REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    entry, dev = REGISTRY[backend], _device(device)
+    _check_op(op)
+    if entry.devices is not None and dev.type not in entry.devices:
+        if backend in ("cpu", "cuda"):
+            return f"the {backend!r} backend needs {backend.upper()} tensors, got {dev.type!r} tensors"
+        return f"{backend} does not support device type {dev.type!r}"
+    return entry.reason(dev, op)
+
+
+def resolve_backend(requested: str, device: Union[str, torch.device], op: str = "imq_mmd") -> str:
+    """The backend that runs op family ``op`` on tensors of ``device`` for ``requested`` (``"auto"`` or a name):
+    the answer to "which backend will run". Does not record anything (see :func:`select_backend`).
+
+    Raises :class:`ValueError` for an unknown name or op family and :class:`RuntimeError` (with the reason) for a
+    known backend that cannot run here. Safe to call inside :func:`torch.compile`: the answer depends only on the
+    arguments, so the compiler evaluates it once while tracing and keeps the result as a constant.
+
+    Example::
+
+        >>> gmwae_fast.backends.resolve_backend("auto", "cpu", op="gm_reparam")
+        'cpu'
+    """
+    check_backend_name(requested)
+    return _resolve(requested, str(device), _check_op(op))
 
 
 @assume_constant_result
-def _resolve(requested: str, device: str) -> str:
+def _resolve(requested: str, device: str, op: str) -> str:
     # Inspects imports, environment variables and the dispatcher, none of which torch.compile can trace.
     dev = torch.device(device)
     if requested == "auto":
-        for name in _AUTO_ORDER.get(dev.type, ("reference",)):
-            if unavailable_reason(name, dev) is None:
+        for name in auto_order(dev):
+            if unavailable_reason(name, dev, op) is None:
                 return name
         return "reference"
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
-    reason = unavailable_reason(requested, dev)
+    reason = unavailable_reason(requested, dev, op)
     if reason is not None:
-        raise RuntimeError(f"backend {requested!r} cannot run on {dev.type} tensors: {reason}")
+        raise RuntimeError(f"backend {requested!r} cannot run on {dev.type} tensors "
+                           f"({OP_FAMILIES[op][0]}): {reason}")
     return requested
 
 
-def available_backends(device: Union[str, torch.device, None] = None) -> dict[str, Optional[str]]:
-    """Each backend mapped to ``None`` if it is usable here (on ``device``, default: CUDA if present, else CPU)
-    or to the reason it is not.
+#: op family -> the backend its last call ran on (written by :func:`select_backend`).
+_LAST: dict[str, str] = {}
+
+
+def select_backend(requested: str, device: Union[str, torch.device], op: str) -> str:
+    """:func:`resolve_backend`, and record the answer as the backend op family ``op`` runs (the ops call this
+    right before running; also under :func:`torch.compile`, which replays the record on every call)."""
+    name = resolve_backend(requested, device, op)
+    _LAST[op] = name
+    return name
+
+
+def last_backend(op: str) -> Optional[str]:
+    """The backend the last call of op family ``op`` (``"imq_mmd"``: :func:`gmwae_fast.fast_imq_mmd`,
+    ``"gm_reparam"``: :func:`gmwae_fast.gm_reparameterize`) in this process ran on, or ``None`` before any call.
+
+    Example::
+
+        >>> z, pi = gmwae_fast.gm_reparameterize(mu, sigma_raw, logits)
+        >>> gmwae_fast.backends.last_backend("gm_reparam")
+        'cpu'
+    """
+    return _LAST.get(_check_op(op))
+
+
+def available_backends(device: Device = None, op: str = "imq_mmd") -> dict[str, Optional[str]]:
+    """Each backend mapped to ``None`` if it can run op family ``op`` here (on ``device``, default: CUDA if
+    present, else CPU) or to the reason it cannot.
 
     Example::
 
@@ -208,7 +345,7 @@ def available_backends(device: Union[str, torch.device, None] = None) -> dict[st
         {'reference': None, 'triton': 'triton runs CPU tensors only under TRITON_INTERPRET=1 ...',
          'cpu': None, 'cuda': "the 'cuda' backend needs CUDA tensors, got 'cpu' tensors"}
     """
-    return {name: unavailable_reason(name, device) for name in BACKENDS}
+    return {name: unavailable_reason(name, device, op) for name in BACKENDS}
 
 
 def _version(dist: str) -> Optional[str]:
@@ -226,16 +363,16 @@ def build_info() -> dict:
     ``extension_error`` and ``cuda_device`` (name of the current GPU or ``None``).
     """
     cfg = _build_config()
-    from . import __version__
+    from ._version import __version__
 
     return {
         "version": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
-        "cpu_compiled": _ext_has_kernel("CPU"),
-        "cuda_compiled": _ext_has_kernel("CUDA"),
-        "cuda_arch_list": cfg.get("cuda_arch_list") if _ext_has_kernel("CUDA") else None,
+        "cpu_compiled": _compiled_kernel("imq_mmd", "CPU"),
+        "cuda_compiled": _compiled_kernel("imq_mmd", "CUDA"),
+        "cuda_arch_list": cfg.get("cuda_arch_list") if _compiled_kernel("imq_mmd", "CUDA") else None,
         "built_with_torch": cfg.get("torch_version"),
         "extension_error": extension_error(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

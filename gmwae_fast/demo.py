@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         print(json.dumps(_measure_one(args._one, args.n, args.d, device, args.repeats, args._backend)))
         return 0
 
-    backend = backends.resolve_backend("auto", device)
+    backend = backends.resolve_backend("auto", device, op="imq_mmd")
     x, y = _inputs(args.n, args.d, device)
     exact = float(reference.imq_mmd_reference(x.double(), y.double(),
                                               bandwidths=reference.bandwidths_for(args.d, PAPER_SCALES)))

@@ -65,7 +65,7 @@ def distributed_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None
     if local_error is not None:
         raise local_error
     _check_consistent(metas, rank, unbiased)
-    name = backends.resolve_backend(backend, x.device)
+    name = backends.select_backend(backend, x.device, "imq_mmd")
     plan, live = _gather(x, y, x_weights, y_weights, metas, rank, process_group, unbiased)
     if validate:
         _validate(plan, unbiased)

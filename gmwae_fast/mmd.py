@@ -188,7 +188,7 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
     if eps > 0:  # C / (C + D + eps) = C / (C + eps) * C' / (C' + D) with C' = C + eps
         factors = tuple(c / (c + eps) for c in bws)
         bws = _check_bandwidths(tuple(c + eps for c in bws), compute, f"C_s + eps with eps = {eps!r}")
-    name = backends.resolve_backend(backend, x.device)
+    name = backends.select_backend(backend, x.device, "imq_mmd")
     if validate:
         _validate_values(x, y, x_weights, y_weights, unbiased)
     return _Call(x, y, x_weights, y_weights, bws, factors, unbiased, name, out_dtype)

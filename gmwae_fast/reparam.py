@@ -18,20 +18,6 @@ SIGMA_ACTIVATIONS: tuple[str, ...] = ("softplus", "exp")
 _SEED_LIMIT = 2 ** 63
 
 
-@backends.assume_constant_result
-def _resolve_backend(backend: str, device: str) -> str:
-    # backends.resolve_backend inspects the environment (imports, env vars, the dispatcher), which torch.compile
-    # cannot trace; its answer depends only on the arguments, so compile runs it once and keeps the result.
-    name = backends.resolve_backend(backend, device)
-    if name in ("cpu", "cuda"):
-        reason = _ops.compiled_unavailable_reason(name)
-        if reason is not None:  # an extension built without this op family
-            if backend != "auto":
-                raise RuntimeError(f"backend {name!r} cannot run gm_reparameterize: {reason}")
-            name = "triton" if name == "cuda" and backends.unavailable_reason("triton", device) is None else "reference"
-    return name
-
-
 def _check_tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -122,7 +108,9 @@ def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Un
         sigma_activation: ``"softplus"`` (default; identity above 20 like :func:`torch.nn.functional.softplus`)
             or ``"exp"``.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (the unfused PyTorch sequence;
-            see :func:`gmwae_fast.available_backends`).
+            see :func:`gmwae_fast.available_backends` with ``op="gm_reparam"``). ``"auto"`` takes the first backend
+            of :func:`gmwae_fast.backends.auto_order` that has this op family's kernels;
+            :func:`gmwae_fast.backends.last_backend` ``("gm_reparam")`` names the one that ran.
 
     Returns:
         ``(z, pi)``: ``z`` ``(B, K, d)`` in the promoted dtype of ``mu`` and ``sigma_raw``, ``pi`` ``(B, K)`` in
@@ -152,8 +140,7 @@ def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Un
             raise ValueError(f"{name} is on {t.device} but mu is on {mu.device}; put all inputs on one device")
     if not isinstance(sigma_activation, str) or sigma_activation not in SIGMA_ACTIVATIONS:
         raise ValueError(f"unknown sigma_activation {sigma_activation!r}; expected one of {SIGMA_ACTIVATIONS}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    backends.check_backend_name(backend)
     if noise is not None:
         noise = _check_tensor("noise", noise)
         if noise.shape != mu.shape:
@@ -163,7 +150,7 @@ def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Un
         if seed is not None:
             raise ValueError("give either seed or noise, not both (noise replaces the generator)")
     seed_t = _seed_tensor(seed, mu.device) if seed is not None else None
-    name = _resolve_backend(backend, str(mu.device))
+    name = backends.select_backend(backend, str(mu.device), "gm_reparam")
 
     dtype = torch.promote_types(mu.dtype, sigma_raw.dtype)
     mu = mu.to(dtype)

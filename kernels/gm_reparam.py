@@ -31,7 +31,6 @@ CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set befor
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -47,7 +46,8 @@ ACTIVATIONS = ("softplus", "exp")
 #: program in the softmax part.
 DEFAULTS = {"block_c": 256, "num_warps": 4, "interp_block_c": 4096, "tile": 4096}
 
-_TWO_POW_M24 = 5.9604644775390625e-08  # 2^-24
+#: 2^-24: a Philox word's top 24 bits, plus one half, times this is a uniform in (0, 1) (as csrc/philox.h).
+_TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)
 
 
 @triton.jit
@@ -57,10 +57,10 @@ def _philox_normal4(seed, c):
     c_hi = (c >> 32).to(tl.uint32)
     zero = c_lo * 0
     x0, x1, x2, x3 = tl.philox(seed, c_lo, c_hi, zero, zero)
-    u0 = ((x0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    u1 = ((x1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    u2 = ((x2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    u3 = ((x3 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    u0 = ((x0 >> 8).to(tl.float32) + 0.5) * _TWO_POW_M24
+    u1 = ((x1 >> 8).to(tl.float32) + 0.5) * _TWO_POW_M24
+    u2 = ((x2 >> 8).to(tl.float32) + 0.5) * _TWO_POW_M24
+    u3 = ((x3 >> 8).to(tl.float32) + 0.5) * _TWO_POW_M24
     r01 = tl.sqrt(-2.0 * tl.log(u0))
     t01 = 6.283185307179586 * u1
     r23 = tl.sqrt(-2.0 * tl.log(u2))
@@ -197,7 +197,9 @@ def _gm_reparam_bwd_kernel(gz_ptr, sr_ptr, noise_ptr, dsr_ptr, gpi_ptr, logits_p
 # ---------------------------------------------------------------------------------------------------------------
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from gmwae_fast.backends import triton_interpreting  # the one rule (Triton's own reading of TRITON_INTERPRET)
+
+    return triton_interpreting()
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

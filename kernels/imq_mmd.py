@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -340,7 +339,9 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_pt
 # ---------------------------------------------------------------------------------------------------------------
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+    from gmwae_fast.backends import triton_interpreting
+
+    return triton_interpreting()
 
 
 def _device_guard(device: torch.device):

@@ -20,10 +20,11 @@ DEVICE_BACKENDS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"),
                    ("cuda", "reference"), ("cuda", "cuda"), ("cuda", "triton")]
 
 
-def skip_unless_usable(device: str, backend: str) -> None:
+def skip_unless_usable(device: str, backend: str, op: str = "imq_mmd") -> None:
+    """Skip unless ``backend`` runs op family ``op`` (``"imq_mmd"`` or ``"gm_reparam"``) on ``device`` here."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    reason = gmwae_fast.available_backends(device)[backend]
+    reason = gmwae_fast.available_backends(device, op=op)[backend]
     if reason is not None:
         pytest.skip(f"backend {backend!r} unusable on {device}: {reason}")
 

@@ -114,13 +114,11 @@ TRITON_OPS = ReparamOps(torch.ops.gmwae_fast.triton_gm_reparam.default,
 _register(TRITON_OPS)
 
 _COMPILED_OPS: Optional[ReparamOps] = None
-#: dispatch key ("CPU" / "CUDA") -> whether gmwae_fast._C has a gm_reparam kernel for it (filled at registration, so
-#: that op_set stays traceable by torch.compile).
-_COMPILED_KEYS: dict = {}
 
 
 def _register_compiled() -> Optional[str]:
-    """Register fake + autograd of the C++ ops; ``None`` on success, else why they are unavailable."""
+    """Register fake + autograd of the C++ ops; ``None`` on success, else why they are unavailable. Which device
+    kernels ``_C`` has is the registry's question (``backends.unavailable_reason(..., op="gm_reparam")``)."""
     global _COMPILED_OPS
     if _COMPILED_OPS is not None:
         return None
@@ -130,10 +128,8 @@ def _register_compiled() -> Optional[str]:
         ns = torch.ops.gmwae_fast
         ops = ReparamOps(ns.gm_reparam.default, ns.gm_reparam_backward.default)
     except (AttributeError, RuntimeError):
-        return "gmwae_fast._C was built without the gm_reparam ops (rebuild the extension)"
+        return "gmwae_fast._C was built before the gm_reparam ops existed (rebuild the extension)"
     _register(ops)
-    for key in ("CPU", "CUDA"):
-        _COMPILED_KEYS[key] = torch._C._dispatch_has_kernel_for_dispatch_key("gmwae_fast::gm_reparam", key)
     _COMPILED_OPS = ops
     return None
 
@@ -144,26 +140,14 @@ if importlib.util.find_spec("gmwae_fast._C") is not None:
     _register_compiled()
 
 
-def compiled_unavailable_reason(backend: str) -> Optional[str]:
-    """``None`` if gmwae_fast._C has the gm_reparam kernel of ``backend`` (``"cpu"`` / ``"cuda"``), else why not
-    (e.g. an extension built before this op family existed)."""
-    if _COMPILED_OPS is None:
-        reason = _register_compiled()
-        if reason is not None:
-            return reason
-    key = "CUDA" if backend == "cuda" else "CPU"
-    if not _COMPILED_KEYS.get(key, False):
-        return f"gmwae_fast._C was built without the {key} gm_reparam kernel"
-    return None
-
-
 def op_set(backend: str) -> ReparamOps:
-    """The ops of a concrete fused backend (``"triton"``, ``"cpu"`` or ``"cuda"``)."""
+    """The ops of a concrete fused backend (``"triton"``, ``"cpu"`` or ``"cuda"``), as chosen by
+    :func:`gmwae_fast.backends.select_backend` (which has checked that the backend has these kernels)."""
     if backend == "triton":
         return TRITON_OPS
     if backend in ("cpu", "cuda"):
-        if _COMPILED_OPS is None or not _COMPILED_KEYS.get("CUDA" if backend == "cuda" else "CPU", False):
-            raise RuntimeError(f"backend {backend!r} cannot run gm_reparameterize: "
-                               f"{compiled_unavailable_reason(backend)}")
+        reason = _register_compiled()
+        if reason is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run gm_reparameterize: {reason}")
         return _COMPILED_OPS
     raise ValueError(f"backend {backend!r} has no fused op set")

@@ -30,19 +30,20 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
+from gmwae_fast.backends import backend_choices, check_backend_name, last_backend, resolve_backend
+
 from . import checkpoint as ck
 from . import dist as dp
 from .data import Batcher, InvalidDataError, MissingDataError, default_data_dir, load_mnist, subset
 from .augment import AffineRange
 from .losses import (add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, objective,
-                     pretrain_loss, resolve_ops, resolved_backend)
+                     pretrain_loss, resolve_ops)
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
 from .priors import PRIORS, GMPrior, make_prior
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
-KNOWN_BACKENDS = ("auto", "reference", "cpu", "cpp", "cuda", "triton")
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,15 +95,10 @@ def _nonneg_float(s: str) -> float:
 
 
 def _backend(s: str) -> str:
-    names = {"auto", "reference"}
     try:
-        from gmwae_fast.backends import BACKENDS
-        names |= set(BACKENDS)
-    except Exception:
-        names |= set(KNOWN_BACKENDS)
-    if s not in names:
-        raise argparse.ArgumentTypeError(f"unknown backend {s!r}; choose from {sorted(names)}")
-    return s
+        return check_backend_name(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown backend {s!r}; choose from {list(backend_choices())}")
 
 
 def _rank_step(s: str) -> Tuple[int, int]:
@@ -439,7 +435,8 @@ class _Run:
     wall: float = 0.0
     last_eval: Optional[Dict] = None
     saved_step: Optional[int] = None      # step of the checkpoint this run wrote or resumed from
-    mmd_backend_used: str = ""
+    mmd_backend_used: str = ""            # what the registry resolves before the first step (summary: last_backend)
+    reparam_backend_used: str = ""
     env: Optional[dp.DistEnv] = None      # the process group of a data-parallel run (None: one process)
     shards: Any = None                    # dp.Shards: this process's rows of each global batch
     step_fn: Any = None                   # local rows -> loss dict (through DDP when data-parallel)
@@ -621,14 +618,13 @@ def _resolve_ops(r: _Run) -> None:
         r.ops = resolve_ops()
     except RuntimeError as e:
         raise RunError(str(e)) from e
-    for opt in ("mmd_backend", "reparam_backend"):
+    for opt, op in (("mmd_backend", "imq_mmd"), ("reparam_backend", "gm_reparam")):
         requested = getattr(r.a, opt)
         try:
-            used = resolved_backend(requested, r.device, r.ops)
+            used = resolve_backend(requested, r.device, op)
         except (RuntimeError, ValueError) as e:
             raise RunError(f"--{opt.replace('_', '-')} {requested}: {e}") from e
-        if opt == "mmd_backend":
-            r.mmd_backend_used = used
+        setattr(r, opt + "_used", used)
 
 
 def _load_data(r: _Run) -> None:
@@ -867,8 +863,10 @@ def _finish(r: _Run) -> int:
     summary.update({"model": a.model, "prior": a.prior, "recipe": a.recipe, "steps": step,
                     "epochs": round(r.batcher.epoch_of(step), 3), "wall_s": round(r.wall, 2),
                     "sec_per_step": round(r.wall / max(step, 1), 4), "device": str(r.device),
-                    "mmd_backend": r.mmd_backend_used, "mmd_backend_requested": a.mmd_backend,
-                    "reparam_backend": _reparam_backend_used(a.reparam_backend, r.device), "config": _config(a),
+                    "mmd_backend": last_backend("imq_mmd") or r.mmd_backend_used,
+                    "mmd_backend_requested": a.mmd_backend,
+                    "reparam_backend": last_backend("gm_reparam") or r.reparam_backend_used,
+                    "reparam_backend_requested": a.reparam_backend, "config": _config(a),
                     "machine": _machine_info(r.device), "train_images": len(x_tr), "test_images": len(x_te),
                     "world_size": r.world, "dist_backend": None if r.env is None else r.env.backend,
                     "batch_norm": r.batch_norm})
@@ -944,14 +942,6 @@ def make_progress(a, step: int, stream=None):
         return None
     isatty = getattr(stream, "isatty", None)
     return (_BarProgress if isatty is not None and isatty() else _LineProgress)(a, step, stream)
-
-
-def _reparam_backend_used(requested: str, device) -> str:
-    try:
-        from gmwae_fast.backends import resolve_backend
-        return resolve_backend(requested, device)
-    except Exception:
-        return requested
 
 
 def _eval(model, x_te, y_te, prior, ops, a):

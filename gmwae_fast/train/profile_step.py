@@ -16,24 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from .. import backends
+from .._measure import timed_call
 from .losses import decodes_per_image, gmwae_loss, resolve_ops
 from .models import GMModel
 from .priors import make_prior
 
 
 def _median_time(fn, reps: int, warmup: int) -> float:
+    """Median seconds of ``reps`` calls (each timed by ``gmwae_fast._measure.timed_call``) after ``warmup``."""
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(timed_call(fn, torch.device("cpu"))[1] for _ in range(reps))
 
 
 def main(argv=None) -> int:
@@ -81,9 +78,7 @@ def main(argv=None) -> int:
            "torch_threads": torch.get_num_threads(), "reparam_backend": a.reparam_backend,
            "checkpoint": a.checkpoint, "images": "mnist train" if a.data_dir else "random",
            "mode_prune": a.mode_prune, "decoded_modes_per_image": decodes_per_image(pi, a.mode_prune), "backends": {}}
-    from gmwae_fast.backends import resolve_backend
     for be in a.backends:
-        name = resolve_backend(be, "cpu")
 
         def step():
             out = gmwae_loss(model, x, prior, gen, ops, 500.0, B * K, be, a.reparam_backend, prune=a.mode_prune)
@@ -101,6 +96,8 @@ def main(argv=None) -> int:
 
         t_step = _median_time(step, a.reps, a.warmup)
         t_mmd = _median_time(mmd_only, a.reps, a.warmup)
+        name = backends.last_backend("imq_mmd")  # the backend that ran
+        res["reparam_backend_resolved"] = backends.last_backend("gm_reparam")
         res["backends"][be] = {"resolved": name, "step_s": round(t_step, 6), "mmd_fwd_bwd_s": round(t_mmd, 6),
                                "mmd_share": round(t_mmd / t_step, 3)}
         print(f"{be:>9} ({name}): step {t_step * 1e3:8.1f} ms, MMD fwd+bwd {t_mmd * 1e3:8.1f} ms, "
