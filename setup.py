@@ -23,8 +23,8 @@ and torch itself has CUDA.  Otherwise (no nvcc, CPU-only torch) the CPU extensio
 printed.  If the C++ build fails as well, the pure-Python package is still installed, with one warning line.
 
 The build facts (cpu_compiled, cuda_compiled, cuda_arch_list, torch_version, ...) are written to the generated
-module ``gmwae_fast/_build_config.py`` (ignored by git); the loaded library also exposes ``gmwae_fast._C.CUDA_COMPILED``,
-``.CPU_ISA`` and ``.TORCH_VERSION``.
+module ``gmwae_fast/_build_config.py`` (ignored by git); the loaded library also exposes
+``gmwae_fast._C.CUDA_COMPILED``, ``.CPU_ISA`` and ``.TORCH_VERSION``.
 
 CPU code: ``-O3 -ffp-contract=fast -fopenmp`` for the baseline ISA only; the AVX2+FMA and AVX-512 variants of the
 CPU kernels are compiled in the same translation unit under ``#pragma GCC target`` and chosen at run time from
@@ -32,6 +32,7 @@ CPUID (the binary runs on any x86-64 CPU; ``GMWAE_FAST_CPU_ISA=generic|avx2|avx5
 
 Install: ``pip install --no-build-isolation -e .`` (development) or ``pip install .``.
 """
+
 import filecmp
 import glob
 import os
@@ -62,7 +63,7 @@ PACKAGE_DIR = {"gmwae_fast": "gmwae_fast", "gmwae_fast.kernels": "kernels"}
 def _pkg_path(pkg):
     for prefix in sorted(PACKAGE_DIR, key=len, reverse=True):
         if pkg == prefix or pkg.startswith(prefix + "."):
-            return os.path.join(PACKAGE_DIR[prefix], *pkg[len(prefix):].split(".")[1:])
+            return os.path.join(PACKAGE_DIR[prefix], *pkg[len(prefix) :].split(".")[1:])
     return os.path.join(*pkg.split("."))
 
 
@@ -184,8 +185,11 @@ def _make_extension(with_cuda):
         kwargs["include_dirs"] += _pip_cuda_includes()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-DGMWAE_FAST_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
-            "gmwae_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DGMWAE_FAST_WITH_CUDA"], "nvcc": nvcc},
-            **kwargs)
+            "gmwae_fast._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DGMWAE_FAST_WITH_CUDA"], "nvcc": nvcc},
+            **kwargs,
+        )
     return cpp_extension.CppExtension("gmwae_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
@@ -226,9 +230,19 @@ if cpp_extension is not None:
             # Reconfigure the (already finalised) Extension object in place, keeping setuptools' bookkeeping.
             fresh = _make_extension(with_cuda)
             for ext in self.extensions:
-                for attr in ("sources", "include_dirs", "define_macros", "undef_macros", "library_dirs",
-                             "libraries", "runtime_library_dirs", "extra_objects", "extra_compile_args",
-                             "extra_link_args", "language"):
+                for attr in (
+                    "sources",
+                    "include_dirs",
+                    "define_macros",
+                    "undef_macros",
+                    "library_dirs",
+                    "libraries",
+                    "runtime_library_dirs",
+                    "extra_objects",
+                    "extra_compile_args",
+                    "extra_link_args",
+                    "language",
+                ):
                     setattr(ext, attr, getattr(fresh, attr))
             super().run()
 
@@ -254,8 +268,10 @@ if cpp_extension is not None:
             except Exception as exc:
                 if _flag("FORCE_CUDA"):
                     raise
-                warning = (f"the C++ extension could not be built ({type(exc).__name__}: {exc}); installing the "
-                           "pure-Python package (backends 'reference' and 'triton' only)")
+                warning = (
+                    f"the C++ extension could not be built ({type(exc).__name__}: {exc}); installing the "
+                    "pure-Python package (backends 'reference' and 'triton' only)"
+                )
                 _warn(warning)
                 for ext in self.extensions:  # no stale library from an earlier build next to the new config
                     stale = self.get_ext_fullpath(ext.name)

@@ -10,6 +10,7 @@ Plain Python (no pytest import), so any benchmark file (``bench_*.py``) and the 
 * :func:`timed_call`, :func:`plan_rounds`: warm-up timing with a device sync, and how many rounds to run.
 * :func:`sfu_bound_s`: the special-function-unit lower bound of a GPU for the IMQ MMD.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ MUFU_PER_CLK_PER_SM = {7: 16, 8: 16, 9: 16, 10: 16, 12: 16}
 # ---------------------------------------------------------------------------------------------------------------
 # what we run on
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def cpu_model_name() -> str:
     try:
@@ -90,8 +92,13 @@ def gpu_properties(device: torch.device) -> dict:
     """SM count, SM clock (MHz) and compute capability of a CUDA device (clock: torch, then nvidia-smi, then a
     table of boost clocks; ``clock_source`` says which)."""
     props = torch.cuda.get_device_properties(device)
-    out = {"sm_count": props.multi_processor_count, "cc": f"{props.major}.{props.minor}", "major": props.major,
-           "total_memory": props.total_memory, "name": props.name}
+    out = {
+        "sm_count": props.multi_processor_count,
+        "cc": f"{props.major}.{props.minor}",
+        "major": props.major,
+        "total_memory": props.total_memory,
+        "name": props.name,
+    }
     clock_mhz, source = None, None
     khz = getattr(props, "clock_rate", None)
     if khz:
@@ -99,15 +106,25 @@ def gpu_properties(device: torch.device) -> dict:
     if clock_mhz is None:
         try:
             idx = device.index if device.index is not None else torch.cuda.current_device()
-            txt = subprocess.run(["nvidia-smi", "-i", str(idx), "--query-gpu=clocks.max.sm",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                 timeout=20).stdout.strip()
+            txt = subprocess.run(
+                ["nvidia-smi", "-i", str(idx), "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
             clock_mhz, source = float(txt.splitlines()[0]), "nvidia-smi clocks.max.sm"
         except Exception:
             pass
     if clock_mhz is None:
-        table = {"H200": 1980.0, "H100 PCIe": 1755.0, "H100": 1980.0, "A100": 1410.0, "L40S": 2520.0,
-                 "A10": 1695.0, "V100": 1530.0}
+        table = {
+            "H200": 1980.0,
+            "H100 PCIe": 1755.0,
+            "H100": 1980.0,
+            "A100": 1410.0,
+            "L40S": 2520.0,
+            "A10": 1695.0,
+            "V100": 1530.0,
+        }
         for key, mhz in table.items():
             if key in props.name:
                 clock_mhz, source = mhz, f"boost-clock table ({key})"
@@ -146,6 +163,7 @@ def device_info(device: torch.device) -> dict:
 # memory
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -170,8 +188,10 @@ def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
 # timing
 # ---------------------------------------------------------------------------------------------------------------
 
-def plan_rounds(call_s: float, target_s: float, min_rounds: int, max_rounds: int,
-                min_round_s: float = 1e-3) -> tuple[int, int]:
+
+def plan_rounds(
+    call_s: float, target_s: float, min_rounds: int, max_rounds: int, min_round_s: float = 1e-3
+) -> tuple[int, int]:
     """``(rounds, iterations)``: iterations per round so one round lasts >= ``min_round_s``, rounds to fill
     ``target_s`` (at least ``min_rounds``, at most ``max_rounds``)."""
     call_s = max(call_s, 1e-7)
@@ -183,6 +203,7 @@ def plan_rounds(call_s: float, target_s: float, min_rounds: int, max_rounds: int
 # ---------------------------------------------------------------------------------------------------------------
 # work counts and hardware bound
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def mmd_pairs(n: int, m: int) -> int:
     """Distinct kernel evaluations an unbiased MMD² needs: ``n(n-1)/2 + m(m-1)/2 + n m`` (self terms symmetric)."""

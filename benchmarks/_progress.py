@@ -3,6 +3,7 @@
 Pytest hooks, imported by ``benchmarks/conftest.py``. The bar (or the lines) go to stderr, so they never mix with
 the JSON or the report; ``--no-bench-progress`` turns both off.
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,14 +13,20 @@ _state: dict = {}
 
 
 def _enabled(config) -> bool:
-    return not config.getoption("--no-bench-progress", default=False) and config.getoption("--benchmark-only",
-                                                                                            default=False)
+    return not config.getoption("--no-bench-progress", default=False) and config.getoption(
+        "--benchmark-only", default=False
+    )
 
 
 def pytest_collection_finish(session) -> None:
     if _enabled(session.config) and session.items:
-        _state.update(total=len(session.items), done=0, start=time.perf_counter(), bar=None,
-                      capture=session.config.pluginmanager.getplugin("capturemanager"))
+        _state.update(
+            total=len(session.items),
+            done=0,
+            start=time.perf_counter(),
+            bar=None,
+            capture=session.config.pluginmanager.getplugin("capturemanager"),
+        )
 
 
 def _bar():

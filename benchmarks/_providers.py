@@ -18,6 +18,7 @@ bandwidths ``C_s = 2 d s`` (``s`` in :data:`gmwae_fast.PAPER_SCALES` by default,
 
 The formulas of today's code are imported from :mod:`gmwae_fast.reference`, never copied.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,21 +27,23 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from _names import BASELINES, FUSED, LABELS, PROVIDERS  # noqa: E402,F401
 from torch import Tensor
 
 import gmwae_fast
 from gmwae_fast import reference
-
-from _names import BASELINES, FUSED, LABELS, PROVIDERS  # noqa: E402,F401
 
 #: Peak bytes of the materialised baselines, in units of ``n * m * S * element size`` (measured with eager
 #: PyTorch: per_bandwidth keeps ~5 matrices per bandwidth for the backward; vectorised holds ``C + D`` and
 #: ``C / (C + D)`` at once and keeps ``C + D`` of every term for the backward; compiled is a guess, its real peak
 #: is measured). KeOps and the fused kernels are ``O((n + m) d)``.
 FOOTPRINT = {
-    ("per_bandwidth", "fwd"): 0.6, ("per_bandwidth", "fwd+bwd"): 5.5,
-    ("vectorised", "fwd"): 2.0, ("vectorised", "fwd+bwd"): 6.0,
-    ("compiled", "fwd"): 0.2, ("compiled", "fwd+bwd"): 1.0,
+    ("per_bandwidth", "fwd"): 0.6,
+    ("per_bandwidth", "fwd+bwd"): 5.5,
+    ("vectorised", "fwd"): 2.0,
+    ("vectorised", "fwd+bwd"): 6.0,
+    ("compiled", "fwd"): 0.2,
+    ("compiled", "fwd+bwd"): 1.0,
 }
 
 
@@ -66,8 +69,9 @@ def _keops_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def unavailable_reason(provider: str, device: torch.device, dtype: torch.dtype,
-                       allow_interpreter: bool = False) -> Optional[str]:
+def unavailable_reason(
+    provider: str, device: torch.device, dtype: torch.dtype, allow_interpreter: bool = False
+) -> Optional[str]:
     """``None`` if ``provider`` can be measured on ``device`` / ``dtype`` here, else why not."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
@@ -80,16 +84,19 @@ def unavailable_reason(provider: str, device: torch.device, dtype: torch.dtype,
     if provider in FUSED:
         backend = provider.split("_", 1)[1]
         if backend == "triton" and device.type == "cpu" and not allow_interpreter:
-            return ("triton runs CPU tensors only in the interpreter (TRITON_INTERPRET=1), which is a correctness "
-                    "tool: not benchmarked")
+            return (
+                "triton runs CPU tensors only in the interpreter (TRITON_INTERPRET=1), which is a correctness "
+                "tool: not benchmarked"
+            )
         reason = gmwae_fast.available_backends(device)[backend]
         if reason is not None:
             return f"backend {backend!r} unusable on {device.type}: {reason}"
     return None
 
 
-def make_inputs(n: int, d: int, dtype: torch.dtype, device: torch.device, m: Optional[int] = None,
-                seed: int = 0) -> tuple[Tensor, Tensor]:
+def make_inputs(
+    n: int, d: int, dtype: torch.dtype, device: torch.device, m: Optional[int] = None, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """``x ~ N(0, I)`` ``(n, d)`` and ``y ~ N(0.5, I)`` ``(m, d)`` (the shift keeps MMD² well away from zero so the
     value check is meaningful), drawn on the CPU from ``seed`` so every device sees the same numbers."""
     g = torch.Generator().manual_seed(seed)
@@ -110,6 +117,7 @@ def reference_value(x: Tensor, y: Tensor, scales: Sequence[float] = gmwae_fast.P
 # the formulations
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _bw_tensor(d: int, scales: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor(reference.bandwidths_for(d, scales), dtype=like.dtype, device=like.device)
 
@@ -124,13 +132,13 @@ def _keops_mmd_fn(d: int, scales: Sequence[float], like: Tensor) -> Callable[[Te
         p_i = LazyTensor(p[:, None, :])
         q_j = LazyTensor(q[None, :, :])
         c_p = LazyTensor(c)
-        dist = ((p_i - q_j) ** 2).sum(-1)               # (n, m, 1), differences, never the |a|^2+|b|^2-2ab form
-        k = (c_p / (c_p + dist)).sum(-1)                # sum over the S bandwidths inside the formula
-        return k.sum(dim=1).sum()                       # one reduction over j, then the n row sums
+        dist = ((p_i - q_j) ** 2).sum(-1)  # (n, m, 1), differences, never the |a|^2+|b|^2-2ab form
+        k = (c_p / (c_p + dist)).sum(-1)  # sum over the S bandwidths inside the formula
+        return k.sum(dim=1).sum()  # one reduction over j, then the n row sums
 
     def mmd(x: Tensor, y: Tensor) -> Tensor:
         n, m = x.shape[0], y.shape[0]
-        kxx = term(x, x) - n * n_bw                     # the diagonal: k_s(0) = 1 for each bandwidth
+        kxx = term(x, x) - n * n_bw  # the diagonal: k_s(0) = 1 for each bandwidth
         kyy = term(y, y) - m * n_bw
         kxy = term(x, y)
         return kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2.0 * kxy / (n * m)
@@ -138,8 +146,9 @@ def _keops_mmd_fn(d: int, scales: Sequence[float], like: Tensor) -> Callable[[Te
     return mmd
 
 
-def mmd_function(provider: str, d: int, like: Tensor,
-                 scales: Sequence[float] = gmwae_fast.PAPER_SCALES) -> Callable[[Tensor, Tensor], Tensor]:
+def mmd_function(
+    provider: str, d: int, like: Tensor, scales: Sequence[float] = gmwae_fast.PAPER_SCALES
+) -> Callable[[Tensor, Tensor], Tensor]:
     """``f(x, y) -> scalar MMD²`` of ``provider`` (builds what needs building; compiling happens at first call)."""
     scales = tuple(scales)
     if provider == "per_bandwidth":
@@ -174,8 +183,9 @@ class Runner:
         return self.x.grad
 
 
-def make_runner(provider: str, x: Tensor, y: Tensor, mode: str,
-                scales: Sequence[float] = gmwae_fast.PAPER_SCALES) -> Runner:
+def make_runner(
+    provider: str, x: Tensor, y: Tensor, mode: str, scales: Sequence[float] = gmwae_fast.PAPER_SCALES
+) -> Runner:
     f = mmd_function(provider, x.shape[1], x, scales)
     if mode == "fwd":
         xi = x.detach()

@@ -12,6 +12,7 @@ baseline / step time, efficiency = speed-up / R. The values of every world size 
 
 Not collected by ``pytest benchmarks`` (no test functions): a plain script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, d: int, 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     x, y = _data(args.n, d)
     rows = args.n // world
-    x_r, y_r = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+    x_r, y_r = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
     res = {"dist": [], "plain": [], "value": None}
     for i in range(args.warmup + args.repeat):
         dist.barrier()
@@ -94,10 +95,20 @@ def _rows(args: argparse.Namespace) -> list[dict]:
             if world == 1:
                 base, ref_value = statistics.median(ranks[0]["plain"]), ranks[0]["value"]
             med = statistics.median(step)
-            rows.append(dict(d=d, world=world, step=med, q=(min(step), max(step)), per_rank=per_rank,
-                             plain=base if world == 1 else None, speedup=base / med, eff=base / med / world,
-                             rel=abs(ranks[0]["value"] - ref_value) / abs(ref_value),
-                             load=(load0, os.getloadavg()[0])))
+            rows.append(
+                dict(
+                    d=d,
+                    world=world,
+                    step=med,
+                    q=(min(step), max(step)),
+                    per_rank=per_rank,
+                    plain=base if world == 1 else None,
+                    speedup=base / med,
+                    eff=base / med / world,
+                    rel=abs(ranks[0]["value"] - ref_value) / abs(ref_value),
+                    load=(load0, os.getloadavg()[0]),
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -105,26 +116,33 @@ def _rows(args: argparse.Namespace) -> list[dict]:
 def _markdown(args: argparse.Namespace, rows: list[dict], cmd: str) -> str:
     import gmwae_fast
 
-    lines = [f"# Distributed MMD strong scaling ({args.machine})", "",
-             f"Measured {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} with",
-             f"`{cmd}`; torch {torch.__version__}, gmwae_fast {getattr(gmwae_fast, '__version__', '?')}, "
-             f"Python {platform.python_version()}, {os.cpu_count()} logical CPUs.", "",
-             f"`fast_imq_mmd(x_r, y_r, process_group=WORLD, backend={args.backend!r})`, forward + backward (gradient "
-             f"w.r.t. x), N = {args.n} points of x and N of y split evenly over R ranks, 15 `PAPER_SCALES`, "
-             f"unbiased, float32, gloo on 127.0.0.1, one torch thread per rank, {args.repeat} timed repeats after "
-             f"{args.warmup} warm-up. Step = the slowest rank's time, median over repeats (min-max in brackets); "
-             "per rank = each rank's median. Baseline = the plain single-process call (no process group, one "
-             "thread). Speed-up = baseline / step; efficiency = speed-up / R. `rel. diff` = |MMD²(R) - "
-             "MMD²(R = 1)| / MMD²(R = 1).", "",
-             "| d | R | step (median) | per rank | baseline (R = 1, plain) | speed-up | efficiency | rel. diff | "
-             "load avg (before, after) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Distributed MMD strong scaling ({args.machine})",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} with",
+        f"`{cmd}`; torch {torch.__version__}, gmwae_fast {getattr(gmwae_fast, '__version__', '?')}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} logical CPUs.",
+        "",
+        f"`fast_imq_mmd(x_r, y_r, process_group=WORLD, backend={args.backend!r})`, forward + backward (gradient "
+        f"w.r.t. x), N = {args.n} points of x and N of y split evenly over R ranks, 15 `PAPER_SCALES`, "
+        f"unbiased, float32, gloo on 127.0.0.1, one torch thread per rank, {args.repeat} timed repeats after "
+        f"{args.warmup} warm-up. Step = the slowest rank's time, median over repeats (min-max in brackets); "
+        "per rank = each rank's median. Baseline = the plain single-process call (no process group, one "
+        "thread). Speed-up = baseline / step; efficiency = speed-up / R. `rel. diff` = |MMD²(R) - "
+        "MMD²(R = 1)| / MMD²(R = 1).",
+        "",
+        "| d | R | step (median) | per rank | baseline (R = 1, plain) | speed-up | efficiency | rel. diff | "
+        "load avg (before, after) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         plain = f"{r['plain'] * 1e3:.0f} ms" if r["plain"] is not None else ""
-        lines.append(f"| {r['d']} | {r['world']} | {r['step'] * 1e3:.0f} ms ({r['q'][0] * 1e3:.0f}-"
-                     f"{r['q'][1] * 1e3:.0f}) | {', '.join(f'{t * 1e3:.0f} ms' for t in r['per_rank'])} | {plain} | "
-                     f"{r['speedup']:.2f}x | {r['eff'] * 100:.0f}% | {r['rel']:.1e} | "
-                     f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
+        lines.append(
+            f"| {r['d']} | {r['world']} | {r['step'] * 1e3:.0f} ms ({r['q'][0] * 1e3:.0f}-"
+            f"{r['q'][1] * 1e3:.0f}) | {', '.join(f'{t * 1e3:.0f} ms' for t in r['per_rank'])} | {plain} | "
+            f"{r['speedup']:.2f}x | {r['eff'] * 100:.0f}% | {r['rel']:.1e} | "
+            f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +162,15 @@ def main() -> None:
         raise SystemExit("--ranks must start with 1 (the baseline)")
     rows = _rows(args)
     cmd = "python benchmarks/bench_distributed.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in
-        (("n", args.n), ("d", args.d), ("ranks", args.ranks), ("repeat", args.repeat), ("backend", args.backend)))
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in (
+            ("n", args.n),
+            ("d", args.d),
+            ("ranks", args.ranks),
+            ("repeat", args.repeat),
+            ("backend", args.backend),
+        )
+    )
     text = _markdown(args, rows, cmd) + (f"\n{args.notes}\n" if args.notes else "")
     print(text)
     if args.out:

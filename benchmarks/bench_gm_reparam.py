@@ -23,6 +23,7 @@ are not ``mu``, ``sigma_raw`` or ``logits``, i.e. what the op adds to the activa
 Self-contained: it uses only pytest-benchmark's ``benchmark`` fixture (the shared ``conftest.py`` of this folder
 collects ``bench_*.py`` files).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -129,9 +130,17 @@ def test_gm_reparam(benchmark, provider, d, mode):
         t.grad = None
     total, beyond = saved_bytes(fn, inputs)
     benchmark.group = f"gm_reparam-B{B}-K{K}-d{d}-{mode}"
-    benchmark.extra_info.update({
-        "provider": provider, "B": B, "K": K, "d": d, "mode": mode, "device": str(device),
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "saved_bytes": total, "saved_bytes_beyond_inputs": beyond,
-    })
+    benchmark.extra_info.update(
+        {
+            "provider": provider,
+            "B": B,
+            "K": K,
+            "d": d,
+            "mode": mode,
+            "device": str(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "saved_bytes": total,
+            "saved_bytes_beyond_inputs": beyond,
+        }
+    )
     benchmark.pedantic(run, rounds=30 if device.type == "cpu" else 200, iterations=1, warmup_rounds=2)

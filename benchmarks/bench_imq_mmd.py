@@ -10,17 +10,18 @@ Per case, outside the timed region:
 4. one more call for the peak memory (``_harness.measure_peak_memory``), a few to estimate the call time;
 5. ``benchmark.pedantic``: ``rounds x iterations`` calls, each ending with a device sync.
 """
+
 from __future__ import annotations
 
 import gc
 import math
 import time
 
+import _harness
+import _providers
 import pytest
 import torch
 
-import _harness
-import _providers
 import gmwae_fast
 
 S = len(gmwae_fast.PAPER_SCALES)
@@ -30,8 +31,9 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return True
     text = str(exc).lower()
-    return any(k in text for k in ("out of memory", "not enough memory", "can't allocate memory",
-                                   "cannot allocate memory"))
+    return any(
+        k in text for k in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+    )
 
 
 def _failure(provider: str, exc: Exception) -> tuple[str, str]:
@@ -47,6 +49,14 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _sfu_model(S: int, gpu: dict) -> str:
+    mufu = _harness.MUFU_PER_CLK_PER_SM.get(gpu["major"], 16)
+    return (
+        f"{S} reciprocals/pair, {mufu}/clk/SM x {gpu['sm_count']} SMs x {gpu['sm_clock_mhz']} MHz "
+        f"({gpu['clock_source']})"
+    )
 
 
 def _check_oracle(settings, x, y, n, m, d, dtype_name):
@@ -67,12 +77,17 @@ def _check_oracle(settings, x, y, n, m, d, dtype_name):
                     v = gmwae_fast.fast_imq_mmd(x.double(), y.double(), backend=backend)
                 out = (float(v), f"float64 fast_imq_mmd backend={backend} (n > {settings.check_max_n})")
             except Exception as exc:  # noqa: BLE001 - the check is a sanity check, not the measurement
-                out = (None, f"not checked: the float64 oracle (backend={backend}) raised "
-                             f"{type(exc).__name__}: {str(exc)[:200]}")
+                out = (
+                    None,
+                    f"not checked: the float64 oracle (backend={backend}) raised "
+                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                )
             _free(settings.device)
     else:
-        out = (None, f"not checked: n > --bench-check-max-n={settings.check_max_n} on a CPU (float64 reference "
-                     "too slow)")
+        out = (
+            None,
+            f"not checked: n > --bench-check-max-n={settings.check_max_n} on a CPU (float64 reference too slow)",
+        )
     settings.ref_cache[key] = out
     return out
 
@@ -85,8 +100,17 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
     m = n
     group = f"n={n} d={d} {mode} {dtype_name}"
     benchmark.group = group
-    case = {"kind": "imq_mmd", "provider": provider, "n": n, "m": m, "d": d, "mode": mode, "dtype": dtype_name,
-            "group": group, "device": dev.type}
+    case = {
+        "kind": "imq_mmd",
+        "provider": provider,
+        "n": n,
+        "m": m,
+        "d": d,
+        "mode": mode,
+        "dtype": dtype_name,
+        "group": group,
+        "device": dev.type,
+    }
 
     reason = _providers.unavailable_reason(provider, dev, dtype)
     if reason is not None:
@@ -96,17 +120,27 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
         _free(dev)
         budget = _harness.memory_budget(dev, s.mem_fraction)
         if est > budget:
-            record_skip("too-large", f"would materialise ~{est / 2**30:.1f} GiB (estimated) > "
-                        f"budget {budget / 2**30:.1f} GiB ({s.mem_fraction:g} of free {dev.type} memory)",
-                        est_bytes=est, budget_bytes=budget, **case)
+            record_skip(
+                "too-large",
+                f"would materialise ~{est / 2**30:.1f} GiB (estimated) > "
+                f"budget {budget / 2**30:.1f} GiB ({s.mem_fraction:g} of free {dev.type} memory)",
+                est_bytes=est,
+                budget_bytes=budget,
+                **case,
+            )
     series = (provider, d, mode, dtype_name)
     forced = (n, d, mode, dtype_name) in s.force  # a target configuration: every provider runs
     if provider in _providers.BASELINES and s.max_call_s > 0 and series in s.call_times and not forced:
         n0, t0 = s.call_times[series]
         predicted = t0 * (n / n0) ** 2
         if n > n0 and predicted > s.max_call_s:
-            record_skip("too-slow", f"predicted {predicted:.0f} s per call (n^2 from {t0:.3g} s at n={n0}) > "
-                        f"--bench-max-call-s={s.max_call_s:g}", predicted_call_s=predicted, **case)
+            record_skip(
+                "too-slow",
+                f"predicted {predicted:.0f} s per call (n^2 from {t0:.3g} s at n={n0}) > "
+                f"--bench-max-call-s={s.max_call_s:g}",
+                predicted_call_s=predicted,
+                **case,
+            )
 
     x, y = _providers.make_inputs(n, d, dtype, dev, m=m)
     ref, oracle = _check_oracle(s, x, y, n, m, d, dtype_name)
@@ -134,20 +168,35 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
 
     info = benchmark.extra_info
     info.update(case)
-    info.update(label=_providers.LABELS[provider], S=S, device_name=s.info["device_name"], slug=s.info["slug"],
-                torch=s.info["torch"], triton=s.info["triton"], pykeops=s.info["pykeops"],
-                gmwae_fast=s.info["build_info"].get("version"), build_info=s.info["build_info"],
-                torch_threads=torch.get_num_threads(),
-                warmup_s=warmup_s, steady_call_s=call_s, peak_mem_bytes=peak, mem_method=mem_method,
-                footprint_est_bytes=est or None, value=value, ref_value=ref, oracle=oracle)
+    info.update(
+        label=_providers.LABELS[provider],
+        S=S,
+        device_name=s.info["device_name"],
+        slug=s.info["slug"],
+        torch=s.info["torch"],
+        triton=s.info["triton"],
+        pykeops=s.info["pykeops"],
+        gmwae_fast=s.info["build_info"].get("version"),
+        build_info=s.info["build_info"],
+        torch_threads=torch.get_num_threads(),
+        warmup_s=warmup_s,
+        steady_call_s=call_s,
+        peak_mem_bytes=peak,
+        mem_method=mem_method,
+        footprint_est_bytes=est or None,
+        value=value,
+        ref_value=ref,
+        oracle=oracle,
+    )
 
     if ref is not None:
         rel, tol = _providers.check_value(provider, value, ref, dtype)
         info.update(rel_err=rel, rel_tol=tol, value_check="ok" if tol is None or rel <= tol else "FAILED")
         if tol is None:
             info["value_check"] = "recorded (low-precision baseline, not asserted)"
-        assert tol is None or rel <= tol, (f"{provider} value {value!r} differs from the float64 oracle {ref!r} by "
-                                           f"{rel:.3g} relative (> {tol:g})")
+        assert tol is None or rel <= tol, (
+            f"{provider} value {value!r} differs from the float64 oracle {ref!r} by {rel:.3g} relative (> {tol:g})"
+        )
     else:
         info.update(rel_err=None, rel_tol=None, value_check=oracle)
 
@@ -171,19 +220,30 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
     if stats is not None and stats.rounds:
         med = stats.median
         pairs = _harness.mmd_pairs(n, m)
-        info.update(median_s=med, q1_s=stats.q1, q3_s=stats.q3, iqr_s=stats.iqr, mean_s=stats.mean,
-                    stddev_s=stats.stddev, min_s=stats.min, rounds=stats.rounds, iterations=iterations,
-                    pairs=pairs, pairs_per_s=pairs / med if med > 0 else None)
+        info.update(
+            median_s=med,
+            q1_s=stats.q1,
+            q3_s=stats.q3,
+            iqr_s=stats.iqr,
+            mean_s=stats.mean,
+            stddev_s=stats.stddev,
+            min_s=stats.min,
+            rounds=stats.rounds,
+            iterations=iterations,
+            pairs=pairs,
+            pairs_per_s=pairs / med if med > 0 else None,
+        )
         if dev.type == "cuda":
             bound = _harness.sfu_bound_s(pairs, S, s.info.get("gpu"))
-            info.update(sfu_bound_s=bound, sfu_fraction=(bound / med) if bound and med > 0 else None,
-                        sfu_model=f"{S} reciprocals/pair, {_harness.MUFU_PER_CLK_PER_SM.get(s.info['gpu']['major'], 16)}"
-                                  f"/clk/SM x {s.info['gpu']['sm_count']} SMs x {s.info['gpu']['sm_clock_mhz']} MHz "
-                                  f"({s.info['gpu']['clock_source']})")
+            info.update(
+                sfu_bound_s=bound,
+                sfu_fraction=(bound / med) if bound and med > 0 else None,
+                sfu_model=_sfu_model(S, s.info["gpu"]),
+            )
         s.call_times[series] = (n, med)
     else:
         s.call_times[series] = (n, call_s)
-    del runner
+    runner = None  # release the inputs before the next case
     _free(dev)
     if not math.isfinite(value):
         pytest.fail(f"{provider} returned a non-finite value {value}")

@@ -13,6 +13,7 @@ written here from each code's published math with the same memory pattern (``n x
 codes (the prior samples need none). Time: median of ``--repeat`` calls after one warm-up; memory: peak RSS of one
 untimed call (``gmwae_fast._measure.measure_peak_memory``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ Penalty = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # -- the client forms (float32, materialised) ---------------------------------------------------------------------
+
 
 def schelotto_like(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """Seven bandwidths ``C = 2 d s``; ``|a|^2 + |b|^2 - 2 a.b`` distance matrices; ``n * MMD^2`` divided by ``n``."""
@@ -55,8 +57,9 @@ def _pair_sums_repeat(a: torch.Tensor, b: torch.Tensor, c: float, eps: float, ke
 def konny_like(z: torch.Tensor, prior: torch.Tensor, z_var: float = 2.0) -> torch.Tensor:
     n, d = z.shape
     c = 2 * d * z_var
-    return ((_pair_sums_repeat(prior, prior, c, 1e-9, False) + _pair_sums_repeat(z, z, c, 1e-9, False)) / (n * (n - 1))
-            - 2 * _pair_sums_repeat(prior, z, c, 1e-9, True) / (n * n))
+    return (_pair_sums_repeat(prior, prior, c, 1e-9, False) + _pair_sums_repeat(z, z, c, 1e-9, False)) / (
+        n * (n - 1)
+    ) - 2 * _pair_sums_repeat(prior, z, c, 1e-9, True) / (n * n)
 
 
 def antixk_like(z: torch.Tensor, prior: torch.Tensor, z_var: float = 2.0) -> torch.Tensor:
@@ -72,6 +75,7 @@ def antixk_like(z: torch.Tensor, prior: torch.Tensor, z_var: float = 2.0) -> tor
 
 
 # -- the mappings ---------------------------------------------------------------------------------------------------
+
 
 def schelotto_fused(z, prior):
     return gmwae_fast.fast_imq_mmd(z, prior, scales=gmwae_fast.WAE_SCALES)
@@ -98,8 +102,13 @@ def antixk_fused_ustat(z, prior, z_var=2.0):
 CLIENTS = {
     "schelotto": (8, (1024, 4096), schelotto_like, 4 * 14, {"fast_imq_mmd": schelotto_fused}),
     "konny": (64, (512, 1024), konny_like, 4 * 64 * 7, {"fast_imq_mmd": konny_fused}),
-    "antixk": (128, (144, 1024), antixk_like, 4 * 128 * 6,
-               {"imq_mmd_terms (exact)": antixk_fused_exact, "fast_imq_mmd (full cross)": antixk_fused_ustat}),
+    "antixk": (
+        128,
+        (144, 1024),
+        antixk_like,
+        4 * 128 * 6,
+        {"imq_mmd_terms (exact)": antixk_fused_exact, "fast_imq_mmd (full cross)": antixk_fused_ustat},
+    ),
 }
 
 
@@ -109,6 +118,7 @@ def _fwd_bwd(fn: Penalty, z: torch.Tensor, prior: torch.Tensor) -> Callable[[], 
         out = fn(zz, prior)
         out.backward()
         return float(out.detach())
+
     return call
 
 
@@ -128,18 +138,27 @@ def run_client(name: str, n: int, d: int, repeat: int, max_bytes: int) -> None:
     prior = torch.randn(n, d, generator=gen)
     predicted = per_n2 * n * n
     if predicted > max_bytes:
-        print(f"| {name} | {n} | {d} | client | skipped: predicted {predicted / 2**30:.1f} GiB > "
-              f"{max_bytes / 2**30:.1f} GiB | | | |", flush=True)
+        print(
+            f"| {name} | {n} | {d} | client | skipped: predicted {predicted / 2**30:.1f} GiB > "
+            f"{max_bytes / 2**30:.1f} GiB | | | |",
+            flush=True,
+        )
         base = None
     else:
         base = _measure(client, z, prior, repeat)
-        print(f"| {name} | {n} | {d} | client (materialised) | {base[1] * 1e3:.1f} ms | {base[2] * 1e3:.1f} ms "
-              f"| {base[3] / 2**20:.0f} MiB | {base[0]:.6g} |", flush=True)
+        print(
+            f"| {name} | {n} | {d} | client (materialised) | {base[1] * 1e3:.1f} ms | {base[2] * 1e3:.1f} ms "
+            f"| {base[3] / 2**20:.0f} MiB | {base[0]:.6g} |",
+            flush=True,
+        )
     for label, fn in mappings.items():
         val, med, best, peak = _measure(fn, z, prior, repeat)
         speed = f" ({base[1] / med:.1f}x)" if base else ""
-        print(f"| {name} | {n} | {d} | {label} | {med * 1e3:.1f} ms{speed} | {best * 1e3:.1f} ms "
-              f"| {peak / 2**20:.1f} MiB | {val:.6g} |", flush=True)
+        print(
+            f"| {name} | {n} | {d} | {label} | {med * 1e3:.1f} ms{speed} | {best * 1e3:.1f} ms "
+            f"| {peak / 2**20:.1f} MiB | {val:.6g} |",
+            flush=True,
+        )
 
 
 def spread(n: int = 144, d: int = 128, draws: int = 2000, shift: float = 0.0) -> None:
@@ -153,8 +172,11 @@ def spread(n: int = 144, d: int = 128, draws: int = 2000, shift: float = 0.0) ->
         vals["antixk (off-diagonal cross)"].append(float(antixk_fused_exact(z, prior)))
         vals["fast_imq_mmd (full cross)"].append(float(antixk_fused_ustat(z, prior)))
     for label, v in vals.items():
-        print(f"| n={n} d={d} shift={shift} | {label} | mean {statistics.fmean(v):.4g} | "
-              f"std {statistics.stdev(v):.4g} | {draws} draws |", flush=True)
+        print(
+            f"| n={n} d={d} shift={shift} | {label} | mean {statistics.fmean(v):.4g} | "
+            f"std {statistics.stdev(v):.4g} | {draws} draws |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -170,14 +192,18 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          + ("float64, values only" if args.spread else "float32, fwd+bwd (grad w.r.t. z)"))
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        + ("float64, values only" if args.spread else "float32, fwd+bwd (grad w.r.t. z)")
+    )
     if args.spread:
         for shift in (0.0, 0.1):
             spread(draws=args.draws, shift=shift)
         return
-    print("| client | n | d | provider | median time | best time | peak memory | value |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| client | n | d | provider | median time | best time | peak memory | value |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for name in args.client or sorted(CLIENTS):
         d = args.d or CLIENTS[name][0]
         for n in args.n or CLIENTS[name][1]:

@@ -6,14 +6,15 @@ grouped MMD ``fast_imq_mmd(z (B, K, d), prior (m, d), x_weights=pi)``. The model
 (``gmwae_fast.train``: ``GMModel``, ``gmwae_loss``; ``gm_reparameterize`` on ``backend="auto"``). ``extra_info``
 records the backends that really ran (``gmwae_fast.backends.last_backend``).
 """
+
 from __future__ import annotations
 
 import gc
 
+import _harness
 import pytest
 import torch
 
-import _harness
 from gmwae_fast import backends
 
 B, K, D = 100, 10, 10
@@ -59,8 +60,9 @@ def _trainer_step(device: torch.device, backend: str, reparam_backend: str = "au
         out["loss"].backward()
         opt.step()
 
-    return step, (f"gmwae_fast.train GMModel + gmwae_loss (conv encoder/decoder, gm_reparameterize "
-                  f"backend={reparam_backend})")
+    return step, (
+        f"gmwae_fast.train GMModel + gmwae_loss (conv encoder/decoder, gm_reparameterize backend={reparam_backend})"
+    )
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -69,8 +71,18 @@ def test_gmwae_train_step(benchmark, provider, bench_settings, record_skip):
     dev = s.device
     group = f"train-step B={B} K={K} d={D}"
     benchmark.group = group
-    case = {"kind": "train_step", "provider": provider, "B": B, "K": K, "d": D, "m": N_PRIOR, "group": group,
-            "device": dev.type, "mode": "train-step", "dtype": "fp32"}
+    case = {
+        "kind": "train_step",
+        "provider": provider,
+        "B": B,
+        "K": K,
+        "d": D,
+        "m": N_PRIOR,
+        "group": group,
+        "device": dev.type,
+        "mode": "train-step",
+        "dtype": "fp32",
+    }
     backend, reason = _mmd_backend(provider, dev)
     if backend is None:
         record_skip("unavailable", reason, **case)
@@ -91,15 +103,33 @@ def test_gmwae_train_step(benchmark, provider, bench_settings, record_skip):
     benchmark.pedantic(target, rounds=rounds, iterations=iterations)
     info = benchmark.extra_info
     info.update(case)
-    info.update(mmd_backend=backends.last_backend("imq_mmd"), reparam_backend=backends.last_backend("gm_reparam"),
-                model=model_desc, device_name=s.info["device_name"],
-                slug=s.info["slug"], torch=s.info["torch"], gmwae_fast=s.info["build_info"].get("version"),
-                torch_threads=torch.get_num_threads(), warmup_s=warmup_s, steady_call_s=call_s,
-                peak_mem_bytes=peak, mem_method=mem_method)
+    info.update(
+        mmd_backend=backends.last_backend("imq_mmd"),
+        reparam_backend=backends.last_backend("gm_reparam"),
+        model=model_desc,
+        device_name=s.info["device_name"],
+        slug=s.info["slug"],
+        torch=s.info["torch"],
+        gmwae_fast=s.info["build_info"].get("version"),
+        torch_threads=torch.get_num_threads(),
+        warmup_s=warmup_s,
+        steady_call_s=call_s,
+        peak_mem_bytes=peak,
+        mem_method=mem_method,
+    )
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     if stats is not None and stats.rounds:
-        info.update(median_s=stats.median, q1_s=stats.q1, q3_s=stats.q3, iqr_s=stats.iqr, mean_s=stats.mean,
-                    stddev_s=stats.stddev, min_s=stats.min, rounds=stats.rounds, iterations=iterations)
+        info.update(
+            median_s=stats.median,
+            q1_s=stats.q1,
+            q3_s=stats.q3,
+            iqr_s=stats.iqr,
+            mean_s=stats.mean,
+            stddev_s=stats.stddev,
+            min_s=stats.min,
+            rounds=stats.rounds,
+            iterations=iterations,
+        )
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -10,6 +10,7 @@ Files named ``bench_*.py`` in this folder are collected as test modules (hook be
 (provider unusable here, too large for the memory budget, out of memory, predicted too slow) are recorded in the
 JSON under ``"gmwae_fast" -> "skipped"`` so the report shows them.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,7 @@ sys.path.insert(0, _HERE_STR)
 
 import _harness  # noqa: E402
 import _providers  # noqa: E402
-from _progress import (pytest_collection_finish, pytest_runtest_logfinish,  # noqa: E402,F401  progress bar/lines
-                       pytest_sessionfinish)
+from _progress import pytest_collection_finish, pytest_runtest_logfinish, pytest_sessionfinish  # noqa: E402,F401  progress bar/lines
 
 _HERE = pathlib.Path(_HERE_STR)
 
@@ -38,8 +38,11 @@ _HERE = pathlib.Path(_HERE_STR)
 #: does not apply; the memory budget does).
 SWEEPS = {
     # a minute: validates the harness
-    "tiny": {"grid": {"n": (128, 256), "d": (10,), "mode": _harness.MODES, "dtype": ("fp32",)}, "points": [],
-             "force": []},
+    "tiny": {
+        "grid": {"n": (128, 256), "d": (10,), "mode": _harness.MODES, "dtype": ("fp32",)},
+        "points": [],
+        "force": [],
+    },
     # a CPU-only machine
     "small": {
         "grid": {"n": (256, 1024, 2048, 4096), "d": (10, 64), "mode": _harness.MODES, "dtype": ("fp32",)},
@@ -49,8 +52,12 @@ SWEEPS = {
     },
     # a GPU
     "full": {
-        "grid": {"n": (256, 1024, 4096, 16384, 65536), "d": (2, 10, 64, 128), "mode": _harness.MODES,
-                 "dtype": ("fp32", "bf16")},
+        "grid": {
+            "n": (256, 1024, 4096, 16384, 65536),
+            "d": (2, 10, 64, 128),
+            "mode": _harness.MODES,
+            "dtype": ("fp32", "bf16"),
+        },
         "points": [],
         "force": [(4096, 64, "fwd+bwd", "fp32")],
     },
@@ -59,38 +66,73 @@ SWEEPS = {
 
 def pytest_addoption(parser):
     g = parser.getgroup("gmwae_fast benchmarks")
-    g.addoption("--no-bench-progress", action="store_true",
-                help="no progress bar (terminal) or per-benchmark progress lines (otherwise) on stderr")
-    g.addoption("--sweep", default="auto", choices=("auto",) + tuple(SWEEPS),
-                help="case set: auto = full with a GPU, small without (default auto)")
-    g.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
-                help="device the benchmarks run on (default: cuda if available, else cpu)")
-    g.addoption("--bench-providers", default="",
-                help=f"comma-separated subset of {','.join(_providers.PROVIDERS)} (default all)")
+    g.addoption(
+        "--no-bench-progress",
+        action="store_true",
+        help="no progress bar (terminal) or per-benchmark progress lines (otherwise) on stderr",
+    )
+    g.addoption(
+        "--sweep",
+        default="auto",
+        choices=("auto",) + tuple(SWEEPS),
+        help="case set: auto = full with a GPU, small without (default auto)",
+    )
+    g.addoption(
+        "--bench-device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="device the benchmarks run on (default: cuda if available, else cpu)",
+    )
+    g.addoption(
+        "--bench-providers",
+        default="",
+        help=f"comma-separated subset of {','.join(_providers.PROVIDERS)} (default all)",
+    )
     g.addoption("--bench-dtypes", default="", help="comma-separated dtypes overriding the sweep's (fp32,bf16)")
     g.addoption("--bench-n", default="", help="comma-separated n overriding the sweep's grid (points kept)")
     g.addoption("--bench-d", default="", help="comma-separated d overriding the sweep's grid")
-    g.addoption("--bench-threads", type=int, default=0,
-                help="torch.set_num_threads for the CPU benchmarks (default 0: torch's default, one per core)")
-    g.addoption("--bench-time", type=float, default=1.0,
-                help="target measured seconds per case (rounds = time / call time, within the min/max)")
-    g.addoption("--bench-min-rounds", type=int, default=5,
-                help="minimum rounds per case (3 when one call takes more than 2 s)")
+    g.addoption(
+        "--bench-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads for the CPU benchmarks (default 0: torch's default, one per core)",
+    )
+    g.addoption(
+        "--bench-time",
+        type=float,
+        default=1.0,
+        help="target measured seconds per case (rounds = time / call time, within the min/max)",
+    )
+    g.addoption(
+        "--bench-min-rounds", type=int, default=5, help="minimum rounds per case (3 when one call takes more than 2 s)"
+    )
     g.addoption("--bench-max-rounds", type=int, default=200)
-    g.addoption("--bench-max-call-s", type=float, default=None,
-                help="skip a baseline whose call time, extrapolated as n^2 from a smaller n of the same series, "
-                     "exceeds this (default 3 s small sweep, 60 s full; 0 = never; target configurations always run)")
-    g.addoption("--bench-mem-fraction", type=float, default=0.5,
-                help="materialised baselines whose estimated footprint exceeds this fraction of the free RAM / "
-                     "GPU memory are recorded as too large instead of run (default 0.5)")
-    g.addoption("--bench-check-max-n", type=int, default=None,
-                help="largest n whose value is checked against the float64 reference "
-                     "(default 4096 on a CPU, 16384 on a GPU)")
+    g.addoption(
+        "--bench-max-call-s",
+        type=float,
+        default=None,
+        help="skip a baseline whose call time, extrapolated as n^2 from a smaller n of the same series, "
+        "exceeds this (default 3 s small sweep, 60 s full; 0 = never; target configurations always run)",
+    )
+    g.addoption(
+        "--bench-mem-fraction",
+        type=float,
+        default=0.5,
+        help="materialised baselines whose estimated footprint exceeds this fraction of the free RAM / "
+        "GPU memory are recorded as too large instead of run (default 0.5)",
+    )
+    g.addoption(
+        "--bench-check-max-n",
+        type=int,
+        default=None,
+        help="largest n whose value is checked against the float64 reference (default 4096 on a CPU, 16384 on a GPU)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # session settings shared by the benchmark files
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class BenchSettings:
     """Everything a benchmark file needs to know about the run (``bench_settings`` fixture)."""
@@ -115,8 +157,8 @@ class BenchSettings:
         self.check_max_n = cm if cm is not None else (16384 if self.device.type == "cuda" else 4096)
         self.force = set(SWEEPS[sweep]["force"])
         self.skipped: list[dict] = []
-        self.call_times: dict = {}      # (provider, d, mode, dtype) -> (n, seconds per call), for extrapolation
-        self.ref_cache: dict = {}       # (n, m, d, dtype, seed) -> float64 reference value
+        self.call_times: dict = {}  # (provider, d, mode, dtype) -> (n, seconds per call), for extrapolation
+        self.ref_cache: dict = {}  # (n, m, d, dtype, seed) -> float64 reference value
         self._info = None
 
     @property
@@ -126,9 +168,16 @@ class BenchSettings:
         return self._info
 
     def as_dict(self) -> dict:
-        return {"sweep": self.sweep, "device": str(self.device), "target_s": self.target_s,
-                "min_rounds": self.min_rounds, "max_rounds": self.max_rounds, "max_call_s": self.max_call_s,
-                "mem_fraction": self.mem_fraction, "check_max_n": self.check_max_n}
+        return {
+            "sweep": self.sweep,
+            "device": str(self.device),
+            "target_s": self.target_s,
+            "min_rounds": self.min_rounds,
+            "max_rounds": self.max_rounds,
+            "max_call_s": self.max_call_s,
+            "mem_fraction": self.mem_fraction,
+            "check_max_n": self.check_max_n,
+        }
 
 
 _SETTINGS = pytest.StashKey[BenchSettings]()
@@ -169,6 +218,7 @@ def record_skip(request, bench_settings) -> _Skipper:
 # case generation
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _csv(text: str, conv=str):
     return tuple(conv(t) for t in text.split(",") if t.strip()) if text else ()
 
@@ -186,8 +236,14 @@ def mmd_cases(config) -> list[tuple]:
     unknown = set(wanted) - set(_providers.PROVIDERS)
     if unknown:
         raise pytest.UsageError(f"unknown --bench-providers {sorted(unknown)}; choose from {_providers.PROVIDERS}")
-    cases = {(p, n, d, mode, dt) for n in grid["n"] for d in grid["d"] for mode in grid["mode"]
-             for dt in grid["dtype"] for p in wanted}
+    cases = {
+        (p, n, d, mode, dt)
+        for n in grid["n"]
+        for d in grid["d"]
+        for mode in grid["mode"]
+        for dt in grid["dtype"]
+        for p in wanted
+    }
     dtypes_override = _csv(config.getoption("--bench-dtypes"))
     for n, d, mode, dt, provs in sweep["points"]:
         if dtypes_override and dt not in dtypes_override:
@@ -205,9 +261,12 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` of this folder as test modules (pytest's default pattern is ``test_*.py``)."""
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and file_path.parent == _HERE
-            and not parent.session.isinitpath(file_path)):
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and file_path.parent == _HERE
+        and not parent.session.isinitpath(file_path)
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -215,6 +274,7 @@ def pytest_collect_file(file_path, parent):
 # ---------------------------------------------------------------------------------------------------------------
 # what goes into the pytest-benchmark JSON besides the timings
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     s = settings_of(config)
@@ -238,5 +298,7 @@ def _jsonable(obj):
 
 def pytest_report_header(config):
     s = settings_of(config)
-    return (f"gmwae_fast benchmarks: sweep={s.sweep} device={s.device} "
-            f"(use --sweep {{small,full}} and --bench-* options; see benchmarks/README.md)")
+    return (
+        f"gmwae_fast benchmarks: sweep={s.sweep} device={s.device} "
+        f"(use --sweep {{small,full}} and --bench-* options; see benchmarks/README.md)"
+    )

@@ -23,6 +23,7 @@ What it does
 Triton kernels: ``benchmarks/triton_aot.py`` (``compile_all(arch=90)``), when present, supplies their
 registers, spills and PTX; they are listed, not modelled per pair.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ SETUP_NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-DGMWAE_FAST_WITH_CUDA")
 # ---------------------------------------------------------------------------------------------------------------
 
 #: sm_90 per-SM limits used for occupancy.
-SM90_LIMITS = dict(regs=65536, smem=228 * 1024, threads=2048, blocks=32, warps=64, reg_unit=256,
-                   smem_unit=128, smem_reserved=1024)
+SM90_LIMITS = dict(
+    regs=65536, smem=228 * 1024, threads=2048, blocks=32, warps=64, reg_unit=256, smem_unit=128, smem_reserved=1024
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,18 @@ class Device:
 #: table divided by 32 lanes): FP32 128 lanes, FP64 64, MUFU 16, INT/ALU 64, conversions 16, LSU/MIO 32
 #: (shared-memory wavefronts, shuffles), control 16; ``issue`` is one warp instruction per SM sub-partition
 #: per clock.  Tensor cores are unused by these kernels (no HMMA/DMMA in the SASS).
-SM90_RATES = (("issue", 4.0), ("fp32", 4.0), ("fp64", 2.0), ("mufu", 0.5), ("alu", 2.0), ("conv", 0.5),
-              ("lsu", 1.0), ("uniform", 1.0), ("control", 0.5), ("tensor", 1.0))
+SM90_RATES = (
+    ("issue", 4.0),
+    ("fp32", 4.0),
+    ("fp64", 2.0),
+    ("mufu", 0.5),
+    ("alu", 2.0),
+    ("conv", 0.5),
+    ("lsu", 1.0),
+    ("uniform", 1.0),
+    ("control", 0.5),
+    ("tensor", 1.0),
+)
 H100_SXM = Device("H100 SXM", 132, 1.98, 3.35, SM90_RATES)
 H200 = Device("H200", 132, 1.98, 4.8, SM90_RATES)
 DEVICES = (H100_SXM, H200)
@@ -82,20 +94,75 @@ PIPES = ("fp32", "fp64", "mufu", "tensor", "alu", "conv", "lsu", "uniform", "con
 
 _PIPE_OF = {
     # FP32 pipe (FMA-heavy/lite): arithmetic only; HFMA2.MMA is the compiler's constant move through that pipe.
-    "FFMA": "fp32", "FADD": "fp32", "FMUL": "fp32", "FFMA32I": "fp32", "FADD32I": "fp32", "FMUL32I": "fp32",
-    "HFMA2": "fp32", "HADD2": "fp32", "HMUL2": "fp32", "FSWZADD": "fp32",
-    "DFMA": "fp64", "DADD": "fp64", "DMUL": "fp64", "DSETP": "fp64",
+    "FFMA": "fp32",
+    "FADD": "fp32",
+    "FMUL": "fp32",
+    "FFMA32I": "fp32",
+    "FADD32I": "fp32",
+    "FMUL32I": "fp32",
+    "HFMA2": "fp32",
+    "HADD2": "fp32",
+    "HMUL2": "fp32",
+    "FSWZADD": "fp32",
+    "DFMA": "fp64",
+    "DADD": "fp64",
+    "DMUL": "fp64",
+    "DSETP": "fp64",
     "MUFU": "mufu",
-    "HMMA": "tensor", "DMMA": "tensor", "IMMA": "tensor", "HGMMA": "tensor", "BMMA": "tensor", "QGMMA": "tensor",
-    "F2F": "conv", "F2I": "conv", "I2F": "conv", "FRND": "conv", "I2I": "conv", "F2FP": "conv", "I2FP": "alu",
+    "HMMA": "tensor",
+    "DMMA": "tensor",
+    "IMMA": "tensor",
+    "HGMMA": "tensor",
+    "BMMA": "tensor",
+    "QGMMA": "tensor",
+    "F2F": "conv",
+    "F2I": "conv",
+    "I2F": "conv",
+    "FRND": "conv",
+    "I2I": "conv",
+    "F2FP": "conv",
+    "I2FP": "alu",
     "F2IP": "alu",
-    "LDS": "lsu", "STS": "lsu", "LDG": "lsu", "STG": "lsu", "LDL": "lsu", "STL": "lsu", "LD": "lsu", "ST": "lsu",
-    "LDSM": "lsu", "ATOM": "lsu", "ATOMS": "lsu", "ATOMG": "lsu", "RED": "lsu", "LDGSTS": "lsu", "SHFL": "lsu",
-    "LDC": "lsu", "LDGDEPBAR": "lsu", "MATCH": "lsu", "REDUX": "lsu",
-    "BRA": "control", "BRX": "control", "JMP": "control", "EXIT": "control", "RET": "control", "CALL": "control",
-    "BAR": "control", "BSSY": "control", "BSYNC": "control", "WARPSYNC": "control", "NOP": "control",
-    "BREAK": "control", "BPT": "control", "YIELD": "control", "DEPBAR": "control", "MEMBAR": "control",
-    "ERRBAR": "control", "CCTL": "control", "KILL": "control", "NANOSLEEP": "control", "VOTE": "alu",
+    "LDS": "lsu",
+    "STS": "lsu",
+    "LDG": "lsu",
+    "STG": "lsu",
+    "LDL": "lsu",
+    "STL": "lsu",
+    "LD": "lsu",
+    "ST": "lsu",
+    "LDSM": "lsu",
+    "ATOM": "lsu",
+    "ATOMS": "lsu",
+    "ATOMG": "lsu",
+    "RED": "lsu",
+    "LDGSTS": "lsu",
+    "SHFL": "lsu",
+    "LDC": "lsu",
+    "LDGDEPBAR": "lsu",
+    "MATCH": "lsu",
+    "REDUX": "lsu",
+    "BRA": "control",
+    "BRX": "control",
+    "JMP": "control",
+    "EXIT": "control",
+    "RET": "control",
+    "CALL": "control",
+    "BAR": "control",
+    "BSSY": "control",
+    "BSYNC": "control",
+    "WARPSYNC": "control",
+    "NOP": "control",
+    "BREAK": "control",
+    "BPT": "control",
+    "YIELD": "control",
+    "DEPBAR": "control",
+    "MEMBAR": "control",
+    "ERRBAR": "control",
+    "CCTL": "control",
+    "KILL": "control",
+    "NANOSLEEP": "control",
+    "VOTE": "alu",
 }
 _MEMORY_PREFIXES = ("LD", "ST")  # LDS/LDG/LDL/STS/STG/STL and width suffixes are LSU
 
@@ -218,8 +285,9 @@ class Loop:
     depth: int = 0
 
     def contains(self, other: "Loop") -> bool:
-        return self.start <= other.start and other.end <= self.end and (self.start, self.end) != (other.start,
-                                                                                                 other.end)
+        return (
+            self.start <= other.start and other.end <= self.end and (self.start, self.end) != (other.start, other.end)
+        )
 
 
 def main_body_end(fn: Function) -> int:
@@ -270,6 +338,7 @@ def pipe_counts(instrs: Sequence[Instr]) -> Dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Source regions (loop bodies, branch bodies) of the kernel, located by the text of their header
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _statement_end(text: str, pos: int) -> int:
     """Offset just past the statement starting at ``pos`` (a ``{...}`` block, or up to ``;`` at depth 0;
@@ -331,7 +400,7 @@ def source_region(text: str, pattern: str, after: int = 0) -> Tuple[int, int, in
 # The configuration of one kernel launch, and the bandwidth groups (mirror of imq_make_groups in imq_math.h)
 # ---------------------------------------------------------------------------------------------------------------
 
-PAPER_SCALES = tuple(m * 10.0 ** e for e in range(-2, 3) for m in (1.0, 2.0, 5.0))
+PAPER_SCALES = tuple(m * 10.0**e for e in range(-2, 3) for m in (1.0, 2.0, 5.0))
 GROUP_MAX, GROUP_RATIO = 3, 1.0e4  # kImqGroupMax, kImqMaxGroupRatio of csrc/imq_math.h
 
 
@@ -384,8 +453,11 @@ def wae_cases(n: int, d: int, scales: Sequence[float] = PAPER_SCALES) -> Tuple[C
     """The three launches of ``fast_imq_mmd(x, y)`` fwd+bwd on the WAE path (x needs a gradient, the prior
     y does not, both (n, d)): self-grad of x, self values of y, cross-grad with x in the rows, no column side."""
     g = bandwidth_groups([2.0 * d * s for s in scales])
-    return (Case("cross-grad", n, n, d, g, b_grad=False), Case("self-grad", n, n, d, g, b_grad=True),
-            Case("self-values", n, n, d, g))
+    return (
+        Case("cross-grad", n, n, d, g, b_grad=False),
+        Case("self-grad", n, n, d, g, b_grad=True),
+        Case("self-values", n, n, d, g),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,33 +518,51 @@ def _share(case: Case, pred) -> float:
 
 #: How often each source loop of the tile body runs per tile (per warp) -- see the module docstring.
 TRIP_MODEL = (
-    LoopSpec("chunk loop (D and G phases)", r"for \(int c = 0; c < nchunks; \+\+c\)",
-             lambda c: [len(_chunks(c.d))]),
-    LoopSpec("load_chunk: tile coordinates -> shared", r"for \(int e = threadIdx\.x; e < DK \* kBT",
-             lambda c: [DK_FLOAT * KBT // KTHREADS] * len(_chunks(c.d)), ("STS", 1)),
-    LoopSpec("D: squared distances, one coordinate x 16 pairs", r"for \(int k = 0; k < kc; \+\+k\)",
-             lambda c: _chunks(c.d), ("FFMA", 16)),
-    LoopSpec("K: one bandwidth group x 16 pairs", r"for \(int g = 0; g < ng; \+\+g\)",
-             lambda c: [len(c.groups)]),  # not unrolled (#pragma unroll 1); one MUFU.RCP per bandwidth
-    LoopSpec("L: per-warp value partials -> float64", r"for \(int s = tid; s < 2 \* S; s \+= kThreads\) \{",
-             lambda c: [1]),
+    LoopSpec("chunk loop (D and G phases)", r"for \(int c = 0; c < nchunks; \+\+c\)", lambda c: [len(_chunks(c.d))]),
+    LoopSpec(
+        "load_chunk: tile coordinates -> shared",
+        r"for \(int e = threadIdx\.x; e < DK \* kBT",
+        lambda c: [DK_FLOAT * KBT // KTHREADS] * len(_chunks(c.d)),
+        ("STS", 1),
+    ),
+    LoopSpec(
+        "D: squared distances, one coordinate x 16 pairs",
+        r"for \(int k = 0; k < kc; \+\+k\)",
+        lambda c: _chunks(c.d),
+        ("FFMA", 16),
+    ),
+    LoopSpec(
+        "K: one bandwidth group x 16 pairs", r"for \(int g = 0; g < ng; \+\+g\)", lambda c: [len(c.groups)]
+    ),  # not unrolled (#pragma unroll 1); one MUFU.RCP per bandwidth
+    LoopSpec(
+        "L: per-warp value partials -> float64", r"for \(int s = tid; s < 2 \* S; s \+= kThreads\) \{", lambda c: [1]
+    ),
     LoopSpec("L: row sums of P and w Phi", r"for \(int u = 0; u < kBT; \+\+u\)", lambda c: [KBT], ("LDS", 2)),
     LoopSpec("L: column sums of P and w Phi", r"for \(int i = 0; i < kBT; \+\+i\)", lambda c: [KBT], ("LDS", 2)),
-    LoopSpec("G: P times coordinates, 4 rows x 16 NL coordinates x 4 columns", r"for \(int u = 0; u < kBT; u \+= 4\)",
-             lambda c: [KBT // 4] * len(_chunks(c.d))),  # #pragma unroll 1: u = 1 (NL = 1, 2 or 4 variants)
+    LoopSpec(
+        "G: P times coordinates, 4 rows x 16 NL coordinates x 4 columns",
+        r"for \(int u = 0; u < kBT; u \+= 4\)",
+        lambda c: [KBT // 4] * len(_chunks(c.d)),
+    ),  # #pragma unroll 1: u = 1 (NL = 1, 2 or 4 variants)
 )
 
 #: Branch bodies inside the tile loop and the fraction of executions (per warp) that enter them.
 REGION_MODEL = (
     RegionSpec("group of 3 bandwidths", r"if \(G\.n == 3\)", lambda c: _share(c, lambda g: g == 3)),
     RegionSpec("group of 2 bandwidths", r"else if \(G\.n == 2\)", lambda c: _share(c, lambda g: g == 2)),
-    RegionSpec("group of 1 bandwidth", r"(?<=\}) else \{\n(?=#pragma unroll\n\s+for \(int ii = 0; ii < 4; \+\+ii\)\n"
-               r"#pragma unroll\n\s+for \(int jj = 0; jj < 4; \+\+jj\) \{\n\s+const T x = imq_group_x)",
-               lambda c: _share(c, lambda g: g == 1)),
+    RegionSpec(
+        "group of 1 bandwidth",
+        r"(?<=\}) else \{\n(?=#pragma unroll\n\s+for \(int ii = 0; ii < 4; \+\+ii\)\n"
+        r"#pragma unroll\n\s+for \(int jj = 0; jj < 4; \+\+jj\) \{\n\s+const T x = imq_group_x)",
+        lambda c: _share(c, lambda g: g == 1),
+    ),
     RegionSpec("second bandwidth of a group", r"if \(G\.n > 1\)", lambda c: _share(c, lambda g: g > 1)),
     RegionSpec("third bandwidth of a group", r"if \(G\.n > 2\)", lambda c: _share(c, lambda g: g > 2)),
-    RegionSpec("value lanes 0 .. 2S-1", r"for \(int s = tid; s < 2 \* S; s \+= kThreads\) \{",
-               lambda c: math.ceil(2 * sum(c.groups) / 32) / KWARPS),
+    RegionSpec(
+        "value lanes 0 .. 2S-1",
+        r"for \(int s = tid; s < 2 \* S; s \+= kThreads\) \{",
+        lambda c: math.ceil(2 * sum(c.groups) / 32) / KWARPS,
+    ),
     RegionSpec("L rows (warps 0, 1, 4, 5)", r"if \(line < kBT\)", lambda c: 0.5),
     RegionSpec("L columns (b_grad)", r"else if \(A\.b_grad\)", lambda c: 0.5 * c.b_grad),
     RegionSpec("G column side (b_grad)", r"(?<!else )if \(A\.b_grad\)", lambda c: float(c.b_grad)),
@@ -487,8 +577,12 @@ REGION_MODEL = (
     RegionSpec("64 <= tid < 128 with b_grad", r"else if \(tid < 2 \* kBT && A\.b_grad\)", lambda c: 0.25 * c.b_grad),
 )
 
-PHASE_MARKERS = (("D", "// ---- D phase ----"), ("K", "// ---- K phase ----"), ("L", "// ---- L phase ----"),
-                 ("G", "// ---- G phase ----"))
+PHASE_MARKERS = (
+    ("D", "// ---- D phase ----"),
+    ("K", "// ---- K phase ----"),
+    ("L", "// ---- L phase ----"),
+    ("G", "// ---- G phase ----"),
+)
 
 
 @dataclasses.dataclass
@@ -563,14 +657,16 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
     (n_i mod u) run in peeled copies outside the loop, weighted (sum_i n_i mod u) / copies.  Code of the tile
     kernel outside the tile loop (per block, not per tile) is not counted."""
     if not any(f == kernel_file for ins in fn.instrs for f, _ in ins.frames):
-        raise ValueError(f"{fn.name}: no line information for {kernel_file} (compile with -lineinfo, "
-                         "disassemble with nvdisasm -gi)")
+        raise ValueError(
+            f"{fn.name}: no line information for {kernel_file} (compile with -lineinfo, disassemble with nvdisasm -gi)"
+        )
     loops = find_loops(fn)
     j_line = source_region(text, r"for \(int J = J_begin")[0]
     tiles = [lp for lp in loops if _outer_line(fn.instrs[lp.end], kernel_file) == j_line]
     if len(tiles) != 1:
-        raise ValueError(f"{fn.name}: expected one SASS loop closed at line {j_line} (the tile loop), "
-                         f"found {len(tiles)}")
+        raise ValueError(
+            f"{fn.name}: expected one SASS loop closed at line {j_line} (the tile loop), found {len(tiles)}"
+        )
     tile = tiles[0]
     regions = _Regions(text, case)
     phase_lines = sorted((_line_of(text, text.index(mk)), ph) for ph, mk in PHASE_MARKERS if mk in text)
@@ -586,9 +682,11 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
     for lp in inner:
         heads = [ln for ln in _kernel_frames(fn.instrs[lp.end], kernel_file) if ln in headers]
         if not heads:
-            raise ValueError(f"{fn.name}: loop at {fn.instrs[lp.start].addr:#x} closes at source lines "
-                             f"{_kernel_frames(fn.instrs[lp.end], kernel_file)}, which the trip model does not "
-                             "know (update TRIP_MODEL)")
+            raise ValueError(
+                f"{fn.name}: loop at {fn.instrs[lp.start].addr:#x} closes at source lines "
+                f"{_kernel_frames(fn.instrs[lp.end], kernel_file)}, which the trip model does not "
+                "know (update TRIP_MODEL)"
+            )
         # One source loop per (header, call site): a helper's loop inlined twice is two loops.
         by_source.setdefault((heads[0], _outer_line(fn.instrs[lp.end], kernel_file)), []).append(lp)
 
@@ -603,12 +701,20 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
             u = 1.0
             if spec.marker:
                 op, per = spec.marker
-                body = fn.instrs[lp.start:lp.end + 1]
-                u = sum(regions.factor(_outer_line(x, kernel_file), (first, last))
-                        for x in body if x.opcode.startswith(op)) / per
+                body = fn.instrs[lp.start : lp.end + 1]
+                u = (
+                    sum(
+                        regions.factor(_outer_line(x, kernel_file), (first, last))
+                        for x in body
+                        if x.opcode.startswith(op)
+                    )
+                    / per
+                )
                 if u < 0.999 or abs(u - round(u)) > 1e-6:
-                    raise ValueError(f"{fn.name}: loop '{spec.name}' has {u:g} x {per} {op} markers, not a whole "
-                                     "multiple (the trip model does not fit this code)")
+                    raise ValueError(
+                        f"{fn.name}: loop '{spec.name}' has {u:g} x {per} {op} markers, not a whole "
+                        "multiple (the trip model does not fit this code)"
+                    )
                 u = float(round(u))
             units.append((u, lp))
         rest = trips
@@ -616,14 +722,25 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
             execs[id(lp)] = float(sum(n // int(u) for n in rest))
             rest = [n % int(u) for n in rest]
             eff = execs[id(lp)] * regions.factor(_outer_line(fn.instrs[lp.end], kernel_file))
-            info.append(dict(name=spec.name, line=head, u=int(u), execs=eff, static=lp.end - lp.start + 1,
-                             spills=sum(1 for x in fn.instrs[lp.start:lp.end + 1] if x.opcode[:3] in ("LDL", "STL")),
-                             addr=fn.instrs[lp.start].addr))
+            info.append(
+                dict(
+                    name=spec.name,
+                    line=head,
+                    u=int(u),
+                    execs=eff,
+                    static=lp.end - lp.start + 1,
+                    spills=sum(1 for x in fn.instrs[lp.start : lp.end + 1] if x.opcode[:3] in ("LDL", "STL")),
+                    addr=fn.instrs[lp.start].addr,
+                )
+            )
         if spec.marker and max(u for u, _ in units) > 1:
             op, per = spec.marker
             ids = {i for _, lp in units for i in range(lp.start, lp.end + 1)}
-            outside = [i for i in range(tile.start, tile.end + 1) if i not in ids
-                       and any(first <= ln <= last for ln in _kernel_frames(fn.instrs[i], kernel_file))]
+            outside = [
+                i
+                for i in range(tile.start, tile.end + 1)
+                if i not in ids and any(first <= ln <= last for ln in _kernel_frames(fn.instrs[i], kernel_file))
+            ]
             copies = sum(1 for i in outside if fn.instrs[i].opcode.startswith(op)) / per
             left = sum(rest)
             if left and not copies:
@@ -652,6 +769,7 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
 # Toolchain, compilation and cache
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _find_tool(name: str) -> Optional[str]:
     """nvcc / cuobjdump / nvdisasm: $CUDA_HOME/bin, /usr/local/cuda/bin, PATH, then the copies Triton ships."""
     dirs = [os.path.join(os.environ[v], "bin") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
@@ -664,6 +782,7 @@ def _find_tool(name: str) -> Optional[str]:
         return shutil.which(name)
     try:
         import triton  # noqa: F401  (only to locate its bundled CUDA binaries)
+
         p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
         if os.path.isfile(p) and os.access(p, os.X_OK):
             return p
@@ -677,8 +796,9 @@ def toolchain() -> Dict[str, str]:
     tools = {t: _find_tool(t) for t in ("nvcc", "cuobjdump", "nvdisasm")}
     missing = [t for t, p in tools.items() if p is None]
     if missing:
-        raise RuntimeError(f"static model: {', '.join(missing)} not found (set CUDA_HOME or put the CUDA toolkit "
-                           "on PATH)")
+        raise RuntimeError(
+            f"static model: {', '.join(missing)} not found (set CUDA_HOME or put the CUDA toolkit on PATH)"
+        )
     return tools
 
 
@@ -694,6 +814,7 @@ def nvcc_flags() -> List[str]:
     flags = list(SETUP_NVCC_FLAGS)
     try:
         from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
         flags += [f for f in COMMON_NVCC_FLAGS if f not in flags]
     except ImportError:
         pass
@@ -702,20 +823,25 @@ def nvcc_flags() -> List[str]:
 
 def driver_source(text: str) -> str:
     """Translation unit that instantiates every kernel of the header (address taken = instantiated)."""
-    kernels = [f"imq_tiles_kernel<{t}, {s}, {g}>" for t in ("float", "double") for s in ("false", "true")
-               for g in ("false", "true")]
+    kernels = [
+        f"imq_tiles_kernel<{t}, {s}, {g}>"
+        for t in ("float", "double")
+        for s in ("false", "true")
+        for g in ("false", "true")
+    ]
     bounds = r"(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?"
-    for name in re.findall(r"template <class T>\s*__global__\s+void\s+" + bounds +
-                           r"(\w+)\s*\(", text):
+    for name in re.findall(r"template <class T>\s*__global__\s+void\s+" + bounds + r"(\w+)\s*\(", text):
         if name != "imq_tiles_kernel":
             kernels += [f"{name}<float>", f"{name}<double>"]
     refs = ",\n    ".join(f"reinterpret_cast<const void*>(&{k})" for k in kernels)
-    return (f'// Generated by benchmarks/static_model.py: every kernel of {KERNEL_HEADER}, for SASS inspection.\n'
-            f'#include "{KERNEL_HEADER}"\nusing namespace gmwae_fast::imq_cuda;\n'
-            f"const void* gmwae_static_model_kernels[] = {{\n    {refs}}};\n")
+    return (
+        f"// Generated by benchmarks/static_model.py: every kernel of {KERNEL_HEADER}, for SASS inspection.\n"
+        f'#include "{KERNEL_HEADER}"\nusing namespace gmwae_fast::imq_cuda;\n'
+        f"const void* gmwae_static_model_kernels[] = {{\n    {refs}}};\n"
+    )
 
 
-PLAN_SOURCE = r'''// Generated by benchmarks/static_model.py: prints the launch plan of the tile kernel.
+PLAN_SOURCE = r"""// Generated by benchmarks/static_model.py: prints the launch plan of the tile kernel.
 #include <cstdio>
 #include <cstdlib>
 #include "imq_mmd_cuda_kernels.cuh"
@@ -732,7 +858,7 @@ int main(int argc, char** argv) {
          A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ, smem_layout<float>(A.S, grad).bytes);
   return 0;
 }
-'''
+"""
 
 
 @dataclasses.dataclass
@@ -776,8 +902,23 @@ def compile_cuda(arch: int = 90, force: bool = False) -> Build:
         _write(folder, KERNEL_HEADER, text)  # the source the SASS line numbers refer to
         with open(os.path.join(folder, "kernels.cu"), "w") as f:
             f.write(driver_source(text))
-        log = _run([tools["nvcc"], "-cubin", f"-arch=sm_{arch}", "-lineinfo", "-Xptxas", "-v", *flags, "-I", CSRC,
-                    "kernels.cu", "-o", "kernels.cubin"], cwd=folder)
+        log = _run(
+            [
+                tools["nvcc"],
+                "-cubin",
+                f"-arch=sm_{arch}",
+                "-lineinfo",
+                "-Xptxas",
+                "-v",
+                *flags,
+                "-I",
+                CSRC,
+                "kernels.cu",
+                "-o",
+                "kernels.cubin",
+            ],
+            cwd=folder,
+        )
         _write(folder, "ptxas.log", log)
         _write(folder, "kernels.sass", _run([tools["nvdisasm"], "-gi", "-c", "kernels.cubin"], cwd=folder))
         _write(folder, "res_usage.txt", _run([tools["cuobjdump"], "-res-usage", "kernels.cubin"], cwd=folder))
@@ -785,8 +926,16 @@ def compile_cuda(arch: int = 90, force: bool = False) -> Build:
         _write(folder, "done", "")
     read = lambda n: open(os.path.join(folder, n)).read()  # noqa: E731
     plan = os.path.join(folder, "plan")
-    return Build(folder, read(KERNEL_HEADER), read("kernels.sass"), read("ptxas.log"), read("res_usage.txt"),
-                 plan if os.path.exists(plan) else None, read("plan_error.txt") or None, cached)
+    return Build(
+        folder,
+        read(KERNEL_HEADER),
+        read("kernels.sass"),
+        read("ptxas.log"),
+        read("res_usage.txt"),
+        plan if os.path.exists(plan) else None,
+        read("plan_error.txt") or None,
+        cached,
+    )
 
 
 def _build_plan(tools: Dict[str, str], flags: Sequence[str], arch: int, folder: str) -> str:
@@ -811,6 +960,7 @@ def _write(folder: str, name: str, content: str) -> None:
 # Resources, occupancy, time prediction
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def resources(build: Build) -> Dict[str, dict]:
     """Per mangled kernel name: registers, spill stores/loads (bytes), stack, static shared memory."""
     out: Dict[str, dict] = {}
@@ -834,10 +984,12 @@ def occupancy(regs: int, smem: int, threads: int, lim: dict = SM90_LIMITS) -> Tu
     """(blocks per SM, warp occupancy, limiting resource) from registers/thread, shared bytes/block, threads."""
     warps = math.ceil(threads / 32)
     regs_warp = math.ceil(regs * 32 / lim["reg_unit"]) * lim["reg_unit"]
-    by = {"registers": (lim["regs"] // regs_warp) // warps if regs else lim["blocks"],
-          "shared memory": lim["smem"] // (math.ceil(smem / lim["smem_unit"]) * lim["smem_unit"]
-                                           + lim["smem_reserved"]),
-          "threads": lim["threads"] // threads, "blocks": lim["blocks"]}
+    by = {
+        "registers": (lim["regs"] // regs_warp) // warps if regs else lim["blocks"],
+        "shared memory": lim["smem"] // (math.ceil(smem / lim["smem_unit"]) * lim["smem_unit"] + lim["smem_reserved"]),
+        "threads": lim["threads"] // threads,
+        "blocks": lim["blocks"],
+    }
     limiter = min(by, key=by.get)
     return by[limiter], by[limiter] * warps / lim["warps"], limiter
 
@@ -846,8 +998,18 @@ def plan(build: Build, case: Case, sms: int) -> Optional[dict]:
     """The host plan of ``case`` (TI, TJ, PI, PJ, PSI, PSJ, smem) from the cached plan program, or None."""
     if not build.plan_exe:
         return None
-    out = _run([build.plan_exe, str(int(case.self_term)), str(int(case.grad)), str(case.n), str(case.m),
-                str(case.d), str(sum(case.groups)), str(sms)])
+    out = _run(
+        [
+            build.plan_exe,
+            str(int(case.self_term)),
+            str(int(case.grad)),
+            str(case.n),
+            str(case.m),
+            str(case.d),
+            str(sum(case.groups)),
+            str(sms),
+        ]
+    )
     return json.loads(out)
 
 
@@ -881,8 +1043,9 @@ def predict(tc: TileCount, dev: Device, tiles_busiest: int) -> Dict[str, float]:
     cycles["issue"] = sum(warp_instr.values()) / rates["issue"]
     bound = max(cycles, key=cycles.get)
     seconds = tiles_busiest * cycles[bound] / (dev.clock_ghz * 1e9)
-    return dict(seconds=seconds, bound=bound, cycles_per_tile=cycles[bound],
-                **{f"cyc_{k}": v for k, v in cycles.items()})
+    return dict(
+        seconds=seconds, bound=bound, cycles_per_tile=cycles[bound], **{f"cyc_{k}": v for k, v in cycles.items()}
+    )
 
 
 def mufu_floor(case: Case, dev: Device) -> float:
@@ -896,8 +1059,10 @@ def mufu_floor(case: Case, dev: Device) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 GOALS = ((4096, 64, 0.3e-3), (65536, 10, 60e-3))  # (n, d, seconds): fwd+bwd on the WAE path, H100
-ISSUE_COUNTS = {64: {"cross-grad": 578, "self-grad": 703, "self-values": 398},
-                10: {"cross-grad": 450, "self-grad": 575, "self-values": 270}}
+ISSUE_COUNTS = {
+    64: {"cross-grad": 578, "self-grad": 703, "self-values": 398},
+    10: {"cross-grad": 450, "self-grad": 575, "self-values": 270},
+}
 KEY_CONFIGS = ((4096, 64), (4096, 10), (65536, 10))
 
 
@@ -935,8 +1100,9 @@ def analyse(build: Build, dev: Device = H100_SXM) -> dict:
             p = plan(build, c, dev.sms)
             dyn = p["smem"] if p and "If" in name else None
         blocks, occ, lim = occupancy(r.get("regs", 0), smem + (dyn or 0), KTHREADS if "tiles" in name else 256)
-        kernels.append(dict(kernel=_demangle(name), dyn_smem=dyn, blocks_per_sm=blocks, occupancy=occ, limiter=lim,
-                            **r))
+        kernels.append(
+            dict(kernel=_demangle(name), dyn_smem=dyn, blocks_per_sm=blocks, occupancy=occ, limiter=lim, **r)
+        )
     configs = []
     for n, d in KEY_CONFIGS:
         rows = []
@@ -945,12 +1111,23 @@ def analyse(build: Build, dev: Device = H100_SXM) -> dict:
             tc = tile_counts(fn, case, build.text)
             p = plan(build, case, dev.sms)
             tiles = block_tiles(p, case.self_term) if p else None
-            total = sum(tiles) if tiles else (
-                math.ceil(n / KBT) * (math.ceil(n / KBT) + 1) // 2 if case.self_term else math.ceil(n / KBT) ** 2)
+            total = (
+                sum(tiles)
+                if tiles
+                else (math.ceil(n / KBT) * (math.ceil(n / KBT) + 1) // 2 if case.self_term else math.ceil(n / KBT) ** 2)
+            )
             busiest = busiest_sm_tiles(tiles, dev.sms) if tiles else math.ceil(total / dev.sms)
-            rows.append(dict(case=case, tc=tc, tiles=total, blocks=len(tiles) if tiles else None, busiest=busiest,
-                             times={dv.name: predict(tc, dv, busiest) for dv in DEVICES},
-                             mufu={dv.name: mufu_floor(case, dv) for dv in DEVICES}))
+            rows.append(
+                dict(
+                    case=case,
+                    tc=tc,
+                    tiles=total,
+                    blocks=len(tiles) if tiles else None,
+                    busiest=busiest,
+                    times={dv.name: predict(tc, dv, busiest) for dv in DEVICES},
+                    mufu={dv.name: mufu_floor(case, dv) for dv in DEVICES},
+                )
+            )
         configs.append(dict(n=n, d=d, rows=rows))
     return dict(kernels=kernels, configs=configs)
 
@@ -961,45 +1138,67 @@ def _ms(x: float) -> str:
 
 def render(a: dict, build: Build, triton: Optional[List[dict]], triton_note: str) -> str:
     """The markdown report (``benchmarks/results/sm90-static.md``)."""
-    L = ["# sm_90 static performance model of the CUDA MMD kernels", "",
-         f"**Predictions from the compiled SASS; no GPU ran anything.** Produced on {datetime.date.today()} by "
-         "`.venv/bin/python benchmarks/static_model.py` on a 2-core AMD EPYC VM without a GPU "
-         f"(nvcc: `{_nvcc_version()}`; build folder `{os.path.relpath(build.folder, ROOT)}`).", "",
-         "Method (details in the module docstring of `benchmarks/static_model.py`): the tile kernel is compiled for "
-         "sm_90 with setup.py's flags and `-lineinfo`, disassembled with `nvdisasm -gi`, its loops found from "
-         "back-edges and named by source line, and the dynamic warp instructions of one 64 x 64 tile counted with "
-         "the trip-count model (source trip counts / SASS unroll factor, branch bodies weighted by the share of "
-         "warps or bandwidth groups entering them). *Per pair* = 32 x 8 warps x (per-warp count) / 4096 pair slots "
-         "of a tile. Time = busiest SM's tiles x max over pipes (warp instructions / per-SM pipe rate, issue "
-         "4/clk included) / clock. Devices: " + "; ".join(
-             f"{d.name}: {d.sms} SMs, {d.clock_ghz} GHz" for d in DEVICES) +
-         ". Per-SM rates (warp instr/clk): " + ", ".join(f"{k} {v:g}" for k, v in SM90_RATES) + ".", "",
-         "Caveat: an issue-bound model assumes enough warps to hide latency. These kernels run 2 blocks x 8 "
-         "warps per SM (25% occupancy, register-limited), i.e. 4 warps per scheduler for FFMA chains with a "
-         "4-cycle latency and shared-memory loads of ~30 cycles; the real time is this bound or more. Finalize "
-         "kernels, launch overheads and the Python-side work are not included.", ""]
-    L += ["## Kernels: registers, spills, shared memory, occupancy", "",
-          "| kernel | regs | spill st/ld (B) | stack (B) | static smem (B) | dynamic smem (B, S=15) | blocks/SM | "
-          "occupancy | limited by |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    L = [
+        "# sm_90 static performance model of the CUDA MMD kernels",
+        "",
+        f"**Predictions from the compiled SASS; no GPU ran anything.** Produced on {datetime.date.today()} by "
+        "`.venv/bin/python benchmarks/static_model.py` on a 2-core AMD EPYC VM without a GPU "
+        f"(nvcc: `{_nvcc_version()}`; build folder `{os.path.relpath(build.folder, ROOT)}`).",
+        "",
+        "Method (details in the module docstring of `benchmarks/static_model.py`): the tile kernel is compiled for "
+        "sm_90 with setup.py's flags and `-lineinfo`, disassembled with `nvdisasm -gi`, its loops found from "
+        "back-edges and named by source line, and the dynamic warp instructions of one 64 x 64 tile counted with "
+        "the trip-count model (source trip counts / SASS unroll factor, branch bodies weighted by the share of "
+        "warps or bandwidth groups entering them). *Per pair* = 32 x 8 warps x (per-warp count) / 4096 pair slots "
+        "of a tile. Time = busiest SM's tiles x max over pipes (warp instructions / per-SM pipe rate, issue "
+        "4/clk included) / clock. Devices: "
+        + "; ".join(f"{d.name}: {d.sms} SMs, {d.clock_ghz} GHz" for d in DEVICES)
+        + ". Per-SM rates (warp instr/clk): "
+        + ", ".join(f"{k} {v:g}" for k, v in SM90_RATES)
+        + ".",
+        "",
+        "Caveat: an issue-bound model assumes enough warps to hide latency. These kernels run 2 blocks x 8 "
+        "warps per SM (25% occupancy, register-limited), i.e. 4 warps per scheduler for FFMA chains with a "
+        "4-cycle latency and shared-memory loads of ~30 cycles; the real time is this bound or more. Finalize "
+        "kernels, launch overheads and the Python-side work are not included.",
+        "",
+    ]
+    L += [
+        "## Kernels: registers, spills, shared memory, occupancy",
+        "",
+        "| kernel | regs | spill st/ld (B) | stack (B) | static smem (B) | dynamic smem (B, S=15) | blocks/SM | "
+        "occupancy | limited by |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for k in a["kernels"]:
-        L.append(f"| `{k['kernel']}` | {k.get('regs', '?')} | {k.get('spill_stores', '?')}/{k.get('spill_loads', '?')} "
-                 f"| {k.get('stack', '?')} | {k.get('static_smem', '?')} | {k['dyn_smem'] if k['dyn_smem'] else '-'} "
-                 f"| {k['blocks_per_sm']} | {k['occupancy']:.0%} | {k['limiter']} |")
-    L += ["", "Dynamic shared memory of the double kernels depends on S as well; not listed. Occupancy "
-          "limits: 65536 registers, 228 KiB shared memory (+1 KiB reserved per block), 2048 threads, 32 blocks "
-          "per SM.", ""]
+        L.append(
+            f"| `{k['kernel']}` | {k.get('regs', '?')} | {k.get('spill_stores', '?')}/{k.get('spill_loads', '?')} "
+            f"| {k.get('stack', '?')} | {k.get('static_smem', '?')} | {k['dyn_smem'] if k['dyn_smem'] else '-'} "
+            f"| {k['blocks_per_sm']} | {k['occupancy']:.0%} | {k['limiter']} |"
+        )
+    L += [
+        "",
+        "Dynamic shared memory of the double kernels depends on S as well; not listed. Occupancy "
+        "limits: 65536 registers, 228 KiB shared memory (+1 KiB reserved per block), 2048 threads, 32 blocks "
+        "per SM.",
+        "",
+    ]
     L += _render_counts(a) + _render_times(a) + _render_costs(a) + _render_loops(a)
     L += ["## Triton kernels", "", triton_note, ""]
     if triton:
-        L += ["| kernel | family | variant | warps | regs | spill st/ld (B) | smem (B) | blocks/SM | occupancy |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        L += [
+            "| kernel | family | variant | warps | regs | spill st/ld (B) | smem (B) | blocks/SM | occupancy |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for t in triton:
             threads = 32 * int(t.get("num_warps") or 4)
             regs, smem = int(t.get("regs") or 0), int(t.get("smem") or 0)
             blocks, occ, _ = occupancy(regs, smem, threads)
-            L.append(f"| `{t.get('name', '?')}` | {t.get('family', '')} | {t.get('variant', '')} | "
-                     f"{t.get('num_warps', '?')} | {regs or '?'} | {t.get('spill_stores', '?')}/"
-                     f"{t.get('spill_loads', '?')} | {smem} | {blocks} | {occ:.0%} |")
+            L.append(
+                f"| `{t.get('name', '?')}` | {t.get('family', '')} | {t.get('variant', '')} | "
+                f"{t.get('num_warps', '?')} | {regs or '?'} | {t.get('spill_stores', '?')}/"
+                f"{t.get('spill_loads', '?')} | {smem} | {blocks} | {occ:.0%} |"
+            )
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -1013,29 +1212,39 @@ def _nvcc_version() -> str:
 
 
 def _render_counts(a: dict) -> List[str]:
-    L = ["## Dynamic instructions per pair (WAE path, S = 15 bandwidths in 5 groups of 3)", "",
-         "Thread instructions per pair slot of a tile (self kernels: upper-triangle tiles, diagonal tiles "
-         "included), by pipe and by phase (D distances, K kernel values / phi / psi, L line sums, G gradients).", "",
-         "| n | d | op | total | issue's count | fp32 | alu | lsu | control | mufu | other pipes | D | K | L | G | "
-         "tile overhead |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-         "| --- |"]
+    L = [
+        "## Dynamic instructions per pair (WAE path, S = 15 bandwidths in 5 groups of 3)",
+        "",
+        "Thread instructions per pair slot of a tile (self kernels: upper-triangle tiles, diagonal tiles "
+        "included), by pipe and by phase (D distances, K kernel values / phi / psi, L line sums, G gradients).",
+        "",
+        "| n | d | op | total | issue's count | fp32 | alu | lsu | control | mufu | other pipes | D | K | L | G | "
+        "tile overhead |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for cfg in a["configs"]:
         for r in cfg["rows"]:
             tc, op = r["tc"], r["case"].op
             pp = {k: tc.per_pair(k) for k in PIPES}
             rest = sum(v for k, v in pp.items() if k not in ("fp32", "alu", "lsu", "control", "mufu"))
             ph = {k: v * KWARPS * 32 / (KBT * KBT) for k, v in tc.per_phase.items()}
-            L.append(f"| {cfg['n']} | {cfg['d']} | {op} | {tc.per_pair():.0f} | "
-                     f"{ISSUE_COUNTS.get(cfg['d'], {}).get(op, '-')} | {pp['fp32']:.0f} | {pp['alu']:.0f} | "
-                     f"{pp['lsu']:.0f} | {pp['control']:.0f} | {pp['mufu']:.1f} | {rest:.0f} | "
-                     + " | ".join(f"{ph.get(k, 0):.0f}" for k in ("D", "K", "L", "G", "other")) + " |")
+            L.append(
+                f"| {cfg['n']} | {cfg['d']} | {op} | {tc.per_pair():.0f} | "
+                f"{ISSUE_COUNTS.get(cfg['d'], {}).get(op, '-')} | {pp['fp32']:.0f} | {pp['alu']:.0f} | "
+                f"{pp['lsu']:.0f} | {pp['control']:.0f} | {pp['mufu']:.1f} | {rest:.0f} | "
+                + " | ".join(f"{ph.get(k, 0):.0f}" for k in ("D", "K", "L", "G", "other"))
+                + " |"
+            )
     return L + [""]
 
 
 def _render_times(a: dict) -> List[str]:
-    L = ["## Predicted times (fwd+bwd, WAE path: self-grad of x, self values of y, cross-grad without column side)",
-         "", "| n | d | op | tiles | blocks | busiest SM tiles | bound | H100 SXM (ms) | H200 (ms) | MUFU floor (ms) |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    L = [
+        "## Predicted times (fwd+bwd, WAE path: self-grad of x, self values of y, cross-grad without column side)",
+        "",
+        "| n | d | op | tiles | blocks | busiest SM tiles | bound | H100 SXM (ms) | H200 (ms) | MUFU floor (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for cfg in a["configs"]:
         tot = {d.name: 0.0 for d in DEVICES}
         mu = 0.0
@@ -1044,24 +1253,38 @@ def _render_times(a: dict) -> List[str]:
             for d in DEVICES:
                 tot[d.name] += t[d.name]["seconds"]
             mu += r["mufu"][H100_SXM.name]
-            L.append(f"| {cfg['n']} | {cfg['d']} | {r['case'].op} | {r['tiles']} | {r['blocks'] or '?'} | "
-                     f"{r['busiest']} | {t[H100_SXM.name]['bound']} | {_ms(t[H100_SXM.name]['seconds'])} | "
-                     f"{_ms(t[H200.name]['seconds'])} | {_ms(r['mufu'][H100_SXM.name])} |")
-        L.append(f"| {cfg['n']} | {cfg['d']} | **total** | | | | | **{_ms(tot[H100_SXM.name])}** | "
-                 f"**{_ms(tot[H200.name])}** | {_ms(mu)} |")
+            L.append(
+                f"| {cfg['n']} | {cfg['d']} | {r['case'].op} | {r['tiles']} | {r['blocks'] or '?'} | "
+                f"{r['busiest']} | {t[H100_SXM.name]['bound']} | {_ms(t[H100_SXM.name]['seconds'])} | "
+                f"{_ms(t[H200.name]['seconds'])} | {_ms(r['mufu'][H100_SXM.name])} |"
+            )
+        L.append(
+            f"| {cfg['n']} | {cfg['d']} | **total** | | | | | **{_ms(tot[H100_SXM.name])}** | "
+            f"**{_ms(tot[H200.name])}** | {_ms(mu)} |"
+        )
         cfg["total"] = tot[H100_SXM.name]
-    L += ["", "H200 has the same SM count and clock as the H100 SXM, so the issue-bound prediction is the same "
-          "(its larger HBM bandwidth only helps the memory-bound finalize kernels, not modelled).", "",
-          "### Against the goals and the issue's estimate", ""]
+    L += [
+        "",
+        "H200 has the same SM count and clock as the H100 SXM, so the issue-bound prediction is the same "
+        "(its larger HBM bandwidth only helps the memory-bound finalize kernels, not modelled).",
+        "",
+        "### Against the goals and the issue's estimate",
+        "",
+    ]
     for n, d, goal in GOALS:
         got = [c for c in a["configs"] if c["n"] == n and c["d"] == d]
         if got:
             t = got[0]["total"]
-            L.append(f"* n = {n}, d = {d}, fwd+bwd: predicted {_ms(t)} ms on an H100 SXM against the goal "
-                     f"{_ms(goal)} ms: **{'met' if t <= goal else 'NOT met'}** ({t / goal:.1f}x the goal).")
-    L += ["* The issue's estimate from a hand count of an earlier SASS: 578 / 703 / 398 instructions per pair "
-          "(d = 64) and 450 / 575 / 270 (d = 10), ~0.6-0.8 ms and ~120-160 ms; the table above is the count of "
-          "the current sources.", ""]
+            L.append(
+                f"* n = {n}, d = {d}, fwd+bwd: predicted {_ms(t)} ms on an H100 SXM against the goal "
+                f"{_ms(goal)} ms: **{'met' if t <= goal else 'NOT met'}** ({t / goal:.1f}x the goal)."
+            )
+    L += [
+        "* The issue's estimate from a hand count of an earlier SASS: 578 / 703 / 398 instructions per pair "
+        "(d = 64) and 450 / 575 / 270 (d = 10), ~0.6-0.8 ms and ~120-160 ms; the table above is the count of "
+        "the current sources.",
+        "",
+    ]
     return L
 
 
@@ -1080,8 +1303,11 @@ def _render_costs(a: dict) -> List[str]:
     for cfg in a["configs"]:
         sh = _phase_share(cfg)
         tot = sum(sh.values())
-        L.append(f"* n = {cfg['n']}, d = {cfg['d']}: share of all issued instructions: " + ", ".join(
-            f"{k} {v / tot:.0%}" for k, v in sorted(sh.items(), key=lambda kv: -kv[1])) + ".")
+        L.append(
+            f"* n = {cfg['n']}, d = {cfg['d']}: share of all issued instructions: "
+            + ", ".join(f"{k} {v / tot:.0%}" for k, v in sorted(sh.items(), key=lambda kv: -kv[1]))
+            + "."
+        )
     big = {(c["n"], c["d"]): c for c in a["configs"]}
     c64, c10 = big.get((4096, 64)), big.get((4096, 10))
     if c64 and c10:
@@ -1089,42 +1315,49 @@ def _render_costs(a: dict) -> List[str]:
         g64 = c64["rows"][1]["tc"].per_phase.get("G", 0) * KWARPS * 32 / (KBT * KBT)
         d64 = c64["rows"][2]["tc"].per_phase.get("D", 0) * KWARPS * 32 / (KBT * KBT)
         d10 = c10["rows"][2]["tc"].per_phase.get("D", 0) * KWARPS * 32 / (KBT * KBT)
-        L += ["",
-              f"1. **Per-bandwidth arithmetic (K phase)**: {k:.0f} instructions per pair for 15 bandwidths "
-              f"({k / 15:.1f} per bandwidth) in cross-grad, with one MUFU.RCP per bandwidth (imq_band_acc: "
-              "c_s + x, the reciprocal and its Newton step, the two value sums w r and (w x) r, phi and psi: "
-              "8 FP32 per bandwidth and pair) plus x, its cap and w x per pair and group of three, the pair masks "
-              "of edge tiles and the warp shuffles of the value partials (2 per bandwidth per tile). Remaining "
-              "levers: one scale group for all bandwidths (x, cap, w x once per pair), a shared-memory reduction "
-              "of the value partials instead of 5-level shuffle trees, and dropping the Newton step only if a GPU "
-              "run shows rcp.approx alone keeps the 1e-5 contract. It dominates d = 10.",
-              f"2. **Gradient GEMMs on CUDA cores (G phase)**: {g64:.0f} instructions per pair in self-grad "
-              "(row and column sides), each coordinate costing FADD + FFMA (the differences a_i - b_j are formed "
-              "per (pair, coordinate) instead of a_i sum_j P_ij - sum_j P_ij b_j, whose cancellation the accuracy "
-              "contract excludes). The G loops run only the ceil(kc / 16) slices of 16 coordinates a chunk holds "
-              "(g_side<NL>): at d = 10 one slice of 16 lanes, 6 of them padding.",
-              f"3. **Squared distances (D phase)**: {d64:.0f} per pair at d = 64 ({d10:.0f} at d = 10): "
-              "FADD + FFMA per coordinate plus 2 LDS.128 per 16 pairs; the |a|^2 + |b|^2 - 2ab form on tensor "
-              "cores is excluded by the accuracy contract, so this stays ~2 d per pair; a 8x4 register tile per "
-              "thread would halve the shared-memory loads per FFMA.",
-              "4. **Tile overheads (L phase, tile loop body)**: line sums of P/Phi run on 2-4 of 8 warps with "
-              "shared-memory reads and barriers; the tiles' coordinates are reloaded from global memory for "
-              "every tile pair.",
-              "5. **Latency hiding**: 128 registers (the __launch_bounds__(256, 2) cap) give 2 blocks = 16 "
-              "warps per SM (25% occupancy); the issue-bound times above assume the FFMA chains and shared loads "
-              "are hidden, which 4 warps per scheduler may not do. Spills (ptxas: see the kernel table) are "
-              "outside the per-pair loops (tests/test_static_model.py checks it)."]
+        L += [
+            "",
+            f"1. **Per-bandwidth arithmetic (K phase)**: {k:.0f} instructions per pair for 15 bandwidths "
+            f"({k / 15:.1f} per bandwidth) in cross-grad, with one MUFU.RCP per bandwidth (imq_band_acc: "
+            "c_s + x, the reciprocal and its Newton step, the two value sums w r and (w x) r, phi and psi: "
+            "8 FP32 per bandwidth and pair) plus x, its cap and w x per pair and group of three, the pair masks "
+            "of edge tiles and the warp shuffles of the value partials (2 per bandwidth per tile). Remaining "
+            "levers: one scale group for all bandwidths (x, cap, w x once per pair), a shared-memory reduction "
+            "of the value partials instead of 5-level shuffle trees, and dropping the Newton step only if a GPU "
+            "run shows rcp.approx alone keeps the 1e-5 contract. It dominates d = 10.",
+            f"2. **Gradient GEMMs on CUDA cores (G phase)**: {g64:.0f} instructions per pair in self-grad "
+            "(row and column sides), each coordinate costing FADD + FFMA (the differences a_i - b_j are formed "
+            "per (pair, coordinate) instead of a_i sum_j P_ij - sum_j P_ij b_j, whose cancellation the accuracy "
+            "contract excludes). The G loops run only the ceil(kc / 16) slices of 16 coordinates a chunk holds "
+            "(g_side<NL>): at d = 10 one slice of 16 lanes, 6 of them padding.",
+            f"3. **Squared distances (D phase)**: {d64:.0f} per pair at d = 64 ({d10:.0f} at d = 10): "
+            "FADD + FFMA per coordinate plus 2 LDS.128 per 16 pairs; the |a|^2 + |b|^2 - 2ab form on tensor "
+            "cores is excluded by the accuracy contract, so this stays ~2 d per pair; a 8x4 register tile per "
+            "thread would halve the shared-memory loads per FFMA.",
+            "4. **Tile overheads (L phase, tile loop body)**: line sums of P/Phi run on 2-4 of 8 warps with "
+            "shared-memory reads and barriers; the tiles' coordinates are reloaded from global memory for "
+            "every tile pair.",
+            "5. **Latency hiding**: 128 registers (the __launch_bounds__(256, 2) cap) give 2 blocks = 16 "
+            "warps per SM (25% occupancy); the issue-bound times above assume the FFMA chains and shared loads "
+            "are hidden, which 4 warps per scheduler may not do. Spills (ptxas: see the kernel table) are "
+            "outside the per-pair loops (tests/test_static_model.py checks it).",
+        ]
     return L + [""]
 
 
 def _render_loops(a: dict) -> List[str]:
-    L = ["## Loops found (n = 4096, d = 64)", "",
-         "| op | source line | loop | unroll u | executions / tile / warp | static instr | spill instr |",
-         "| --- | --- | --- | --- | --- | --- | --- |"]
+    L = [
+        "## Loops found (n = 4096, d = 64)",
+        "",
+        "| op | source line | loop | unroll u | executions / tile / warp | static instr | spill instr |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in a["configs"][0]["rows"]:
         for lp in r["tc"].loops:
-            L.append(f"| {r['case'].op} | {lp['line']} | {lp['name']} | {lp['u']} | {lp['execs']:g} | {lp['static']} "
-                     f"| {lp['spills']} |")
+            L.append(
+                f"| {r['case'].op} | {lp['line']} | {lp['name']} | {lp['u']} | {lp['execs']:g} | {lp['static']} "
+                f"| {lp['spills']} |"
+            )
     return L + [""]
 
 
@@ -1143,19 +1376,26 @@ def triton_kernels(arch: int = 90) -> Tuple[Optional[List[dict]], str]:
     except Exception as exc:
         return None, f"Not analysed: `triton_aot.compile_all(arch={arch})` failed ({type(exc).__name__}: {exc})."
     rows = list(got.values()) if isinstance(got, dict) else list(got)
-    rows = [r if isinstance(r, dict) else dataclasses.asdict(r) if dataclasses.is_dataclass(r) else {"name": str(r)}
-            for r in rows]
+    rows = [
+        r if isinstance(r, dict) else dataclasses.asdict(r) if dataclasses.is_dataclass(r) else {"name": str(r)}
+        for r in rows
+    ]
     if isinstance(got, dict):
         for name, r in zip(got.keys(), rows):
             r.setdefault("name", name)
-    return rows, (f"From `benchmarks/triton_aot.py` `compile_all(arch={arch})`: registers and spills per compiled "
-                  "kernel (the per-pair instruction model above covers the CUDA kernels only).")
+    return rows, (
+        f"From `benchmarks/triton_aot.py` `compile_all(arch={arch})`: registers and spills per compiled "
+        "kernel (the per-pair instruction model above covers the CUDA kernels only)."
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sm90-static.md"),
-                    help="markdown report path ('-' for stdout)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "benchmarks", "results", "sm90-static.md"),
+        help="markdown report path ('-' for stdout)",
+    )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--force", action="store_true", help="recompile even if the cache has this build")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")

@@ -19,6 +19,7 @@ Triton must not run in interpreter mode in this process (``TRITON_INTERPRET`` un
 ``import triton``); :func:`compile_all` raises ``RuntimeError`` otherwise (run it in a subprocess, as
 ``tests/test_triton_aot.py`` does).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SMS = 132   # multiprocessors assumed for the launchers' column split (H100 SXM / H200)
+SMS = 132  # multiprocessors assumed for the launchers' column split (H100 SXM / H200)
 
 __all__ = ["compile_all", "variants", "ptxas_usage", "markdown", "main"]
 
@@ -73,6 +74,7 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls.append((args, kwargs))
+
         return launch
 
 
@@ -100,7 +102,7 @@ def _source(fn, args: tuple, kwargs: dict):
 
     kwargs = dict(kwargs)
     num_warps = int(kwargs.pop("num_warps", 4))
-    values = list(args) + [kwargs.pop(p.name) for p in fn.params[len(args):] if p.name in kwargs]
+    values = list(args) + [kwargs.pop(p.name) for p in fn.params[len(args) :] if p.name in kwargs]
     if kwargs or len(values) != len(fn.params):
         raise RuntimeError(f"{fn.__name__}: recorded call does not match the kernel parameters ({sorted(kwargs)})")
     signature, constexprs, attrs = {}, {}, {}
@@ -121,6 +123,7 @@ def _source(fn, args: tuple, kwargs: dict):
 # ---------------------------------------------------------------------------------------------------------------
 # Variants: (name, variant description, launcher call on CPU tensors)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _mmd_inputs(n: int, m: int, d: int, s: int, dtype: torch.dtype):
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -152,8 +155,11 @@ def _reparam_calls(dtype: torch.dtype, B: int = 100, K: int = 10, d: int = 10):
     tag = f"{str(dtype).replace('torch.', '')} B={B} K={K} d={d}"
     return [
         ("gm_reparam", f"{tag} seeded", lambda R: R.gm_reparam(mu, mu, logits, seed, None, "softplus")),
-        ("gm_reparam", f"{tag} seeded backward",
-         lambda R: R.gm_reparam_backward(mu, logits, mu, logits, seed, None, "softplus")),
+        (
+            "gm_reparam",
+            f"{tag} seeded backward",
+            lambda R: R.gm_reparam_backward(mu, logits, mu, logits, seed, None, "softplus"),
+        ),
     ]
 
 
@@ -174,17 +180,19 @@ def variants(quick: bool = False) -> List[Tuple[str, str, object, Callable]]:
     return out
 
 
-_KERNELS = {"imq_mmd": ("_imq_values_kernel", "_imq_rowpass_kernel"),
-            "gm_reparam": ("_gm_reparam_fwd_kernel", "_gm_reparam_bwd_kernel")}
+_KERNELS = {
+    "imq_mmd": ("_imq_values_kernel", "_imq_rowpass_kernel"),
+    "gm_reparam": ("_gm_reparam_fwd_kernel", "_gm_reparam_bwd_kernel"),
+}
 
 
 def _record(module, call) -> List[Tuple[object, tuple, dict]]:
     """Run ``call(module)`` with the module's kernels recorded; returns ``(fn, args, kwargs)`` per launch, as on a
     CUDA device (``FAST_RCP`` forced on for float32, as ``_fast_rcp`` decides on CUDA)."""
     key = "imq_mmd" if hasattr(module, "_imq_values_kernel") else "gm_reparam"
-    if key == "imq_mmd":   # CPU tensors pass the device check; the column split sees a GPU's multiprocessors
+    if key == "imq_mmd":  # CPU tensors pass the device check; the column split sees a GPU's multiprocessors
         patches = {"_interpreting": lambda: True, "_num_sms": lambda *_: SMS}
-    else:                  # (gm_reparam sizes its blocks by _interpreting(): only its input check is skipped)
+    else:  # (gm_reparam sizes its blocks by _interpreting(): only its input check is skipped)
         patches = {"_check": lambda *a, **k: None}
     with _recording(module, _KERNELS[key], patches) as recs:
         call(module)
@@ -211,13 +219,26 @@ def ptxas_usage(ptx: str, arch: int = 90, ptxas: Optional[str] = None) -> Dict[s
     Triton compiles with: ``-lineinfo --regAllocOptLevel=2``; ``spill_bytes`` = stores + loads)."""
     if ptxas is None:
         from triton import knobs
+
         ptxas = knobs.nvidia.ptxas.path
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        res = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src),
-                              "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                ptxas,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={gpu}",
+                str(src),
+                "-o",
+                str(Path(tmp) / "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     log = res.stdout + res.stderr
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed ({res.returncode}):\n{log}")
@@ -225,12 +246,16 @@ def ptxas_usage(ptx: str, arch: int = 90, ptxas: Optional[str] = None) -> Dict[s
     if regs is None or spill is None:
         raise RuntimeError(f"could not parse the ptxas -v output:\n{log}")
     stores, loads = int(spill.group(1)), int(spill.group(2))
-    return {"regs": int(regs.group(1)), "spill_stores": stores, "spill_loads": loads, "spill_bytes": stores + loads,
-            "stack": int(stack.group(1)) if stack else 0}
+    return {
+        "regs": int(regs.group(1)),
+        "spill_stores": stores,
+        "spill_loads": loads,
+        "spill_bytes": stores + loads,
+        "stack": int(stack.group(1)) if stack else 0,
+    }
 
 
-def compile_all(arch: int = 90, quick: bool = False, ptxas: Optional[str] = None,
-                keep_ptx: bool = True) -> List[dict]:
+def compile_all(arch: int = 90, quick: bool = False, ptxas: Optional[str] = None, keep_ptx: bool = True) -> List[dict]:
     """Compile every kernel variant for ``sm_<arch>`` without a GPU.
 
     Returns one dict per launch: ``name`` (kernel), ``family``, ``variant``, ``regs``, ``spill_bytes``
@@ -238,8 +263,10 @@ def compile_all(arch: int = 90, quick: bool = False, ptxas: Optional[str] = None
     memory, from Triton's metadata), ``num_warps``, ``constexprs`` (name -> value), ``signature`` (name -> type)
     and ``ptx`` (the PTX text, when ``keep_ptx``)."""
     if _interpreting():
-        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreter functions and cannot be compiled; "
-                           "run compile_all in a process started without it")
+        raise RuntimeError(
+            "TRITON_INTERPRET is set: the kernels are interpreter functions and cannot be compiled; "
+            "run compile_all in a process started without it"
+        )
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -256,9 +283,18 @@ def compile_all(arch: int = 90, quick: bool = False, ptxas: Optional[str] = None
             usage = dict(seen[key])
             if not keep_ptx:
                 usage.pop("ptx")
-            rows.append(dict(usage, name=fn.__name__, family=family, variant=variant, num_warps=num_warps,
-                             arch=arch, signature={k: v for k, v in src.signature.items() if v != "constexpr"},
-                             constexprs={fn.params[i[0]].name: _plain(v) for i, v in src.constants.items()}))
+            rows.append(
+                dict(
+                    usage,
+                    name=fn.__name__,
+                    family=family,
+                    variant=variant,
+                    num_warps=num_warps,
+                    arch=arch,
+                    signature={k: v for k, v in src.signature.items() if v != "constexpr"},
+                    constexprs={fn.params[i[0]].name: _plain(v) for i, v in src.constants.items()},
+                )
+            )
     return rows
 
 
@@ -268,14 +304,29 @@ def _plain(v):
 
 def markdown(rows: List[dict]) -> str:
     """A markdown table of :func:`compile_all` rows."""
-    out = ["| kernel | variant | key constexprs | warps | regs | spill B | stack B | smem B |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    keys = ("SELF", "UNBIASED", "MASK_GROUPS", "WITH_VALUES", "BLOCK_I", "BLOCK_J", "BLOCK_G", "G_LOOP",
-            "BLOCK_C", "ROWS", "F64")
+    out = [
+        "| kernel | variant | key constexprs | warps | regs | spill B | stack B | smem B |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    keys = (
+        "SELF",
+        "UNBIASED",
+        "MASK_GROUPS",
+        "WITH_VALUES",
+        "BLOCK_I",
+        "BLOCK_J",
+        "BLOCK_G",
+        "G_LOOP",
+        "BLOCK_C",
+        "ROWS",
+        "F64",
+    )
     for r in rows:
         cx = " ".join(f"{k}={_short(r['constexprs'][k])}" for k in keys if k in r["constexprs"])
-        out.append(f"| `{r['name']}` | {r['variant']} | {cx} | {r['num_warps']} | {r['regs']} | "
-                   f"{r['spill_bytes']} | {r['stack']} | {r['smem']} |")
+        out.append(
+            f"| `{r['name']}` | {r['variant']} | {cx} | {r['num_warps']} | {r['regs']} | "
+            f"{r['spill_bytes']} | {r['stack']} | {r['smem']} |"
+        )
     return "\n".join(out)
 
 
@@ -297,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     import triton
+
     print(f"sm_{args.arch}, triton {triton.__version__}, ptxas {args.ptxas or 'bundled with triton'}\n")
     print(markdown(rows))
     return 0

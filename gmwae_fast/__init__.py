@@ -11,6 +11,7 @@ Public API::
     backends.resolve_backend / last_backend         # which backend will run / ran last (gmwae_fast.backends)
     build_info()                          # versions and what was compiled
 """
+
 from ._version import __version__
 from .backends import available_backends, build_info
 from .mmd import PAPER_SCALES, WAE_SCALES, IMQMMDLoss, IMQMMDTerms, fast_imq_mmd, imq_mmd_terms

@@ -4,6 +4,7 @@
 * :func:`measure_peak_memory`: peak extra memory of one untimed call (method in its docstring).
 * :func:`timed_call`: one call timed between two device synchronisations.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -19,6 +19,7 @@ backend that cannot run raises :class:`RuntimeError` saying why. The ops record 
 (:func:`last_backend`); :func:`resolve_backend` says which one will run. A compiled extension that fails to load is
 reported once, as a warning, and the other backends keep working. Adding a backend: ``docs/ARCHITECTURE.md``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,10 +33,26 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["Backend", "REGISTRY", "BACKENDS", "OP_FAMILIES", "auto_order", "backend_choices", "check_backend_name",
-           "available_backends", "build_info", "resolve_backend", "select_backend", "last_backend",
-           "unavailable_reason", "triton_interpreting", "extension", "extension_error", "assume_constant_result",
-           "torch_mismatch"]
+__all__ = [
+    "Backend",
+    "REGISTRY",
+    "BACKENDS",
+    "OP_FAMILIES",
+    "auto_order",
+    "backend_choices",
+    "check_backend_name",
+    "available_backends",
+    "build_info",
+    "resolve_backend",
+    "select_backend",
+    "last_backend",
+    "unavailable_reason",
+    "triton_interpreting",
+    "extension",
+    "extension_error",
+    "assume_constant_result",
+    "torch_mismatch",
+]
 
 Device = Union[str, torch.device, None]
 
@@ -96,12 +113,18 @@ def _load_extension() -> None:
     if _ext_error is not None:
         _ext = None
         if os.environ.get("GMWAE_FAST_QUIET_EXT", "0") != "1":
-            warnings.warn(f"gmwae_fast: {_ext_error}; the 'cpu' and 'cuda' backends are disabled, 'triton' and "
-                          "'reference' still work. " + _REBUILD_HINT, RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"gmwae_fast: {_ext_error}; the 'cpu' and 'cuda' backends are disabled, 'triton' and "
+                "'reference' still work. " + _REBUILD_HINT,
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
-_REBUILD_HINT = ("To rebuild against the running torch: pip install --no-build-isolation --force-reinstall "
-                 "--no-deps <the gmwae_fast sdist or checkout> (in a checkout: bash scripts/setup.sh).")
+_REBUILD_HINT = (
+    "To rebuild against the running torch: pip install --no-build-isolation --force-reinstall "
+    "--no-deps <the gmwae_fast sdist or checkout> (in a checkout: bash scripts/setup.sh)."
+)
 
 
 def torch_mismatch(built_version: Optional[str], built_cxx11_abi: Optional[bool]) -> Optional[str]:
@@ -113,12 +136,16 @@ def torch_mismatch(built_version: Optional[str], built_cxx11_abi: Optional[bool]
     if built_version is not None:
         same = running == built_version if "+" in built_version else running.split("+")[0] == built_version
         if not same:
-            return (f"gmwae_fast._C was built against torch {built_version} but torch {running} is running "
-                    "(a C++ extension must be built with the torch it runs with)")
+            return (
+                f"gmwae_fast._C was built against torch {built_version} but torch {running} is running "
+                "(a C++ extension must be built with the torch it runs with)"
+            )
     abi = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
     if built_cxx11_abi is not None and bool(built_cxx11_abi) != abi:
-        return (f"gmwae_fast._C was built with _GLIBCXX_USE_CXX11_ABI={int(built_cxx11_abi)} but the running torch "
-                f"uses {int(abi)}")
+        return (
+            f"gmwae_fast._C was built with _GLIBCXX_USE_CXX11_ABI={int(built_cxx11_abi)} but the running torch "
+            f"uses {int(abi)}"
+        )
     return None
 
 
@@ -140,7 +167,6 @@ def _build_config() -> dict:
     except ImportError:
         return {}
     return {k: getattr(cfg, k) for k in dir(cfg) if not k.startswith("_")}
-
 
 
 def _compiled_kernel(op: str, dispatch_key: str) -> bool:
@@ -195,11 +221,15 @@ def _compiled_family_reason(op: str, key: str) -> Optional[str]:
         return None
     if not any(_compiled_kernel(op, k) for k in ("CPU", "CUDA")):
         if op != "imq_mmd" and (_compiled_kernel("imq_mmd", "CPU") or _compiled_kernel("imq_mmd", "CUDA")):
-            return (f"gmwae_fast._C was built before the {op} ops existed (it has the imq_mmd kernels only); "
-                    "rebuild the extension")
+            return (
+                f"gmwae_fast._C was built before the {op} ops existed (it has the imq_mmd kernels only); "
+                "rebuild the extension"
+            )
     if key == "CUDA":
-        return (f"gmwae_fast._C was built without the CUDA {op} kernels (no CUDA toolkit at build time, or "
-                "GMWAE_FAST_SKIP_CUDA=1)")
+        return (
+            f"gmwae_fast._C was built without the CUDA {op} kernels (no CUDA toolkit at build time, or "
+            "GMWAE_FAST_SKIP_CUDA=1)"
+        )
     return f"gmwae_fast._C was built without the CPU {op} kernels"
 
 
@@ -215,12 +245,15 @@ def _cuda_reason(dev: torch.device, op: str) -> Optional[str]:
 
 
 #: name -> entry. ``auto`` order on a device: its usable entries by ``priority`` (ties: registry order).
-REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("cuda", ("cuda",), ("cuda",), 0, _cuda_reason),
-    Backend("cpu", ("cpu",), ("cpu",), 0, _cpu_reason),
-    Backend("triton", ("cuda", "cpu"), ("cuda",), 10, _triton_reason),
-    Backend("reference", None, None, 100, _reference_reason),
-)}
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cuda", ("cuda",), ("cuda",), 0, _cuda_reason),
+        Backend("cpu", ("cpu",), ("cpu",), 0, _cpu_reason),
+        Backend("triton", ("cuda", "cpu"), ("cuda",), 10, _triton_reason),
+        Backend("reference", None, None, 100, _reference_reason),
+    )
+}
 
 #: The backend names (what ``backend=`` accepts besides ``"auto"``).
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu", "cuda")
@@ -305,8 +338,7 @@ def _resolve(requested: str, device: str, op: str) -> str:
         return "reference"
     reason = unavailable_reason(requested, dev, op)
     if reason is not None:
-        raise RuntimeError(f"backend {requested!r} cannot run on {dev.type} tensors "
-                           f"({OP_FAMILIES[op][0]}): {reason}")
+        raise RuntimeError(f"backend {requested!r} cannot run on {dev.type} tensors ({OP_FAMILIES[op][0]}): {reason}")
     return requested
 
 

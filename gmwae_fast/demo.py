@@ -7,6 +7,7 @@ memory. Each method runs in a fresh subprocess: one warm-up call (first-use cost
 then one untimed call measured by the benchmark suite's helper (:func:`gmwae_fast._measure.measure_peak_memory`:
 peak RSS delta on a CPU, ``max_memory_allocated`` delta on CUDA), then ``--repeats`` timed calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ def _measure_one(method: str, n: int, d: int, device: str, repeats: int, backend
         val, seconds = timed_call(lambda: _run(method, x, y, backend), dev)
         times.append(seconds)
     times.sort()
-    return {"method": method, "value": float(val), "time_s": times[len(times) // 2],
-            "peak_mib": None if peak is None else peak / 2**20, "mem_method": how}
+    return {
+        "method": method,
+        "value": float(val),
+        "time_s": times[len(times) // 2],
+        "peak_mib": None if peak is None else peak / 2**20,
+        "mem_method": how,
+    }
 
 
 def device_line(device: str, backend: str) -> str:
@@ -69,8 +75,23 @@ def device_line(device: str, backend: str) -> str:
 
 
 def _child(method: str, args, device: str, backend: str) -> dict:
-    cmd = [sys.executable, "-m", "gmwae_fast.demo", "--n", str(args.n), "--d", str(args.d), "--device", device,
-           "--repeats", str(args.repeats), "--_backend", backend, "--_one", method]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gmwae_fast.demo",
+        "--n",
+        str(args.n),
+        "--d",
+        str(args.d),
+        "--device",
+        device,
+        "--repeats",
+        str(args.repeats),
+        "--_backend",
+        backend,
+        "--_one",
+        method,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -118,8 +139,9 @@ def main(argv=None) -> int:
 
     backend = backends.resolve_backend("auto", device, op="imq_mmd")
     x, y = _inputs(args.n, args.d, device)
-    exact = float(reference.imq_mmd_reference(x.double(), y.double(),
-                                              bandwidths=reference.bandwidths_for(args.d, PAPER_SCALES)))
+    exact = float(
+        reference.imq_mmd_reference(x.double(), y.double(), bandwidths=reference.bandwidths_for(args.d, PAPER_SCALES))
+    )
     print(f"n = m = {args.n}, d = {args.d}, {len(PAPER_SCALES)} IMQ bandwidths, forward + backward (grad of x)")
     print(device_line(device, backend))
     print(f"float64 MMD² = {exact:.10e}")

@@ -22,6 +22,7 @@ How (rank ``r``, local rows ``A_r``, all-rank points ``A = [A_0, ..., A_{R-1}]``
 The primitive ops are those of ``gmwae_fast/ops/imq_mmd.py`` (``cpu``, ``cuda``, ``triton``) or float64 PyTorch
 built on :func:`gmwae_fast.reference.reference_terms` (``reference``); no new kernel is involved.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,14 +43,42 @@ __all__ = ["distributed_imq_mmd"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # metadata vector, one per rank (float64, exact for the small integers stored in it)
-_META = ("error", "x_dim", "x_rows", "x_k", "x_d", "x_dtype", "x_w", "x_grad",
-         "y_dim", "y_rows", "y_k", "y_d", "y_dtype", "y_w", "y_grad", "options")
+_META = (
+    "error",
+    "x_dim",
+    "x_rows",
+    "x_k",
+    "x_d",
+    "x_dtype",
+    "x_w",
+    "x_grad",
+    "y_dim",
+    "y_rows",
+    "y_k",
+    "y_d",
+    "y_dtype",
+    "y_w",
+    "y_grad",
+    "options",
+)
 
 
-def distributed_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None,
-                        y_weights: Optional[Tensor] = None, *, process_group: Any,
-                        scales: Sequence[float], sigma2: float, bandwidths: Optional[Sequence[float]],
-                        unbiased: bool, reduction: str, eps: float, backend: str, validate: bool) -> Tensor:
+def distributed_imq_mmd(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Optional[Tensor] = None,
+    y_weights: Optional[Tensor] = None,
+    *,
+    process_group: Any,
+    scales: Sequence[float],
+    sigma2: float,
+    bandwidths: Optional[Sequence[float]],
+    unbiased: bool,
+    reduction: str,
+    eps: float,
+    backend: str,
+    validate: bool,
+) -> Tensor:
     """The ``process_group`` branch of :func:`gmwae_fast.fast_imq_mmd` (see its docstring for the contract).
 
     Collective: every rank of ``process_group`` must call it, in the same order as its other collectives.
@@ -58,8 +87,9 @@ def distributed_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None
     rank is left waiting. Only argument *type* errors are raised locally before any communication.
     """
     _check_group(process_group)
-    local_error, (bws, factors), options = _local_checks(x, y, x_weights, y_weights, scales, sigma2, bandwidths,
-                                                         unbiased, reduction, eps, backend)
+    local_error, (bws, factors), options = _local_checks(
+        x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, reduction, eps, backend
+    )
     metas = _gather_meta(_meta_vector(x, y, x_weights, y_weights, local_error, options), process_group)
     rank = dist.get_rank(process_group)
     if local_error is not None:
@@ -85,15 +115,20 @@ def distributed_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None
 # Checks and metadata
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _check_group(process_group: Any) -> None:
     if not dist.is_available():
         raise RuntimeError("process_group was given but torch.distributed is not available in this torch build")
     if not dist.is_initialized():
-        raise RuntimeError("process_group was given but torch.distributed is not initialised: call "
-                           "torch.distributed.init_process_group(...) on every rank first")
+        raise RuntimeError(
+            "process_group was given but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group(...) on every rank first"
+        )
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+        )
     if dist.get_rank(process_group) < 0:
         raise RuntimeError("this process is not a member of process_group")
 
@@ -106,8 +141,10 @@ def _check_shard(name: str, t: object) -> Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.shape[-1] == 0 or (t.dim() == 3 and t.shape[1] == 0):
-        raise ValueError(f"{name} has a zero-sized dimension other than the first: {tuple(t.shape)} "
-                         "(an empty shard is (0, d) or (0, K, d))")
+        raise ValueError(
+            f"{name} has a zero-sized dimension other than the first: {tuple(t.shape)} "
+            "(an empty shard is (0, d) or (0, K, d))"
+        )
     return t
 
 
@@ -173,42 +210,52 @@ def _check_consistent(metas: list[dict], rank: int, unbiased: bool) -> None:
     bad = [r for r, m in enumerate(metas) if m["error"]]
     if bad:
         raise ValueError(f"rank(s) {bad} passed invalid input to the distributed MMD (see the error raised there)")
-    for key, what in (("x_dim", "x's number of dimensions ((n, d) plain or (B, K, d) grouped)"),
-                      ("y_dim", "y's number of dimensions ((n, d) plain or (B, K, d) grouped)"),
-                      ("x_k", "x's group size K"), ("y_k", "y's group size K"),
-                      ("x_d", "the feature dimension d"), ("x_dtype", "x's dtype"), ("y_dtype", "y's dtype"),
-                      ("x_w", "whether x_weights is given"), ("y_w", "whether y_weights is given"),
-                      ("options", "the keyword options (bandwidths, unbiased, reduction)")):
+    for key, what in (
+        ("x_dim", "x's number of dimensions ((n, d) plain or (B, K, d) grouped)"),
+        ("y_dim", "y's number of dimensions ((n, d) plain or (B, K, d) grouped)"),
+        ("x_k", "x's group size K"),
+        ("y_k", "y's group size K"),
+        ("x_d", "the feature dimension d"),
+        ("x_dtype", "x's dtype"),
+        ("y_dtype", "y's dtype"),
+        ("x_w", "whether x_weights is given"),
+        ("y_w", "whether y_weights is given"),
+        ("options", "the keyword options (bandwidths, unbiased, reduction)"),
+    ):
         values = [m[key] for m in metas]
         if len(set(values)) > 1:
             if key.endswith("dtype"):
                 values = [str(_FLOAT_DTYPES[v]) for v in values]
-            raise ValueError(f"all ranks must agree on {what}; got {values} on ranks 0..{len(values) - 1} "
-                             f"(this is rank {rank})")
+            raise ValueError(
+                f"all ranks must agree on {what}; got {values} on ranks 0..{len(values) - 1} (this is rank {rank})"
+            )
     for side in ("x", "y"):
         groups = sum(m[f"{side}_rows"] for m in metas)
         if groups == 0:
             raise ValueError(f"{side} is empty on every rank: the global sample has no points")
         if unbiased and groups < 2:
-            raise ValueError(f"the unbiased estimate needs at least 2 groups of points in {side} over all ranks, "
-                             f"got {groups}; use unbiased=False")
+            raise ValueError(
+                f"the unbiased estimate needs at least 2 groups of points in {side} over all ranks, "
+                f"got {groups}; use unbiased=False"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The gather
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Side:
     """One sample (``x`` or ``y``) after the all-gather."""
 
-    pts: list            # per-rank flattened points (n_r, d) in the compute dtype (rank order)
-    w: list              # per-rank normalised weights (n_r,) in the weight dtype
+    pts: list  # per-rank flattened points (n_r, d) in the compute dtype (rank order)
+    w: list  # per-rank normalised weights (n_r,) in the weight dtype
     raw: Optional[list]  # per-rank raw weights in the weight dtype (None when uniform)
-    raw_sum: Optional[Tensor]   # global float64 sum of the raw weights (None when uniform)
+    raw_sum: Optional[Tensor]  # global float64 sum of the raw weights (None when uniform)
     group: int
-    den: Tensor          # float64 0-d: 1 - sum_g W_g^2 (unbiased) or 1
-    grad: bool           # some rank needs a gradient for this side
+    den: Tensor  # float64 0-d: 1 - sum_g W_g^2 (unbiased) or 1
+    grad: bool  # some rank needs a gradient for this side
 
 
 @dataclass
@@ -221,10 +268,10 @@ class _Plan:
     a_dtype: torch.dtype
     w_dtype: torch.dtype
     ops: Any = None
-    bw: Optional[Tensor] = None       # (S,) float64 bandwidths the kernels see (C_s + eps)
-    factor: Optional[Tensor] = None   # (S,) float64 C_s / (C_s + eps), multiplies every term
+    bw: Optional[Tensor] = None  # (S,) float64 bandwidths the kernels see (C_s + eps)
+    factor: Optional[Tensor] = None  # (S,) float64 C_s / (C_s + eps), multiplies every term
     reduction: str = "sum"
-    grad_x: bool = False   # this rank's x (points or weights) needs a gradient
+    grad_x: bool = False  # this rank's x (points or weights) needs a gradient
     grad_y: bool = False
 
 
@@ -251,13 +298,13 @@ def _gather(x, y, xw, yw, metas, rank, group, unbiased) -> tuple[_Plan, list]:
     sizes = [sum(_lengths(m, "x", d)) + sum(_lengths(m, "y", d)) for m in metas]
     local = _pack(x, xw, y, yw, w_dtype)
     padded = local.new_zeros(max(sizes))
-    padded[:local.numel()] = local
+    padded[: local.numel()] = local
     bufs = [torch.empty_like(padded) for _ in metas]
     dist.all_gather(bufs, padded, group=group)
     x_pts, y_pts, x_raw, y_raw = [], [], [], []
     for m, buf in zip(metas, bufs):
         (xp, xwl), (yp, ywl) = _lengths(m, "x", d), _lengths(m, "y", d)
-        cuts = torch.split(buf[:xp + yp + xwl + ywl], [xp, yp, xwl, ywl])
+        cuts = torch.split(buf[: xp + yp + xwl + ywl], [xp, yp, xwl, ywl])
         x_pts.append(cuts[0].view(-1, d).to(pts_dtype))
         y_pts.append(cuts[1].view(-1, d).to(pts_dtype))
         x_raw.append(cuts[2])
@@ -303,13 +350,15 @@ def _validate(plan: _Plan, unbiased: bool) -> None:
         if not bool(side.raw_sum > 0):
             raise ValueError(f"{wname} are all zero on every rank; at least one point needs positive mass")
         if unbiased and float(side.den) <= 0.0:
-            raise ValueError(f"{wname} put all the mass in one group: the unbiased self term is undefined "
-                             "(use unbiased=False)")
+            raise ValueError(
+                f"{wname} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Primitive ops (reference backend: float64 PyTorch with autograd) and the local pass
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _ref_self(a, wa, bw, group, unbiased):
     return reference.reference_terms(a, wa, a, wa, bw, group_a=group, group_b=group, exclude_same_group=unbiased)
@@ -381,8 +430,7 @@ class _Terms:
         if self.h is None:
             self.value = self.value + self.ops.cross_values(self.a, self.wa, b, wb, self.bw)
             return self
-        self._add(self.ops.cross_grad((self.h * h_scale).contiguous(), self.a, self.wa, b, wb, self.bw, False),
-                  mirror)
+        self._add(self.ops.cross_grad((self.h * h_scale).contiguous(), self.a, self.wa, b, wb, self.bw, False), mirror)
         return self
 
 
@@ -390,8 +438,11 @@ def _self_share(plan: _Plan, side: _Side, h: Optional[Tensor]) -> _Terms:
     """This rank's rows of ``self(side)``: ``self(A_r) + cross(A_r, A_{!=r})`` (gradient: mirror pairs count twice)."""
     a_o, w_o = _others(side, plan.rank)
     inv_den = 1.0 / side.den
-    return _Terms(plan.ops, plan.bw, side.pts[plan.rank], side.w[plan.rank], h) \
-        .self_term(side.group, plan.unbiased, inv_den).cross_term(a_o, w_o, inv_den, mirror=2.0)
+    return (
+        _Terms(plan.ops, plan.bw, side.pts[plan.rank], side.w[plan.rank], h)
+        .self_term(side.group, plan.unbiased, inv_den)
+        .cross_term(a_o, w_o, inv_den, mirror=2.0)
+    )
 
 
 def _cross_share(plan: _Plan, rows: _Side, cols: _Side, h: Optional[Tensor]) -> _Terms:
@@ -404,8 +455,10 @@ def _local_pass(plan: _Plan, h: Optional[Tensor], grad_x: bool, grad_y: bool) ->
     """This rank's share ``(3, S)`` of ``[self(x), self(y), cross(x, y)]`` and, for the sides asked for, the
     :class:`_Terms` holding the local gradients of ``sum_s h_s (terms)`` (same kernel passes)."""
     rows_x = plan.x.grad or not plan.y.grad  # from every rank's metadata: all ranks sum the same cross share
-    terms = {"xx": _self_share(plan, plan.x, h if grad_x else None),
-             "yy": _self_share(plan, plan.y, h if grad_y else None)}
+    terms = {
+        "xx": _self_share(plan, plan.x, h if grad_x else None),
+        "yy": _self_share(plan, plan.y, h if grad_y else None),
+    }
     if rows_x or grad_x:
         terms["xy"] = _cross_share(plan, plan.x, plan.y, h if grad_x else None)
     if not rows_x or grad_y:
@@ -433,9 +486,9 @@ def _side_grads(plan: _Plan, side: _Side, own: _Terms, cross: _Terms, h: Tensor,
     self_sum = sums[k_self]
     if plan.unbiased:  # d(1 / den)/dW_i = 2 W_{g(i)} / den^2
         wg = side.w[plan.rank].to(torch.float64).view(-1, side.group).sum(1).repeat_interleave(side.group)
-        g = g + 2.0 * (h * self_sum).sum() / side.den ** 2 * wg
+        g = g + 2.0 * (h * self_sum).sum() / side.den**2 * wg
     # sum_j W_j g_j over all ranks, by Euler's identity: self/den has degree 2 (with 1 - den of degree 2), cross 1
-    euler = (h * (2.0 * self_sum / side.den ** 2 - 2.0 * sums[2])).sum()
+    euler = (h * (2.0 * self_sum / side.den**2 - 2.0 * sums[2])).sum()
     return da, (g - euler) / side.raw_sum
 
 

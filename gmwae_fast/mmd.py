@@ -1,4 +1,5 @@
 """Multi-bandwidth inverse-multiquadratic MMD: the public functional :func:`fast_imq_mmd` and :class:`IMQMMDLoss`."""
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,9 @@ def _check_weights(name: str, w: object, pts: Tensor, pts_name: str) -> Optional
     if not w.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
     if tuple(w.shape) != tuple(pts.shape[:-1]):
-        raise ValueError(f"{name} must have the leading shape of {pts_name}, {tuple(pts.shape[:-1])}, "
-                         f"got {tuple(w.shape)}")
+        raise ValueError(
+            f"{name} must have the leading shape of {pts_name}, {tuple(pts.shape[:-1])}, got {tuple(w.shape)}"
+        )
     if w.device != pts.device:
         raise ValueError(f"{name} is on {w.device} but {pts_name} is on {pts.device}")
     return w
@@ -54,8 +56,10 @@ def _real(name: str, v: object) -> float:
     """A Python real number or a one-element real tensor (read once on the host) as a float."""
     if isinstance(v, Tensor):
         if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
-                            f"{tuple(v.shape)} and dtype {v.dtype}")
+            raise TypeError(
+                f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
+                f"{tuple(v.shape)} and dtype {v.dtype}"
+            )
         return float(v.detach().reshape(()).item())
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
@@ -77,14 +81,20 @@ def _check_bandwidths(vals: tuple[float, ...], compute_dtype: torch.dtype, what:
     fi = torch.finfo(compute_dtype)
     bad = [c for c in vals if not (math.isfinite(c) and fi.tiny <= c <= fi.max)]
     if bad:
-        raise ValueError(f"every bandwidth C_s must be positive, finite and representable in {compute_dtype} "
-                         f"([{fi.tiny:.3g}, {fi.max:.3g}]); {what} gave {bad}")
+        raise ValueError(
+            f"every bandwidth C_s must be positive, finite and representable in {compute_dtype} "
+            f"([{fi.tiny:.3g}, {fi.max:.3g}]); {what} gave {bad}"
+        )
     return vals
 
 
-def _resolve_bandwidths(d: int, scales: Sequence[float], sigma2: Union[float, Tensor],
-                        bandwidths: Optional[Sequence[float]], compute_dtype: torch.dtype = torch.float64
-                        ) -> tuple[float, ...]:
+def _resolve_bandwidths(
+    d: int,
+    scales: Sequence[float],
+    sigma2: Union[float, Tensor],
+    bandwidths: Optional[Sequence[float]],
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[float, ...]:
     if bandwidths is not None:
         vals = _real_sequence("bandwidths", bandwidths)
         if not vals:
@@ -124,8 +134,9 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
         if unbiased:
             wg = w.reshape(pts.shape[0], -1).sum(1).double()
             if float(((wg / wg.sum()) ** 2).sum()) >= 1.0:
-                raise ValueError(f"{name} put all the mass in one group: the unbiased self term is undefined "
-                                 "(use unbiased=False)")
+                raise ValueError(
+                    f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
+                )
 
 
 class IMQMMDTerms(NamedTuple):
@@ -176,8 +187,10 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
     if unbiased:
         for name, t in (("x", x), ("y", y)):
             if _num_groups(t) < 2:
-                raise ValueError(f"the unbiased estimate needs at least 2 groups of points in {name}, got "
-                                 f"{_num_groups(t)} (shape {tuple(t.shape)}); use unbiased=False")
+                raise ValueError(
+                    f"the unbiased estimate needs at least 2 groups of points in {name}, got "
+                    f"{_num_groups(t)} (shape {tuple(t.shape)}); use unbiased=False"
+                )
     eps = _real("eps", eps)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -194,11 +207,22 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
     return _Call(x, y, x_weights, y_weights, bws, factors, unbiased, name, out_dtype)
 
 
-def fast_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None, *,
-                 scales: Sequence[float] = PAPER_SCALES, sigma2: Union[float, Tensor] = 1.0,
-                 bandwidths: Optional[Sequence[float]] = None, unbiased: bool = True, reduction: str = "sum",
-                 eps: float = 0.0, backend: str = "auto", validate: bool = False,
-                 process_group: Optional["torch.distributed.ProcessGroup"] = None) -> Tensor:
+def fast_imq_mmd(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Optional[Tensor] = None,
+    y_weights: Optional[Tensor] = None,
+    *,
+    scales: Sequence[float] = PAPER_SCALES,
+    sigma2: Union[float, Tensor] = 1.0,
+    bandwidths: Optional[Sequence[float]] = None,
+    unbiased: bool = True,
+    reduction: str = "sum",
+    eps: float = 0.0,
+    backend: str = "auto",
+    validate: bool = False,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
+) -> Tensor:
     r"""Multi-bandwidth inverse-multiquadratic MMD² between two weighted samples, fused (no ``n x m`` matrix).
 
     .. math::
@@ -268,9 +292,21 @@ def fast_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_wei
     if process_group is not None:
         from .distributed import distributed_imq_mmd
 
-        return distributed_imq_mmd(x, y, x_weights, y_weights, process_group=process_group, scales=scales,
-                                   sigma2=sigma2, bandwidths=bandwidths, unbiased=unbiased, reduction=reduction,
-                                   eps=eps, backend=backend, validate=validate)
+        return distributed_imq_mmd(
+            x,
+            y,
+            x_weights,
+            y_weights,
+            process_group=process_group,
+            scales=scales,
+            sigma2=sigma2,
+            bandwidths=bandwidths,
+            unbiased=unbiased,
+            reduction=reduction,
+            eps=eps,
+            backend=backend,
+            validate=validate,
+        )
     c = _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps)
     grad_on = torch.is_grad_enabled()
     x_grad = grad_on and any(t is not None and t.requires_grad for t in (c.x, c.xw))
@@ -281,10 +317,20 @@ def fast_imq_mmd(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_wei
     return (mmd.sum() if reduction == "sum" else mmd).to(c.out_dtype)
 
 
-def imq_mmd_terms(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None, *,
-                  scales: Sequence[float] = PAPER_SCALES, sigma2: Union[float, Tensor] = 1.0,
-                  bandwidths: Optional[Sequence[float]] = None, unbiased: bool = True, eps: float = 0.0,
-                  backend: str = "auto", validate: bool = False) -> IMQMMDTerms:
+def imq_mmd_terms(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Optional[Tensor] = None,
+    y_weights: Optional[Tensor] = None,
+    *,
+    scales: Sequence[float] = PAPER_SCALES,
+    sigma2: Union[float, Tensor] = 1.0,
+    bandwidths: Optional[Sequence[float]] = None,
+    unbiased: bool = True,
+    eps: float = 0.0,
+    backend: str = "auto",
+    validate: bool = False,
+) -> IMQMMDTerms:
     r"""The pieces of :func:`fast_imq_mmd` per bandwidth, to rebuild other estimators from the same fused sums.
 
     Returns :class:`IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, float64 and differentiable (points
@@ -318,11 +364,12 @@ def bandwidths_for(x: Tensor, scales: Sequence[float] = PAPER_SCALES, sigma2: fl
 # same rounded weights the kernels used, so the result is the exact MMD of those weights.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class _Side(NamedTuple):
     pts: Tensor
-    w: Tensor           # unnormalised weights in the compute dtype
+    w: Tensor  # unnormalised weights in the compute dtype
     group: int
-    total: Union[Tensor, float]      # sum of w (float64)
+    total: Union[Tensor, float]  # sum of w (float64)
     same_group: Union[Tensor, float]  # sum over groups of (group sum of w)^2 (float64)
 
 
@@ -374,9 +421,13 @@ def _terms(c: _Call) -> IMQMMDTerms:
         bw = _consts(c.bws, c.x.device)
         one = torch.ones((), dtype=torch.float64, device=c.x.device)
         den = (lambda s: (1.0 - s.same_group / (s.total * s.total)) * one) if c.unbiased else (lambda s: one)
-        terms = IMQMMDTerms(op.self_values(a.pts, a.w, bw, a.group, c.unbiased) / (a.total * a.total),
-                            op.self_values(b.pts, b.w, bw, b.group, c.unbiased) / (b.total * b.total),
-                            op.cross_values(a.pts, a.w, b.pts, b.w, bw) / (a.total * b.total), den(a), den(b))
+        terms = IMQMMDTerms(
+            op.self_values(a.pts, a.w, bw, a.group, c.unbiased) / (a.total * a.total),
+            op.self_values(b.pts, b.w, bw, b.group, c.unbiased) / (b.total * b.total),
+            op.cross_values(a.pts, a.w, b.pts, b.w, bw) / (a.total * b.total),
+            den(a),
+            den(b),
+        )
     if c.factors is None:
         return terms
     f = _consts(c.factors, c.x.device)
@@ -400,8 +451,11 @@ def _fused_total(c: _Call, x_grad: bool, y_grad: bool) -> Tensor:
         sxy = ops.imq_cross_total(h, a.pts, a.w, b.pts, b.w, bw, c.backend, y_grad)[0]
     else:  # cross is symmetric: put the side that needs a gradient in the rows
         sxy = ops.imq_cross_total(h, b.pts, b.w, a.pts, a.w, bw, c.backend, False)[0]
-    return (self_sum(a, x_grad) / _self_norm(a, c.unbiased) + self_sum(b, y_grad) / _self_norm(b, c.unbiased)
-            - 2.0 * sxy / (a.total * b.total))
+    return (
+        self_sum(a, x_grad) / _self_norm(a, c.unbiased)
+        + self_sum(b, y_grad) / _self_norm(b, c.unbiased)
+        - 2.0 * sxy / (a.total * b.total)
+    )
 
 
 class IMQMMDLoss(nn.Module):
@@ -416,10 +470,19 @@ class IMQMMDLoss(nn.Module):
         >>> penalty = global_fn(z_local, prior_local)           # MMD² of the union of every rank's shards
     """
 
-    def __init__(self, *, scales: Sequence[float] = PAPER_SCALES, sigma2: Union[float, Tensor] = 1.0,
-                 bandwidths: Optional[Sequence[float]] = None, unbiased: bool = True, reduction: str = "sum",
-                 eps: float = 0.0, backend: str = "auto", validate: bool = False,
-                 process_group: Optional["torch.distributed.ProcessGroup"] = None) -> None:
+    def __init__(
+        self,
+        *,
+        scales: Sequence[float] = PAPER_SCALES,
+        sigma2: Union[float, Tensor] = 1.0,
+        bandwidths: Optional[Sequence[float]] = None,
+        unbiased: bool = True,
+        reduction: str = "sum",
+        eps: float = 0.0,
+        backend: str = "auto",
+        validate: bool = False,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
+    ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
@@ -433,12 +496,24 @@ class IMQMMDLoss(nn.Module):
         self.validate = validate
         self.process_group = process_group
 
-    def forward(self, x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None,
-                y_weights: Optional[Tensor] = None) -> Tensor:
-        return fast_imq_mmd(x, y, x_weights, y_weights, scales=self.scales, sigma2=self.sigma2,
-                            bandwidths=self.bandwidths, unbiased=self.unbiased, reduction=self.reduction,
-                            eps=self.eps, backend=self.backend, validate=self.validate,
-                            process_group=self.process_group)
+    def forward(
+        self, x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None
+    ) -> Tensor:
+        return fast_imq_mmd(
+            x,
+            y,
+            x_weights,
+            y_weights,
+            scales=self.scales,
+            sigma2=self.sigma2,
+            bandwidths=self.bandwidths,
+            unbiased=self.unbiased,
+            reduction=self.reduction,
+            eps=self.eps,
+            backend=self.backend,
+            validate=self.validate,
+            process_group=self.process_group,
+        )
 
     def extra_repr(self) -> str:
         bw = f"bandwidths={self.bandwidths}" if self.bandwidths else f"scales={len(self.scales)}, sigma2={self.sigma2}"

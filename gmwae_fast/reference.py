@@ -12,6 +12,7 @@ benchmarks, which both import it (never copy these formulas).
 * :func:`mmd_vectorised` broadcasts all bandwidths over one ``n x m`` distance matrix (``n x m x S`` memory); the
   "best eager" formulation, and the one :func:`torch.compile` is benchmarked on.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -41,8 +42,17 @@ def _sqdist(a: Tensor, b: Tensor) -> Tensor:
     return d2.clamp_min_(0.0)
 
 
-def _chunk_terms(a: Tensor, wa: Tensor, row0: Tensor, b: Tensor, wb: Tensor, bw: Tensor, group_a: int,
-                 group_b: int, exclude_same_group: bool) -> Tensor:
+def _chunk_terms(
+    a: Tensor,
+    wa: Tensor,
+    row0: Tensor,
+    b: Tensor,
+    wb: Tensor,
+    bw: Tensor,
+    group_a: int,
+    group_b: int,
+    exclude_same_group: bool,
+) -> Tensor:
     # a: (c, d) chunk starting at global row index row0 (0-d tensor, so checkpoint can pass it).
     d2 = _sqdist(a, b)
     if exclude_same_group:
@@ -58,8 +68,18 @@ def _chunk_terms(a: Tensor, wa: Tensor, row0: Tensor, b: Tensor, wb: Tensor, bw:
     return torch.stack(out)
 
 
-def reference_terms(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, *, group_a: int = 1, group_b: int = 1,
-                    exclude_same_group: bool = False, chunk: int = 1024) -> Tensor:
+def reference_terms(
+    a: Tensor,
+    wa: Tensor,
+    b: Tensor,
+    wb: Tensor,
+    bw: Tensor,
+    *,
+    group_a: int = 1,
+    group_b: int = 1,
+    exclude_same_group: bool = False,
+    chunk: int = 1024,
+) -> Tensor:
     """``(S,)`` sums ``sum_{i,j} wa_i wb_j C_s / (C_s + |a_i - b_j|^2)`` in float64, evaluated in row chunks.
 
     With ``exclude_same_group`` the pairs with ``i // group_a == j // group_b`` are left out (the unbiased self
@@ -70,8 +90,7 @@ def reference_terms(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, *,
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, wa, b, wb, bw))
     for r0 in range(0, a.shape[0], chunk):
         r1 = min(r0 + chunk, a.shape[0])
-        args = (a[r0:r1], wa[r0:r1], torch.tensor(r0, device=a.device), b, wb, bw, group_a, group_b,
-                exclude_same_group)
+        args = (a[r0:r1], wa[r0:r1], torch.tensor(r0, device=a.device), b, wb, bw, group_a, group_b, exclude_same_group)
         if needs_grad:
             part = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
@@ -89,8 +108,16 @@ def _flatten(x: Tensor, w: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
     return pts, w / w.sum(), group
 
 
-def imq_terms_reference(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None,
-                        *, bandwidths: Sequence[float], unbiased: bool = True, chunk: int = 1024):
+def imq_terms_reference(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Optional[Tensor] = None,
+    y_weights: Optional[Tensor] = None,
+    *,
+    bandwidths: Sequence[float],
+    unbiased: bool = True,
+    chunk: int = 1024,
+):
     """Float64 :class:`gmwae_fast.mmd.IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, each ``(S,)``, with
     the contract of :func:`gmwae_fast.imq_mmd_terms` (weights normalised here, in float64)."""
     from .mmd import IMQMMDTerms
@@ -105,27 +132,40 @@ def imq_terms_reference(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None
     def den(w: Tensor, g: int) -> Tensor:
         return 1.0 - (w.view(-1, g).sum(1) ** 2).sum() if unbiased else w.new_ones(())
 
-    return IMQMMDTerms(self_term(a, wa, ga), self_term(b, wb, gb), reference_terms(a, wa, b, wb, bw, chunk=chunk),
-                       den(wa, ga), den(wb, gb))
+    return IMQMMDTerms(
+        self_term(a, wa, ga),
+        self_term(b, wb, gb),
+        reference_terms(a, wa, b, wb, bw, chunk=chunk),
+        den(wa, ga),
+        den(wb, gb),
+    )
 
 
-def imq_mmd_reference(x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None,
-                      *, bandwidths: Sequence[float], unbiased: bool = True, reduction: str = "sum",
-                      chunk: int = 1024) -> Tensor:
+def imq_mmd_reference(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Optional[Tensor] = None,
+    y_weights: Optional[Tensor] = None,
+    *,
+    bandwidths: Sequence[float],
+    unbiased: bool = True,
+    reduction: str = "sum",
+    chunk: int = 1024,
+) -> Tensor:
     """Float64 multi-bandwidth IMQ MMD² with the exact contract of :func:`gmwae_fast.fast_imq_mmd`.
 
     ``x`` ``(n, d)`` or ``(B, K, d)``, ``y`` likewise, weights of the points' leading shape (normalised here),
     ``bandwidths`` absolute ``C_s``. Returns a float64 scalar (``reduction="sum"``) or ``(S,)`` vector.
     No input checking: :func:`gmwae_fast.fast_imq_mmd` validates before calling this.
     """
-    mmd = imq_terms_reference(x, y, x_weights, y_weights, bandwidths=bandwidths, unbiased=unbiased,
-                              chunk=chunk).mmd()
+    mmd = imq_terms_reference(x, y, x_weights, y_weights, bandwidths=bandwidths, unbiased=unbiased, chunk=chunk).mmd()
     return mmd.sum() if reduction == "sum" else mmd
 
 
 # --------------------------------------------------------------------------------------------------------------
 # What users run today (benchmarks' baselines and the tests' drop-in checks).
 # --------------------------------------------------------------------------------------------------------------
+
 
 def mmd_per_bandwidth(x: Tensor, y: Tensor, scales: Sequence[float], sigma2: float = 1.0) -> Tensor:
     """The unbiased IMQ penalty as the original WAE code writes it: one ``n x m`` matrix per bandwidth.

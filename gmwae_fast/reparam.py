@@ -1,4 +1,5 @@
 """Fused per-mode reparameterised encoding of a Gaussian-mixture encoder: :func:`gm_reparameterize`."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -15,7 +16,7 @@ __all__ = ["SIGMA_ACTIVATIONS", "gm_reparameterize"]
 #: Accepted values of ``sigma_activation``.
 SIGMA_ACTIVATIONS: tuple[str, ...] = ("softplus", "exp")
 
-_SEED_LIMIT = 2 ** 63
+_SEED_LIMIT = 2**63
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -48,8 +49,9 @@ def _seed_tensor(seed: object, device: torch.device) -> Tensor:
     return torch.tensor(seed, dtype=torch.int64)
 
 
-def _reference(mu: Tensor, sigma_raw: Tensor, logits: Tensor, seed: Optional[Tensor], noise: Optional[Tensor],
-               activation: str) -> tuple[Tensor, Tensor]:
+def _reference(
+    mu: Tensor, sigma_raw: Tensor, logits: Tensor, seed: Optional[Tensor], noise: Optional[Tensor], activation: str
+) -> tuple[Tensor, Tensor]:
     """The unfused PyTorch sequence (autograd by PyTorch), math in float32 (float64 for float64 inputs)."""
     dtype = mu.dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -69,9 +71,16 @@ def _reference(mu: Tensor, sigma_raw: Tensor, logits: Tensor, seed: Optional[Ten
     return z, pi
 
 
-def gm_reparameterize(mu: Tensor, sigma_raw: Tensor, logits: Tensor, *, seed: Union[int, Tensor, None] = None,
-                      noise: Optional[Tensor] = None, sigma_activation: str = "softplus",
-                      backend: str = "auto") -> tuple[Tensor, Tensor]:
+def gm_reparameterize(
+    mu: Tensor,
+    sigma_raw: Tensor,
+    logits: Tensor,
+    *,
+    seed: Union[int, Tensor, None] = None,
+    noise: Optional[Tensor] = None,
+    sigma_activation: str = "softplus",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
     r"""Reparameterised samples of all ``K`` Gaussian modes of every input, and the mode weights, in one fused op.
 
     .. math::

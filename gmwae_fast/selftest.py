@@ -54,6 +54,7 @@ Triton runs on CPU tensors only when ``TRITON_INTERPRET=1`` was set before trito
 (:func:`gmwae_fast.available_backends` says so); it is then tested on tiny inputs. Times are wall-clock per check,
 the float64 oracle included (the first call of a kernel includes its compilation), with a device synchronisation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,9 +78,9 @@ __all__ = ["selftest", "main", "SelftestReport", "CheckResult", "TOLERANCES"]
 #: Normalised error bounds per (quantity, dtype); see the module docstring for the reasoning.
 TOLERANCES: dict[str, dict[str, float]] = {
     "value": {"fp32": 1e-5, "bf16": 1e-5, "fp64": 1e-10},
-    "grad": {"fp32": 1e-5, "bf16": 8 * 2.0 ** -8, "fp64": 1e-10},
-    "weight_grad": {"fp32": 1e-4, "bf16": 8 * 2.0 ** -8, "fp64": 1e-10},
-    "reparam": {"fp32": 1e-5, "bf16": 4 * 2.0 ** -8, "fp64": 1e-10},
+    "grad": {"fp32": 1e-5, "bf16": 8 * 2.0**-8, "fp64": 1e-10},
+    "weight_grad": {"fp32": 1e-4, "bf16": 8 * 2.0**-8, "fp64": 1e-10},
+    "reparam": {"fp32": 1e-5, "bf16": 4 * 2.0**-8, "fp64": 1e-10},
 }
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 _SEED = 20261129
@@ -115,14 +116,22 @@ class SelftestReport:
         return bool(self.results) and not self.problems and all(r.status == "pass" for r in self.results)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "time_s": self.time_s, "results": [asdict(r) for r in self.results],
-                "not_run": self.not_run, "problems": self.problems, "tolerances": TOLERANCES,
-                "build_info": build_info()}
+        return {
+            "ok": self.ok,
+            "time_s": self.time_s,
+            "results": [asdict(r) for r in self.results],
+            "not_run": self.not_run,
+            "problems": self.problems,
+            "tolerances": TOLERANCES,
+            "build_info": build_info(),
+        }
 
     def table(self) -> str:
         head = ("device", "backend", "check", "status", "max error", "tol", "time", "quantity")
-        rows = [(r.device, r.backend, r.check, r.status, _fmt(r.error), _fmt(r.tol), f"{r.time_s * 1e3:.0f} ms",
-                 r.what) for r in self.results]
+        rows = [
+            (r.device, r.backend, r.check, r.status, _fmt(r.error), _fmt(r.tol), f"{r.time_s * 1e3:.0f} ms", r.what)
+            for r in self.results
+        ]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -142,6 +151,7 @@ def _fmt(x: Optional[float]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Inputs and error measures
 # --------------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Sizes:
@@ -197,8 +207,9 @@ def _value_err(got: Tensor, want: Tensor) -> float:
     return ((got - want).abs() / want.abs().clamp_min(1e-300)).max().item()
 
 
-def _grad_measures(names: Sequence[str], got: Sequence[Optional[Tensor]], want: Sequence[Optional[Tensor]],
-                   tols: Sequence[float]) -> list[tuple[str, float, float]]:
+def _grad_measures(
+    names: Sequence[str], got: Sequence[Optional[Tensor]], want: Sequence[Optional[Tensor]], tols: Sequence[float]
+) -> list[tuple[str, float, float]]:
     out = []
     for name, g, w, tol in zip(names, got, want, tols):
         if w is None:
@@ -213,6 +224,7 @@ def _grad_measures(names: Sequence[str], got: Sequence[Optional[Tensor]], want: 
 # fast_imq_mmd checks
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _MMDCase:
     grouped: bool
@@ -223,8 +235,13 @@ class _MMDCase:
 
     @property
     def name(self) -> str:
-        parts = ["mmd", "grouped" if self.grouped else "plain", "unbiased" if self.unbiased else "biased",
-                 self.dtype, {"all": "grad-xy", "x": "grad-x", "y": "grad-y"}[self.grads]]
+        parts = [
+            "mmd",
+            "grouped" if self.grouped else "plain",
+            "unbiased" if self.unbiased else "biased",
+            self.dtype,
+            {"all": "grad-xy", "x": "grad-x", "y": "grad-y"}[self.grads],
+        ]
         if self.reduction == "none":
             parts.append("per-bandwidth")
         return "/".join(parts)
@@ -249,10 +266,12 @@ def _mmd_call(case: _MMDCase, tensors: Sequence[Tensor], backend: Optional[str])
     x, xw, y, yw = tensors
     if backend is None:  # the float64 oracle
         bws = reference.bandwidths_for(x.shape[-1], PAPER_SCALES)
-        return reference.imq_mmd_reference(x, y, xw, yw, bandwidths=bws, unbiased=case.unbiased,
-                                           reduction=case.reduction)
-    return fast_imq_mmd(x, y, xw, yw, scales=PAPER_SCALES, unbiased=case.unbiased, reduction=case.reduction,
-                        backend=backend)
+        return reference.imq_mmd_reference(
+            x, y, xw, yw, bandwidths=bws, unbiased=case.unbiased, reduction=case.reduction
+        )
+    return fast_imq_mmd(
+        x, y, xw, yw, scales=PAPER_SCALES, unbiased=case.unbiased, reduction=case.reduction, backend=backend
+    )
 
 
 def _leaves(tensors: Sequence[Tensor], dtype: torch.dtype, device: str, grads: str) -> list[Tensor]:
@@ -281,15 +300,23 @@ def _check_mmd(case: _MMDCase, ctx: _Ctx) -> list[tuple[str, float, float]]:
 
 
 def _mmd_cases(quick: bool) -> list[_MMDCase]:
-    cases = [_MMDCase(False, True, "fp32", "all"), _MMDCase(True, True, "fp32", "x"),
-             _MMDCase(False, True, "bf16", "all"), _MMDCase(True, False, "fp32", "all")]
+    cases = [
+        _MMDCase(False, True, "fp32", "all"),
+        _MMDCase(True, True, "fp32", "x"),
+        _MMDCase(False, True, "bf16", "all"),
+        _MMDCase(True, False, "fp32", "all"),
+    ]
     if quick:
         return cases
     return cases + [
-        _MMDCase(False, False, "fp32", "x"), _MMDCase(True, True, "fp32", "all"),
-        _MMDCase(False, True, "fp32", "y"), _MMDCase(True, True, "fp32", "all", "none"),
-        _MMDCase(False, False, "fp32", "all", "none"), _MMDCase(True, True, "bf16", "x"),
-        _MMDCase(True, False, "bf16", "all"), _MMDCase(False, True, "fp64", "all"),
+        _MMDCase(False, False, "fp32", "x"),
+        _MMDCase(True, True, "fp32", "all"),
+        _MMDCase(False, True, "fp32", "y"),
+        _MMDCase(True, True, "fp32", "all", "none"),
+        _MMDCase(False, False, "fp32", "all", "none"),
+        _MMDCase(True, True, "bf16", "x"),
+        _MMDCase(True, False, "bf16", "all"),
+        _MMDCase(False, True, "fp64", "all"),
         _MMDCase(True, True, "fp64", "all", "none"),
     ]
 
@@ -297,6 +324,7 @@ def _mmd_cases(quick: bool) -> list[_MMDCase]:
 # --------------------------------------------------------------------------------------------------------------
 # gm_reparameterize checks
 # --------------------------------------------------------------------------------------------------------------
+
 
 def _reparam_inputs(ctx: _Ctx, shape: tuple, dtype: torch.dtype) -> list[Tensor]:
     """mu, sigma_raw, logits in float64, rounded to dtype."""
@@ -310,14 +338,22 @@ def _reparam_formula(mu: Tensor, sr: Tensor, lg: Tensor, eps: Tensor, act: str) 
     return mu + sigma * eps, torch.softmax(lg, dim=-1)
 
 
-def _reparam_grads(ctx: _Ctx, z: Tensor, pi: Tensor, leaves: Sequence[Tensor],
-                   ref: tuple[Tensor, Tensor], ref_leaves: Sequence[Tensor], tol: float):
+def _reparam_grads(
+    ctx: _Ctx,
+    z: Tensor,
+    pi: Tensor,
+    leaves: Sequence[Tensor],
+    ref: tuple[Tensor, Tensor],
+    ref_leaves: Sequence[Tensor],
+    tol: float,
+):
     # cotangents rounded to the outputs' dtypes, so the oracle sees exactly what the backend gets
     gz, gpi = _randn(ctx, *z.shape).to(z.dtype).double(), _randn(ctx, *pi.shape).to(pi.dtype).double()
     torch.autograd.backward(ref, (gz, gpi))
     torch.autograd.backward((z, pi), (gz.to(device=z.device, dtype=z.dtype), gpi.to(device=z.device, dtype=pi.dtype)))
-    return _grad_measures(("mu", "sigma_raw", "logits"), [t.grad for t in leaves], [t.grad for t in ref_leaves],
-                          (tol,) * 3)
+    return _grad_measures(
+        ("mu", "sigma_raw", "logits"), [t.grad for t in leaves], [t.grad for t in ref_leaves], (tol,) * 3
+    )
 
 
 def _check_reparam_noise(ctx: _Ctx, dtype_name: str, act: str) -> list[tuple[str, float, float]]:
@@ -328,8 +364,9 @@ def _check_reparam_noise(ctx: _Ctx, dtype_name: str, act: str) -> list[tuple[str
     ref_leaves = _leaves(base, torch.float64, "cpu", "all")
     ref = _reparam_formula(*ref_leaves, noise, act)
     leaves = _leaves(base, _DTYPES[dtype_name], ctx.device, "all")
-    z, pi = gm_reparameterize(*leaves, noise=noise.to(device=ctx.device, dtype=_DTYPES[dtype_name]),
-                              sigma_activation=act, backend=ctx.backend)
+    z, pi = gm_reparameterize(
+        *leaves, noise=noise.to(device=ctx.device, dtype=_DTYPES[dtype_name]), sigma_activation=act, backend=ctx.backend
+    )
     tol = TOLERANCES["reparam"][dtype_name]
     res = [("z", _rel(z, ref[0]), tol), ("pi", _rel(pi, ref[1]), tol)]
     return res + _reparam_grads(ctx, z, pi, leaves, ref, ref_leaves, tol)
@@ -348,9 +385,11 @@ def _noise_stats(eps: Tensor) -> list[tuple[str, float, float]]:
     def corr(a: Tensor, b: Tensor) -> float:
         return abs(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1].item())
 
-    res = [("noise mean", abs(x.mean().item()), se), ("noise variance - 1", abs(x.var().item() - 1.0),
-                                                       6.0 * math.sqrt(2.0 / n)),
-           ("noise KS distance", ks, 1.95 / math.sqrt(n) + 1.0 / n)]
+    res = [
+        ("noise mean", abs(x.mean().item()), se),
+        ("noise variance - 1", abs(x.var().item() - 1.0), 6.0 * math.sqrt(2.0 / n)),
+        ("noise KS distance", ks, 1.95 / math.sqrt(n) + 1.0 / n),
+    ]
     res += [(f"noise lag-{lag} correlation", corr(x[:-lag], x[lag:]), se) for lag in (1, 4)]
     res.append(("noise mode-to-mode correlation", corr(eps[:, :-1], eps[:, 1:]), se))
     return res
@@ -383,8 +422,10 @@ _Check = tuple[str, Callable[[_Ctx], list]]
 def _checks(quick: bool) -> list[_Check]:
     checks: list[_Check] = [(c.name, (lambda ctx, c=c: _check_mmd(c, ctx))) for c in _mmd_cases(quick)]
     noise = [("fp32", "softplus")] + ([] if quick else [("fp32", "exp"), ("bf16", "softplus")])
-    checks += [(f"reparam/noise/{dt}/{act}", (lambda ctx, dt=dt, act=act: _check_reparam_noise(ctx, dt, act)))
-               for dt, act in noise]
+    checks += [
+        (f"reparam/noise/{dt}/{act}", (lambda ctx, dt=dt, act=act: _check_reparam_noise(ctx, dt, act)))
+        for dt, act in noise
+    ]
     checks.append(("reparam/seed/fp32", _check_reparam_seed))
     return checks
 
@@ -434,8 +475,9 @@ def _plan(device: Optional[str], backend: Optional[str], report: SelftestReport)
             else:
                 report.not_run[f"{dev}/{name}"] = reason
     if backend not in (None, "all") and devices and not pairs:
-        report.problems.append(f"backend {backend!r} cannot run on {', '.join(devices)}: "
-                               + "; ".join(report.not_run.values()))
+        report.problems.append(
+            f"backend {backend!r} cannot run on {', '.join(devices)}: " + "; ".join(report.not_run.values())
+        )
     return pairs
 
 
@@ -459,17 +501,28 @@ class _Progress:
             self.bar.set_postfix_str(f"{r.device}/{r.backend} {r.check}", refresh=False)
             self.bar.update(1)
             return
-        print(f"[{self.done}/{self.total}] {r.device}/{r.backend} {r.check}: {r.status} "
-              f"({r.what} {_fmt(r.error)} <= {_fmt(r.tol)}, {r.time_s * 1e3:.0f} ms)", file=self.stream, flush=True)
+        print(
+            f"[{self.done}/{self.total}] {r.device}/{r.backend} {r.check}: {r.status} "
+            f"({r.what} {_fmt(r.error)} <= {_fmt(r.tol)}, {r.time_s * 1e3:.0f} ms)",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def selftest(device: Optional[str] = None, backend: Optional[str] = None, *, quick: bool = False,
-             json_path: Optional[str] = None, verbose: bool = True, progress: Optional[bool] = None,
-             checks: Optional[Iterable[str]] = None) -> SelftestReport:
+def selftest(
+    device: Optional[str] = None,
+    backend: Optional[str] = None,
+    *,
+    quick: bool = False,
+    json_path: Optional[str] = None,
+    verbose: bool = True,
+    progress: Optional[bool] = None,
+    checks: Optional[Iterable[str]] = None,
+) -> SelftestReport:
     """Check every usable backend on every present device against the float64 reference (see the module docs).
 
     Args:
@@ -508,14 +561,21 @@ def selftest(device: Optional[str] = None, backend: Optional[str] = None, *, qui
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m gmwae_fast.selftest``: 0 when every check passes, 1 on any failure."""
-    p = argparse.ArgumentParser(prog="python -m gmwae_fast.selftest",
-                                description="Check every usable gmwae_fast backend against the float64 reference.")
+    p = argparse.ArgumentParser(
+        prog="python -m gmwae_fast.selftest",
+        description="Check every usable gmwae_fast backend against the float64 reference.",
+    )
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     p.add_argument("--backend", choices=("all", "reference", "triton", "cpu", "cuda"), default="all")
     p.add_argument("--json", metavar="PATH", default=None, help="write machine-readable results there")
     p.add_argument("--quick", action="store_true", help="only the core checks")
-    p.add_argument("--check", action="append", default=None, metavar="PREFIX",
-                   help="run only checks whose name starts with PREFIX (repeatable), e.g. mmd/plain")
+    p.add_argument(
+        "--check",
+        action="append",
+        default=None,
+        metavar="PREFIX",
+        help="run only checks whose name starts with PREFIX (repeatable), e.g. mmd/plain",
+    )
     a = p.parse_args(argv)
     report = selftest(a.device, a.backend, quick=a.quick, json_path=a.json, checks=a.check)
     return 0 if report.ok else 1

@@ -29,6 +29,7 @@ of the two program counts and both parts are masked.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -116,9 +117,25 @@ def _softmax_tile(logits_ptr, pid, B, K, F64: tl.constexpr, ROWS: tl.constexpr, 
 
 
 @triton.jit
-def _gm_reparam_fwd_kernel(mu_ptr, sr_ptr, noise_ptr, z_ptr, logits_ptr, pi_ptr, seed, n_elem, B, K,
-                           SEED_PTR: tl.constexpr, HAS_NOISE: tl.constexpr, EXP_ACT: tl.constexpr,
-                           F64: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gm_reparam_fwd_kernel(
+    mu_ptr,
+    sr_ptr,
+    noise_ptr,
+    z_ptr,
+    logits_ptr,
+    pi_ptr,
+    seed,
+    n_elem,
+    B,
+    K,
+    SEED_PTR: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    EXP_ACT: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     # --- z = mu + act(sigma_raw) * eps over a (BLOCK_C, 4) tile of contiguous elements
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -151,9 +168,26 @@ def _gm_reparam_fwd_kernel(mu_ptr, sr_ptr, noise_ptr, z_ptr, logits_ptr, pi_ptr,
 
 
 @triton.jit
-def _gm_reparam_bwd_kernel(gz_ptr, sr_ptr, noise_ptr, dsr_ptr, gpi_ptr, logits_ptr, dl_ptr, seed, n_elem, B, K,
-                           SEED_PTR: tl.constexpr, HAS_NOISE: tl.constexpr, EXP_ACT: tl.constexpr,
-                           F64: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gm_reparam_bwd_kernel(
+    gz_ptr,
+    sr_ptr,
+    noise_ptr,
+    dsr_ptr,
+    gpi_ptr,
+    logits_ptr,
+    dl_ptr,
+    seed,
+    n_elem,
+    B,
+    K,
+    SEED_PTR: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    EXP_ACT: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     # --- d_sigma_raw = grad_z * eps * act'(sigma_raw)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -196,6 +230,7 @@ def _gm_reparam_bwd_kernel(gz_ptr, sr_ptr, noise_ptr, dsr_ptr, gpi_ptr, logits_p
 # Host side
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _interpreting() -> bool:
     from gmwae_fast.backends import triton_interpreting  # the one rule (Triton's own reading of TRITON_INTERPRET)
 
@@ -205,31 +240,45 @@ def _interpreting() -> bool:
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check(mu: torch.Tensor, sigma_raw: torch.Tensor, logits: torch.Tensor, seed: Optional[torch.Tensor],
-           noise: Optional[torch.Tensor], activation: str, mu_name: str = "mu") -> None:
+def _check(
+    mu: torch.Tensor,
+    sigma_raw: torch.Tensor,
+    logits: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    activation: str,
+    mu_name: str = "mu",
+) -> None:
     if mu.dim() != 3:
         raise ValueError(f"{mu_name} must have shape (B, K, d), got {tuple(mu.shape)}")
     if mu.dtype not in _FLOATS:
         raise TypeError(f"{mu_name} must be float32/float16/bfloat16/float64, got {mu.dtype}")
     if sigma_raw.shape != mu.shape or sigma_raw.dtype != mu.dtype:
-        raise ValueError(f"sigma_raw must match {mu_name} (shape {tuple(mu.shape)}, dtype {mu.dtype}), got shape "
-                         f"{tuple(sigma_raw.shape)}, dtype {sigma_raw.dtype}")
+        raise ValueError(
+            f"sigma_raw must match {mu_name} (shape {tuple(mu.shape)}, dtype {mu.dtype}), got shape "
+            f"{tuple(sigma_raw.shape)}, dtype {sigma_raw.dtype}"
+        )
     if tuple(logits.shape) != tuple(mu.shape[:2]) or logits.dtype not in _FLOATS:
-        raise ValueError(f"logits must be a floating (B, K) = {tuple(mu.shape[:2])} tensor, got shape "
-                         f"{tuple(logits.shape)}, dtype {logits.dtype}")
+        raise ValueError(
+            f"logits must be a floating (B, K) = {tuple(mu.shape[:2])} tensor, got shape "
+            f"{tuple(logits.shape)}, dtype {logits.dtype}"
+        )
     for name, t in (("sigma_raw", sigma_raw), ("logits", logits)):
         if t.device != mu.device:
             raise ValueError(f"{name} is on {t.device} but {mu_name} is on {mu.device}")
     if noise is not None:
         if noise.shape != mu.shape or noise.dtype != mu.dtype or noise.device != mu.device:
-            raise ValueError(f"noise must match {mu_name} (shape, dtype, device), got {tuple(noise.shape)}, "
-                             f"{noise.dtype}, {noise.device}")
+            raise ValueError(
+                f"noise must match {mu_name} (shape, dtype, device), got {tuple(noise.shape)}, "
+                f"{noise.dtype}, {noise.device}"
+            )
     elif seed is None:
         raise ValueError("give seed (an int64 tensor with one element) or noise")
     else:
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"seed must be an int64 tensor with one element, got dtype {seed.dtype}, shape "
-                             f"{tuple(seed.shape)}")
+            raise ValueError(
+                f"seed must be an int64 tensor with one element, got dtype {seed.dtype}, shape {tuple(seed.shape)}"
+            )
         if seed.device != mu.device and seed.device.type != "cpu":
             raise ValueError(f"seed must be on {mu.device} or on the CPU, got {seed.device}")
     if activation not in ACTIVATIONS:
@@ -259,8 +308,14 @@ def _seed_arg(seed: Optional[torch.Tensor], device: torch.device):
     return int(seed.reshape(()).item()), False  # a CPU seed for GPU tensors: reading it does not sync the GPU
 
 
-def gm_reparam(mu: torch.Tensor, sigma_raw: torch.Tensor, logits: torch.Tensor, seed: Optional[torch.Tensor],
-               noise: Optional[torch.Tensor], activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def gm_reparam(
+    mu: torch.Tensor,
+    sigma_raw: torch.Tensor,
+    logits: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    activation: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(z, pi)``: ``z = mu + act(sigma_raw) * eps`` (``eps`` = ``noise`` or the Philox stream of ``seed``),
     ``pi = softmax(logits, -1)``."""
     _check(mu, sigma_raw, logits, seed, noise, activation)
@@ -275,24 +330,47 @@ def gm_reparam(mu: torch.Tensor, sigma_raw: torch.Tensor, logits: torch.Tensor, 
     grid, block_c, rows, block_k = _launch_config(n_elem, B, K)
     seed_arg, seed_ptr = _seed_arg(seed if noise is None else None, mu.device)
     _gm_reparam_fwd_kernel[grid](
-        mu, sigma_raw, noise if noise is not None else mu, z, logits, pi, seed_arg, n_elem, B, K,
-        SEED_PTR=seed_ptr, HAS_NOISE=noise is not None, EXP_ACT=activation == "exp",
+        mu,
+        sigma_raw,
+        noise if noise is not None else mu,
+        z,
+        logits,
+        pi,
+        seed_arg,
+        n_elem,
+        B,
+        K,
+        SEED_PTR=seed_ptr,
+        HAS_NOISE=noise is not None,
+        EXP_ACT=activation == "exp",
         F64=mu.dtype == torch.float64 or logits.dtype == torch.float64,
-        BLOCK_C=block_c, ROWS=rows, BLOCK_K=block_k, num_warps=DEFAULTS["num_warps"])
+        BLOCK_C=block_c,
+        ROWS=rows,
+        BLOCK_K=block_k,
+        num_warps=DEFAULTS["num_warps"],
+    )
     return z, pi
 
 
-def gm_reparam_backward(grad_z: torch.Tensor, grad_pi: torch.Tensor, sigma_raw: torch.Tensor, logits: torch.Tensor,
-                        seed: Optional[torch.Tensor], noise: Optional[torch.Tensor],
-                        activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def gm_reparam_backward(
+    grad_z: torch.Tensor,
+    grad_pi: torch.Tensor,
+    sigma_raw: torch.Tensor,
+    logits: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    activation: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(d_sigma_raw, d_logits)`` for cotangents ``grad_z`` (like ``sigma_raw``) and ``grad_pi`` (like ``logits``)."""
     _check(sigma_raw, sigma_raw, logits, seed, noise, activation, mu_name="sigma_raw")
     if grad_z.shape != sigma_raw.shape or grad_z.device != sigma_raw.device:
-        raise ValueError(f"grad_z must have the shape and device of sigma_raw, got {tuple(grad_z.shape)} on "
-                         f"{grad_z.device}")
+        raise ValueError(
+            f"grad_z must have the shape and device of sigma_raw, got {tuple(grad_z.shape)} on {grad_z.device}"
+        )
     if grad_pi.shape != logits.shape or grad_pi.device != logits.device:
-        raise ValueError(f"grad_pi must have the shape and device of logits, got {tuple(grad_pi.shape)} on "
-                         f"{grad_pi.device}")
+        raise ValueError(
+            f"grad_pi must have the shape and device of logits, got {tuple(grad_pi.shape)} on {grad_pi.device}"
+        )
     grad_z, grad_pi = grad_z.contiguous(), grad_pi.contiguous()
     sigma_raw, logits = sigma_raw.contiguous(), logits.contiguous()
     noise = noise.contiguous() if noise is not None else None
@@ -305,8 +383,24 @@ def gm_reparam_backward(grad_z: torch.Tensor, grad_pi: torch.Tensor, sigma_raw: 
     grid, block_c, rows, block_k = _launch_config(n_elem, B, K)
     seed_arg, seed_ptr = _seed_arg(seed if noise is None else None, sigma_raw.device)
     _gm_reparam_bwd_kernel[grid](
-        grad_z, sigma_raw, noise if noise is not None else sigma_raw, dsr, grad_pi, logits, dl, seed_arg, n_elem,
-        B, K, SEED_PTR=seed_ptr, HAS_NOISE=noise is not None, EXP_ACT=activation == "exp",
+        grad_z,
+        sigma_raw,
+        noise if noise is not None else sigma_raw,
+        dsr,
+        grad_pi,
+        logits,
+        dl,
+        seed_arg,
+        n_elem,
+        B,
+        K,
+        SEED_PTR=seed_ptr,
+        HAS_NOISE=noise is not None,
+        EXP_ACT=activation == "exp",
         F64=sigma_raw.dtype == torch.float64 or logits.dtype == torch.float64,
-        BLOCK_C=block_c, ROWS=rows, BLOCK_K=block_k, num_warps=DEFAULTS["num_warps"])
+        BLOCK_C=block_c,
+        ROWS=rows,
+        BLOCK_K=block_k,
+        num_warps=DEFAULTS["num_warps"],
+    )
     return dsr, dl

@@ -53,7 +53,8 @@ Per-pair math (compute dtype: float32, float64 for float64 points)
   bandwidth ``C' = 1 / ic``, within 6e-8 of ``C_s``, the same in every term.
 * Values (float64-grade sums of float32 pairs, as ``csrc/imq_math.h`` ``imq_pick_value``): per row and bandwidth
   both ``K = sum_j w_j k`` and ``U = sum_j w_j u`` are accumulated (products in the compute dtype, sums in float64:
-  within a tile inside each thread, across tiles in a per-program scratch, across rows), and the exact float64 pair weight ``W``
+  within a tile inside each thread, across tiles in a per-program scratch, across rows), and the exact float64 pair
+  weight ``W``
   (``w_j`` times 0, 1 or 2: exact). Since ``K + U = W`` exactly, the value is ``W - U`` when ``U < K``, else ``K``:
   the smaller sum carries the smaller rounding error, so the bandwidths for which ``k ~ 1`` (large against the
   distances, where ``MMD2`` is a tiny difference of large sums) are as accurate as the small ones. Row weights
@@ -69,6 +70,7 @@ and ``col_splits`` arguments of every launcher.
 
 CPU tensors run through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,9 +107,21 @@ _POINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _sq_dist(aT_ptr, rows, n_pad, bT_ptr, cols, m_pad, n_feat_pad,
-             BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, CDT: tl.constexpr):
+def _sq_dist(
+    aT_ptr,
+    rows,
+    n_pad,
+    bT_ptr,
+    cols,
+    m_pad,
+    n_feat_pad,
+    BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CDT: tl.constexpr,
+):
     """``D[j, i] = sum_k (b[j, k] - a[i, k])^2`` from the transposed, padded copies (no masks needed)."""
     dist = tl.zeros([BLOCK_J, BLOCK_I], dtype=CDT)
     a_p = aT_ptr + rows
@@ -128,8 +142,7 @@ def _rcp(y, FAST_RCP: tl.constexpr):
     """``1 / y`` for ``y >= 1``. On CUDA (float32): one ``rcp.approx.ftz.f32`` (<= 1 ulp) refined by one Newton
     step (two FMAs), as ``csrc/imq_math.h`` does; else a division."""
     if FAST_RCP:
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
-                                      is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [y], dtype=tl.float32, is_pure=True, pack=1)
         return tl.fma(r, tl.fma(-y, r, 1.0), r)
     else:
         return 1.0 / y
@@ -146,9 +159,19 @@ def _k_u(dist, ic, XMAX: tl.constexpr, FAST_RCP: tl.constexpr):
 
 
 @triton.jit
-def _tile_weights(wb, rows, cols, group, row_hi,
-                  SELF_TRI: tl.constexpr, MASK_GROUPS: tl.constexpr, UNBIASED: tl.constexpr,
-                  BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, CDT: tl.constexpr):
+def _tile_weights(
+    wb,
+    rows,
+    cols,
+    group,
+    row_hi,
+    SELF_TRI: tl.constexpr,
+    MASK_GROUPS: tl.constexpr,
+    UNBIASED: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    CDT: tl.constexpr,
+):
     """Column weights of a ``[BLOCK_J, BLOCK_I]`` tile (compute dtype; exact: ``wb_j`` times 0, 1 or 2).
 
     ``SELF_TRI``: symmetric self values, pairs ``j > i`` weigh ``2 wb_j``, ``j == i`` weighs ``wb_j`` (biased) and
@@ -162,7 +185,7 @@ def _tile_weights(wb, rows, cols, group, row_hi,
     if SELF_TRI or MASK_GROUPS:
         col_lo = tl.min(cols, axis=0)
         if UNBIASED:
-            cut = (row_hi // group + 1) * group   # columns >= cut share no group with the block, and are > i
+            cut = (row_hi // group + 1) * group  # columns >= cut share no group with the block, and are > i
         else:
             cut = row_hi + 1
         if SELF_TRI:
@@ -207,11 +230,30 @@ def _finish_values(k_rows, u_rows, row_stride, wrow, wa64, sidx, S):
 
 
 @triton.jit
-def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, part_ptr, scratch_ptr,
-                       n_pad, m_pad, m_cols, n_feat_pad, group, cols_per_prog, S,
-                       SELF: tl.constexpr, UNBIASED: tl.constexpr, FAST_RCP: tl.constexpr, XMAX: tl.constexpr,
-                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                       S_PAD: tl.constexpr):
+def _imq_values_kernel(
+    aT_ptr,
+    wa_ptr,
+    bT_ptr,
+    wb_ptr,
+    inv_ptr,
+    part_ptr,
+    scratch_ptr,
+    n_pad,
+    m_pad,
+    m_cols,
+    n_feat_pad,
+    group,
+    cols_per_prog,
+    S,
+    SELF: tl.constexpr,
+    UNBIASED: tl.constexpr,
+    FAST_RCP: tl.constexpr,
+    XMAX: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
     pid_i = tl.program_id(0)
     pid_z = tl.program_id(1)
@@ -223,7 +265,7 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, part_ptr, scratc
     col_lo = pid_z * cols_per_prog
     col_hi = tl.minimum(col_lo + cols_per_prog, m_cols)
     if SELF:
-        col_lo = tl.maximum(col_lo, (row0 // BLOCK_J) * BLOCK_J)   # upper triangle j >= i only
+        col_lo = tl.maximum(col_lo, (row0 // BLOCK_J) * BLOCK_J)  # upper triangle j >= i only
     wa64 = tl.load(wa_ptr + rows).to(tl.float64)
     # per bandwidth and row: float64 sums K (of w k) and U (of w (1 - k)) in a scratch owned by this program
     # (zeroed by the host): a register array indexed by a runtime bandwidth would cost a select per element, an
@@ -231,7 +273,7 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, part_ptr, scratc
     k_rows = scratch_ptr + ((pid_i * num_z + pid_z) * 2 * S).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     u_rows = k_rows + S * BLOCK_I
     rtrue = rows >= 0
-    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)           # per row: sum_j w_j (exact weights, float64)
+    wrow = tl.zeros([BLOCK_I], dtype=tl.float64)  # per row: sum_j w_j (exact weights, float64)
     for n0 in range(col_lo, col_hi, BLOCK_J):
         cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
         wb = tl.load(wb_ptr + cols)
@@ -239,23 +281,35 @@ def _imq_values_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, part_ptr, scratc
         wmat = _tile_weights(wb, rows, cols, group, row_hi, SELF, UNBIASED, UNBIASED, BLOCK_J, BLOCK_I, CDT)
         wrow += tl.sum(wmat.to(tl.float64), axis=0)
         for s in range(S):
-            k, u = _k_u(dist, tl.load(inv_ptr + s), XMAX, FAST_RCP)   # one reciprocal per pair and bandwidth
+            k, u = _k_u(dist, tl.load(inv_ptr + s), XMAX, FAST_RCP)  # one reciprocal per pair and bandwidth
             _add_k_u(k_rows + s * BLOCK_I, u_rows + s * BLOCK_I, k, u, wmat, rtrue)
     vals = _finish_values(k_rows, u_rows, BLOCK_I, wrow, wa64, sidx, S)
     tl.store(part_ptr + (pid_i * num_z + pid_z) * S_PAD + sidx, vals)
 
 
 @triton.jit
-def _phi_psi(dist, inv_ptr, hc_ptr, k_rows, u_rows, row_stride, wmat, rmask, S,
-             WITH_VALUES: tl.constexpr, XMAX: tl.constexpr, FAST_RCP: tl.constexpr):
+def _phi_psi(
+    dist,
+    inv_ptr,
+    hc_ptr,
+    k_rows,
+    u_rows,
+    row_stride,
+    wmat,
+    rmask,
+    S,
+    WITH_VALUES: tl.constexpr,
+    XMAX: tl.constexpr,
+    FAST_RCP: tl.constexpr,
+):
     """``phi = sum_s h_s k_s`` and ``-psi = sum_s (h_s ic_s k_s) k_s`` on a tile (compute dtype; products of
     decaying factors: a far pair underflows towards 0, never overflows), and the value sums when asked."""
     phi = tl.zeros(dist.shape, dtype=dist.dtype)
     npsi = tl.zeros(dist.shape, dtype=dist.dtype)
     for s in range(S):
         ic = tl.load(inv_ptr + s)
-        hs = tl.load(hc_ptr + s)                        # h_s (compute dtype)
-        k, u = _k_u(dist, ic, XMAX, FAST_RCP)           # the one reciprocal per pair and bandwidth, for k and k'
+        hs = tl.load(hc_ptr + s)  # h_s (compute dtype)
+        k, u = _k_u(dist, ic, XMAX, FAST_RCP)  # the one reciprocal per pair and bandwidth, for k and k'
         phi += hs * k
         npsi += ((hs * ic) * k) * k
         if WITH_VALUES:
@@ -277,12 +331,38 @@ def _add_da(acc_p, a_p, b_p, p, n_feat, n_pad, m_pad):
 
 
 @triton.jit
-def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_ptr, scratch_ptr, acc_ptr, da_ptr,
-                        dwa_ptr, n_rows, n_feat, n_pad, m_pad, m_cols, n_feat_pad, group, dw_scale, da_scale,
-                        cols_per_prog, S,
-                        MASK_GROUPS: tl.constexpr, WITH_VALUES: tl.constexpr,
-                        FAST_RCP: tl.constexpr, XMAX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                        BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
+def _imq_rowpass_kernel(
+    aT_ptr,
+    wa_ptr,
+    bT_ptr,
+    wb_ptr,
+    inv_ptr,
+    hc_ptr,
+    part_ptr,
+    scratch_ptr,
+    acc_ptr,
+    da_ptr,
+    dwa_ptr,
+    n_rows,
+    n_feat,
+    n_pad,
+    m_pad,
+    m_cols,
+    n_feat_pad,
+    group,
+    dw_scale,
+    da_scale,
+    cols_per_prog,
+    S,
+    MASK_GROUPS: tl.constexpr,
+    WITH_VALUES: tl.constexpr,
+    FAST_RCP: tl.constexpr,
+    XMAX: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    S_PAD: tl.constexpr,
+):
     CDT: tl.constexpr = wa_ptr.dtype.element_ty
     pid_i = tl.program_id(0)
     pid_z = tl.program_id(1)
@@ -300,7 +380,7 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_pt
     acc_rows = acc_ptr + (pid_z * n_feat).to(tl.int64) * n_pad + rows
     rtrue = rows >= 0
     wrow = tl.zeros([BLOCK_I], dtype=tl.float64)
-    sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)   # sum_j w_j phi_ij
+    sum_phi = tl.zeros([BLOCK_I], dtype=tl.float64)  # sum_j w_j phi_ij
     for n0 in range(col_lo, col_hi, BLOCK_J):
         cols = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_J), BLOCK_J), BLOCK_J)
         wb = tl.load(wb_ptr + cols)
@@ -308,8 +388,7 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_pt
         wmat = _tile_weights(wb, rows, cols, group, row_hi, False, MASK_GROUPS, True, BLOCK_J, BLOCK_I, CDT)
         if WITH_VALUES:
             wrow += tl.sum(wmat.to(tl.float64), axis=0)
-        phi, npsi = _phi_psi(dist, inv_ptr, hc_ptr, k_rows, u_rows, n_pad, wmat, rtrue, S, WITH_VALUES, XMAX,
-                             FAST_RCP)
+        phi, npsi = _phi_psi(dist, inv_ptr, hc_ptr, k_rows, u_rows, n_pad, wmat, rtrue, S, WITH_VALUES, XMAX, FAST_RCP)
         sum_phi += tl.sum(wmat * phi, axis=0).to(tl.float64)
         _add_da(acc_rows, aT_ptr + rows, bT_ptr + cols, wmat * npsi, n_feat, n_pad, m_pad)
 
@@ -323,9 +402,9 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_pt
     da_rows = da_ptr + (z_off + rows) * n_feat
     for g in range(0, n_feat):
         grad = tl.load(acc_rows) * scale
-        if da_ptr.dtype.element_ty == tl.float64:   # a float64 workspace of column splits
+        if da_ptr.dtype.element_ty == tl.float64:  # a float64 workspace of column splits
             tl.store(da_rows, grad, mask=rmask)
-        else:   # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
+        else:  # via the compute dtype: float64 -> bfloat16 / float16 is not a direct conversion everywhere
             tl.store(da_rows, grad.to(CDT).to(da_ptr.dtype.element_ty), mask=rmask)
         acc_rows += n_pad
         da_rows += 1
@@ -337,6 +416,7 @@ def _imq_rowpass_kernel(aT_ptr, wa_ptr, bT_ptr, wb_ptr, inv_ptr, hc_ptr, part_pt
 # ---------------------------------------------------------------------------------------------------------------
 # Host side: checks, configuration, launches
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _interpreting() -> bool:
     from gmwae_fast.backends import triton_interpreting
@@ -379,8 +459,10 @@ def _check_vector(name: str, x, length: int, dtype: torch.dtype, device: torch.d
 
 def _check_device(device: torch.device) -> None:
     if device.type == "cpu" and not _interpreting():
-        raise ValueError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton "
-                         "(or move the tensors to a GPU)")
+        raise ValueError(
+            "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton "
+            "(or move the tensors to a GPU)"
+        )
 
 
 def _check_common(a, wa, bw, name_a: str = "a", name_wa: str = "wa") -> Tuple[torch.dtype, int]:
@@ -462,8 +544,9 @@ def _s_pad(S: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_type: str, index: Optional[int]) -> int:
     if device_type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                                ).multi_processor_count
+        return torch.cuda.get_device_properties(
+            index if index is not None else torch.cuda.current_device()
+        ).multi_processor_count
     return 1
 
 
@@ -477,8 +560,9 @@ def _col_chunks(device: torch.device, programs: int, col_tiles: int, col_splits:
     Returns ``(splits, tiles_per_split)``."""
     if col_splits is None:
         target = int(DEFAULTS["programs_per_sm"]) * _num_sms(device.type, device.index)
-        col_splits = min(triton.cdiv(target, max(programs, 1)),
-                         max(1, col_tiles // max(1, int(DEFAULTS["min_tiles_per_program"]))))
+        col_splits = min(
+            triton.cdiv(target, max(programs, 1)), max(1, col_tiles // max(1, int(DEFAULTS["min_tiles_per_program"])))
+        )
     splits = max(1, min(int(col_splits), col_tiles))
     tiles = triton.cdiv(col_tiles, splits)
     return triton.cdiv(col_tiles, tiles), tiles
@@ -527,21 +611,54 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Con
         aT, wap = _prepare(a, wa, n_pad, d_pad, cdt)
         bT, wbp = _prepare(b, wb, m_pad, d_pad, cdt)
     row_blocks = n_pad // bi
-    m_cols = _roundup(M, bj)   # columns visited (the self copy is padded further, to whole row blocks)
+    m_cols = _roundup(M, bj)  # columns visited (the self copy is padded further, to whole row blocks)
     splits, tiles = _col_chunks(a.device, row_blocks, m_cols // bj, cfg.col_splits)
     s_pad = _s_pad(S)
     part = torch.empty(row_blocks * splits, s_pad, dtype=torch.float64, device=a.device)
     scratch = torch.zeros(row_blocks * splits * 2 * S * bi, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
         _imq_values_kernel[(row_blocks, splits)](
-            aT, wap, bT, wbp, _inv_bw(bw, cdt), part, scratch, n_pad, m_pad, m_cols, d_pad, group, tiles * bj, S,
-            SELF=self_, UNBIASED=bool(unbiased), FAST_RCP=_fast_rcp(a.device, cdt), XMAX=_xmax(cdt),
-            BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
+            aT,
+            wap,
+            bT,
+            wbp,
+            _inv_bw(bw, cdt),
+            part,
+            scratch,
+            n_pad,
+            m_pad,
+            m_cols,
+            d_pad,
+            group,
+            tiles * bj,
+            S,
+            SELF=self_,
+            UNBIASED=bool(unbiased),
+            FAST_RCP=_fast_rcp(a.device, cdt),
+            XMAX=_xmax(cdt),
+            BLOCK_I=bi,
+            BLOCK_J=bj,
+            BLOCK_D=bd,
+            S_PAD=s_pad,
+            num_warps=cfg.num_warps,
+        )
     return part[:, :S].sum(dim=0)
 
 
-def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bool,
-             dw_scale: float, da_scale: float, cfg: _Config):
+def _rowpass(
+    h,
+    a,
+    wa,
+    b,
+    wb,
+    bw,
+    group: int,
+    mask_groups: bool,
+    with_values: bool,
+    dw_scale: float,
+    da_scale: float,
+    cfg: _Config,
+):
     """One deterministic row pass: gradients of the rows of ``a`` against all of ``b`` (and the values)."""
     N, d = a.shape
     M = b.shape[0]
@@ -558,7 +675,7 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
     aT, wap = _prepare(a, wa, n_pad, d_pad, cdt)
     bT, wbp = (aT, wap) if same else _prepare(b, wb, m_pad, d_pad, cdt)
     row_blocks = n_pad // bi
-    m_cols = _roundup(M, bj)   # columns visited (the self copy is padded further, to whole row blocks)
+    m_cols = _roundup(M, bj)  # columns visited (the self copy is padded further, to whole row blocks)
     splits, tiles = _col_chunks(a.device, row_blocks, m_cols // bj, cfg.col_splits)
     if splits == 1:
         da_out, dwa_out = torch.empty_like(a), torch.empty_like(wa)
@@ -573,10 +690,38 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
     acc = torch.zeros(splits * d * n_pad, dtype=torch.float64, device=a.device)
     with _device_guard(a.device):
         _imq_rowpass_kernel[(row_blocks, splits)](
-            aT, wap, bT, wbp, _inv_bw(bw, cdt), h.to(cdt), part, scratch, acc, da_out, dwa_out,
-            N, d, n_pad, m_pad, m_cols, d_pad, group, float(dw_scale), float(da_scale), tiles * bj, S,
-            MASK_GROUPS=bool(mask_groups), WITH_VALUES=bool(with_values), FAST_RCP=_fast_rcp(a.device, cdt),
-            XMAX=_xmax(cdt), BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, S_PAD=s_pad, num_warps=cfg.num_warps)
+            aT,
+            wap,
+            bT,
+            wbp,
+            _inv_bw(bw, cdt),
+            h.to(cdt),
+            part,
+            scratch,
+            acc,
+            da_out,
+            dwa_out,
+            N,
+            d,
+            n_pad,
+            m_pad,
+            m_cols,
+            d_pad,
+            group,
+            float(dw_scale),
+            float(da_scale),
+            tiles * bj,
+            S,
+            MASK_GROUPS=bool(mask_groups),
+            WITH_VALUES=bool(with_values),
+            FAST_RCP=_fast_rcp(a.device, cdt),
+            XMAX=_xmax(cdt),
+            BLOCK_I=bi,
+            BLOCK_J=bj,
+            BLOCK_D=bd,
+            S_PAD=s_pad,
+            num_warps=cfg.num_warps,
+        )
     values = part[:, :S].sum(dim=0) if with_values else None
     if splits == 1:
         return values, da_out, dwa_out
@@ -587,9 +732,19 @@ def _rowpass(h, a, wa, b, wb, bw, group: int, mask_groups: bool, with_values: bo
 # Launchers (the op contracts)
 # ---------------------------------------------------------------------------------------------------------------
 
-def imq_self(a: torch.Tensor, wa: torch.Tensor, bw: torch.Tensor, group: int, unbiased: bool, *,
-             block_i: Optional[int] = None, block_j: Optional[int] = None, num_warps: Optional[int] = None,
-             col_splits: Optional[int] = None) -> torch.Tensor:
+
+def imq_self(
+    a: torch.Tensor,
+    wa: torch.Tensor,
+    bw: torch.Tensor,
+    group: int,
+    unbiased: bool,
+    *,
+    block_i: Optional[int] = None,
+    block_j: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    col_splits: Optional[int] = None,
+) -> torch.Tensor:
     """``self_s = sum_{i, j allowed} wa_i wa_j C_s / (C_s + ||a_i - a_j||^2)``, ``(S,)`` float64.
 
     Allowed pairs: ``i // group != j // group`` when ``unbiased``, every ordered pair (``i == j`` included) when
@@ -600,19 +755,37 @@ def imq_self(a: torch.Tensor, wa: torch.Tensor, bw: torch.Tensor, group: int, un
     return _values(a, wa, a, wa, bw, True, group, unbiased, cfg)
 
 
-def imq_cross(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor, bw: torch.Tensor, *,
-              block_i: Optional[int] = None, block_j: Optional[int] = None, num_warps: Optional[int] = None,
-              col_splits: Optional[int] = None) -> torch.Tensor:
+def imq_cross(
+    a: torch.Tensor,
+    wa: torch.Tensor,
+    b: torch.Tensor,
+    wb: torch.Tensor,
+    bw: torch.Tensor,
+    *,
+    block_i: Optional[int] = None,
+    block_j: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    col_splits: Optional[int] = None,
+) -> torch.Tensor:
     """``cross_s = sum_{i, j} wa_i wb_j C_s / (C_s + ||a_i - b_j||^2)``, ``(S,)`` float64."""
     _check_cross(a, wa, b, wb, bw)
     cfg = _Config("values", block_i, block_j, num_warps, col_splits, a.dtype == torch.float64)
     return _values(a, wa, b, wb, bw, False, 1, False, cfg)
 
 
-def imq_self_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, bw: torch.Tensor, group: int,
-                  unbiased: bool, *, block_i: Optional[int] = None, block_j: Optional[int] = None,
-                  num_warps: Optional[int] = None, col_splits: Optional[int] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def imq_self_grad(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    wa: torch.Tensor,
+    bw: torch.Tensor,
+    group: int,
+    unbiased: bool,
+    *,
+    block_i: Optional[int] = None,
+    block_j: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    col_splits: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa)``: ``self_s`` and the gradients of ``L = sum_s h_s self_s`` (``da`` like ``a``,
     ``dwa`` like ``wa``), in one deterministic row pass."""
     _, S = _check_common(a, wa, bw)
@@ -622,10 +795,20 @@ def imq_self_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, bw: torch.
     return _rowpass(h, a, wa, a, wa, bw, group, bool(unbiased), True, 2.0, 4.0, cfg)
 
 
-def imq_cross_grad(h: torch.Tensor, a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor,
-                   bw: torch.Tensor, b_grad: bool = True, *, block_i: Optional[int] = None,
-                   block_j: Optional[int] = None, num_warps: Optional[int] = None, col_splits: Optional[int] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def imq_cross_grad(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    wa: torch.Tensor,
+    b: torch.Tensor,
+    wb: torch.Tensor,
+    bw: torch.Tensor,
+    b_grad: bool = True,
+    *,
+    block_i: Optional[int] = None,
+    block_j: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    col_splits: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, da, dwa, db, dwb)``: ``cross_s`` and the gradients of ``L = sum_s h_s cross_s``; two row passes
     (rows of ``a`` against ``b``, then rows of ``b`` against ``a``), no atomics.  ``b_grad=False`` skips the
     second pass and returns zeros for ``db`` and ``dwb``."""

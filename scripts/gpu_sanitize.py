@@ -9,6 +9,7 @@ allocation and memcheck sees a read past its end. Correctness is the selftest's 
 are finite. Exit status 0 when every call returned, 1 otherwise (2 without a usable backend).
 ``--backend cpu`` runs the same calls on the CPU kernels (what the test suite does to check this script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def _mmd_calls(dev: str, backend: str, dtype: torch.dtype) -> int:
                 _finite(gmwae_fast.fast_imq_mmd(x, y, xw, unbiased=unbiased, backend=backend))
             for grads, reduction in (((x, xw, y), "sum"), ((x, xw), "sum"), ((x, y), "none")):
                 leaves = [t.detach().requires_grad_(any(t is u for u in grads)) for t in (x, xw, y)]
-                out = gmwae_fast.fast_imq_mmd(leaves[0], leaves[2], leaves[1], unbiased=unbiased,
-                                              reduction=reduction, backend=backend)
+                out = gmwae_fast.fast_imq_mmd(
+                    leaves[0], leaves[2], leaves[1], unbiased=unbiased, reduction=reduction, backend=backend
+                )
                 out.sum().backward()
                 _finite(out, *[t.grad for t in leaves if t.grad is not None])
                 calls += 2
@@ -67,8 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=("cuda", "triton", "cpu"), default="cuda")
     a = p.parse_args(argv)
     dev = "cpu" if a.backend == "cpu" else "cuda"
-    reason = "no CUDA device" if dev == "cuda" and not torch.cuda.is_available() else \
-        gmwae_fast.available_backends(dev)[a.backend]
+    reason = (
+        "no CUDA device"
+        if dev == "cuda" and not torch.cuda.is_available()
+        else gmwae_fast.available_backends(dev)[a.backend]
+    )
     if reason is not None:
         print(f"gpu_sanitize: the {a.backend!r} backend cannot run: {reason}", file=sys.stderr)
         return 2

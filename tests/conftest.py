@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels are tested on CPU tensors through the Triton interpreter; the variable must be set
 before triton is first imported, hence here.
 """
+
 import os
 
 import torch
@@ -16,8 +17,14 @@ import gmwae_fast  # noqa: E402
 
 DEVICES = ["cpu", "cuda"]
 #: (device, backend) pairs every backend test is parametrised over; unusable ones skip with the reason.
-DEVICE_BACKENDS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"),
-                   ("cuda", "reference"), ("cuda", "cuda"), ("cuda", "triton")]
+DEVICE_BACKENDS = [
+    ("cpu", "reference"),
+    ("cpu", "cpu"),
+    ("cpu", "triton"),
+    ("cuda", "reference"),
+    ("cuda", "cuda"),
+    ("cuda", "triton"),
+]
 
 
 def skip_unless_usable(device: str, backend: str, op: str = "imq_mmd") -> None:

@@ -1,5 +1,6 @@
 """The q_D regularisers beyond the paper: augmentation consistency (gmwae_fast/train/augment.py) and the mode
 balance term (losses.add_balance), against float64 references."""
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,9 @@ def test_random_affine_zero_range_is_identity_and_draws_are_reproducible():
     assert torch.equal(a, b)
     g = torch.Generator().manual_seed(7)
     first, second = random_affine(x, g), random_affine(x, g)
-    assert torch.equal(first, a) and not torch.equal(first, second)      # the generator advances
-    assert not torch.allclose(a, x, atol=1e-3)                           # the default range does move pixels
-    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1          # bilinear: a convex mix of pixels and 0
+    assert torch.equal(first, a) and not torch.equal(first, second)  # the generator advances
+    assert not torch.allclose(a, x, atol=1e-3)  # the default range does move pixels
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1  # bilinear: a convex mix of pixels and 0
 
 
 def test_random_affine_translation_only_matches_its_whole_pixel_draw():
@@ -72,8 +73,16 @@ def test_random_affine_translation_only_matches_its_whole_pixel_draw():
     torch.testing.assert_close(out, affine_warp(x, theta), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(rotate_deg=-1), dict(shear=float("nan")), dict(scale=1.0),
-                                 dict(translate_px=float("inf")), dict(scale="0.1")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(rotate_deg=-1),
+        dict(shear=float("nan")),
+        dict(scale=1.0),
+        dict(translate_px=float("inf")),
+        dict(scale="0.1"),
+    ],
+)
 def test_affine_range_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="AffineRange"):
         AffineRange(**bad)
@@ -88,7 +97,7 @@ def test_consistency_kl_against_float64_reference_values_and_gradients():
     ref = (p * (p.log() - q.log())).sum(-1).mean()
     torch.testing.assert_close(kl, ref, rtol=1e-12, atol=1e-14)
     kl.backward()
-    assert t.grad is None                                        # the clean view is a fixed target
+    assert t.grad is None  # the clean view is a fixed target
     torch.testing.assert_close(l.grad, (q - p) / 7, rtol=1e-10, atol=1e-14)
     assert consistency_kl(l.detach(), l.detach()).abs() < 1e-14
     with pytest.raises(ValueError, match="consistency_kl"):
@@ -109,12 +118,13 @@ def test_add_consistency_adds_gamma_kl_and_trains_the_q_d_net():
     torch.testing.assert_close(out["loss"], 3.0 * ref, rtol=1e-10, atol=1e-14)
     out["loss"].backward()
     assert model.encoder.trunk[0].weight.grad.abs().sum() > 0 and model.encoder.logits.weight.grad.abs().sum() > 0
-    assert model.decoder.fc[0].weight.grad is None               # only q_D is involved
+    assert model.decoder.fc[0].weight.grad is None  # only q_D is involved
     assert math.isfinite(out["loss"].item())
 
 
 def test_add_balance_value_and_gradient_against_float64_references():
     from gmwae_fast.train.losses import add_balance
+
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
     out = add_balance({"loss": torch.tensor(1.5, dtype=torch.float64), "logits": logits}, 4.0)

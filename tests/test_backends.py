@@ -1,5 +1,6 @@
 """The backend registry (``gmwae_fast/backends.py``): names, ``auto`` order per device, the reason of each backend
 per op family, and that both op families resolve through it and record the backend that ran."""
+
 import os
 
 import pytest
@@ -38,10 +39,15 @@ def test_registry_names_are_the_real_backends():
         backends.check_backend_name(None)
 
 
-@pytest.mark.parametrize("device, order", [("cuda", ("cuda", "triton", "reference")),
-                                           ("cuda:1", ("cuda", "triton", "reference")),
-                                           ("cpu", ("cpu", "reference")),
-                                           ("meta", ("reference",))])
+@pytest.mark.parametrize(
+    "device, order",
+    [
+        ("cuda", ("cuda", "triton", "reference")),
+        ("cuda:1", ("cuda", "triton", "reference")),
+        ("cpu", ("cpu", "reference")),
+        ("meta", ("reference",)),
+    ],
+)
 def test_auto_order_per_device(device, order):
     assert backends.auto_order(device) == order
 

@@ -1,6 +1,7 @@
 """Quick checks of the benchmark suite (no timing assertions): every benchmark provider computes the same MMD² and
 gradient as the float64 reference on a tiny size, and ``benchmarks/report.py`` turns a pytest-benchmark JSON into
 the json / markdown / png report."""
+
 from __future__ import annotations
 
 import json
@@ -83,22 +84,24 @@ def test_footprint_and_budget_helpers():
 
 def test_peak_memory_sees_a_large_allocation():
     keep = []
-    peak, method = _harness.measure_peak_memory(lambda: keep.append(torch.ones(16 * 2**20 // 4)),
-                                                torch.device("cpu"))
+    peak, method = _harness.measure_peak_memory(lambda: keep.append(torch.ones(16 * 2**20 // 4)), torch.device("cpu"))
     assert peak is not None and method
     if method.startswith("cpu peak RSS delta"):
         assert peak >= 12 * 2**20
 
 
-@pytest.mark.parametrize("name, kind, cores, slug", [
-    ("NVIDIA H100 80GB HBM3", "cuda", None, "nvidia-h100"),
-    ("NVIDIA H200", "cuda", None, "nvidia-h200"),
-    ("NVIDIA A100-SXM4-80GB", "cuda", None, "nvidia-a100"),
-    ("NVIDIA GeForce RTX 4090", "cuda", None, "nvidia-rtx-4090"),
-    ("AMD EPYC", "cpu", 2, "cpu-amd-epyc-2c"),
-    ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "cpu", 8, "cpu-intel-xeon-platinum-8375c-8c"),
-    ("AMD EPYC 7B13 64-Core Processor", "cpu", 2, "cpu-amd-epyc-7b13-2c"),
-])
+@pytest.mark.parametrize(
+    "name, kind, cores, slug",
+    [
+        ("NVIDIA H100 80GB HBM3", "cuda", None, "nvidia-h100"),
+        ("NVIDIA H200", "cuda", None, "nvidia-h200"),
+        ("NVIDIA A100-SXM4-80GB", "cuda", None, "nvidia-a100"),
+        ("NVIDIA GeForce RTX 4090", "cuda", None, "nvidia-rtx-4090"),
+        ("AMD EPYC", "cpu", 2, "cpu-amd-epyc-2c"),
+        ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "cpu", 8, "cpu-intel-xeon-platinum-8375c-8c"),
+        ("AMD EPYC 7B13 64-Core Processor", "cpu", 2, "cpu-amd-epyc-7b13-2c"),
+    ],
+)
 def test_device_slug(name, kind, cores, slug):
     assert _harness.device_slug(name, kind, cores) == slug
 
@@ -107,13 +110,37 @@ def test_device_slug(name, kind, cores, slug):
 # report.py on a fake pytest-benchmark JSON
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _bench(name, group, median, extra):
-    stats = {"min": median * 0.9, "max": median * 1.3, "mean": median * 1.05, "stddev": median * 0.1,
-             "rounds": 7, "median": median, "iqr": median * 0.1, "q1": median * 0.95, "q3": median * 1.05,
-             "iqr_outliers": 0, "stddev_outliers": 1, "outliers": "1;0", "ld15iqr": median * 0.9,
-             "hd15iqr": median * 1.3, "ops": 1 / median, "total": 7 * median, "iterations": 1}
-    return {"group": group, "name": name, "fullname": f"benchmarks/x.py::{name}", "params": None, "param": None,
-            "extra_info": extra, "options": {}, "stats": stats}
+    stats = {
+        "min": median * 0.9,
+        "max": median * 1.3,
+        "mean": median * 1.05,
+        "stddev": median * 0.1,
+        "rounds": 7,
+        "median": median,
+        "iqr": median * 0.1,
+        "q1": median * 0.95,
+        "q3": median * 1.05,
+        "iqr_outliers": 0,
+        "stddev_outliers": 1,
+        "outliers": "1;0",
+        "ld15iqr": median * 0.9,
+        "hd15iqr": median * 1.3,
+        "ops": 1 / median,
+        "total": 7 * median,
+        "iterations": 1,
+    }
+    return {
+        "group": group,
+        "name": name,
+        "fullname": f"benchmarks/x.py::{name}",
+        "params": None,
+        "param": None,
+        "extra_info": extra,
+        "options": {},
+        "stats": stats,
+    }
 
 
 def _fake_json(path):
@@ -123,30 +150,102 @@ def _fake_json(path):
         for mode in ("fwd", "fwd+bwd"):
             for p, t in times.items():
                 grp = f"n={n} d=10 {mode} fp32"
-                extra = {"kind": "imq_mmd", "provider": p, "n": n, "m": n, "d": 10, "mode": mode, "dtype": "fp32",
-                         "group": grp, "peak_mem_bytes": 1e6 * (n / 1024) ** 2, "warmup_s": 0.5,
-                         "pairs_per_s": 1e8, "slug": "cpu-fake-2c", "device_name": "Fake CPU (2 cores)"}
+                extra = {
+                    "kind": "imq_mmd",
+                    "provider": p,
+                    "n": n,
+                    "m": n,
+                    "d": 10,
+                    "mode": mode,
+                    "dtype": "fp32",
+                    "group": grp,
+                    "peak_mem_bytes": 1e6 * (n / 1024) ** 2,
+                    "warmup_s": 0.5,
+                    "pairs_per_s": 1e8,
+                    "slug": "cpu-fake-2c",
+                    "device_name": "Fake CPU (2 cores)",
+                }
                 benches.append(_bench(f"test_imq_mmd[{p}-n{n}-d10-{mode}-fp32]", grp, t * (n / 1024) ** 2, extra))
     for p, t in (("fused", 0.1), ("reference", 0.4)):
-        benches.append(_bench(f"test_gmwae_train_step[{p}]", "train-step B=100 K=10 d=10", t,
-                              {"kind": "train_step", "provider": p, "B": 100, "K": 10, "d": 10, "m": 1000,
-                               "mmd_backend": "cpu" if p == "fused" else "reference", "model": "stand-in",
-                               "peak_mem_bytes": 1e7}))
+        benches.append(
+            _bench(
+                f"test_gmwae_train_step[{p}]",
+                "train-step B=100 K=10 d=10",
+                t,
+                {
+                    "kind": "train_step",
+                    "provider": p,
+                    "B": 100,
+                    "K": 10,
+                    "d": 10,
+                    "m": 1000,
+                    "mmd_backend": "cpu" if p == "fused" else "reference",
+                    "model": "stand-in",
+                    "peak_mem_bytes": 1e7,
+                },
+            )
+        )
     benches.append(_bench("test_gm_reparam[cpu]", "gm_reparam B=100 K=10 d=10", 1e-4, {"backend": "cpu"}))
-    skipped = [{"nodeid": "benchmarks/bench_imq_mmd.py::test_imq_mmd[vectorised-n65536-d10-fwd+bwd-fp32]",
-                "status": "too-large", "reason": "would materialise ~1.4e+03 GiB", "kind": "imq_mmd",
-                "provider": "vectorised", "n": 65536, "m": 65536, "d": 10, "mode": "fwd+bwd", "dtype": "fp32"},
-               {"nodeid": "benchmarks/bench_imq_mmd.py::test_imq_mmd[fused_cuda-n1024-d10-fwd-fp32]",
-                "status": "unavailable", "reason": "no CUDA", "kind": "imq_mmd", "provider": "fused_cuda",
-                "n": 1024, "m": 1024, "d": 10, "mode": "fwd", "dtype": "fp32"}]
-    benches.append(_bench("test_imq_mmd[fused_cpu-n65536-d10-fwd+bwd-fp32]", "n=65536 d=10 fwd+bwd fp32", 20.0,
-                          {"kind": "imq_mmd", "provider": "fused_cpu", "n": 65536, "m": 65536, "d": 10,
-                           "mode": "fwd+bwd", "dtype": "fp32", "peak_mem_bytes": 5e6}))
-    raw = {"machine_info": {"cpu": {"brand_raw": "Fake CPU", "count": 2}}, "commit_info": {"id": "abc"},
-           "benchmarks": benches, "datetime": "2026-01-01T00:00:00", "version": "5.2.3",
-           "gmwae_fast": {"settings": {"sweep": "small"}, "skipped": skipped,
-                          "device": {"slug": "cpu-fake-2c", "device_name": "Fake CPU (2 cores)",
-                                     "device_type": "cpu", "build_info": {"version": "0.1.0"}}}}
+    skipped = [
+        {
+            "nodeid": "benchmarks/bench_imq_mmd.py::test_imq_mmd[vectorised-n65536-d10-fwd+bwd-fp32]",
+            "status": "too-large",
+            "reason": "would materialise ~1.4e+03 GiB",
+            "kind": "imq_mmd",
+            "provider": "vectorised",
+            "n": 65536,
+            "m": 65536,
+            "d": 10,
+            "mode": "fwd+bwd",
+            "dtype": "fp32",
+        },
+        {
+            "nodeid": "benchmarks/bench_imq_mmd.py::test_imq_mmd[fused_cuda-n1024-d10-fwd-fp32]",
+            "status": "unavailable",
+            "reason": "no CUDA",
+            "kind": "imq_mmd",
+            "provider": "fused_cuda",
+            "n": 1024,
+            "m": 1024,
+            "d": 10,
+            "mode": "fwd",
+            "dtype": "fp32",
+        },
+    ]
+    benches.append(
+        _bench(
+            "test_imq_mmd[fused_cpu-n65536-d10-fwd+bwd-fp32]",
+            "n=65536 d=10 fwd+bwd fp32",
+            20.0,
+            {
+                "kind": "imq_mmd",
+                "provider": "fused_cpu",
+                "n": 65536,
+                "m": 65536,
+                "d": 10,
+                "mode": "fwd+bwd",
+                "dtype": "fp32",
+                "peak_mem_bytes": 5e6,
+            },
+        )
+    )
+    raw = {
+        "machine_info": {"cpu": {"brand_raw": "Fake CPU", "count": 2}},
+        "commit_info": {"id": "abc"},
+        "benchmarks": benches,
+        "datetime": "2026-01-01T00:00:00",
+        "version": "5.2.3",
+        "gmwae_fast": {
+            "settings": {"sweep": "small"},
+            "skipped": skipped,
+            "device": {
+                "slug": "cpu-fake-2c",
+                "device_name": "Fake CPU (2 cores)",
+                "device_type": "cpu",
+                "build_info": {"version": "0.1.0"},
+            },
+        },
+    }
     with open(path, "w") as f:
         json.dump(raw, f)
 
@@ -155,8 +254,11 @@ def test_report_writes_json_markdown_and_png(tmp_path):
     raw = tmp_path / "raw.json"
     _fake_json(raw)
     out = report.build_report([str(raw)], str(tmp_path / "results"))
-    assert sorted(os.path.basename(p) for p in out.values()) == ["cpu-fake-2c.json", "cpu-fake-2c.md",
-                                                                  "cpu-fake-2c.png"]
+    assert sorted(os.path.basename(p) for p in out.values()) == [
+        "cpu-fake-2c.json",
+        "cpu-fake-2c.md",
+        "cpu-fake-2c.png",
+    ]
     with open(out["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(open(out["json"]).read())
@@ -169,8 +271,17 @@ def test_report_writes_json_markdown_and_png(tmp_path):
     assert targets[">= 2x torch.compile at n=4096 d=10 fwd+bwd"]["status"] == "met"
     assert targets[">= 50x per-bandwidth at n=2048 (d=10 fwd+bwd)"]["status"] == "not measured"
     md = open(out["md"]).read()
-    for text in ("## Key configurations", "## Targets", "| n=4096 d=10 fwd+bwd fp32 |", "too large",
-                 "GM-WAE training step", "4x", "Other benchmarks", "test_gm_reparam[cpu]", "cpu-fake-2c.png"):
+    for text in (
+        "## Key configurations",
+        "## Targets",
+        "| n=4096 d=10 fwd+bwd fp32 |",
+        "too large",
+        "GM-WAE training step",
+        "4x",
+        "Other benchmarks",
+        "test_gm_reparam[cpu]",
+        "cpu-fake-2c.png",
+    ):
         assert text in md, text
     assert report.main([str(raw), "--out", str(tmp_path / "r2"), "--slug", "mine"]) == 0
     assert (tmp_path / "r2" / "mine.md").exists()

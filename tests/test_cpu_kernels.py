@@ -7,6 +7,7 @@ Skipped, with the reason, when the extension cannot be imported (CI builds it, s
 ``test_cuda_kernels_emulated`` also runs the CUDA kernels' device code (csrc/imq_mmd_cuda_kernels.cuh) on the
 CPU under the SIMT emulator of csrc/testing/ (needs only a C++20 compiler, no GPU, no extension).
 """
+
 import importlib
 import os
 import shutil
@@ -32,6 +33,7 @@ BW = torch.tensor([0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0], dtype=torch.float64)  #
 # ---------------------------------------------------------------------------------------------------------------
 # float64 brute-force reference (autograd for the gradients)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _kernel_sums(a, wa, b, wb, bw, mask=None):
     D = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)  # (N, M)
@@ -70,6 +72,7 @@ def ref_cross(a, wa, b, wb, bw, h=None):
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _points(n, d, dtype, seed, scale=1.0, offset=0.0):
     g = torch.Generator().manual_seed(seed)
@@ -156,6 +159,7 @@ def _check_cross(n, m, d, dtype, seed):
 # correctness
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @needs_ext
 @pytest.mark.parametrize("group,unbiased", [(1, False), (1, True), (3, False), (3, True)])
 @pytest.mark.parametrize("n", SIZES)
@@ -175,8 +179,14 @@ def test_cross_float64(n):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_self_low_precision(dtype):
-    for n, d, group, unbiased in [(129, 10, 1, True), (70, 3, 1, False), (37 * 3, 17, 3, True), (5, 64, 1, False),
-                                  (1, 2, 1, False), (300, 64, 3, False)]:
+    for n, d, group, unbiased in [
+        (129, 10, 1, True),
+        (70, 3, 1, False),
+        (37 * 3, 17, 3, True),
+        (5, 64, 1, False),
+        (1, 2, 1, False),
+        (300, 64, 3, False),
+    ]:
         _check_self(n, d, group, unbiased, dtype, seed=n + d)
 
 
@@ -278,6 +288,7 @@ def test_nan_propagates():
 # determinism and float32 accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @needs_ext
 def test_deterministic():
     a = _points(700, 10, torch.float32, 21)
@@ -292,10 +303,11 @@ def test_deterministic():
 
 def _chunked_ref_terms(x, y, bw, chunk=256):
     """float64 self(x) (unbiased, uniform weights), self(y), cross(x, y) without N x M x S in memory."""
+
     def total(p, q, same):
         acc = torch.zeros(len(bw), dtype=torch.float64)
         for i in range(0, p.shape[0], chunk):
-            D = ((p[i:i + chunk, None, :] - q[None, :, :]) ** 2).sum(-1)
+            D = ((p[i : i + chunk, None, :] - q[None, :, :]) ** 2).sum(-1)
             if same:
                 idx = torch.arange(i, min(i + chunk, p.shape[0]))
                 D[idx - i, idx] = float("inf")  # excluded diagonal: k = 0
@@ -317,9 +329,9 @@ def test_float32_mmd_accuracy():
     single bandwidth's MMD2 of ~1e-6 is at 1e-5 relative; the summed MMD2 is at 1e-7 .. 2e-6.
     """
     n, d = 2048, 10
-    bw = torch.tensor([2.0 * d * m * 10.0 ** j for j in range(-2, 3) for m in (1, 2, 5)], dtype=torch.float64)
+    bw = torch.tensor([2.0 * d * m * 10.0**j for j in range(-2, 3) for m in (1, 2, 5)], dtype=torch.float64)
     w = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    den = 1.0 - float((w ** 2).sum())  # group = 1
+    den = 1.0 - float((w**2).sum())  # group = 1
     ones = torch.ones(len(bw), dtype=torch.float64)
     for k, (sx_seed, sy_seed) in enumerate([(31, 32), (5, 9), (7, 8)]):
         x = _points(n, d, torch.float32, sx_seed)
@@ -328,16 +340,24 @@ def test_float32_mmd_accuracy():
         if k == 0:  # brute force
             sx, sy, cxy = _chunked_ref_terms(x64, y64, bw)
         else:  # the float64 kernels (checked against the brute force above and in the float64 tests)
-            sx, sy, cxy = OPS.imq_self(x64, w, bw, 1, True), OPS.imq_self(y64, w, bw, 1, True), OPS.imq_cross(
-                x64, w, y64, w, bw)
+            sx, sy, cxy = (
+                OPS.imq_self(x64, w, bw, 1, True),
+                OPS.imq_self(y64, w, bw, 1, True),
+                OPS.imq_cross(x64, w, y64, w, bw),
+            )
         mmd_ref = sx / den + sy / den - 2 * cxy
         w32 = w.float()
-        mmd32 = (OPS.imq_self(x, w32, bw, 1, True) / den + OPS.imq_self(y, w32, bw, 1, True) / den
-                 - 2 * OPS.imq_cross(x, w32, y, w32, bw))
+        mmd32 = (
+            OPS.imq_self(x, w32, bw, 1, True) / den
+            + OPS.imq_self(y, w32, bw, 1, True) / den
+            - 2 * OPS.imq_cross(x, w32, y, w32, bw)
+        )
         # the same through the fused value+gradient ops
-        mmd32g = (OPS.imq_self_grad(ones, x, w32, bw, 1, True)[0] / den
-                  + OPS.imq_self_grad(ones, y, w32, bw, 1, True)[0] / den
-                  - 2 * OPS.imq_cross_grad(ones, x, w32, y, w32, bw)[0])
+        mmd32g = (
+            OPS.imq_self_grad(ones, x, w32, bw, 1, True)[0] / den
+            + OPS.imq_self_grad(ones, y, w32, bw, 1, True)[0] / den
+            - 2 * OPS.imq_cross_grad(ones, x, w32, y, w32, bw)[0]
+        )
         for got in (mmd32, mmd32g):
             rel_sum = abs(float(got.sum() - mmd_ref.sum())) / abs(float(mmd_ref.sum()))
             assert rel_sum <= 1e-5, (rel_sum, mmd_ref.tolist(), got.tolist())
@@ -349,6 +369,7 @@ def test_float32_mmd_accuracy():
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @needs_ext
 def test_bad_inputs_raise():
@@ -395,8 +416,13 @@ print("ISA", C.CPU_ISA)
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_isa_variants(isa):
     env = dict(os.environ, GMWAE_FAST_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, os.path.abspath(__file__)], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, os.path.abspath(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ran = r.stdout.split("ISA")[-1].strip()
     assert ran in ("generic", isa), ran  # capped at what the CPU supports
@@ -406,6 +432,7 @@ def test_isa_variants(isa):
 # the CUDA kernels' device code, run on the CPU
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_cuda_kernels_emulated(tmp_path):
     """csrc/testing/imq_cuda_emu_test.cpp: the CUDA tile/finalize kernels under the SIMT emulator vs float64."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -413,8 +440,11 @@ def test_cuda_kernels_emulated(tmp_path):
         pytest.skip("no C++ compiler on PATH")
     exe = str(tmp_path / "imq_emu")
     src = os.path.join(ROOT, "csrc", "testing", "imq_cuda_emu_test.cpp")
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([exe, "quick"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
@@ -423,6 +453,7 @@ def test_cuda_kernels_emulated(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # a far outlier: the other points' gradients must not feel it (psi keeps decaying however far the pair is)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _normwise(got, ref):
     return float((got.double() - ref).norm() / ref.norm())

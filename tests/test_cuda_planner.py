@@ -6,6 +6,7 @@ bits on every GPU: tests/test_cpu_kernels.py::test_cuda_kernels_emulated checks 
 here it must keep every SM of any GPU busy (each launch holds at least SMs x resident blocks, whenever there are
 that many tile pairs) with the gradient slots of one launch within the 512 MiB budget, at any N and d.
 """
+
 import json
 import os
 import shutil
@@ -26,8 +27,11 @@ def plan_exe(tmp_path_factory):
         pytest.skip("no C++ compiler on PATH")
     exe = str(tmp_path_factory.mktemp("plan") / "imq_plan")
     src = os.path.join(ROOT, "csrc", "testing", "imq_plan_dump.cpp")
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     return exe
 
@@ -42,10 +46,14 @@ def plans(exe, cases):
     return out
 
 
-GRID = [(self, grad, n, m, d, elem)
-        for self in (1, 0) for grad in (1, 0) for elem in (4, 8)
-        for n, m in ((1000, 700), (4096, 4096), (65536, 100), (65536, 65536), (1 << 20, 1 << 20))
-        for d in (1, 10, 64, 512)]
+GRID = [
+    (self, grad, n, m, d, elem)
+    for self in (1, 0)
+    for grad in (1, 0)
+    for elem in (4, 8)
+    for n, m in ((1000, 700), (4096, 4096), (65536, 100), (65536, 65536), (1 << 20, 1 << 20))
+    for d in (1, 10, 64, 512)
+]
 
 
 def test_plan_keeps_every_sm_busy_within_the_budget(plan_exe):
@@ -68,8 +76,13 @@ def test_plan_keeps_every_sm_busy_within_the_budget(plan_exe):
 def test_review_cases(plan_exe):
     """The plans a review found collapsed (N = 65536, d = 64: 120 blocks; N = 2^20, d = 10: 15 blocks; N = 65536,
     d = 512: one block, with the 512 MiB cap no longer enforced) now give >= 512 blocks a launch within budget."""
-    cases = [(1, 1, 65536, 0, 64, 4), (1, 1, 1 << 20, 0, 10, 4), (1, 1, 65536, 0, 512, 4),
-             (0, 1, 65536, 65536, 512, 4), (1, 1, 65536, 0, 512, 8)]
+    cases = [
+        (1, 1, 65536, 0, 64, 4),
+        (1, 1, 1 << 20, 0, 10, 4),
+        (1, 1, 65536, 0, 512, 4),
+        (0, 1, 65536, 65536, 512, 4),
+        (1, 1, 65536, 0, 512, 8),
+    ]
     for case, p in zip(cases, plans(plan_exe, cases)):
         assert min(p["min_wave"], p["last_wave"]) >= 500, (case, p)
         assert p["slot_bytes"] <= BUDGET, (case, p)
@@ -78,8 +91,13 @@ def test_review_cases(plan_exe):
 def test_plan_independent_of_b_grad_and_forced_waves(plan_exe):
     """A tiny budget forces many waves (as the SIMT-emulator cases do); they still cover every block once and each
     fold visits about as many rows as its blocks hold."""
-    cases = [(1, 1, 300, 0, 10, 4, 2e4), (0, 1, 150, 260, 3, 4, 5e3), (1, 1, 195, 0, 40, 8, 1e5),
-             (1, 1, 20000, 0, 64, 4, 2e7), (0, 1, 3000, 50000, 17, 4, 1e7)]
+    cases = [
+        (1, 1, 300, 0, 10, 4, 2e4),
+        (0, 1, 150, 260, 3, 4, 5e3),
+        (1, 1, 195, 0, 40, 8, 1e5),
+        (1, 1, 20000, 0, 64, 4, 2e7),
+        (0, 1, 3000, 50000, 17, 4, 1e7),
+    ]
     for case, p in zip(cases, plans(plan_exe, cases)):
         assert p["waves"] > 1 and p["contiguous"] and p["panels_ok"], (case, p)
         assert p["slot_bytes"] <= case[-1], (case, p)

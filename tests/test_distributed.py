@@ -5,6 +5,7 @@ rank records, per case, an empty string (passed) or the failure. The pytest item
 (world, case) separately. A failing rank never leaves the others waiting: every case makes the same collective
 calls on every rank and failures are caught per case.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -23,9 +24,9 @@ import torch.multiprocessing as mp
 
 import gmwae_fast
 
-D = 3           # feature dimension of every equivalence case
-K = 3           # group size of the grouped cases
-SHARDS = {2: ((7, 4), (0, 9)), 3: ((5, 0, 6), (3, 4, 2))}   # groups per rank (uneven; with an empty shard)
+D = 3  # feature dimension of every equivalence case
+K = 3  # group size of the grouped cases
+SHARDS = {2: ((7, 4), (0, 9)), 3: ((5, 0, 6), (3, 4, 2))}  # groups per rank (uneven; with an empty shard)
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
@@ -33,19 +34,32 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 # Cases (the same list in the parent, for the pytest ids, and in every rank)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _equivalence_cases(world: int) -> list[dict]:
     cases = []
     for shards, layout, weighted, unbiased, dtype, backend in itertools.product(
-            SHARDS[world], ("plain", "grouped"), (False, True), (True, False), ("f64", "f32"), ("cpu", "reference")):
+        SHARDS[world], ("plain", "grouped"), (False, True), (True, False), ("f64", "f32"), ("cpu", "reference")
+    ):
         # "none" on half of the combinations, so that each value of every other factor meets both reductions
         odd = (layout == "grouped") + weighted + unbiased + (dtype == "f32") + (backend == "cpu")
         reduction = "none" if odd % 2 else "sum"
-        cases.append(dict(shards=shards, layout=layout, weighted=weighted, unbiased=unbiased, dtype=dtype,
-                          backend=backend, reduction=reduction, y_mode="const", options={}))
+        cases.append(
+            dict(
+                shards=shards,
+                layout=layout,
+                weighted=weighted,
+                unbiased=unbiased,
+                dtype=dtype,
+                backend=backend,
+                reduction=reduction,
+                y_mode="const",
+                options={},
+            )
+        )
     shards = SHARDS[world][1]
     extra = [  # y sides that need gradients, y weights, the other keyword options
         dict(layout="grouped", weighted=True, y_mode="grad_weighted", options={}),
-        dict(layout="plain", weighted=False, y_mode="grad_only", options={}),      # only y needs a gradient
+        dict(layout="plain", weighted=False, y_mode="grad_only", options={}),  # only y needs a gradient
         dict(layout="plain", weighted=True, y_mode="grad", options={"eps": 0.3}),
         dict(layout="grouped", weighted=True, y_mode="const", options={"scales": (0.5, 2.0), "sigma2": 1.7}),
         dict(layout="plain", weighted=True, y_mode="grad", options={"bandwidths": (0.2, 3.0, 40.0)}),
@@ -56,17 +70,46 @@ def _equivalence_cases(world: int) -> list[dict]:
             cases.append(dict(e, shards=shards, unbiased=True, dtype=dtype, backend=backend, reduction=reduction))
     if world == 2:  # Triton under the interpreter: tiny
         for layout, reduction in (("plain", "sum"), ("grouped", "none")):
-            cases.append(dict(shards=(2, 1), layout=layout, weighted=True, unbiased=True, dtype="f32",
-                              backend="triton", reduction=reduction, y_mode="grad_weighted", options={}))
+            cases.append(
+                dict(
+                    shards=(2, 1),
+                    layout=layout,
+                    weighted=True,
+                    unbiased=True,
+                    dtype="f32",
+                    backend="triton",
+                    reduction=reduction,
+                    y_mode="grad_weighted",
+                    options={},
+                )
+            )
     for c in cases:
-        c["id"] = "-".join([c["layout"], "w" if c["weighted"] else "uw", "unb" if c["unbiased"] else "bia",
-                            c["dtype"], c["backend"], "s" + "_".join(map(str, c["shards"])), c["reduction"],
-                            c["y_mode"]] + [f"{k}={v}" for k, v in c["options"].items()])
+        c["id"] = "-".join(
+            [
+                c["layout"],
+                "w" if c["weighted"] else "uw",
+                "unb" if c["unbiased"] else "bia",
+                c["dtype"],
+                c["backend"],
+                "s" + "_".join(map(str, c["shards"])),
+                c["reduction"],
+                c["y_mode"],
+            ]
+            + [f"{k}={v}" for k, v in c["options"].items()]
+        )
     return cases
 
 
-ERROR_CASES = ("mismatched_d", "mismatched_dtype", "grouped_and_plain", "weights_on_some_ranks", "bad_shape_one_rank",
-               "different_options", "all_empty", "not_a_group")
+ERROR_CASES = (
+    "mismatched_d",
+    "mismatched_dtype",
+    "grouped_and_plain",
+    "weights_on_some_ranks",
+    "bad_shape_one_rank",
+    "different_options",
+    "all_empty",
+    "not_a_group",
+)
 OTHER_CASES = ("ddp_rule", "imqmmdloss_module", "double_backward_raises", "destroyed_group")
 
 
@@ -77,6 +120,7 @@ def _case_ids(world: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # What every rank runs
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _global_data(case: dict, seed: int):
     """The global sample (same on every rank): x (N_groups[, K], D), y, raw weights."""
@@ -92,7 +136,7 @@ def _global_data(case: dict, seed: int):
 
 def _shard(t: torch.Tensor, counts, rank: int, unit: int) -> torch.Tensor:
     start = sum(counts[:rank]) * unit
-    return t[start:start + counts[rank] * unit]
+    return t[start : start + counts[rank] * unit]
 
 
 def _leaf(t: Optional[torch.Tensor], dtype, grad: bool):
@@ -114,15 +158,20 @@ def _check_equivalence(case: dict, index: int, rank: int, world: int) -> None:
     x_grad = case["y_mode"] != "grad_only"
     xw = xw if case["weighted"] else None
     yw = yw if case["y_mode"] == "grad_weighted" else None
-    local = [_leaf(_shard(x, case["shards"], rank, unit), dtype, x_grad),
-             _leaf(None if xw is None else _shard(xw, case["shards"], rank, unit), dtype, x_grad),
-             _leaf(_shard(y, y_counts, rank, 1), dtype, y_grad),
-             _leaf(None if yw is None else _shard(yw, y_counts, rank, 1), dtype, y_grad)]
-    full = [_leaf(t, torch.float64, True) for t in (x.to(dtype), None if xw is None else xw.to(dtype),
-                                                   y.to(dtype), None if yw is None else yw.to(dtype))]
+    local = [
+        _leaf(_shard(x, case["shards"], rank, unit), dtype, x_grad),
+        _leaf(None if xw is None else _shard(xw, case["shards"], rank, unit), dtype, x_grad),
+        _leaf(_shard(y, y_counts, rank, 1), dtype, y_grad),
+        _leaf(None if yw is None else _shard(yw, y_counts, rank, 1), dtype, y_grad),
+    ]
+    full = [
+        _leaf(t, torch.float64, True)
+        for t in (x.to(dtype), None if xw is None else xw.to(dtype), y.to(dtype), None if yw is None else yw.to(dtype))
+    ]
     kw = dict(unbiased=case["unbiased"], reduction=case["reduction"], **case["options"])
-    got = gmwae_fast.fast_imq_mmd(local[0], local[2], local[1], local[3], backend=case["backend"],
-                                  process_group=dist.group.WORLD, **kw)
+    got = gmwae_fast.fast_imq_mmd(
+        local[0], local[2], local[1], local[3], backend=case["backend"], process_group=dist.group.WORLD, **kw
+    )
     want = gmwae_fast.fast_imq_mmd(full[0], full[2], full[1], full[3], backend="reference", **kw)
     tol = TOL[dtype]
     assert got.dtype == dtype, f"result dtype {got.dtype}, expected {dtype}"
@@ -131,8 +180,9 @@ def _check_equivalence(case: dict, index: int, rank: int, world: int) -> None:
     (got.double() * cot).sum().backward()
     (want * cot).sum().backward()
     names = ("x", "x_weights", "y", "y_weights")
-    for name, loc, ful, counts, u in zip(names, local, full, (case["shards"],) * 2 + (y_counts,) * 2,
-                                         (unit, unit, 1, 1)):
+    for name, loc, ful, counts, u in zip(
+        names, local, full, (case["shards"],) * 2 + (y_counts,) * 2, (unit, unit, 1, 1)
+    ):
         if loc is None or not loc.requires_grad:
             continue
         assert loc.grad is not None, f"no gradient for the local {name}"
@@ -156,8 +206,9 @@ def _check_error(name: str, rank: int, world: int) -> None:
     mmd = gmwae_fast.fast_imq_mmd
     if name == "mismatched_d":
         d = 3 if rank == 0 else 4
-        _expect_error(ValueError, "feature dimension d", lambda: mmd(torch.randn(4, d), torch.randn(5, d),
-                                                                      process_group=wd))
+        _expect_error(
+            ValueError, "feature dimension d", lambda: mmd(torch.randn(4, d), torch.randn(5, d), process_group=wd)
+        )
     elif name == "mismatched_dtype":
         dt = torch.float32 if rank == 0 else torch.float64
         _expect_error(ValueError, "x's dtype", lambda: mmd(x.to(dt), y.to(dt), process_group=wd))
@@ -233,8 +284,9 @@ def _check_double_backward(rank: int) -> None:
     """First-order only, like the fused single-process path: a second derivative is an error, never a zero."""
     x = torch.randn(3 + rank, D, dtype=torch.float64, requires_grad=True)
     for reduction in ("sum", "none"):
-        v = gmwae_fast.fast_imq_mmd(x, torch.randn(4, D, dtype=torch.float64), reduction=reduction,
-                                    process_group=dist.group.WORLD)
+        v = gmwae_fast.fast_imq_mmd(
+            x, torch.randn(4, D, dtype=torch.float64), reduction=reduction, process_group=dist.group.WORLD
+        )
         (g,) = torch.autograd.grad(v.sum(), x, create_graph=True)
         _expect_error(RuntimeError, "double backward", lambda: g.pow(2).sum().backward())
 
@@ -258,15 +310,19 @@ def _run_case(case_id: str, eq: dict, rank: int, world: int) -> str:
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     eq = {c["id"]: c for c in _equivalence_cases(world)}
     results = {cid: _run_case(cid, eq, rank, world) for cid in _case_ids(world) if cid != "destroyed_group"}
     group = dist.group.WORLD
     dist.destroy_process_group()
     try:
-        _expect_error(RuntimeError, "not initialised", lambda: gmwae_fast.fast_imq_mmd(
-            torch.randn(4, D), torch.randn(4, D), process_group=group))
+        _expect_error(
+            RuntimeError,
+            "not initialised",
+            lambda: gmwae_fast.fast_imq_mmd(torch.randn(4, D), torch.randn(4, D), process_group=group),
+        )
         results["destroyed_group"] = ""
     except Exception:
         results["destroyed_group"] = traceback.format_exc(limit=6)
@@ -297,6 +353,7 @@ def _results(world: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # pytest items
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("world,case_id", [(w, c) for w in (2, 3) for c in _case_ids(w)])
 def test_distributed_case(world: int, case_id: str) -> None:

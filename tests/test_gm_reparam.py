@@ -7,6 +7,7 @@ PyTorch sequence), and on a GPU ``cuda`` and ``triton``.
 The noise of a fused backend is read back exactly with ``sigma_activation="exp"``, ``mu = 0`` and
 ``sigma_raw = 0``: then ``z = 0 + exp(0) * eps = eps``.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE_BACKENDS, interpreted, skip_unless_usable
 
 import gmwae_fast
 from gmwae_fast import gm_reparameterize
 from gmwae_fast.ops import gm_reparam as reparam_ops
-
-from conftest import DEVICE_BACKENDS, interpreted, skip_unless_usable
 
 FUSED = [(d, b) for d, b in DEVICE_BACKENDS if b != "reference"]
 ACTS = ("softplus", "exp")
@@ -50,7 +50,7 @@ def philox_normals(seed: int, n: int) -> np.ndarray:
     c = np.arange((n + 3) // 4, dtype=np.uint64)
     zero = np.zeros_like(c)
     xs = philox4x32_10(c & np.uint64(_MASK), c >> np.uint64(32), zero, zero, seed & _MASK, seed >> 32)
-    u = [((x >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0 ** -24 for x in xs]
+    u = [((x >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0**-24 for x in xs]
     r01, t01 = np.sqrt(-2.0 * np.log(u[0])), 2.0 * np.pi * u[1]
     r23, t23 = np.sqrt(-2.0 * np.log(u[2])), 2.0 * np.pi * u[3]
     out = np.stack([r01 * np.cos(t01), r01 * np.sin(t01), r23 * np.cos(t23), r23 * np.sin(t23)], axis=1)
@@ -61,8 +61,7 @@ def test_numpy_philox_known_answers():
     """Random123's published known-answer vectors for Philox4x32-10."""
     assert [int(v) for v in philox4x32_10(0, 0, 0, 0, 0, 0)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     ff = 0xFFFFFFFF
-    assert [int(v) for v in philox4x32_10(ff, ff, ff, ff, ff, ff)] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
-                                                                       0x6D5451FD]
+    assert [int(v) for v in philox4x32_10(ff, ff, ff, ff, ff, ff)] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
     got = philox4x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
     assert [int(v) for v in got] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
@@ -70,6 +69,7 @@ def test_numpy_philox_known_answers():
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _inputs(B, K, d, device, dtype=torch.float32, gen_seed=0, requires_grad=True, scale=1.0):
     g = torch.Generator().manual_seed(gen_seed)
@@ -82,8 +82,9 @@ def _inputs(B, K, d, device, dtype=torch.float32, gen_seed=0, requires_grad=True
 def _noise_of(B, K, d, device, backend, seed=None, dtype=torch.float32):
     """The eps a backend uses for ``seed`` (exp activation, mu = sigma_raw = 0: z = eps exactly)."""
     zeros = torch.zeros(B, K, d, device=device, dtype=dtype)
-    z, _ = gm_reparameterize(zeros, zeros, torch.zeros(B, K, device=device, dtype=dtype), seed=seed,
-                             sigma_activation="exp", backend=backend)
+    z, _ = gm_reparameterize(
+        zeros, zeros, torch.zeros(B, K, device=device, dtype=dtype), seed=seed, sigma_activation="exp", backend=backend
+    )
     return z
 
 
@@ -120,7 +121,8 @@ def fused_backend(request):
 # The noise stream
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", [0, 12345, 2 ** 40 + 17, 2 ** 63 - 1])
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 17, 2**63 - 1])
 def test_stream_matches_philox_definition(fused_backend, seed):
     device, backend = fused_backend
     B, K, d = 5, 3, 7
@@ -188,7 +190,7 @@ def test_different_seeds_give_different_noise(device_backend):
     assert not torch.equal(a, b)
     assert (a != b).double().mean().item() > 0.99
     if backend != "reference":  # long streams: uncorrelated
-        a = _noise_of(64, 8, 32, device, backend, seed=2 ** 32 + 1).double().cpu().reshape(-1)
+        a = _noise_of(64, 8, 32, device, backend, seed=2**32 + 1).double().cpu().reshape(-1)
         b = _noise_of(64, 8, 32, device, backend, seed=1).double().cpu().reshape(-1)  # same low key word
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5.0 / math.sqrt(a.numel())
 
@@ -231,6 +233,7 @@ def test_noise_replays_the_seeded_sample(fused_backend):
 # ---------------------------------------------------------------------------------------------------------------
 # Forward and gradients against the closed form
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("use_seed", [False, True], ids=["noise", "seed"])
@@ -292,8 +295,7 @@ def test_low_precision_inputs(device_backend, dtype):
         torch.testing.assert_close(got.double(), want, **tol)
     # seeded: same stream as float32 (the noise is generated in float32)
     z16, _ = gm_reparameterize(mu, sr, lg, seed=8, sigma_activation="exp", backend=backend)
-    z32, _ = gm_reparameterize(mu.float(), sr.float(), lg.float(), seed=8, sigma_activation="exp",
-                               backend=backend)
+    z32, _ = gm_reparameterize(mu.float(), sr.float(), lg.float(), seed=8, sigma_activation="exp", backend=backend)
     if backend != "reference":
         torch.testing.assert_close(z16.double(), z32.double(), **tol)
 
@@ -325,14 +327,16 @@ def test_extreme_values(device_backend):
         assert torch.equal(pi.cpu(), torch.ones(1, 1))
     # extreme logits: softmax stays finite and exact
     lg = torch.tensor([[0.0, 1000.0, -1000.0], [-float("inf"), 0.0, 1.0]], device=device)
-    _, pi = gm_reparameterize(torch.zeros(2, 3, 1, device=device), torch.zeros(2, 3, 1, device=device), lg, seed=0,
-                              backend=backend)
+    _, pi = gm_reparameterize(
+        torch.zeros(2, 3, 1, device=device), torch.zeros(2, 3, 1, device=device), lg, seed=0, backend=backend
+    )
     torch.testing.assert_close(pi.cpu(), torch.softmax(lg.cpu(), -1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library: opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _op_args(device, dtype=torch.float32, with_noise=False, seed_device=None):
     mu, sr, lg = _inputs(2, 3, 5, device, dtype=dtype)
@@ -346,8 +350,9 @@ def test_opcheck(fused_backend, variant):
     device, backend = fused_backend
     ops = reparam_ops.op_set(backend)
     dtype = torch.float64 if variant == "exp_f64" else torch.float32
-    mu, sr, lg, seed, noise = _op_args(device, dtype=dtype, with_noise=variant == "noise",
-                                       seed_device="cpu" if variant == "cpu_seed" else None)
+    mu, sr, lg, seed, noise = _op_args(
+        device, dtype=dtype, with_noise=variant == "noise", seed_device="cpu" if variant == "cpu_seed" else None
+    )
     act = "exp" if variant == "exp_f64" else "softplus"
     torch.library.opcheck(ops.forward, (mu, sr, lg, seed, noise, act))
     gz = torch.randn_like(mu.detach())
@@ -364,6 +369,7 @@ def test_compile_fullgraph(device_backend, seeded):
     mu, sr, lg = _inputs(*_small(device, backend), device)
 
     if seeded:
+
         def f(m, s, l, seed):
             z, pi = gm_reparameterize(m, s, l, seed=seed, backend=backend)
             return (z * z).sum() + (pi * torch.arange(pi.shape[1], device=pi.device)).sum(), z
@@ -373,6 +379,7 @@ def test_compile_fullgraph(device_backend, seeded):
         loss_e, z_e = f(mu, sr, lg, seed)
         assert torch.equal(z_c, z_e)
     else:
+
         def f(m, s, l):
             z, pi = gm_reparameterize(m, s, l, backend=backend)
             return (z * z).sum() + (pi * torch.arange(pi.shape[1], device=pi.device)).sum(), z
@@ -391,6 +398,7 @@ def test_compile_fullgraph(device_backend, seeded):
 # ---------------------------------------------------------------------------------------------------------------
 # The GM-WAE usage pattern
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_gmwae_usage_with_imq_mmd(device_backend):
     device, backend = device_backend
@@ -415,34 +423,41 @@ def test_gmwae_usage_with_imq_mmd(device_backend):
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _good():
     return torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3)
 
 
-@pytest.mark.parametrize("change, exc, match", [
-    (dict(mu=torch.zeros(2, 3)), ValueError, r"mu must have shape \(B, K, d\)"),
-    (dict(mu=[[0.0]]), TypeError, "mu must be a torch.Tensor"),
-    (dict(mu=torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "mu must be a floating-point"),
-    (dict(sigma_raw=torch.zeros(2, 3, 5)), ValueError, "sigma_raw must have the shape of mu"),
-    (dict(sigma_raw=torch.zeros(2, 3, 4, dtype=torch.int32)), TypeError, "sigma_raw must be a floating-point"),
-    (dict(logits=torch.zeros(2, 4)), ValueError, r"logits must have shape \(B, K\)"),
-    (dict(logits=torch.zeros(2, 3, dtype=torch.bool)), TypeError, "logits must be a floating-point"),
-    (dict(logits=torch.zeros(2, 3, device="meta")), ValueError, "logits is on meta"),
-    (dict(mu=torch.zeros(0, 3, 4), sigma_raw=torch.zeros(0, 3, 4), logits=torch.zeros(0, 3)), ValueError,
-     "mu is empty"),
-    (dict(sigma_activation="relu"), ValueError, "unknown sigma_activation 'relu'"),
-    (dict(backend="fast"), ValueError, "unknown backend 'fast'"),
-    (dict(backend=3), TypeError, "backend must be a string"),
-    (dict(noise=torch.zeros(2, 3, 5)), ValueError, "noise must have the shape of mu"),
-    (dict(noise=torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "noise must be a floating-point"),
-    (dict(noise=torch.zeros(2, 3, 4), seed=1), ValueError, "either seed or noise"),
-    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
-    (dict(seed=2 ** 63), ValueError, r"seed must be in \[0, 2\*\*63\)"),
-    (dict(seed=1.5), TypeError, "seed must be None, an int or an integer tensor"),
-    (dict(seed=True), TypeError, "seed must be None, an int or an integer tensor"),
-    (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an int or an integer tensor"),
-    (dict(seed=torch.tensor([1, 2])), ValueError, "seed must be a single value"),
-])
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(mu=torch.zeros(2, 3)), ValueError, r"mu must have shape \(B, K, d\)"),
+        (dict(mu=[[0.0]]), TypeError, "mu must be a torch.Tensor"),
+        (dict(mu=torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "mu must be a floating-point"),
+        (dict(sigma_raw=torch.zeros(2, 3, 5)), ValueError, "sigma_raw must have the shape of mu"),
+        (dict(sigma_raw=torch.zeros(2, 3, 4, dtype=torch.int32)), TypeError, "sigma_raw must be a floating-point"),
+        (dict(logits=torch.zeros(2, 4)), ValueError, r"logits must have shape \(B, K\)"),
+        (dict(logits=torch.zeros(2, 3, dtype=torch.bool)), TypeError, "logits must be a floating-point"),
+        (dict(logits=torch.zeros(2, 3, device="meta")), ValueError, "logits is on meta"),
+        (
+            dict(mu=torch.zeros(0, 3, 4), sigma_raw=torch.zeros(0, 3, 4), logits=torch.zeros(0, 3)),
+            ValueError,
+            "mu is empty",
+        ),
+        (dict(sigma_activation="relu"), ValueError, "unknown sigma_activation 'relu'"),
+        (dict(backend="fast"), ValueError, "unknown backend 'fast'"),
+        (dict(backend=3), TypeError, "backend must be a string"),
+        (dict(noise=torch.zeros(2, 3, 5)), ValueError, "noise must have the shape of mu"),
+        (dict(noise=torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "noise must be a floating-point"),
+        (dict(noise=torch.zeros(2, 3, 4), seed=1), ValueError, "either seed or noise"),
+        (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        (dict(seed=2**63), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        (dict(seed=1.5), TypeError, "seed must be None, an int or an integer tensor"),
+        (dict(seed=True), TypeError, "seed must be None, an int or an integer tensor"),
+        (dict(seed=torch.tensor(1.0)), TypeError, "seed must be an int or an integer tensor"),
+        (dict(seed=torch.tensor([1, 2])), ValueError, "seed must be a single value"),
+    ],
+)
 def test_bad_input(change, exc, match):
     mu, sr, lg = _good()
     kwargs = dict(mu=mu, sigma_raw=sr, logits=lg)

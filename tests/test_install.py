@@ -5,6 +5,7 @@ only: ``GMWAE_FAST_SKIP_CUDA=1``) from a copy of the tracked files, checks that 
 source and header, installs the wheel into a fresh virtual environment that sees this environment's torch through
 a ``.pth`` line, and runs one call of the ``cpu`` backend there against the float64 reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(code: str, cwd=None, env=None, exe=sys.executable) -> str:
-    proc = subprocess.run([exe, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [exe, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc.stdout
 
@@ -71,7 +73,8 @@ def test_torch_mismatch_messages():
 
 
 def test_mismatched_build_disables_compiled_backends_only():
-    out = _python("""
+    out = _python(
+        """
         import sys, types, warnings, torch
         fake = types.ModuleType("gmwae_fast._build_config")   # as if built against another torch
         fake.torch_version, fake.cpu_compiled = "1.13.0+cpu", True
@@ -98,15 +101,18 @@ def test_mismatched_build_disables_compiled_backends_only():
         else:
             raise AssertionError("backend='cpu' ran with a mismatched extension")
         print("ok")
-    """, env={**os.environ, "GMWAE_FAST_QUIET_EXT": "0"})
+    """,
+        env={**os.environ, "GMWAE_FAST_QUIET_EXT": "0"},
+    )
     assert out.strip().endswith("ok")
 
 
 def _tracked_files() -> list[str]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the sdist test copies the tracked files")
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     return [p for p in out.splitlines() if (ROOT / p).is_file()]
 
 
@@ -129,8 +135,13 @@ def test_sdist_builds_wheel_that_installs_and_runs(tmp_path):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
     env = {**os.environ, "GMWAE_FAST_SKIP_CUDA": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
-    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"),
-                           str(src)], capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sdists = list((tmp_path / "dist").glob("gmwae_fast-*.tar.gz"))
     wheels = list((tmp_path / "dist").glob("gmwae_fast-*.whl"))
@@ -138,15 +149,19 @@ def test_sdist_builds_wheel_that_installs_and_runs(tmp_path):
 
     with tarfile.open(sdists[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    needed = {p for p in files if p.startswith(("csrc/", "kernels/", "gmwae_fast/")) and
-              p.endswith((".h", ".cuh", ".cu", ".cpp", ".py"))}
+    needed = {
+        p
+        for p in files
+        if p.startswith(("csrc/", "kernels/", "gmwae_fast/")) and p.endswith((".h", ".cuh", ".cu", ".cpp", ".py"))
+    }
     assert any(p.endswith(".cu") for p in needed) and any(p.startswith("csrc/testing/") for p in needed)
     assert needed <= names, sorted(needed - names)
     assert not any(n.endswith((".so", "_build_config.py")) for n in names)
 
     exe = _fresh_venv(tmp_path / "venv")
     subprocess.run([str(exe), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
-    out = _python("""
+    out = _python(
+        """
         import torch, gmwae_fast
         from gmwae_fast import reference
         assert "/venv/" in gmwae_fast.__file__, gmwae_fast.__file__
@@ -159,7 +174,10 @@ def test_sdist_builds_wheel_that_installs_and_runs(tmp_path):
                                            bandwidths=reference.bandwidths_for(7, gmwae_fast.PAPER_SCALES))
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
         print("ok", gmwae_fast.__version__)
-    """, cwd=tmp_path, exe=exe)
+    """,
+        cwd=tmp_path,
+        exe=exe,
+    )
     import gmwae_fast
 
     assert out.strip() == f"ok {gmwae_fast.__version__}"

@@ -6,23 +6,24 @@ math as materialised float64 pairwise matrices, against the ``gmwae_fast`` optio
 * AntixK/PyTorch-VAE: one ``C = 2 d latent_var``, kernel ``C / (1e-7 + C + D)``, every sum (cross included) over
   ``i != j`` and divided by ``n (n - 1)``.
 """
+
 import pathlib
 import re
 
 import pytest
 import torch
+from conftest import interpreted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gmwae_fast
 from gmwae_fast import PAPER_SCALES, WAE_SCALES, fast_imq_mmd, imq_mmd_terms
 
-from conftest import interpreted
-
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
 
 
 # -- the client formulas, float64, materialised -------------------------------------------------------------------
+
 
 def _sqdist(a, b):
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
@@ -50,8 +51,9 @@ def konny_client(z_tilde, z, z_var, eps=1e-9):
     def kern(a, b):
         return c / (eps + c + _sqdist(a, b))
 
-    return ((_offdiag_sum(kern(z, z)) + _offdiag_sum(kern(z_tilde, z_tilde))) / (n * (n - 1))
-            - 2.0 * kern(z, z_tilde).sum() / (n * n))
+    return (_offdiag_sum(kern(z, z)) + _offdiag_sum(kern(z_tilde, z_tilde))) / (n * (n - 1)) - 2.0 * kern(
+        z, z_tilde
+    ).sum() / (n * n)
 
 
 def antixk_client(z, prior, z_var=2.0, eps=1e-7):
@@ -73,6 +75,7 @@ def full_cross_client(z, prior, z_var=2.0, eps=1e-7):
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
+
 
 def _pair(n, d, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
@@ -110,6 +113,7 @@ def _antixk_after(z, prior, z_var=2.0, backend="auto"):
 
 # -- the mappings, every backend ------------------------------------------------------------------------------------
 
+
 def test_schelotto_maps_with_wae_scales(device_backend):
     device, backend = device_backend
     z, prior = _pair(*_size(device, backend), seed=1, device=device)
@@ -120,8 +124,12 @@ def test_schelotto_maps_with_wae_scales(device_backend):
 def test_konny_maps_with_eps(device_backend, z_var):
     device, backend = device_backend
     z_tilde, z = _pair(*_size(device, backend), seed=2, device=device)
-    _check(lambda a, b: fast_imq_mmd(a, b, scales=(1.0,), sigma2=z_var, eps=1e-9, backend=backend),
-           lambda a, b: konny_client(a, b, z_var), z_tilde, z)
+    _check(
+        lambda a, b: fast_imq_mmd(a, b, scales=(1.0,), sigma2=z_var, eps=1e-9, backend=backend),
+        lambda a, b: konny_client(a, b, z_var),
+        z_tilde,
+        z,
+    )
 
 
 def test_konny_maps_through_the_shifted_bandwidth(device_backend):
@@ -129,8 +137,12 @@ def test_konny_maps_through_the_shifted_bandwidth(device_backend):
     device, backend = device_backend
     z_tilde, z = _pair(*_size(device, backend), seed=3, device=device)
     c, eps = 2.0 * z.shape[1] * 2.0, 1e-9
-    _check(lambda a, b: c / (c + eps) * fast_imq_mmd(a, b, bandwidths=(c + eps,), backend=backend),
-           lambda a, b: konny_client(a, b, 2.0, eps), z_tilde, z)
+    _check(
+        lambda a, b: c / (c + eps) * fast_imq_mmd(a, b, bandwidths=(c + eps,), backend=backend),
+        lambda a, b: konny_client(a, b, 2.0, eps),
+        z_tilde,
+        z,
+    )
 
 
 def test_antixk_rebuilt_from_terms(device_backend):
@@ -142,8 +154,12 @@ def test_antixk_rebuilt_from_terms(device_backend):
 def test_antixk_kernel_with_full_cross_term(device_backend):
     device, backend = device_backend
     z, prior = _pair(*_size(device, backend), seed=5, device=device)
-    _check(lambda a, b: fast_imq_mmd(a, b, scales=(1.0,), sigma2=2.0, eps=1e-7, backend=backend),
-           full_cross_client, z, prior)
+    _check(
+        lambda a, b: fast_imq_mmd(a, b, scales=(1.0,), sigma2=2.0, eps=1e-7, backend=backend),
+        full_cross_client,
+        z,
+        prior,
+    )
 
 
 def test_float32_inputs_stay_close_to_the_float64_client():
@@ -156,6 +172,7 @@ def test_float32_inputs_stay_close_to_the_float64_client():
 
 # -- the code blocks of docs/migrating.md ---------------------------------------------------------------------------
 
+
 def _doc_block(client):
     blocks = re.findall(r"```python\n(# after: (\w+)\n.*?)```", DOC.read_text(), flags=re.DOTALL)
     found = [code for code, name in blocks if name == client]
@@ -163,11 +180,14 @@ def _doc_block(client):
     return found[0]
 
 
-@pytest.mark.parametrize("client, inputs, client_fn", [
-    ("schelotto", ("z_real", "z_fake"), schelotto_client),
-    ("konny", ("z_tilde", "z"), lambda a, b: konny_client(a, b, 2.0)),
-    ("antixk", ("z", "prior_z"), lambda a, b: 3.0 * antixk_client(a, b)),
-])
+@pytest.mark.parametrize(
+    "client, inputs, client_fn",
+    [
+        ("schelotto", ("z_real", "z_fake"), schelotto_client),
+        ("konny", ("z_tilde", "z"), lambda a, b: konny_client(a, b, 2.0)),
+        ("antixk", ("z", "prior_z"), lambda a, b: 3.0 * antixk_client(a, b)),
+    ],
+)
 def test_doc_after_blocks_reproduce_the_client(client, inputs, client_fn):
     code = _doc_block(client)
 
@@ -180,6 +200,7 @@ def test_doc_after_blocks_reproduce_the_client(client, inputs, client_fn):
 
 
 # -- the pitfalls the guide names -----------------------------------------------------------------------------------
+
 
 def test_default_scales_are_not_the_original_wae_code():
     z, prior = _pair(37, 8, seed=0)
@@ -221,6 +242,7 @@ def test_eps_is_exact_for_every_bandwidth():
 
 # -- what the off-diagonal cross term estimates ---------------------------------------------------------------------
 
+
 def test_offdiagonal_penalty_is_fused_minus_matched_pair_correction():
     """``AntixK = fused - 2/(n-1) * (A/n^2 - T/n)``, ``A`` all pairs, ``T`` the matched pairs."""
     z, prior = _pair(31, 7, seed=10)
@@ -228,8 +250,9 @@ def test_offdiagonal_penalty_is_fused_minus_matched_pair_correction():
     k = c / (1e-7 + c + _sqdist(z, prior))
     a_mean, t_mean = k.mean(), torch.diagonal(k).mean()
     fused = fast_imq_mmd(z, prior, scales=(1.0,), sigma2=2.0, eps=1e-7)
-    torch.testing.assert_close(antixk_client(z, prior), fused - 2.0 / (n - 1) * (a_mean - t_mean),
-                               rtol=1e-11, atol=1e-15)
+    torch.testing.assert_close(
+        antixk_client(z, prior), fused - 2.0 / (n - 1) * (a_mean - t_mean), rtol=1e-11, atol=1e-15
+    )
     assert abs(float(a_mean - t_mean)) > 1e-4  # the two estimators differ on this batch
 
 
@@ -238,15 +261,22 @@ def test_averaging_over_cyclic_repairings_gives_the_full_cross_term():
     z, prior = _pair(13, 4, seed=11)
     n = z.shape[0]
     averaged = sum(antixk_client(z, torch.roll(prior, s, dims=0)) for s in range(n)) / n
-    torch.testing.assert_close(averaged, fast_imq_mmd(z, prior, scales=(1.0,), sigma2=2.0, eps=1e-7),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        averaged, fast_imq_mmd(z, prior, scales=(1.0,), sigma2=2.0, eps=1e-7), rtol=1e-12, atol=1e-15
+    )
     single = [float(antixk_client(z, torch.roll(prior, s, dims=0))) for s in range(n)]
     assert max(single) - min(single) > 1e-4  # the pairing changes AntixK's value
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(2, 23), d=st.integers(1, 9), z_var=st.floats(0.05, 20.0), eps=st.sampled_from([0.0, 1e-7, 0.3]),
-       shift=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(2, 23),
+    d=st.integers(1, 9),
+    z_var=st.floats(0.05, 20.0),
+    eps=st.sampled_from([0.0, 1e-7, 0.3]),
+    shift=st.floats(-3.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
 def test_property_offdiagonal_rebuild_and_identities(n, d, z_var, eps, shift, seed):
     """For any size (n >= 2): the rebuild equals the client, and the two identities of the guide hold."""
     gen = torch.Generator().manual_seed(seed)
@@ -269,8 +299,9 @@ def test_property_offdiagonal_rebuild_and_identities(n, d, z_var, eps, shift, se
 def test_terms_mmd_equals_fast_imq_mmd():
     z, prior = _pair(17, 5, seed=12)
     t = imq_mmd_terms(z, prior, scales=WAE_SCALES, eps=1e-7)
-    torch.testing.assert_close(t.mmd(), fast_imq_mmd(z, prior, scales=WAE_SCALES, eps=1e-7, reduction="none"),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        t.mmd(), fast_imq_mmd(z, prior, scales=WAE_SCALES, eps=1e-7, reduction="none"), rtol=1e-12, atol=1e-15
+    )
     n = z.shape[0]
     torch.testing.assert_close(t.den_x, torch.tensor(1 - 1 / n, dtype=torch.float64), rtol=1e-15, atol=0)
     assert gmwae_fast.mmd.bandwidths_for(z, WAE_SCALES) == pytest.approx([2 * 5 * s for s in WAE_SCALES])
@@ -285,9 +316,14 @@ def test_benchmark_measures_the_client_forms():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     z, prior = _pair(21, 6, seed=13)
-    pairs = [(bench.schelotto_like, schelotto_client), (bench.konny_like, lambda a, b: konny_client(a, b, 2.0)),
-             (bench.antixk_like, antixk_client), (bench.schelotto_fused, schelotto_client),
-             (bench.konny_fused, lambda a, b: konny_client(a, b, 2.0)), (bench.antixk_fused_exact, antixk_client),
-             (bench.antixk_fused_ustat, full_cross_client)]
+    pairs = [
+        (bench.schelotto_like, schelotto_client),
+        (bench.konny_like, lambda a, b: konny_client(a, b, 2.0)),
+        (bench.antixk_like, antixk_client),
+        (bench.schelotto_fused, schelotto_client),
+        (bench.konny_fused, lambda a, b: konny_client(a, b, 2.0)),
+        (bench.antixk_fused_exact, antixk_client),
+        (bench.antixk_fused_ustat, full_cross_client),
+    ]
     for got_fn, want_fn in pairs:
         torch.testing.assert_close(got_fn(z, prior), want_fn(z, prior), rtol=1e-10, atol=1e-14)

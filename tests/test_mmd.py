@@ -1,18 +1,18 @@
 """fast_imq_mmd on every backend against an independent float64 brute force: values and gradients (weights too)."""
+
 import math
 
 import pytest
 import torch
+from conftest import interpreted
 
 import gmwae_fast
 from gmwae_fast import PAPER_SCALES, WAE_SCALES, fast_imq_mmd, reference
 
-from conftest import interpreted
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Independent float64 brute force: dense (n, m, S) tensors, explicit masks, no chunking, no shared code.
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def brute_mmd(x, y, xw=None, yw=None, *, bandwidths, unbiased=True, reduction="sum"):
     def flat(t, w):
@@ -63,8 +63,20 @@ def _inputs(shape_x, shape_y, dtype, device, weighted, seed=0):
     return x, y, xw, yw
 
 
-def _check_against_brute(device, backend, shape_x, shape_y, dtype, *, weighted, unbiased, reduction, scales=PAPER_SCALES,
-                         seed=0, grad_sides="xy"):
+def _check_against_brute(
+    device,
+    backend,
+    shape_x,
+    shape_y,
+    dtype,
+    *,
+    weighted,
+    unbiased,
+    reduction,
+    scales=PAPER_SCALES,
+    seed=0,
+    grad_sides="xy",
+):
     x, y, xw, yw = _inputs(shape_x, shape_y, dtype, device, weighted, seed)
     wants = [s in grad_sides for s in "xyxy"]  # x, y, x_weights, y_weights
     leaves = [t.clone().requires_grad_(w) if t is not None else None for t, w in zip((x, y, xw, yw), wants)]
@@ -73,7 +85,7 @@ def _check_against_brute(device, backend, shape_x, shape_y, dtype, *, weighted, 
     d = shape_x[-1]
     # cotangent != 1
     gen = torch.Generator().manual_seed(seed + 1)
-    cot = (torch.rand(out.shape, generator=gen, dtype=torch.float64) * 2 + 0.5)
+    cot = torch.rand(out.shape, generator=gen, dtype=torch.float64) * 2 + 0.5
     (out.double() * cot.to(device)).sum().backward()
 
     ref_leaves = [t.detach().cpu().double().requires_grad_(True) if t is not None else None for t in (x, y, xw, yw)]
@@ -90,18 +102,23 @@ def _check_against_brute(device, backend, shape_x, shape_y, dtype, *, weighted, 
             assert got.grad is None, f"{name} needs no gradient but got one"
             continue
         gscale = want.grad.abs().max().item() + 1e-12
-        torch.testing.assert_close(got.grad.detach().cpu().double(), want.grad, atol=atol * gscale * 10, rtol=rtol,
-                                   msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            got.grad.detach().cpu().double(),
+            want.grad,
+            atol=atol * gscale * 10,
+            rtol=rtol,
+            msg=lambda m: f"gradient of {name}: {m}",
+        )
 
 
 CASES = [
     # shape_x, shape_y, weighted, unbiased
     ((7, 1), (5, 1), False, True),
     ((13, 2), (9, 2), True, True),
-    ((6, 3, 3), (11, 3), True, True),     # grouped x, plain y
-    ((37, 10), (29, 10), True, False),    # biased, weighted
+    ((6, 3, 3), (11, 3), True, True),  # grouped x, plain y
+    ((37, 10), (29, 10), True, False),  # biased, weighted
     ((5, 4, 17), (3, 5, 17), True, True),  # both grouped, odd d
-    ((70, 64), (67, 64), False, True),    # crosses 64-row tiles
+    ((70, 64), (67, 64), False, True),  # crosses 64-row tiles
 ]
 
 
@@ -110,8 +127,9 @@ CASES = [
 def test_values_and_grads_float32(device_backend, case, reduction):
     device, backend = device_backend
     shape_x, shape_y, weighted, unbiased = case
-    _check_against_brute(device, backend, shape_x, shape_y, torch.float32, weighted=weighted, unbiased=unbiased,
-                         reduction=reduction)
+    _check_against_brute(
+        device, backend, shape_x, shape_y, torch.float32, weighted=weighted, unbiased=unbiased, reduction=reduction
+    )
 
 
 @pytest.mark.parametrize("grad_sides", ["x", "y"])
@@ -121,16 +139,26 @@ def test_grads_of_one_side_only(device_backend, case, grad_sides):
     side's gradient work (values-only self term, cross pass without the column side)."""
     device, backend = device_backend
     shape_x, shape_y, weighted, unbiased = case
-    _check_against_brute(device, backend, shape_x, shape_y, torch.float32, weighted=weighted, unbiased=unbiased,
-                         reduction="sum", grad_sides=grad_sides)
+    _check_against_brute(
+        device,
+        backend,
+        shape_x,
+        shape_y,
+        torch.float32,
+        weighted=weighted,
+        unbiased=unbiased,
+        reduction="sum",
+        grad_sides=grad_sides,
+    )
 
 
 @pytest.mark.parametrize("case", CASES[:5], ids=lambda c: f"{c[0]}x{c[1]}-w{int(c[2])}-u{int(c[3])}")
 def test_values_and_grads_float64(device_backend, case):
     device, backend = device_backend
     shape_x, shape_y, weighted, unbiased = case
-    _check_against_brute(device, backend, shape_x, shape_y, torch.float64, weighted=weighted, unbiased=unbiased,
-                         reduction="sum")
+    _check_against_brute(
+        device, backend, shape_x, shape_y, torch.float64, weighted=weighted, unbiased=unbiased, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize("unbiased", [True, False])
@@ -138,8 +166,9 @@ def test_values_and_grads_bfloat16(device_backend, unbiased):
     device, backend = device_backend
     if backend == "reference":
         pytest.skip("the reference computes in float64 whatever the input dtype; covered by the float32 cases")
-    _check_against_brute(device, backend, (3, 10, 10), (31, 10), torch.bfloat16, weighted=True, unbiased=unbiased,
-                         reduction="sum")
+    _check_against_brute(
+        device, backend, (3, 10, 10), (31, 10), torch.bfloat16, weighted=True, unbiased=unbiased, reduction="sum"
+    )
 
 
 def test_gradcheck_float64(device_backend):
@@ -178,17 +207,20 @@ def brute_mmd_chunked(x, y, c):
     def ksum(p, q, drop_diag):
         tot = torch.zeros((), dtype=torch.float64)
         for i in range(0, p.shape[0], 256):
-            d2 = ((p[i:i + 256, None, :] - q[None]) ** 2).sum(-1)
+            d2 = ((p[i : i + 256, None, :] - q[None]) ** 2).sum(-1)
             tot = tot + (c / (c + d2[..., None])).sum()
         return tot - (p.shape[0] * c.numel() if drop_diag else 0)
 
     n, m = x.shape[0], y.shape[0]
-    return (ksum(x, x, True) / (n * (n - 1)) + ksum(y, y, True) / (m * (m - 1)) - 2 * ksum(x, y, False) / (n * m)).item()
+    return (
+        ksum(x, x, True) / (n * (n - 1)) + ksum(y, y, True) / (m * (m - 1)) - 2 * ksum(x, y, False) / (n * m)
+    ).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Drop-in: the classic WAE penalty.
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def client_imq_penalty(z, z_prior, h_dim):
     """A WAE client's penalty as popular PyTorch WAE code writes it (sum over scales, scaled by the batch size)."""
@@ -253,7 +285,7 @@ def test_bandwidths_override_scales():
 def test_paper_scales():
     assert len(PAPER_SCALES) == 15
     assert sorted(PAPER_SCALES) == list(PAPER_SCALES)
-    want = sorted(m * 10.0 ** j for j in range(-2, 3) for m in (1, 2, 5))
+    want = sorted(m * 10.0**j for j in range(-2, 3) for m in (1, 2, 5))
     assert all(math.isclose(a, b) for a, b in zip(PAPER_SCALES, want))
     assert WAE_SCALES == (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -262,8 +294,9 @@ def test_module_matches_functional(device_backend):
     device, backend = device_backend
     x, y, xw, yw = _inputs((6, 3, 4), (10, 4), torch.float32, device, weighted=True)
     loss = gmwae_fast.IMQMMDLoss(scales=WAE_SCALES, reduction="none", backend=backend)
-    torch.testing.assert_close(loss(x, y, xw, yw),
-                               fast_imq_mmd(x, y, xw, yw, scales=WAE_SCALES, reduction="none", backend=backend))
+    torch.testing.assert_close(
+        loss(x, y, xw, yw), fast_imq_mmd(x, y, xw, yw, scales=WAE_SCALES, reduction="none", backend=backend)
+    )
     assert "reduction='none'" in repr(loss)
 
 

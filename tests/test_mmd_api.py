@@ -1,11 +1,11 @@
 """fast_imq_mmd: the bad-input table, backend dispatch, torch.library registration (opcheck) and torch.compile."""
+
 import pytest
 import torch
+from conftest import skip_unless_usable
 
 import gmwae_fast
 from gmwae_fast import backends, fast_imq_mmd
-
-from conftest import skip_unless_usable
 
 X = torch.randn(8, 3)
 Y = torch.randn(9, 3)
@@ -39,8 +39,13 @@ BAD_INPUTS = [
     ("zero weights (validate)", (X, Y, torch.zeros(8)), {"validate": True}, ValueError, "all zero"),
     ("inf input (validate)", (X.clone().fill_(float("inf")), Y), {"validate": True}, ValueError, "NaN or Inf"),
     ("nan weights (validate)", (X, Y, torch.full((8,), float("nan"))), {"validate": True}, ValueError, "NaN or Inf"),
-    ("one-group mass (validate)", (torch.randn(3, 2, 3), Y, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])),
-     {"validate": True}, ValueError, "one group"),
+    (
+        "one-group mass (validate)",
+        (torch.randn(3, 2, 3), Y, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])),
+        {"validate": True},
+        ValueError,
+        "one group",
+    ),
 ]
 
 
@@ -51,8 +56,12 @@ def test_bad_input(desc, args, kwargs, exc, msg):
 
 
 def test_biased_allows_single_group():
-    out = fast_imq_mmd(torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64),
-                       unbiased=False, backend="reference")
+    out = fast_imq_mmd(
+        torch.randn(1, 4, 3, dtype=torch.float64),
+        torch.randn(1, 3, dtype=torch.float64),
+        unbiased=False,
+        backend="reference",
+    )
     assert torch.isfinite(out)
 
 
@@ -81,6 +90,7 @@ def test_build_info_keys():
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library: opcheck on every primitive op and on the fused ops, torch.compile(fullgraph=True).
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _op_args(device, dtype=torch.float32, n=11, m=6, d=5, group=1, s=4):
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +151,7 @@ def test_torch_compile_fullgraph(device_backend, reduction):
     def loss_fn(x, logits, y):
         pi = torch.softmax(logits, -1)
         mmd = fast_imq_mmd(x, y, x_weights=pi, backend=backend, reduction=reduction)
-        return (mmd * torch.arange(1, mmd.numel() + 1, device=mmd.device)).sum() + (x ** 2).mean()
+        return (mmd * torch.arange(1, mmd.numel() + 1, device=mmd.device)).sum() + (x**2).mean()
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     eager = loss_fn(x, logits, y)

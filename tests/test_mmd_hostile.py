@@ -4,6 +4,7 @@ an independent float64 brute force written from the contract (README "Math contr
 Each named case is one an adversarial test found: weight normalisation in float32, weights whose sum overflows,
 bandwidths that under/overflow, one-row inputs in float64, double backward, eps, tensors as sigma2.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -11,14 +12,13 @@ import sys
 
 import pytest
 import torch
+from conftest import interpreted, skip_unless_usable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gmwae_fast
 from gmwae_fast import PAPER_SCALES, fast_imq_mmd, imq_mmd_terms
 from gmwae_fast.reference import bandwidths_for
-
-from conftest import interpreted, skip_unless_usable
 
 CPU_BACKENDS = ["reference", "cpu", "triton"]
 
@@ -61,6 +61,7 @@ def _skip(backend):
 # ----------------------------------------------------------------------------------------------------------------
 # Weight normalisation (float64, consistent with what the kernels see)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["cpu"])
 def test_unweighted_float32_meets_the_accuracy_contract(backend):
@@ -108,22 +109,35 @@ def test_weights_whose_float32_sum_overflows(backend, validate):
 # Bandwidths, scales, sigma2, eps
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,dtype", [
-    (dict(scales=[1e-200], sigma2=1e-200), torch.float64),
-    (dict(scales=[1e300], sigma2=1e300), torch.float64),
-    (dict(bandwidths=[1e-50]), torch.float32),
-    (dict(bandwidths=[1e39]), torch.float32),
-    (dict(bandwidths=[float("nan")]), torch.float64),
-    (dict(scales=[1.0], eps=float("inf")), torch.float64),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,dtype",
+    [
+        (dict(scales=[1e-200], sigma2=1e-200), torch.float64),
+        (dict(scales=[1e300], sigma2=1e300), torch.float64),
+        (dict(bandwidths=[1e-50]), torch.float32),
+        (dict(bandwidths=[1e39]), torch.float32),
+        (dict(bandwidths=[float("nan")]), torch.float64),
+        (dict(scales=[1.0], eps=float("inf")), torch.float64),
+    ],
+)
 def test_bandwidths_outside_the_compute_dtype_are_refused(kwargs, dtype):
     x, y = torch.randn(6, 3, dtype=dtype), torch.randn(5, 3, dtype=dtype)
     with pytest.raises(ValueError, match="bandwidth|eps"):
         fast_imq_mmd(x, y, backend="reference", **kwargs)
 
 
-@pytest.mark.parametrize("bad,exc", [("12", TypeError), (b"12", TypeError), (5.0, TypeError), ([1.0, "a"], TypeError),
-                                     ([], ValueError), ([1.0, -2.0], ValueError)])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        ("12", TypeError),
+        (b"12", TypeError),
+        (5.0, TypeError),
+        ([1.0, "a"], TypeError),
+        ([], ValueError),
+        ([1.0, -2.0], ValueError),
+    ],
+)
 def test_scales_must_be_a_sequence_of_positive_numbers(bad, exc):
     with pytest.raises(exc, match="scales"):
         fast_imq_mmd(torch.randn(4, 2), torch.randn(4, 2), scales=bad)
@@ -179,6 +193,7 @@ def test_terms_rebuild_the_mmd_and_are_differentiable(backend):
 # Autograd: one-row inputs, double backward
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("shape", [(1, 3), (1, 1, 3)])
 def test_one_row_float64_backward(backend, shape):
@@ -199,7 +214,7 @@ def test_double_backward_raises_instead_of_returning_zero(backend, reduction):
     w = torch.rand(7, dtype=torch.float64, requires_grad=True)
     y = torch.randn(6, 3, dtype=torch.float64)
     v = fast_imq_mmd(x, y, w, reduction=reduction, backend=backend).sum()
-    gx, gw = torch.autograd.grad(v, (x, w), create_graph=True)   # first order with create_graph still works
+    gx, gw = torch.autograd.grad(v, (x, w), create_graph=True)  # first order with create_graph still works
     xr = x.detach().clone().requires_grad_(True)
     (gr,) = torch.autograd.grad(fast_imq_mmd(xr, y, w.detach(), backend="reference"), xr)
     assert _rel(gx.detach(), gr) <= 1e-9
@@ -213,8 +228,9 @@ def test_reference_backend_gives_second_derivatives():
     (gx,) = torch.autograd.grad(fast_imq_mmd(x, y, backend="reference"), x, create_graph=True)
     (hx,) = torch.autograd.grad(gx.pow(2).sum(), x)
     xr = x.detach().clone().requires_grad_(True)
-    (gr,) = torch.autograd.grad(brute_force(xr, y, bandwidths=bandwidths_for(2, PAPER_SCALES)).sum(), xr,
-                                create_graph=True)
+    (gr,) = torch.autograd.grad(
+        brute_force(xr, y, bandwidths=bandwidths_for(2, PAPER_SCALES)).sum(), xr, create_graph=True
+    )
     (hr,) = torch.autograd.grad(gr.pow(2).sum(), xr)
     assert hr.abs().max() > 1e-4 and _rel(hx, hr) <= 1e-8
 
@@ -225,7 +241,7 @@ def test_gm_reparameterize_double_backward_raises():
     sr = torch.randn(3, 4, 2, requires_grad=True)
     lg = torch.randn(3, 4, requires_grad=True)
     z, pi = gmwae_fast.gm_reparameterize(mu, sr, lg, seed=7, backend="cpu")
-    gs, = torch.autograd.grad((z.pow(2).sum() + pi.pow(2).sum()), sr, create_graph=True)
+    (gs,) = torch.autograd.grad((z.pow(2).sum() + pi.pow(2).sum()), sr, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(gs.sum(), sr)
 
@@ -239,6 +255,7 @@ def test_gm_reparameterize_refuses_negative_tensor_seed():
 # ----------------------------------------------------------------------------------------------------------------
 # No host syncs on the op's path; torch.compile as the first call of a fresh process
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def test_cpu_path_makes_no_host_reads_of_tensors(monkeypatch):
     """On CPU a host read is free, but the same code runs on CUDA tensors, where it is a device sync."""
@@ -292,7 +309,8 @@ def test_torch_compile_fullgraph_as_first_call():
         "v = f(x, y); v.backward()\n"
         "r = gmwae_fast.fast_imq_mmd(x.detach(), y)\n"
         "assert abs(v.item() - r.item()) <= 1e-6 * abs(r.item()), (v.item(), r.item())\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
@@ -300,6 +318,7 @@ def test_torch_compile_fullgraph_as_first_call():
 # ----------------------------------------------------------------------------------------------------------------
 # Property-based: every CPU-runnable backend against the brute force
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @st.composite
 def mmd_cases(draw, max_points):
@@ -315,16 +334,27 @@ def mmd_cases(draw, max_points):
     concentrated = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     scales = draw(st.sampled_from([PAPER_SCALES, (0.5,), (0.1, 10.0)]))
-    return dict(d=d, kx=kx, bx=bx, my=my, unbiased=unbiased, dtype=dtype, weighted=weighted, spread=spread,
-                outlier=outlier, concentrated=concentrated, seed=seed, scales=scales)
+    return dict(
+        d=d,
+        kx=kx,
+        bx=bx,
+        my=my,
+        unbiased=unbiased,
+        dtype=dtype,
+        weighted=weighted,
+        spread=spread,
+        outlier=outlier,
+        concentrated=concentrated,
+        seed=seed,
+        scales=scales,
+    )
 
 
 def _make(case):
     g = torch.Generator().manual_seed(case["seed"])
     shape = (case["bx"], case["d"]) if case["kx"] is None else (case["bx"], case["kx"], case["d"])
     x = (torch.randn(*shape, generator=g, dtype=torch.float64) * case["spread"]).to(case["dtype"])
-    y = (torch.randn(case["my"], case["d"], generator=g, dtype=torch.float64) * case["spread"] + 0.1
-         ).to(case["dtype"])
+    y = (torch.randn(case["my"], case["d"], generator=g, dtype=torch.float64) * case["spread"] + 0.1).to(case["dtype"])
     if case["outlier"] is not None:
         x.view(-1, case["d"])[0] += case["outlier"] * case["spread"]
 
@@ -355,8 +385,9 @@ def _check_case(case, backend):
     gr = torch.autograd.grad((r * h).sum(), [t for t in refs if t is not None])
     f32 = case["dtype"] == torch.float32
     # Values: relative to the size of the terms MMD² is a difference of (it may be ~0 itself).
-    scale = float(brute_force(*[t.detach() if t is not None else None for t in refs], bandwidths=bws,
-                              unbiased=False).abs().max()) + float(r.abs().max())
+    scale = float(
+        brute_force(*[t.detach() if t is not None else None for t in refs], bandwidths=bws, unbiased=False).abs().max()
+    ) + float(r.abs().max())
     tol = 2e-5 if f32 else 1e-10
     assert float((v.double() - r).abs().max()) <= tol * scale, (v, r)
     # Gradients: MMD² is a difference of terms, and the unbiased self terms are ratios whose denominator
@@ -370,8 +401,7 @@ def _check_case(case, backend):
                 wn = t.detach().reshape(-1) / t.detach().sum()
                 den = min(den, float(1.0 - (wn.view(-1, g).sum(1) ** 2).sum()))
     c = torch.tensor(bws, dtype=torch.float64)
-    part = {"w": 2.0 * float((torch.ones_like(c) * h).sum()) / den,
-            "p": 2.6 * float((h / c.sqrt()).sum()) / den}
+    part = {"w": 2.0 * float((torch.ones_like(c) * h).sum()) / den, "p": 2.6 * float((h / c.sqrt()).sum()) / den}
     kinds = ["p", "p"] + ["w" for t in (xw, yw) if t is not None]
     gtol = 2e-5 if f32 else 1e-10
     for kind, a, b in zip(kinds, gv, gr):

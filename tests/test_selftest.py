@@ -5,6 +5,7 @@ case). A deliberately broken backend (monkeypatched: a value off by 1e-4, a grad
 that never arrives, a crash, a shifted reparameterisation) must make it fail with a non-zero exit status, so these
 tests can fail. Without a GPU, gpu_check.sh must stop at once with a clear message; ``--dry-run`` lists its steps.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,12 +36,19 @@ def _run(**kw) -> st.SelftestReport:
 # the selftest passes on working backends
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_cpu_backend_quick_passes_with_plain_progress(capsys):
     report = _run(device="cpu", backend="cpu", quick=True, verbose=True, progress=False)
     assert report.ok, report.table()
     names = {r.check for r in report.results}
-    assert {"mmd/plain/unbiased/fp32/grad-xy", "mmd/grouped/unbiased/fp32/grad-x", "mmd/plain/unbiased/bf16/grad-xy",
-            "mmd/grouped/biased/fp32/grad-xy", "reparam/noise/fp32/softplus", "reparam/seed/fp32"} <= names
+    assert {
+        "mmd/plain/unbiased/fp32/grad-xy",
+        "mmd/grouped/unbiased/fp32/grad-x",
+        "mmd/plain/unbiased/bf16/grad-xy",
+        "mmd/grouped/biased/fp32/grad-xy",
+        "reparam/noise/fp32/softplus",
+        "reparam/seed/fp32",
+    } <= names
     for r in report.results:
         assert r.status == "pass" and r.device == "cpu" and r.backend == "cpu"
         assert r.error is not None and 0.0 <= r.error <= r.tol
@@ -98,6 +106,7 @@ def test_module_is_callable_from_the_package():
 # a broken backend fails, with a non-zero exit status
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
@@ -120,11 +129,19 @@ def _broken_mmd(real, mode):
             x_weights = x_weights.detach()
         out = real(x, y, x_weights, y_weights, **kw)
         return out * (1 + 1e-4) if mode == "value" else out
+
     return mmd
 
 
-@pytest.mark.parametrize("mode,what", [("value", "value"), ("grad", "grad x"),
-                                       ("weights", "no gradient reached x_weights"), ("crash", "kernel exploded")])
+@pytest.mark.parametrize(
+    "mode,what",
+    [
+        ("value", "value"),
+        ("grad", "grad x"),
+        ("weights", "no gradient reached x_weights"),
+        ("crash", "kernel exploded"),
+    ],
+)
 def test_broken_mmd_backend_fails(monkeypatch, mode, what):
     monkeypatch.setattr(st, "fast_imq_mmd", _broken_mmd(st.fast_imq_mmd, mode))
     report = _run(device="cpu", backend="cpu", quick=True, checks=ONE_MMD)
@@ -171,8 +188,11 @@ def test_unavailable_requests_fail(monkeypatch):
     if not torch.cuda.is_available():
         report = _run(device="cuda")
         assert not report.ok and "no CUDA device" in report.problems[0]
-    monkeypatch.setattr(st, "available_backends", lambda dev: {"reference": None, "triton": "no triton here",
-                                                                 "cpu": None, "cuda": "no cuda here"})
+    monkeypatch.setattr(
+        st,
+        "available_backends",
+        lambda dev: {"reference": None, "triton": "no triton here", "cpu": None, "cuda": "no cuda here"},
+    )
     report = _run(device="cpu", backend="triton")
     assert not report.ok and not report.results and "no triton here" in report.problems[0]
     with pytest.raises(ValueError, match="unknown device"):
@@ -181,13 +201,30 @@ def test_unavailable_requests_fail(monkeypatch):
 
 def test_command_line_exit_status(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "gmwae_fast.selftest", "--device", "cpu", "--backend", "cpu",
-           "--quick", "--check", "reparam/noise/fp32", "--json", str(tmp_path / "r.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gmwae_fast.selftest",
+        "--device",
+        "cpu",
+        "--backend",
+        "cpu",
+        "--quick",
+        "--check",
+        "reparam/noise/fp32",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "OK: 1/1 checks passed" in ok.stdout and (tmp_path / "r.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "gmwae_fast.selftest", "--device", "cpu", "--backend", "nope"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gmwae_fast.selftest", "--device", "cpu", "--backend", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
@@ -195,14 +232,20 @@ def test_command_line_exit_status(tmp_path):
 # scripts/gpu_check.sh and its sanitizer driver
 # ---------------------------------------------------------------------------------------------------------------
 
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils timeout")
+needs_bash = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout"
+)
 
 
 @needs_bash
 def test_gpu_check_dry_run_lists_the_steps(tmp_path):
-    res = subprocess.run(["bash", GPU_CHECK, "--dry-run"], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, OUT=str(tmp_path / "out")))
+    res = subprocess.run(
+        ["bash", GPU_CHECK, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, OUT=str(tmp_path / "out")),
+    )
     assert res.returncode == 0, res.stderr
     lines = [ln.split() for ln in res.stdout.splitlines()[1:]]
     assert [ln[0] for ln in lines] == list(STEPS)
@@ -212,8 +255,9 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path):
 
 @needs_bash
 def test_gpu_check_rejects_unknown_steps():
-    res = subprocess.run(["bash", GPU_CHECK, "--steps", "build,warp", "--dry-run"], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        ["bash", GPU_CHECK, "--steps", "build,warp", "--dry-run"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2 and "unknown step 'warp'" in res.stderr
 
 
@@ -221,8 +265,13 @@ def test_gpu_check_rejects_unknown_steps():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu_check.sh would run")
 def test_gpu_check_without_gpu_stops_at_once(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run(["bash", GPU_CHECK], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, OUT=str(out), PYTHON=sys.executable))
+    res = subprocess.run(
+        ["bash", GPU_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OUT=str(out), PYTHON=sys.executable),
+    )
     assert res.returncode == 2
     assert "no GPU here" in res.stderr and "sees no CUDA device" in res.stderr
     assert not out.exists()  # nothing built, nothing written

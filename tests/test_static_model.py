@@ -4,6 +4,7 @@ The hand-written snippet below is shaped like ``nvdisasm -gi`` output of a kerne
 an inner loop unrolled by 2 (line 30, 2 x 16 FFMA per SASS iteration), a branch back from out-of-line code
 after the EXIT (not a loop) and the trailing self-branch.
 """
+
 import os
 import sys
 
@@ -13,40 +14,59 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import static_model as sm  # noqa: E402
 
 F = '//## File "/x/k.cuh", line {}'
-SNIPPET = "\n".join([
-    "//--------------------- .text._Z4kernPf --------------------------",
-    ".text._Z4kernPf:",
-    F.format(10),
-    "        /*0000*/                   LDC R1, c[0x0][0x28] ;",
-    ".L_x_0:",
-    F.format(20),
-    "        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;",
-    ".L_x_1:",
-    F.format(31) + ' inlined at "/x/k.cuh", line 30',
-    F.format(30),
-    "        /*0020*/                   LDS.128 R4, [R3] ;",
-    "        /*0030*/                   FADD R8, R4, -R5 ;",
-    "        /*0040*/                   FFMA R9, R8, R8, R9 ;",
-    "        /*0050*/                   MUFU.RCP R10, R9 ;",
-    "        /*0060*/              @!P0 BRA `(.L_x_1) ;",
-    F.format(20),
-    "        /*0070*/                   DADD R12, R12, R14 ;",
-    "        /*0080*/                   STL [R1], R12 ;",
-    "        /*0090*/               @P1 BRA `(.L_x_0) ;",
-    "        /*00a0*/                   EXIT ;",
-    ".L_x_2:",
-    "        /*00b0*/                   BRA `(.L_x_1) ;",
-    ".L_x_3:",
-    "        /*00c0*/                   BRA `(.L_x_3) ;",
-])
+SNIPPET = "\n".join(
+    [
+        "//--------------------- .text._Z4kernPf --------------------------",
+        ".text._Z4kernPf:",
+        F.format(10),
+        "        /*0000*/                   LDC R1, c[0x0][0x28] ;",
+        ".L_x_0:",
+        F.format(20),
+        "        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;",
+        ".L_x_1:",
+        F.format(31) + ' inlined at "/x/k.cuh", line 30',
+        F.format(30),
+        "        /*0020*/                   LDS.128 R4, [R3] ;",
+        "        /*0030*/                   FADD R8, R4, -R5 ;",
+        "        /*0040*/                   FFMA R9, R8, R8, R9 ;",
+        "        /*0050*/                   MUFU.RCP R10, R9 ;",
+        "        /*0060*/              @!P0 BRA `(.L_x_1) ;",
+        F.format(20),
+        "        /*0070*/                   DADD R12, R12, R14 ;",
+        "        /*0080*/                   STL [R1], R12 ;",
+        "        /*0090*/               @P1 BRA `(.L_x_0) ;",
+        "        /*00a0*/                   EXIT ;",
+        ".L_x_2:",
+        "        /*00b0*/                   BRA `(.L_x_1) ;",
+        ".L_x_3:",
+        "        /*00c0*/                   BRA `(.L_x_3) ;",
+    ]
+)
 
 
 def test_classify_opcodes_by_pipe():
-    expect = {"FFMA": "fp32", "FADD.FTZ": "fp32", "FMUL": "fp32", "DFMA": "fp64", "DADD": "fp64",
-              "MUFU.RCP": "mufu", "HMMA.16816.F32": "tensor", "DMMA.884": "tensor", "LDS.128": "lsu",
-              "STG.E.64": "lsu", "LDL.LU": "lsu", "SHFL.BFLY": "lsu", "BRA": "control",
-              "BAR.SYNC.DEFER_BLOCKING": "control", "IADD3": "alu", "ISETP.GE.AND": "alu", "FMNMX": "alu",
-              "F2F.F64.F32": "conv", "ULDC.64": "uniform", "R2UR": "uniform"}
+    expect = {
+        "FFMA": "fp32",
+        "FADD.FTZ": "fp32",
+        "FMUL": "fp32",
+        "DFMA": "fp64",
+        "DADD": "fp64",
+        "MUFU.RCP": "mufu",
+        "HMMA.16816.F32": "tensor",
+        "DMMA.884": "tensor",
+        "LDS.128": "lsu",
+        "STG.E.64": "lsu",
+        "LDL.LU": "lsu",
+        "SHFL.BFLY": "lsu",
+        "BRA": "control",
+        "BAR.SYNC.DEFER_BLOCKING": "control",
+        "IADD3": "alu",
+        "ISETP.GE.AND": "alu",
+        "FMNMX": "alu",
+        "F2F.F64.F32": "conv",
+        "ULDC.64": "uniform",
+        "R2UR": "uniform",
+    }
     assert {op: sm.classify(op) for op in expect} == expect
     with pytest.raises(ValueError, match="empty SASS opcode"):
         sm.classify("")
@@ -69,7 +89,7 @@ def test_loops_nest_and_skip_out_of_line_code():
     loops = sm.find_loops(fn)
     assert [(lp.start, lp.end) for lp in loops] == [(1, 9), (2, 6)]
     assert loops[1].parent == 0 and loops[1].depth == 1 and loops[0].parent is None
-    counts = sm.pipe_counts(fn.instrs[loops[1].start:loops[1].end + 1])
+    counts = sm.pipe_counts(fn.instrs[loops[1].start : loops[1].end + 1])
     assert counts["fp32"] == 2 and counts["mufu"] == 1 and counts["lsu"] == 1 and counts["control"] == 1
     assert sum(counts.values()) == 5
 
@@ -122,8 +142,14 @@ def test_float_tile_kernels_do_not_spill_in_hot_loops():
         for grad in (False, True):
             fn = sm.tile_function(fns, self_term, grad)
             case = sm.wae_cases(4096, 64)[0 if not self_term else (1 if grad else 2)]
-            case = sm.Case(case.op if grad == case.grad else ("self-values" if self_term else "cross-values"),
-                           case.n, case.m, case.d, case.groups, case.b_grad)
+            case = sm.Case(
+                case.op if grad == case.grad else ("self-values" if self_term else "cross-values"),
+                case.n,
+                case.m,
+                case.d,
+                case.groups,
+                case.b_grad,
+            )
             tc = sm.tile_counts(fn, case, build.text)
             hot = [lp for lp in tc.loops if lp["name"].startswith(HOT)]
             assert hot, f"{fn.name}: no per-pair loop found"

@@ -1,4 +1,5 @@
 """Tests of the GM-WAE / GM-VAE trainer (gmwae_fast.train). CPU only, tiny models, a few seconds each."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ from gmwae_fast.train.priors import make_prior, rot2d_prior, simplex_prior
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GMWAE_DATA", REPO.parent / "shared" / "data"))
-HAVE_DATA = all((DATA / "MNIST" / "raw" / f).exists() or (DATA / "MNIST" / "raw" / (f + ".gz")).exists()
-                for f in MNIST_FILES)
+HAVE_DATA = all(
+    (DATA / "MNIST" / "raw" / f).exists() or (DATA / "MNIST" / "raw" / (f + ".gz")).exists() for f in MNIST_FILES
+)
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"MNIST not under {DATA} (set GMWAE_DATA)")
 
 
@@ -33,7 +35,7 @@ def test_simplex_prior_equidistant_4_sigma(sigma0):
     off = D[~torch.eye(10, dtype=torch.bool)]
     assert torch.allclose(off, torch.full_like(off, 4 * sigma0), atol=1e-5)
     assert torch.allclose(p.diag_stds, torch.full((10, 10), sigma0))
-    assert torch.allclose(p.covs, sigma0 ** 2 * torch.eye(10).expand(10, 10, 10))
+    assert torch.allclose(p.covs, sigma0**2 * torch.eye(10).expand(10, 10, 10))
     # samples: the right per-mode spread
     z = p.sample_mode(3, 20000, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(z.mean(0), p.means[3], atol=0.05 * sigma0 + 0.02)
@@ -93,6 +95,7 @@ def test_gaussian_kl_matches_torch_distributions():
     sigma = torch.rand(3, 10, 2, generator=g) + 0.1
     kl = gaussian_kl_to_prior(mu, sigma, p)
     from torch.distributions import MultivariateNormal
+
     for b in range(3):
         for k in range(10):
             q = MultivariateNormal(mu[b, k], torch.diag(sigma[b, k] ** 2))
@@ -124,8 +127,9 @@ def test_protocol_greedy_order_matters():
     assert c2m == {1: 0, 2: 1, 0: 2}
     assert acc == pytest.approx(4 / 6)
     # mixed case: class-0 images split between mode 0 and mode 2
-    probs2 = np.array([[0.8, 0.0, 0.2], [0.4, 0.0, 0.6], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05],
-                       [0.2, 0.7, 0.1], [0.2, 0.7, 0.1]])
+    probs2 = np.array(
+        [[0.8, 0.0, 0.2], [0.4, 0.0, 0.6], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.2, 0.7, 0.1]]
+    )
     acc2, c2m2, _ = protocol_accuracy(probs2, labels, n_classes=3)
     assert c2m2 == {1: 0, 2: 1, 0: 2}
     assert acc2 == pytest.approx(5 / 6)
@@ -133,10 +137,11 @@ def test_protocol_greedy_order_matters():
 
 def test_usage_kl_label_free_balance():
     from gmwae_fast.train.metrics import usage_kl
+
     K = 4
-    assert usage_kl(np.eye(K)[np.arange(8) % K]) == 0.0                         # equal mode sizes
-    assert math.isclose(usage_kl(np.eye(K)[np.zeros(5, int)]), math.log(K))       # everything in one mode
-    probs = np.eye(K)[[0, 0, 0, 1, 1, 2]] * 0.7 + 0.075                          # sizes 3, 2, 1, 0 of 6
+    assert usage_kl(np.eye(K)[np.arange(8) % K]) == 0.0  # equal mode sizes
+    assert math.isclose(usage_kl(np.eye(K)[np.zeros(5, int)]), math.log(K))  # everything in one mode
+    probs = np.eye(K)[[0, 0, 0, 1, 1, 2]] * 0.7 + 0.075  # sizes 3, 2, 1, 0 of 6
     u = np.array([3, 2, 1]) / 6
     assert math.isclose(usage_kl(probs), float((u * np.log(K * u)).sum()), rel_tol=1e-12)
 
@@ -144,8 +149,8 @@ def test_usage_kl_label_free_balance():
 def test_active_modes_threshold():
     probs = np.zeros((1000, 10))
     probs[:985, 0] = 1
-    probs[985:995, 1] = 1   # 1.0% -> active
-    probs[995:, 2] = 1      # 0.5% -> not
+    probs[985:995, 1] = 1  # 1.0% -> active
+    probs[995:, 2] = 1  # 0.5% -> not
     assert active_modes(probs) == 2
 
 
@@ -165,13 +170,36 @@ def test_atomic_save_keeps_old_file_on_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     st = ck.load_checkpoint(path)
     assert st["step"] == 1 and torch.equal(st["w"], torch.arange(5))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]   # no temporary left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary left behind
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-TINY = ["--train-subset", "256", "--test-subset", "200", "--batch-size", "16", "--enc-channels", "8",
-        "--dec-channels", "8", "--hidden", "8", "--pretrain-steps", "3", "--eval-every", "4", "--log-every", "2",
-        "--eval-recon", "20", "--no-kmeans", "--no-progress", "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "256",
+    "--test-subset",
+    "200",
+    "--batch-size",
+    "16",
+    "--enc-channels",
+    "8",
+    "--dec-channels",
+    "8",
+    "--hidden",
+    "8",
+    "--pretrain-steps",
+    "3",
+    "--eval-every",
+    "4",
+    "--log-every",
+    "2",
+    "--eval-recon",
+    "20",
+    "--no-kmeans",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 # The trainer-logic tests pin the reparameterisation to the plain-torch backend (independent of how the
 # extension was built); test_tiny_end_to_end_with_figures runs everything on "auto".
 REF = ["--reparam-backend", "reference"]
@@ -185,14 +213,31 @@ def _run(tmp_path, name, *extra, figures=False):
     return main(argv), out
 
 
-@pytest.mark.parametrize("bad", [
-    ["--model", "ae"], ["--prior", "cube"], ["--steps", "0"], ["--steps", "x"], ["--lr", "-1"],
-    ["--lam", "nan"], ["--batch-size", "-3"], ["--device", "tpu"], ["--mmd-backend", "bogus"],
-    ["--prior", "rot2d", "--latent-dim", "5"], ["--dataset", "cifar"],
-    ["--steps", "100", "--lr-decay-from", "100"], ["--lr", "1e-4", "--lr-final", "1e-3"], ["--lr-final", "-1"],
-    ["--mode-prune", "1"], ["--mode-prune", "-0.1"], ["--consistency", "-1"], ["--aug-scale", "1"],
-    ["--aug-rotate", "nan"], ["--balance", "-2"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--model", "ae"],
+        ["--prior", "cube"],
+        ["--steps", "0"],
+        ["--steps", "x"],
+        ["--lr", "-1"],
+        ["--lam", "nan"],
+        ["--batch-size", "-3"],
+        ["--device", "tpu"],
+        ["--mmd-backend", "bogus"],
+        ["--prior", "rot2d", "--latent-dim", "5"],
+        ["--dataset", "cifar"],
+        ["--steps", "100", "--lr-decay-from", "100"],
+        ["--lr", "1e-4", "--lr-final", "1e-3"],
+        ["--lr-final", "-1"],
+        ["--mode-prune", "1"],
+        ["--mode-prune", "-0.1"],
+        ["--consistency", "-1"],
+        ["--aug-scale", "1"],
+        ["--aug-rotate", "nan"],
+        ["--balance", "-2"],
+    ],
+)
 def test_invalid_options_are_argparse_errors(bad, capsys):
     with pytest.raises(SystemExit) as e:
         main(bad + ["--out", "/nonexistent/never"])
@@ -224,32 +269,66 @@ def test_tiny_end_to_end_with_figures(tmp_path):
     rc, out = _run(tmp_path, "e2e", "--steps", "6", figures=True)
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
-    for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll", "mmd", "steps", "wall_s",
-              "device", "mmd_backend", "config"):
+    for k in (
+        "test_accuracy",
+        "active_modes",
+        "usage_kl",
+        "recon_l2",
+        "bernoulli_nll",
+        "mmd",
+        "steps",
+        "wall_s",
+        "device",
+        "mmd_backend",
+        "config",
+    ):
         assert k in s
     assert s["steps"] == 6 and 0 <= s["test_accuracy"] <= 1 and 1 <= s["active_modes"] <= 10
     assert s["mmd_backend"] not in ("", None, "auto")
     assert s["config"]["mmd_backend"] == "auto"
-    for f in ("fig4a_reconstructions", "fig4b_samples_per_mode", "fig4c_samples_scaled", "fig5a_interp_data",
-              "fig5b_interp_modes", "fig7a_heatmap", "fig7b_accuracy", "fig2a_loss"):
+    for f in (
+        "fig4a_reconstructions",
+        "fig4b_samples_per_mode",
+        "fig4c_samples_scaled",
+        "fig5a_interp_data",
+        "fig5b_interp_modes",
+        "fig7a_heatmap",
+        "fig7b_accuracy",
+        "fig2a_loss",
+    ):
         assert (out / "figures" / f"{f}.png").stat().st_size > 100
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(l["kind"] == "eval" for l in lines) and any(l["kind"] == "train" for l in lines)
     assert (out / "checkpoints" / "last.pt").exists()
     from gmwae_fast.train.compare import main as compare_main
+
     assert compare_main([str(out), str(out), "--labels", "a", "b", "--out", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").stat().st_size > 100
 
 
 @needs_data
 def test_rot2d_and_gmvae_init_from(tmp_path):
-    rc, out = _run(tmp_path, "wae2d", "--prior", "rot2d", "--steps", "4", "--mmd-backend", "reference", *REF,
-                   figures=True)
+    rc, out = _run(
+        tmp_path, "wae2d", "--prior", "rot2d", "--steps", "4", "--mmd-backend", "reference", *REF, figures=True
+    )
     assert rc == 0
     assert (out / "figures" / "fig3_latent2d.png").exists()
     assert json.loads((out / "summary.json").read_text())["mmd_backend"] == "reference"
-    rc, out2 = _run(tmp_path, "vae2d", "--model", "gmvae", "--prior", "rot2d", "--steps", "4", "--beta", "20",
-                    "--init-from", str(out / "checkpoints" / "last.pt"), *REF)
+    rc, out2 = _run(
+        tmp_path,
+        "vae2d",
+        "--model",
+        "gmvae",
+        "--prior",
+        "rot2d",
+        "--steps",
+        "4",
+        "--beta",
+        "20",
+        "--init-from",
+        str(out / "checkpoints" / "last.pt"),
+        *REF,
+    )
     assert rc == 0
     s = json.loads((out2 / "summary.json").read_text())
     assert s["model"] == "gmvae" and s["config"]["beta"] == 20
@@ -266,7 +345,7 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, extra):
     common = ["--steps", "9", "--ckpt-every", "3", "--seed", "3", "--lr-decay-from", "4", *REF, *extra]
     rc, full = _run(tmp_path, "full", *common)
     assert rc == 0
-    rc, part = _run(tmp_path, "part", *common, "--debug-interrupt-at-step", "5")   # as if Ctrl-C at step 5
+    rc, part = _run(tmp_path, "part", *common, "--debug-interrupt-at-step", "5")  # as if Ctrl-C at step 5
     assert rc == EXIT_INTERRUPTED
     assert _final_state(part)["step"] == 5
     rc, _ = _run(tmp_path, "part", *common, "--resume")
@@ -312,6 +391,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 
 def test_lr_schedule():
     from gmwae_fast.train.cli import lr_at
+
     a = build_parser().parse_args(["--steps", "110", "--lr", "1e-3", "--lr-decay-from", "10", "--lr-final", "1e-5"])
     assert [lr_at(s, a) for s in (0, 9, 10)] == [1e-3, 1e-3, 1e-3]
     assert lr_at(60, a) == pytest.approx(0.5 * (1e-3 + 1e-5))
@@ -348,13 +428,14 @@ def _mode_problem(B=7, K=5, d=3, confident=True, seed=0):
 @pytest.mark.parametrize("cost", ["l2", "bernoulli"])
 def test_mode_expectation_exact_and_pruned(cost):
     from gmwae_fast.train.losses import _bernoulli_nll, _l2_cost, kept_modes, mode_expectation
+
     fn = {"l2": _l2_cost, "bernoulli": _bernoulli_nll}[cost]
     dec = _CountingDecoder(3)
     x, z, logits = _mode_problem()
     B, K = logits.shape
     pi = logits.softmax(-1)
     # every (b, k) cost by brute force, then the exact expectation
-    c = torch.stack([torch.stack([fn(x[b:b + 1], dec.decode(z[b, k][None]))[0] for k in range(K)]) for b in range(B)])
+    c = torch.stack([torch.stack([fn(x[b : b + 1], dec.decode(z[b, k][None]))[0] for k in range(K)]) for b in range(B)])
     exact = (pi * c).sum(1).mean()
     dec.rows.clear()
     got = mode_expectation(dec, x, z, pi, fn, 0.0)
@@ -379,11 +460,12 @@ def test_mode_expectation_exact_and_pruned(cost):
     wz, wl, ww = torch.autograd.grad(want, (z, logits, dec.lin.weight))
     for a, b in ((gz, wz), (gl, wl), (gw, ww)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert (gz[~keep] == 0).all()                      # dropped latents get no reconstruction gradient
+    assert (gz[~keep] == 0).all()  # dropped latents get no reconstruction gradient
 
 
 def test_mode_expectation_prune_below_every_prob_is_exact():
     from gmwae_fast.train.losses import _l2_cost, mode_expectation
+
     dec = _CountingDecoder(3)
     x, z, logits = _mode_problem(confident=False)
     pi = logits.softmax(-1)
@@ -413,15 +495,33 @@ def test_parser_defaults():
     assert (a.model, a.prior, a.lr, a.lam, a.modes, a.mmd_backend) == ("gmwae", "simplex", 5e-4, 500.0, 10, "auto")
     # the paper's settings (section 3): squared-L2 cost without rescaling, batch 100, decoder width 128
     assert (a.recon_scale, a.batch_size, a.dec_channels) == (1.0, 100, 128)
-    assert a.mode_prune == 0.0 and a.consistency == 0.0 and a.balance == 0.0   # the paper's exact objective unless asked
+    assert a.mode_prune == 0.0 and a.consistency == 0.0 and a.balance == 0.0  # the paper's exact objective unless asked
 
 
 def test_profile_step_reports_each_backend(tmp_path):
     """The MMD-share profiler runs a real step per backend and writes consistent JSON (tiny sizes)."""
     from gmwae_fast.train import profile_step
+
     out = tmp_path / "profile.json"
-    rc = profile_step.main(["--batch-size", "3", "--dec-channels", "8", "--backends", "cpu", "reference",
-                            "--reps", "1", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    rc = profile_step.main(
+        [
+            "--batch-size",
+            "3",
+            "--dec-channels",
+            "8",
+            "--backends",
+            "cpu",
+            "reference",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert (res["batch_size"], res["modes"], res["dec_channels"]) == (3, 10, 8)
@@ -437,12 +537,32 @@ def test_profile_step_reports_each_backend(tmp_path):
 def test_profile_step_on_a_checkpoint_with_pruning(tmp_path):
     """--checkpoint takes the model sizes from the run's config; --mode-prune is recorded with its decodes."""
     from gmwae_fast.train import profile_step
+
     rc, run = _run(tmp_path, "prof", "--steps", "2", *REF)
     assert rc == 0
     out = tmp_path / "profile.json"
-    rc = profile_step.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--data-dir", str(DATA),
-                            "--batch-size", "5", "--mode-prune", "0.05", "--backends", "cpu", "--reps", "1",
-                            "--warmup", "0", "--threads", "1", "--out", str(out)])
+    rc = profile_step.main(
+        [
+            "--checkpoint",
+            str(run / "checkpoints" / "last.pt"),
+            "--data-dir",
+            str(DATA),
+            "--batch-size",
+            "5",
+            "--mode-prune",
+            "0.05",
+            "--backends",
+            "cpu",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert (res["dec_channels"], res["mode_prune"], res["images"]) == (8, 0.05, "mnist train")

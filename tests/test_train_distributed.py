@@ -5,6 +5,7 @@ The 2-rank runs are real processes (one per rank, with the environment torchrun 
 ``python -m torch.distributed.run``). On CPU each rank normalises its own shard in batch norm, so the single-process
 side runs with ``--bn-shards 2``: the same two shards (6 and 5 of an 11-image batch: uneven on purpose).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,24 +30,70 @@ from gmwae_fast.train.dist import EXIT_PEER_FAILED, Shards, rank_objective, spli
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
-ARGS = ["--batch-size", "11", "--modes", "4", "--enc-channels", "4", "--dec-channels", "4", "--hidden", "4",
-        "--pretrain-steps", "2", "--log-every", "1", "--eval-every", "10", "--ckpt-every", "5", "--eval-recon", "8",
-        "--no-kmeans", "--no-figures", "--threads", "1", "--no-download", "--no-progress", "--steps", str(STEPS),
-        "--consistency", "1", "--balance", "1", "--seed", "2", "--dist-timeout", "30"]
-LAUNCH_TIMEOUT = 420          # seconds for a whole 2-rank run (process start-up dominates on a busy 2-core VM)
+ARGS = [
+    "--batch-size",
+    "11",
+    "--modes",
+    "4",
+    "--enc-channels",
+    "4",
+    "--dec-channels",
+    "4",
+    "--hidden",
+    "4",
+    "--pretrain-steps",
+    "2",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "10",
+    "--ckpt-every",
+    "5",
+    "--eval-recon",
+    "8",
+    "--no-kmeans",
+    "--no-figures",
+    "--threads",
+    "1",
+    "--no-download",
+    "--no-progress",
+    "--steps",
+    str(STEPS),
+    "--consistency",
+    "1",
+    "--balance",
+    "1",
+    "--seed",
+    "2",
+    "--dist-timeout",
+    "30",
+]
+LAUNCH_TIMEOUT = 420  # seconds for a whole 2-rank run (process start-up dominates on a busy 2-core VM)
 #: Biases that feed a batch norm: their exact gradient is 0 (the norm removes any shift), so Adam turns the
 #: rounding noise in it into steps of about lr either way; they, and the running means that follow them, do not
 #: change what the networks compute in training mode and are checked through the networks' outputs instead.
-GAUGE = ("encoder.trunk.0.bias", "encoder.trunk.3.bias", "encoder.trunk.6.bias", "encoder.b1", "encoder.b2",
-         "decoder.fc.0.bias", "decoder.net.0.bias", "decoder.net.3.bias")
+GAUGE = (
+    "encoder.trunk.0.bias",
+    "encoder.trunk.3.bias",
+    "encoder.trunk.6.bias",
+    "encoder.b1",
+    "encoder.b2",
+    "decoder.fc.0.bias",
+    "decoder.net.0.bias",
+    "decoder.net.3.bias",
+)
 
 
 def _fake_mnist(root: Path, n_train=96, n_test=24) -> Path:
     rs = np.random.RandomState(0)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    arrays = [(rs.randint(0, 256, (n_train, 28, 28)), 2051), (np.arange(n_train) % 10, 2049),
-              (rs.randint(0, 256, (n_test, 28, 28)), 2051), (np.arange(n_test) % 10, 2049)]
+    arrays = [
+        (rs.randint(0, 256, (n_train, 28, 28)), 2051),
+        (np.arange(n_train) % 10, 2049),
+        (rs.randint(0, 256, (n_test, 28, 28)), 2051),
+        (np.arange(n_test) % 10, 2049),
+    ]
     for name, (arr, magic) in zip(MNIST_FILES, arrays):
         (raw / name).write_bytes(struct.pack(f">{1 + arr.ndim}i", magic, *arr.shape) + arr.astype(np.uint8).tobytes())
     return root
@@ -71,8 +118,15 @@ def _spawn_ranks(argv, logs: Path, world=2):
     for r in range(world):
         env = _env(MASTER_PORT=port, WORLD_SIZE=str(world), RANK=str(r), LOCAL_RANK=str(r))
         with open(logs / f"rank{r}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "gmwae_fast.train", *argv], env=env, cwd=REPO,
-                                          stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "gmwae_fast.train", *argv],
+                    env=env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     return procs
 
 
@@ -149,7 +203,7 @@ def test_rank_objective_composes_with_ddp_averaging():
     theta = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
     x = torch.randn(11, 3, dtype=torch.float64, generator=g)
 
-    def glob(rows):                      # a "global" term: a function of every row, gradient through `rows`
+    def glob(rows):  # a "global" term: a function of every row, gradient through `rows`
         return torch.logsumexp(rows @ theta, 0)
 
     ref = torch.autograd.grad(rank_objective([(2.0, (x @ theta).pow(2).mean()), (3.0, glob(x))], 1), theta)[0]
@@ -158,8 +212,7 @@ def test_rank_objective_composes_with_ddp_averaging():
         mine = x[lo:hi] @ theta
         rows = torch.cat([(x[:lo] @ theta).detach(), mine, (x[hi:] @ theta).detach()])
         share = (hi - lo) / 11 * mine.pow(2).mean()
-        grads.append(torch.autograd.grad(rank_objective([(2.0, share), (3.0, torch.logsumexp(rows, 0))], 2),
-                                         theta)[0])
+        grads.append(torch.autograd.grad(rank_objective([(2.0, share), (3.0, torch.logsumexp(rows, 0))], 2), theta)[0])
     torch.testing.assert_close(sum(grads) / 2, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -214,11 +267,15 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(two_ranks, data, t
         if t.is_floating_point() and name not in GAUGE and not name.endswith("running_mean"):
             torch.testing.assert_close(t, sb["model"][name], rtol=0, atol=2e-4, msg=name)
     x = torch.rand(11, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    for name, oa, ob, oc in zip(("mu", "sigma_raw", "logits", "decoder"), _train_mode_outputs(sa, x),
-                                _train_mode_outputs(sb, x), _train_mode_outputs(_state(control), x)):
+    for name, oa, ob, oc in zip(
+        ("mu", "sigma_raw", "logits", "decoder"),
+        _train_mode_outputs(sa, x),
+        _train_mode_outputs(sb, x),
+        _train_mode_outputs(_state(control), x),
+    ):
         scale = float(oa.abs().max())
         assert float((oa - ob).abs().max()) <= 1e-3 * scale, name
-        assert float((oa - oc).abs().max()) > 1e-3 * scale, name          # the control is told apart
+        assert float((oa - oc).abs().max()) > 1e-3 * scale, name  # the control is told apart
     summary = json.loads((two_ranks / "summary.json").read_text())
     assert (summary["world_size"], summary["dist_backend"], summary["batch_norm"]) == (2, "gloo", "per-rank")
     assert json.loads((single / "summary.json").read_text())["batch_norm"] == "per-shard"
@@ -240,10 +297,20 @@ def test_killed_rank_ends_the_other_and_resume_finishes(two_ranks, data, tmp_pat
     assert rc0 == EXIT_PEER_FAILED and time.monotonic() - died < 30, _logs(tmp_path)
     err = (tmp_path / "rank0.log").read_text()
     assert "rank 0 of 2: a collective operation failed" in err and "Traceback" not in err
-    state = _state(out)                         # sha256 verified
+    state = _state(out)  # sha256 verified
     assert state["step"] == 10 and not ck.stale_temporaries(out / "checkpoints" / ck.CKPT_NAME)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "gmwae_fast.train", *argv, "--resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "gmwae_fast.train",
+        *argv,
+        "--resume",
+    ]
     res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a, b = _state(two_ranks), _state(out)
@@ -255,6 +322,7 @@ def test_killed_rank_ends_the_other_and_resume_finishes(two_ranks, data, tmp_pat
 
 def test_resume_with_another_world_size_is_refused(two_ranks, data, tmp_path, capsys):
     import shutil
+
     out = tmp_path / "copy"
     shutil.copytree(two_ranks, out)
     rc = main(["--data-dir", str(data), "--out", str(out), *ARGS, "--resume", "--steps", str(STEPS + 2)])
@@ -265,6 +333,7 @@ def test_resume_with_another_world_size_is_refused(two_ranks, data, tmp_path, ca
 def test_rank_0_failing_before_training_stops_every_rank_with_its_message(two_ranks, data, tmp_path):
     """A corrupt checkpoint on --resume: rank 0 finds it, every rank exits 2 with rank 0's one-line reason."""
     import shutil
+
     out = tmp_path / "bad"
     shutil.copytree(two_ranks, out)
     path = out / "checkpoints" / ck.CKPT_NAME

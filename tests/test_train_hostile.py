@@ -4,6 +4,7 @@ unwritable outputs, a full disk, killed checkpoint writes; plus the progress out
 The runs train on small fake IDX files written into tmp dirs (random pixels, labels 0..9), so they need no MNIST
 and take about a second each.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,10 +36,12 @@ def fake_mnist(root: Path, n_train=64, n_test=24, gz=False, seed=0, edit=None) -
     rs = np.random.RandomState(seed)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    arrays = {MNIST_FILES[0]: (rs.randint(0, 256, (n_train, 28, 28)), 2051),
-              MNIST_FILES[1]: (np.arange(n_train) % 10, 2049),
-              MNIST_FILES[2]: (rs.randint(0, 256, (n_test, 28, 28)), 2051),
-              MNIST_FILES[3]: (np.arange(n_test) % 10, 2049)}
+    arrays = {
+        MNIST_FILES[0]: (rs.randint(0, 256, (n_train, 28, 28)), 2051),
+        MNIST_FILES[1]: (np.arange(n_train) % 10, 2049),
+        MNIST_FILES[2]: (rs.randint(0, 256, (n_test, 28, 28)), 2051),
+        MNIST_FILES[3]: (np.arange(n_test) % 10, 2049),
+    }
     for name, (arr, magic) in arrays.items():
         data = _idx_bytes(arr, magic)
         if edit is not None:
@@ -55,9 +58,33 @@ def data(tmp_path):
     return fake_mnist(tmp_path / "data")
 
 
-SMALL = ["--batch-size", "8", "--enc-channels", "4", "--dec-channels", "4", "--hidden", "4", "--pretrain-steps", "1",
-         "--log-every", "1", "--eval-every", "2", "--eval-recon", "8", "--no-kmeans", "--no-figures", "--threads", "1",
-         "--mmd-backend", "reference", "--reparam-backend", "reference", "--no-download"]
+SMALL = [
+    "--batch-size",
+    "8",
+    "--enc-channels",
+    "4",
+    "--dec-channels",
+    "4",
+    "--hidden",
+    "4",
+    "--pretrain-steps",
+    "1",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "2",
+    "--eval-recon",
+    "8",
+    "--no-kmeans",
+    "--no-figures",
+    "--threads",
+    "1",
+    "--mmd-backend",
+    "reference",
+    "--reparam-backend",
+    "reference",
+    "--no-download",
+]
 
 
 def _args(data, out, *extra, progress=False):
@@ -95,18 +122,23 @@ def test_fake_idx_loads_plain_and_gz_only(tmp_path):
 def _spoil(target, how):
     def edit(name, data):
         return how(data) if name == target else data
+
     return edit
 
 
-@pytest.mark.parametrize("target,how,words", [
-    (MNIST_FILES[0], lambda d: d[:-100], ["truncated", MNIST_FILES[0]]),
-    (MNIST_FILES[2], lambda d: d + b"\0" * 7, ["oversized", MNIST_FILES[2]]),
-    (MNIST_FILES[1], lambda d: d[:5], ["truncated", "header"]),
-    (MNIST_FILES[3], lambda d: b"\x00\x00\x08\x03" + d[4:], ["magic number 2051", "expected 2049"]),
-    (MNIST_FILES[0], lambda d: b"garbage!" * 10, ["magic number"]),
-    (MNIST_FILES[3], lambda d: d[:-1] + bytes([200]), ["label 200", "0..9"]),
-    (MNIST_FILES[2], lambda d: d[:8] + struct.pack(">ii", 32, 24) + d[16:], ["32x24", "28x28"]),
-], ids=["truncated", "oversized", "header", "magic-swapped", "garbled", "label-200", "image-size"])
+@pytest.mark.parametrize(
+    "target,how,words",
+    [
+        (MNIST_FILES[0], lambda d: d[:-100], ["truncated", MNIST_FILES[0]]),
+        (MNIST_FILES[2], lambda d: d + b"\0" * 7, ["oversized", MNIST_FILES[2]]),
+        (MNIST_FILES[1], lambda d: d[:5], ["truncated", "header"]),
+        (MNIST_FILES[3], lambda d: b"\x00\x00\x08\x03" + d[4:], ["magic number 2051", "expected 2049"]),
+        (MNIST_FILES[0], lambda d: b"garbage!" * 10, ["magic number"]),
+        (MNIST_FILES[3], lambda d: d[:-1] + bytes([200]), ["label 200", "0..9"]),
+        (MNIST_FILES[2], lambda d: d[:8] + struct.pack(">ii", 32, 24) + d[16:], ["32x24", "28x28"]),
+    ],
+    ids=["truncated", "oversized", "header", "magic-swapped", "garbled", "label-200", "image-size"],
+)
 def test_bad_idx_files_are_named(tmp_path, capsys, target, how, words):
     root = fake_mnist(tmp_path / "d", edit=_spoil(target, how))
     with pytest.raises(InvalidDataError) as e:
@@ -125,7 +157,7 @@ def test_count_mismatch_between_images_and_labels(tmp_path, capsys):
     assert main(_args(root, tmp_path / "o", "--steps", "2")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "20 images" in line and "40 labels" in line and MNIST_FILES[3] in line
-    assert not ckpt(tmp_path / "o").exists()          # refused before any training
+    assert not ckpt(tmp_path / "o").exists()  # refused before any training
 
 
 def test_corrupt_gz_is_named(tmp_path):
@@ -143,13 +175,20 @@ def _state():
 
 def _flip(data: bytes) -> bytes:
     i = len(data) - 200
-    return data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
+    return data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :]
 
 
-@pytest.mark.parametrize("spoil,words", [
-    (_flip, "sha256"), (lambda d: d[: len(d) // 2], "sha256"), (lambda d: d[:40], "truncated"),
-    (lambda d: b"", "empty"), (lambda d: b"hello, world\n" * 9, "not a gmwae_fast checkpoint"),
-], ids=["flipped", "truncated-payload", "truncated-header", "empty", "foreign"])
+@pytest.mark.parametrize(
+    "spoil,words",
+    [
+        (_flip, "sha256"),
+        (lambda d: d[: len(d) // 2], "sha256"),
+        (lambda d: d[:40], "truncated"),
+        (lambda d: b"", "empty"),
+        (lambda d: b"hello, world\n" * 9, "not a gmwae_fast checkpoint"),
+    ],
+    ids=["flipped", "truncated-payload", "truncated-header", "empty", "foreign"],
+)
 def test_bad_checkpoint_is_one_clear_error(tmp_path, spoil, words):
     p = tmp_path / "last.pt"
     ck.atomic_save(_state(), p)
@@ -163,7 +202,7 @@ def test_checkpoint_with_nan_weight_is_refused(tmp_path):
     p = tmp_path / "last.pt"
     st = _state()
     st["model"]["w"][2] = float("nan")
-    ck.atomic_save(st, p)                       # a valid digest: only the finiteness check can catch it
+    ck.atomic_save(st, p)  # a valid digest: only the finiteness check can catch it
     with pytest.raises(ck.CheckpointError, match=r"non-finite values in model\.w"):
         ck.load_checkpoint(p)
 
@@ -194,13 +233,30 @@ def test_resume_with_other_options_is_refused(data, tmp_path, capsys):
     out = tmp_path / "r"
     assert run(data, out, "--steps", "3") == 0
     before = ckpt(out).read_bytes()
-    rc = run(data, out, "--steps", "3", "--resume", "--seed", "1", "--batch-size", "16", "--lr", "1e-3",
-             "--prior-samples", "20")
+    rc = run(
+        data,
+        out,
+        "--steps",
+        "3",
+        "--resume",
+        "--seed",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--prior-samples",
+        "20",
+    )
     assert rc == 2
     line = one_error_line(capsys.readouterr().err)
-    for w in ("--seed 0 in the checkpoint, 1 now", "--batch-size 8 in the checkpoint, 16 now",
-              "--lr 0.0005 in the checkpoint, 0.001 now", "--prior-samples None in the checkpoint, 20 now",
-              "--allow-config-change"):
+    for w in (
+        "--seed 0 in the checkpoint, 1 now",
+        "--batch-size 8 in the checkpoint, 16 now",
+        "--lr 0.0005 in the checkpoint, 0.001 now",
+        "--prior-samples None in the checkpoint, 20 now",
+        "--allow-config-change",
+    ):
         assert w in line
     assert ckpt(out).read_bytes() == before
 
@@ -208,13 +264,18 @@ def test_resume_with_other_options_is_refused(data, tmp_path, capsys):
 def test_resume_may_extend_steps_and_change_cadence(data, tmp_path):
     out = tmp_path / "r"
     assert run(data, out, "--steps", "3") == 0
-    assert run(data, out, "--steps", "5", "--resume", "--eval-every", "5", "--threads", "2",
-               "--lr-decay-from", "3") == 0
+    assert (
+        run(data, out, "--steps", "5", "--resume", "--eval-every", "5", "--threads", "2", "--lr-decay-from", "3") == 0
+    )
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     resume = [r for r in recs if r["kind"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 3
-    assert resume[0]["config_changes"] == {"steps": [3, 5], "eval_every": [2, 5], "threads": [1, 2],
-                                           "lr_decay_from": [None, 3]}
+    assert resume[0]["config_changes"] == {
+        "steps": [3, 5],
+        "eval_every": [2, 5],
+        "threads": [1, 2],
+        "lr_decay_from": [None, 3],
+    }
     assert resume[0]["allowed_by_allow_config_change"] == []
     assert ck.load_checkpoint(ckpt(out))["step"] == 5
 
@@ -222,16 +283,19 @@ def test_resume_may_extend_steps_and_change_cadence(data, tmp_path):
 def test_allow_config_change_is_recorded(data, tmp_path):
     out = tmp_path / "r"
     assert run(data, out, "--steps", "2") == 0
-    assert run(data, out, "--steps", "4", "--resume", "--lr", "1e-3", "--adam-beta1", "0.9",
-               "--allow-config-change") == 0
-    resume = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(l)["kind"] == "resume"]
+    assert (
+        run(data, out, "--steps", "4", "--resume", "--lr", "1e-3", "--adam-beta1", "0.9", "--allow-config-change") == 0
+    )
+    resume = [
+        json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == "resume"
+    ]
     assert resume[0]["allowed_by_allow_config_change"] == ["adam_beta1", "lr"]
     st = ck.load_checkpoint(ckpt(out))
     assert st["config"]["lr"] == 1e-3
     assert all(g["betas"] == (0.9, 0.999) and g["lr"] == 1e-3 for g in st["optimizer"]["param_groups"])
-    train = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
+    train = [
+        json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == "train"
+    ]
     assert [r["lr"] for r in train] == [5e-4, 5e-4, 1e-3, 1e-3]
 
 
@@ -240,8 +304,20 @@ def test_other_network_sizes_name_the_option(data, tmp_path, capsys):
     assert run(data, out, "--steps", "2") == 0
     assert run(data, out, "--steps", "2", "--resume", "--dec-channels", "8", "--allow-config-change") == 2
     assert "--dec-channels 4 in the checkpoint, 8 now" in one_error_line(capsys.readouterr().err)
-    rc = run(data, tmp_path / "i", "--steps", "2", "--init-from", str(ckpt(out)), "--hidden", "6", "--modes", "9",
-             "--latent-dim", "10")
+    rc = run(
+        data,
+        tmp_path / "i",
+        "--steps",
+        "2",
+        "--init-from",
+        str(ckpt(out)),
+        "--hidden",
+        "6",
+        "--modes",
+        "9",
+        "--latent-dim",
+        "10",
+    )
     assert rc == 2
     line = one_error_line(capsys.readouterr().err)
     assert "--init-from" in line and "--hidden 4 in the checkpoint, 6 now" in line and "--modes 10" in line
@@ -256,10 +332,16 @@ def test_init_from_a_raw_state_dict_of_other_shapes(data, tmp_path, capsys):
     assert "do not fit this network" in line and "size mismatch" in line
 
 
-@pytest.mark.parametrize("spoil,words", [
-    (_flip, "sha256"), (lambda d: d[:1000], "sha256"), (lambda d: b"", "empty"),
-    (lambda d: b"\x89PNG\r\n" + d[:300], "not a gmwae_fast checkpoint"),
-], ids=["flipped", "truncated", "empty", "foreign"])
+@pytest.mark.parametrize(
+    "spoil,words",
+    [
+        (_flip, "sha256"),
+        (lambda d: d[:1000], "sha256"),
+        (lambda d: b"", "empty"),
+        (lambda d: b"\x89PNG\r\n" + d[:300], "not a gmwae_fast checkpoint"),
+    ],
+    ids=["flipped", "truncated", "empty", "foreign"],
+)
 def test_resume_from_a_bad_checkpoint(data, tmp_path, capsys, spoil, words):
     out = tmp_path / "r"
     assert run(data, out, "--steps", "2") == 0
@@ -291,11 +373,14 @@ def test_nonfinite_weights_between_checkpoints_stop_at_the_loss(data, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------ options (13)
-@pytest.mark.parametrize("bad,words", [
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
-    (["--prior-samples", "1"], "--prior-samples must be at least 2"),
-    (["--test-subset", "1"], "--test-subset must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "bad,words",
+    [
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--prior-samples", "1"], "--prior-samples must be at least 2"),
+        (["--test-subset", "1"], "--test-subset must be at least 2"),
+    ],
+)
 def test_degenerate_sizes_are_argparse_errors(data, tmp_path, capsys, bad, words):
     with pytest.raises(SystemExit) as e:
         run(data, tmp_path / "o", *bad)
@@ -330,9 +415,11 @@ def test_out_not_writable(data, tmp_path, capsys, monkeypatch):
     (ro / "checkpoints").mkdir(parents=True)
     if os.geteuid() != 0:
         os.chmod(ro / "checkpoints", 0o555)
-    else:                               # root writes anywhere: refuse the write probe as a read-only mount would
+    else:  # root writes anywhere: refuse the write probe as a read-only mount would
+
         def refuse(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
+
         monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
     try:
         assert run(data, ro) == 2
@@ -352,7 +439,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data, tmp_path, ca
             self.f = f
 
         def write(self, b):
-            self.f.write(bytes(b[:100]))          # part of it, as a real full disk would
+            self.f.write(bytes(b[:100]))  # part of it, as a real full disk would
             raise OSError(errno.ENOSPC, "No space left on device")
 
         def fileno(self):
@@ -365,7 +452,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data, tmp_path, ca
     def fdopen(fd, mode="r", *a, **k):
         calls.append(fd)
         f = real_fdopen(fd, mode, *a, **k)
-        return Full(f) if len(calls) >= 3 else f          # saves: step 0, step 2, then the disk is full
+        return Full(f) if len(calls) >= 3 else f  # saves: step 0, step 2, then the disk is full
 
     monkeypatch.setattr(ck.os, "fdopen", fdopen)
     assert run(data, out, "--steps", "6", "--ckpt-every", "2") == 2
@@ -398,11 +485,11 @@ def test_progress_lines_without_a_terminal(data, tmp_path, capsys):
     assert [l.split(":")[0] for l in lines] == [f"gmwae step {i}/4" for i in (1, 2, 3, 4)]
     assert "loss " in lines[0] and "test accuracy" not in lines[0]
     assert "test accuracy" in lines[1] and "active modes" in lines[1] and "(step 2)" in lines[1]
-    assert "\r" not in err and "it/s" not in err                       # no tqdm bar
+    assert "\r" not in err and "it/s" not in err  # no tqdm bar
     assert run(data, tmp_path / "q", "--steps", "4", "--progress-seconds", "1000", progress=True) == 0
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("gmwae step ")]
     assert [l.split(":")[0] for l in lines] == ["gmwae step 1/4", "gmwae step 4/4"]
-    assert run(data, tmp_path / "r", "--steps", "2") == 0                # --no-progress: silent
+    assert run(data, tmp_path / "r", "--steps", "2") == 0  # --no-progress: silent
     assert "step" not in capsys.readouterr().err
 
 
@@ -440,8 +527,21 @@ def test_recipe_paper_changes_nothing_and_robust_bundles():
 
 
 def test_recipe_explicit_options_win():
-    r = _resolved(["--recipe", "robust", "--steps", "100", "--consistency", "0", "--lr-decay-from", "10",
-                   "--mode-prune=0.01", "--balance", "100"])
+    r = _resolved(
+        [
+            "--recipe",
+            "robust",
+            "--steps",
+            "100",
+            "--consistency",
+            "0",
+            "--lr-decay-from",
+            "10",
+            "--mode-prune=0.01",
+            "--balance",
+            "100",
+        ]
+    )
     assert (r.consistency, r.lr_decay_from, r.mode_prune, r.balance) == (0.0, 10, 0.01, 100.0)
     assert explicit_options(["--steps", "5", "--no-kmeans"]) == {"steps", "no_kmeans"}
 
@@ -451,16 +551,22 @@ def test_recipe_in_help_and_recorded(data, tmp_path, capsys):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert "robust" in help_text and "--consistency 50 --balance 100" in help_text
-    assert not re.search(r"\d\s*(min|h|s)\b|about \d|results/", help_text)      # no run stories or timings
+    assert not re.search(r"\d\s*(min|h|s)\b|about \d|results/", help_text)  # no run stories or timings
     out = tmp_path / "rob"
     assert run(data, out, "--recipe", "robust", "--steps", "8", "--eval-every", "8", "--balance", "3") == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["recipe"] == "robust" and s["config"]["recipe"] == "robust"
     c = s["config"]
-    assert (c["consistency"], c["balance"], c["mode_prune"], c["lr_decay_from"], c["lr_final"]) == (50.0, 3.0, 1e-4,
-                                                                                                   6, 0.0)
-    train = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
+    assert (c["consistency"], c["balance"], c["mode_prune"], c["lr_decay_from"], c["lr_final"]) == (
+        50.0,
+        3.0,
+        1e-4,
+        6,
+        0.0,
+    )
+    train = [
+        json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == "train"
+    ]
     assert all("consistency" in r and "balance" in r and "decoded_modes" in r for r in train)
     assert train[-1]["lr"] < train[0]["lr"]
 
@@ -471,6 +577,7 @@ def test_file_size_limit_in_a_real_process(data, tmp_path):
     import resource
     import subprocess
     import sys
+
     out = tmp_path / "fs"
     assert run(data, out, "--steps", "2") == 0
     size = ckpt(out).stat().st_size
@@ -479,9 +586,14 @@ def test_file_size_limit_in_a_real_process(data, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
-    p = subprocess.run([sys.executable, "-m", "gmwae_fast.train", *_args(data, out, "--steps", "4", "--resume")],
-                       preexec_fn=limit, capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
+    p = subprocess.run(
+        [sys.executable, "-m", "gmwae_fast.train", *_args(data, out, "--steps", "4", "--resume")],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert p.returncode == 2, p.stderr
     line = one_error_line(p.stderr)
     assert "could not write the checkpoint" in line and "File too large" in line and "step 2 is kept" in line
@@ -491,6 +603,7 @@ def test_file_size_limit_in_a_real_process(data, tmp_path):
 def test_download_path(tmp_path, monkeypatch):
     """Absent files go through torchvision's MNIST(download=True), which leaves uncompressed IDX files in raw/."""
     import torchvision.datasets
+
     calls = []
 
     def fake_download(root, train, download):
@@ -506,5 +619,6 @@ def test_download_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     from gmwae_fast.train.data import MissingDataError
+
     with pytest.raises(MissingDataError, match="could not be downloaded.*network unreachable"):
         load_mnist(str(tmp_path / "e"), download=True)

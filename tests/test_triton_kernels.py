@@ -6,6 +6,7 @@ CUDA device the same tests run on the GPU (the accuracy checks then with the def
 is not importable. Besides values and gradients: no host-device synchronisation in the launchers, accuracy at any
 spread of the points, one far outlier, one-hot cotangents.
 """
+
 import importlib
 import importlib.util
 import os
@@ -22,8 +23,9 @@ pytest.importorskip("triton", reason="triton is not importable")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("", "0", "false", "no", "off"):
-    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled: the Triton kernels cannot run",
-                allow_module_level=True)
+    pytest.skip(
+        "no CUDA device and TRITON_INTERPRET is disabled: the Triton kernels cannot run", allow_module_level=True
+    )
 
 
 def _load_kernels():
@@ -47,6 +49,7 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------------------------
 # float64 brute force (materialised N x M x S, small sizes only)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def ref_terms(a, wa, b, wb, bw, allowed=None):
     """``sum_{i, j} wa_i wb_j [allowed_ij] C_s / (C_s + ||a_i - b_j||^2)`` in float64, differentiable."""
@@ -89,6 +92,7 @@ def ref_cross_grad(h, a, wa, b, wb, bw):
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def make_inputs(n, m, d, s, dtype, seed, offset=0.0):
     gen = torch.Generator().manual_seed(seed)
     cdt = F64 if dtype == F64 else torch.float32
@@ -99,7 +103,7 @@ def make_inputs(n, m, d, s, dtype, seed, offset=0.0):
     wa, wb = wa / wa.sum(), wb / wb.sum()
     bw = 2.0 * max(d, 1) * torch.exp(torch.empty(s, dtype=F64).uniform_(-2.5, 2.5, generator=gen))
     h = torch.randn(s, generator=gen, dtype=F64)
-    h[h.abs() < 0.2] += 0.7      # entries != 1 and != 0
+    h[h.abs() < 0.2] += 0.7  # entries != 1 and != 0
     return tuple(t.to(DEVICE) for t in (a, wa, b, wb, bw, h))
 
 
@@ -113,7 +117,7 @@ def assert_close(got, want, rel, name, dtype=None):
     assert err <= rel * scale + 1e-300, f"{name}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
 
 
-SMALL = {"block_i": 32, "block_j": 16}   # several row blocks and column tiles at these sizes
+SMALL = {"block_i": 32, "block_j": 16}  # several row blocks and column tiles at these sizes
 CONFIGS = {"small-blocks": SMALL, "default-blocks": {}, "column-splits": dict(SMALL, col_splits=3)}
 
 # (N, M, d, group): sizes not multiples of the blocks, N = 1, d from 1 to 64, groups of 3
@@ -136,7 +140,7 @@ CASES_LOW = [
 TOL = {
     F64: (1e-11, 1e-10, 1e-11),
     torch.float32: (2e-6, 2e-5, 1e-5),
-    torch.bfloat16: (2e-6, 1e-2, 1e-5),   # points rounded to bfloat16 (reference uses the same points), da stored bf16
+    torch.bfloat16: (2e-6, 1e-2, 1e-5),  # points rounded to bfloat16 (reference uses the same points), da stored bf16
     torch.float16: (2e-6, 2e-3, 1e-5),
 }
 
@@ -146,8 +150,7 @@ def check_all(n, m, d, group, dtype, seed, cfg, s=4, offset=0.0):
     tv, tda, tdw = TOL[dtype]
     for unbiased in (False, True):
         tag = f"self(unbiased={unbiased})"
-        assert_close(K.imq_self(a, wa, bw, group, unbiased, **cfg), ref_self(a, wa, bw, group, unbiased),
-                     tv, tag, F64)
+        assert_close(K.imq_self(a, wa, bw, group, unbiased, **cfg), ref_self(a, wa, bw, group, unbiased), tv, tag, F64)
         vals, da, dwa = K.imq_self_grad(h, a, wa, bw, group, unbiased, **cfg)
         rv, rda, rdw = ref_self_grad(h, a, wa, bw, group, unbiased)
         assert_close(vals, rv, tv, tag + " grad values", F64)
@@ -156,8 +159,13 @@ def check_all(n, m, d, group, dtype, seed, cfg, s=4, offset=0.0):
     assert_close(K.imq_cross(a, wa, b, wb, bw, **cfg), ref_terms(a, wa, b, wb, bw), tv, "cross", F64)
     got = K.imq_cross_grad(h, a, wa, b, wb, bw, **cfg)
     want = ref_cross_grad(h, a, wa, b, wb, bw)
-    for name, g, w, tol, dt in zip(("values", "da", "dwa", "db", "dwb"), got, want, (tv, tda, tdw, tda, tdw),
-                                   (F64, a.dtype, wa.dtype, b.dtype, wb.dtype)):
+    for name, g, w, tol, dt in zip(
+        ("values", "da", "dwa", "db", "dwb"),
+        got,
+        want,
+        (tv, tda, tdw, tda, tdw),
+        (F64, a.dtype, wa.dtype, b.dtype, wb.dtype),
+    ):
         assert_close(g, w, tol, "cross grad " + name, dt)
     rows_only = K.imq_cross_grad(h, a, wa, b, wb, bw, False, **cfg)  # b_grad=False: no column pass, zeros
     for name, g, w in zip(("values", "da", "dwa"), rows_only[:3], got[:3]):
@@ -168,6 +176,7 @@ def check_all(n, m, d, group, dtype, seed, cfg, s=4, offset=0.0):
 # ---------------------------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
 @pytest.mark.parametrize("n,m,d,group", CASES_F64)
@@ -217,8 +226,13 @@ def test_far_outliers_float32(shift):
     cases = [(K.imq_cross(a, wa, b, wb, bw, **SMALL), ref_terms(a, wa, b, wb, bw), "cross")]
     for unbiased in (False, True):
         cases.append((K.imq_self(a, wa, bw, 1, unbiased, **SMALL), ref_self(a, wa, bw, 1, unbiased), "self"))
-        cases.append((K.imq_self_grad(h, a, wa, bw, 1, unbiased, **SMALL)[0], ref_self(a, wa, bw, 1, unbiased),
-                      "self grad values"))
+        cases.append(
+            (
+                K.imq_self_grad(h, a, wa, bw, 1, unbiased, **SMALL)[0],
+                ref_self(a, wa, bw, 1, unbiased),
+                "self grad values",
+            )
+        )
     cases.append((K.imq_cross_grad(h, a, wa, b, wb, bw, **SMALL)[0], ref_terms(a, wa, b, wb, bw), "cross grad values"))
     for got, want, name in cases:
         rel = ((got - want).abs() / want.abs()).max().item()
@@ -286,8 +300,8 @@ def _ref_terms_chunked(a, wa, b, wb, bw, unbiased_self=False, chunk=256):
     a, wa, b, wb = (t.to(F64) for t in (a, wa, b, wb))
     out = torch.zeros(bw.shape[0], dtype=F64, device=a.device)
     for i0 in range(0, a.shape[0], chunk):
-        dist = ((a[i0:i0 + chunk, None, :] - b[None]) ** 2).sum(-1)
-        w = wa[i0:i0 + chunk, None] * wb[None]
+        dist = ((a[i0 : i0 + chunk, None, :] - b[None]) ** 2).sum(-1)
+        w = wa[i0 : i0 + chunk, None] * wb[None]
         if unbiased_self:
             rows = torch.arange(i0, min(i0 + chunk, a.shape[0]), device=a.device)
             w = w * (rows[:, None] != torch.arange(b.shape[0], device=a.device)[None]).to(F64)
@@ -307,10 +321,15 @@ def test_float32_mmd_accuracy_near_zero():
     w = torch.full((n,), 1.0 / n, device=DEVICE)
     bw = 2.0 * d * torch.logspace(-1.5, 1.5, 15, dtype=F64, device=DEVICE)
     cfg = {"block_i": 256, "block_j": 32} if DEVICE == "cpu" else {}
-    got = _mmd2(x, y, w, bw, lambda p, q, c: K.imq_self(p, q, c, 1, True, **cfg),
-                lambda p, q, r, t, c: K.imq_cross(p, q, r, t, c, **cfg))
-    want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True),
-                 _ref_terms_chunked)
+    got = _mmd2(
+        x,
+        y,
+        w,
+        bw,
+        lambda p, q, c: K.imq_self(p, q, c, 1, True, **cfg),
+        lambda p, q, r, t, c: K.imq_cross(p, q, r, t, c, **cfg),
+    )
+    want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True), _ref_terms_chunked)
     rel = ((got - want).abs() / want.abs()).max().item()
     assert rel <= 1e-5, f"MMD2 relative error {rel:.2e} (MMD2 = {want.tolist()})"
 
@@ -325,10 +344,15 @@ def test_float32_mmd_accuracy_grad_pass():
     bw = 2.0 * d * torch.logspace(-1.5, 1.5, 15, dtype=F64, device=DEVICE)
     ones = torch.ones(15, dtype=F64, device=DEVICE)
     cfg = {"block_i": 128, "block_j": 64} if DEVICE == "cpu" else {}
-    got = _mmd2(x, y, w, bw, lambda p, q, c: K.imq_self_grad(ones, p, q, c, 1, True, **cfg)[0],
-                lambda p, q, r, t, c: K.imq_cross_grad(ones, p, q, r, t, c, **cfg)[0])
-    want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True),
-                 _ref_terms_chunked)
+    got = _mmd2(
+        x,
+        y,
+        w,
+        bw,
+        lambda p, q, c: K.imq_self_grad(ones, p, q, c, 1, True, **cfg)[0],
+        lambda p, q, r, t, c: K.imq_cross_grad(ones, p, q, r, t, c, **cfg)[0],
+    )
+    want = _mmd2(x, y, w, bw, lambda p, q, c: _ref_terms_chunked(p, q, p, q, c, unbiased_self=True), _ref_terms_chunked)
     rel = ((got - want).abs() / want.abs()).max().item()
     assert rel <= 1e-5, f"MMD2 relative error {rel:.2e} (MMD2 = {want.tolist()})"
 
@@ -339,9 +363,10 @@ def test_grad_column_splits(dtype):
     a, wa, b, wb, bw, h = make_inputs(37, 70, 5, 3, dtype, seed=21)
     _, tda, tdw = TOL[dtype]
     cfg = dict(SMALL, col_splits=3)
-    for unbiased in (False, True):   # symmetric self values over split column ranges
-        assert_close(K.imq_self(a, wa, bw, 1, unbiased, **cfg), ref_self(a, wa, bw, 1, unbiased), TOL[dtype][0],
-                     "self values")
+    for unbiased in (False, True):  # symmetric self values over split column ranges
+        assert_close(
+            K.imq_self(a, wa, bw, 1, unbiased, **cfg), ref_self(a, wa, bw, 1, unbiased), TOL[dtype][0], "self values"
+        )
     got = K.imq_cross_grad(h, a, wa, b, wb, bw, **cfg)
     want = ref_cross_grad(h, a, wa, b, wb, bw)
     for name, g, w, tol in zip(("values", "da", "dwa", "db", "dwb"), got, want, TOL[dtype] + (tda, tdw)):
@@ -376,6 +401,7 @@ class _SyncGuard:
     def _raise(self, name):
         def method(*args, **kwargs):
             raise AssertionError(f"host-device synchronisation: Tensor.{name} called by the launcher")
+
         return method
 
     def _patch(self, on: bool):
@@ -402,7 +428,9 @@ class _SyncGuard:
                         return kernel[grid](*args, **kwargs)
                     finally:
                         guard._patch(True)
+
                 return run
+
         return Launch()
 
 
@@ -413,7 +441,7 @@ def test_sync_guard_catches_a_host_read():
         with pytest.raises(AssertionError, match="synchronisation"):
             with _SyncGuard():
                 read()
-    assert float(x.sum()) == 2.0   # restored afterwards
+    assert float(x.sum()) == 2.0  # restored afterwards
 
 
 def test_launchers_do_not_synchronise(monkeypatch):
@@ -423,9 +451,12 @@ def test_launchers_do_not_synchronise(monkeypatch):
     for name in ("_imq_values_kernel", "_imq_rowpass_kernel"):
         monkeypatch.setattr(K, name, guard.wrap(getattr(K, name)))
     with guard:
-        out = [K.imq_self(a, wa, bw, 1, True, **SMALL), K.imq_cross(a, wa, b, wb, bw, **SMALL),
-               *K.imq_self_grad(h, a, wa, bw, 1, False, **SMALL),
-               *K.imq_cross_grad(h, a, wa, b, wb, bw, col_splits=2, **SMALL)]
+        out = [
+            K.imq_self(a, wa, bw, 1, True, **SMALL),
+            K.imq_cross(a, wa, b, wb, bw, **SMALL),
+            *K.imq_self_grad(h, a, wa, bw, 1, False, **SMALL),
+            *K.imq_cross_grad(h, a, wa, b, wb, bw, col_splits=2, **SMALL),
+        ]
     assert_close(out[0], ref_self(a, wa, bw, 1, True), TOL[torch.float32][0], "self")
     assert_close(out[1], ref_terms(a, wa, b, wb, bw), TOL[torch.float32][0], "cross")
     assert all(torch.isfinite(t).all() for t in out)
@@ -434,6 +465,7 @@ def test_launchers_do_not_synchronise(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # accuracy at any spread, far outliers, one-hot cotangents
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def normwise(got, want):
     return ((got.to(F64) - want.to(F64)).norm() / want.to(F64).norm()).item()
@@ -448,8 +480,10 @@ def test_gradients_at_any_spread_float32(std, d, n, m):
     b = (torch.randn(m, d, generator=gen) * std).to(DEVICE)
     wa, wb = torch.full((n,), 1 / n, device=DEVICE), torch.full((m,), 1 / m, device=DEVICE)
     bw = 2.0 * d * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0], dtype=F64, device=DEVICE)
-    for h in (torch.tensor([1.0, -0.5, 2.0, 1.0, 0.7], dtype=F64, device=DEVICE),
-              torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=F64, device=DEVICE)):
+    for h in (
+        torch.tensor([1.0, -0.5, 2.0, 1.0, 0.7], dtype=F64, device=DEVICE),
+        torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0], dtype=F64, device=DEVICE),
+    ):
         for unbiased in (False, True):
             got = K.imq_self_grad(h, a, wa, bw, 1, unbiased, **SMALL)
             want = ref_self_grad(h, a, wa, bw, 1, unbiased)
@@ -470,7 +504,7 @@ def test_one_far_point_float32(outlier):
     gen = torch.Generator().manual_seed(17)
     a = torch.randn(40, 5, generator=gen)
     a[0] = outlier
-    b = (torch.randn(30, 5, generator=gen) + 0.3)
+    b = torch.randn(30, 5, generator=gen) + 0.3
     a, b = a.to(DEVICE), b.to(DEVICE)
     wa, wb = torch.full((40,), 1 / 40, device=DEVICE), torch.full((30,), 1 / 30, device=DEVICE)
     bw = 2.0 * 5 * torch.tensor([0.01, 0.2, 1.0, 5.0, 100.0], dtype=F64, device=DEVICE)

@@ -6,6 +6,7 @@ product) would come out as zero. :func:`first_order_only` ties such gradients to
 backward raises, so the first-order gradients still work with ``create_graph=True`` while any attempt to
 differentiate through them fails loudly.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -29,11 +30,13 @@ class _NoSecondOrder(torch.autograd.Function):
         raise RuntimeError(
             f"gmwae_fast: double backward through {ctx.op_name} is not supported: its gradient is computed by a "
             "fused kernel with no derivative of its own. Differentiate the first-order gradient with the "
-            "'reference' backend (plain PyTorch autograd) instead.")
+            "'reference' backend (plain PyTorch autograd) instead."
+        )
 
 
-def first_order_only(op_name: str, grads: Sequence[Optional[Tensor]],
-                     anchors: Sequence[Optional[Tensor]]) -> tuple[Optional[Tensor], ...]:
+def first_order_only(
+    op_name: str, grads: Sequence[Optional[Tensor]], anchors: Sequence[Optional[Tensor]]
+) -> tuple[Optional[Tensor], ...]:
     """``grads`` unchanged outside ``create_graph=True``; otherwise each tied to the ``anchors`` that require grad
     through a node that raises :class:`RuntimeError` on a second differentiation."""
     if not torch.is_grad_enabled():

@@ -24,6 +24,7 @@ generated noise, which the backward op regenerates from ``(seed, element index)`
 
 All ops are opaque to :func:`torch.compile` (no graph break) and checked with :func:`torch.library.opcheck`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -49,6 +50,7 @@ class ReparamOps(NamedTuple):
 # Triton custom ops (the launchers import triton lazily, so this module imports without it).
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _tk():
     from ..kernels import gm_reparam
 
@@ -56,15 +58,22 @@ def _tk():
 
 
 @torch.library.custom_op("gmwae_fast::triton_gm_reparam", mutates_args=())
-def triton_gm_reparam(mu: Tensor, sigma_raw: Tensor, logits: Tensor, seed: Optional[Tensor], noise: Optional[Tensor],
-                      activation: str) -> tuple[Tensor, Tensor]:
+def triton_gm_reparam(
+    mu: Tensor, sigma_raw: Tensor, logits: Tensor, seed: Optional[Tensor], noise: Optional[Tensor], activation: str
+) -> tuple[Tensor, Tensor]:
     return tuple(_tk().gm_reparam(mu, sigma_raw, logits, seed, noise, activation))
 
 
 @torch.library.custom_op("gmwae_fast::triton_gm_reparam_backward", mutates_args=())
-def triton_gm_reparam_backward(grad_z: Tensor, grad_pi: Tensor, sigma_raw: Tensor, logits: Tensor,
-                               seed: Optional[Tensor], noise: Optional[Tensor],
-                               activation: str) -> tuple[Tensor, Tensor]:
+def triton_gm_reparam_backward(
+    grad_z: Tensor,
+    grad_pi: Tensor,
+    sigma_raw: Tensor,
+    logits: Tensor,
+    seed: Optional[Tensor],
+    noise: Optional[Tensor],
+    activation: str,
+) -> tuple[Tensor, Tensor]:
     return tuple(_tk().gm_reparam_backward(grad_z, grad_pi, sigma_raw, logits, seed, noise, activation))
 
 
@@ -72,14 +81,17 @@ def triton_gm_reparam_backward(grad_z: Tensor, grad_pi: Tensor, sigma_raw: Tenso
 # Fake implementations and autograd, shared by the C++ and Triton ops.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _forward_fake(mu, sigma_raw, logits, seed, noise, activation):
-    return torch.empty_like(mu, memory_format=torch.contiguous_format), \
-        torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(
+        logits, memory_format=torch.contiguous_format
+    )
 
 
 def _backward_fake(grad_z, grad_pi, sigma_raw, logits, seed, noise, activation):
-    return torch.empty_like(sigma_raw, memory_format=torch.contiguous_format), \
-        torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return torch.empty_like(sigma_raw, memory_format=torch.contiguous_format), torch.empty_like(
+        logits, memory_format=torch.contiguous_format
+    )
 
 
 def _register(ops: ReparamOps) -> None:
@@ -100,17 +112,20 @@ def _register(ops: ReparamOps) -> None:
         d_mu = grad_z if ctx.needs_input_grad[0] else None
         d_sigma_raw = d_logits = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            d_sigma_raw, d_logits = ops.backward(grad_z.contiguous(), grad_pi.contiguous(), sigma_raw, logits, seed,
-                                                 noise, ctx.activation)
-            d_sigma_raw, d_logits = first_order_only("gm_reparam", (d_sigma_raw, d_logits),
-                                                     (grad_z, grad_pi, sigma_raw, logits))
+            d_sigma_raw, d_logits = ops.backward(
+                grad_z.contiguous(), grad_pi.contiguous(), sigma_raw, logits, seed, noise, ctx.activation
+            )
+            d_sigma_raw, d_logits = first_order_only(
+                "gm_reparam", (d_sigma_raw, d_logits), (grad_z, grad_pi, sigma_raw, logits)
+            )
         return d_mu, d_sigma_raw, d_logits, None, None, None
 
     torch.library.register_autograd(ops.forward, backward, setup_context=setup_context)
 
 
-TRITON_OPS = ReparamOps(torch.ops.gmwae_fast.triton_gm_reparam.default,
-                        torch.ops.gmwae_fast.triton_gm_reparam_backward.default)
+TRITON_OPS = ReparamOps(
+    torch.ops.gmwae_fast.triton_gm_reparam.default, torch.ops.gmwae_fast.triton_gm_reparam_backward.default
+)
 _register(TRITON_OPS)
 
 _COMPILED_OPS: Optional[ReparamOps] = None

@@ -16,6 +16,7 @@ C++ op set is registered at import (when the extension is installed), so ``torch
 as the very first call. Double backward is not supported: gradients computed with ``create_graph=True`` carry a
 node that raises :class:`RuntimeError` if they are differentiated again (never a silent zero).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,6 +44,7 @@ class OpSet(NamedTuple):
 # Triton custom ops (the launchers import triton lazily, so this module imports without it).
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _tk():
     from ..kernels import imq_mmd
 
@@ -60,20 +62,23 @@ def triton_imq_cross(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor) -
 
 
 @torch.library.custom_op("gmwae_fast::triton_imq_self_grad", mutates_args=())
-def triton_imq_self_grad(h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int,
-                         unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+def triton_imq_self_grad(
+    h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(_tk().imq_self_grad(h, a, wa, bw, group, unbiased))
 
 
 @torch.library.custom_op("gmwae_fast::triton_imq_cross_grad", mutates_args=())
-def triton_imq_cross_grad(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor,
-                          b_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def triton_imq_cross_grad(
+    h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, b_grad: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_tk().imq_cross_grad(h, a, wa, b, wb, bw, b_grad))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fake implementations and autograd, shared by the C++ and Triton op sets.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _self_values_fake(a, wa, bw, group, unbiased):
     return bw.new_empty(bw.shape, dtype=torch.float64)
@@ -88,8 +93,13 @@ def _self_grad_fake(h, a, wa, bw, group, unbiased):
 
 
 def _cross_grad_fake(h, a, wa, b, wb, bw, b_grad=True):
-    return (bw.new_empty(bw.shape, dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa),
-            torch.empty_like(b), torch.empty_like(wb))
+    return (
+        bw.new_empty(bw.shape, dtype=torch.float64),
+        torch.empty_like(a),
+        torch.empty_like(wa),
+        torch.empty_like(b),
+        torch.empty_like(wb),
+    )
 
 
 def _register(ops: OpSet) -> None:
@@ -135,8 +145,9 @@ def _compiled_ops() -> OpSet:
         if backends.extension() is None:
             raise RuntimeError(backends.extension_error())
         ns = torch.ops.gmwae_fast
-        _COMPILED_OPS = OpSet(ns.imq_self.default, ns.imq_cross.default, ns.imq_self_grad.default,
-                              ns.imq_cross_grad.default)
+        _COMPILED_OPS = OpSet(
+            ns.imq_self.default, ns.imq_cross.default, ns.imq_self_grad.default, ns.imq_cross_grad.default
+        )
         _register(_COMPILED_OPS)
     return _COMPILED_OPS
 
@@ -160,9 +171,11 @@ def op_set(backend: str) -> OpSet:
 # Fused value+gradient ops for reduction="sum" (one pass; the backward rescales the saved gradient).
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("gmwae_fast::imq_self_total", mutates_args=())
-def imq_self_total(h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def imq_self_total(
+    h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(sum_s h_s self_s, d/da, d/dwa)`` in one kernel pass (``h`` a constant float64 ``(S,)``)."""
     values, da, dwa = op_set(backend).self_grad(h, a, wa, bw, group, unbiased)
     return (h * values).sum(), da, dwa
@@ -180,8 +193,9 @@ def _self_total_setup(ctx, inputs, output):
 
 def _self_total_backward(ctx, g_total, _g_da, _g_dwa):
     da, dwa, a, wa = ctx.saved_tensors
-    da, dwa = first_order_only("imq_self_total", ((g_total * da).to(da.dtype), (g_total * dwa).to(dwa.dtype)),
-                               (g_total, a, wa))
+    da, dwa = first_order_only(
+        "imq_self_total", ((g_total * da).to(da.dtype), (g_total * dwa).to(dwa.dtype)), (g_total, a, wa)
+    )
     return None, da, dwa, None, None, None, None
 
 
@@ -189,8 +203,9 @@ imq_self_total.register_autograd(_self_total_backward, setup_context=_self_total
 
 
 @torch.library.custom_op("gmwae_fast::imq_cross_total", mutates_args=())
-def imq_cross_total(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, backend: str,
-                    b_grad: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def imq_cross_total(
+    h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, backend: str, b_grad: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(sum_s h_s cross_s, d/da, d/dwa, d/db, d/dwb)`` in one kernel pass (``h`` a constant float64 ``(S,)``;
     ``d/db``, ``d/dwb`` zero and not computed when ``b_grad`` is false)."""
     values, da, dwa, db, dwb = op_set(backend).cross_grad(h, a, wa, b, wb, bw, b_grad)
@@ -199,8 +214,13 @@ def imq_cross_total(h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw:
 
 @imq_cross_total.register_fake
 def _(h, a, wa, b, wb, bw, backend, b_grad=True):
-    return (bw.new_empty((), dtype=torch.float64), torch.empty_like(a), torch.empty_like(wa), torch.empty_like(b),
-            torch.empty_like(wb))
+    return (
+        bw.new_empty((), dtype=torch.float64),
+        torch.empty_like(a),
+        torch.empty_like(wa),
+        torch.empty_like(b),
+        torch.empty_like(wb),
+    )
 
 
 def _cross_total_setup(ctx, inputs, output):

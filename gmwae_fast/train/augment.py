@@ -15,6 +15,7 @@ The warp: rotation by U(-r, r) degrees, shear (x += s * y) by U(-s, s), isotropi
 translation by U(-t, t) pixels on each axis, drawn per image from the trainer's generator (so runs stay
 reproducible and ``--resume`` exact), applied with bilinear ``grid_sample`` and zero fill.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class AffineRange:
     """Half-widths of the uniform ranges of :func:`random_affine` (all zero = the identity)."""
+
     rotate_deg: float = 15.0
     shear: float = 0.3
     scale: float = 0.1
@@ -38,7 +40,9 @@ class AffineRange:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"AffineRange.{name} must be a finite number >= 0, got {v!r}")
         if self.scale >= 1:
-            raise ValueError(f"AffineRange.scale must be below 1 (the scale is drawn from U(1-a, 1+a)), got {self.scale}")
+            raise ValueError(
+                f"AffineRange.scale must be below 1 (the scale is drawn from U(1-a, 1+a)), got {self.scale}"
+            )
 
 
 def affine_warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,7 @@ def affine_from_uniforms(x: torch.Tensor, u: torch.Tensor, rng: AffineRange = Af
     ty = u[:, 4] * rng.translate_px * 2 / H
     c, s = torch.cos(ang) / sc, torch.sin(ang) / sc
     # rotation @ shear, divided by the scale (theta maps output to input coordinates)
-    theta = torch.stack([torch.stack([c, c * sh - s, tx], -1),
-                         torch.stack([s, s * sh + c, ty], -1)], 1)
+    theta = torch.stack([torch.stack([c, c * sh - s, tx], -1), torch.stack([s, s * sh + c, ty], -1)], 1)
     return affine_warp(x, theta)
 
 
@@ -91,7 +94,9 @@ def consistency_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.T
     """mean_b KL( softmax(target_logits_b) || softmax(logits_b) ), with no gradient into ``target_logits``.
     Shapes (B, K) -> scalar."""
     if target_logits.shape != logits.shape or logits.dim() != 2:
-        raise ValueError(f"consistency_kl: need two (B, K) tensors of one shape, got {tuple(target_logits.shape)} "
-                         f"and {tuple(logits.shape)}")
+        raise ValueError(
+            f"consistency_kl: need two (B, K) tensors of one shape, got {tuple(target_logits.shape)} "
+            f"and {tuple(logits.shape)}"
+        )
     t = torch.log_softmax(target_logits.detach(), -1)
     return (t.exp() * (t - torch.log_softmax(logits, -1))).sum(-1).mean()

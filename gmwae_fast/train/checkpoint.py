@@ -5,6 +5,7 @@ File format: the line ``gmwae_fast-checkpoint 1 <sha256 of the payload>``, then 
 truncated, empty or foreign file is one :class:`CheckpointError` line, never a traceback or a silently wrong model.
 Files written by ``torch.save`` alone (older checkpoints) still load, without the digest check.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ import torch
 
 CKPT_NAME = "last.pt"
 MAGIC = b"gmwae_fast-checkpoint 1 "
-_HEADER_LEN = len(MAGIC) + 64 + 1          # magic, hex digest, newline
+_HEADER_LEN = len(MAGIC) + 64 + 1  # magic, hex digest, newline
 
 
 class CheckpointError(RuntimeError):
@@ -37,8 +38,11 @@ def stale_temporaries(path) -> List[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    return sorted(p for p in path.parent.iterdir()
-                  if p.name.startswith(_tmp_prefix(path)) and p.name.endswith(".tmp") and p.is_file())
+    return sorted(
+        p
+        for p in path.parent.iterdir()
+        if p.name.startswith(_tmp_prefix(path)) and p.name.endswith(".tmp") and p.is_file()
+    )
 
 
 def remove_stale_temporaries(path) -> int:
@@ -91,7 +95,7 @@ def atomic_save(obj: Any, path) -> None:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -110,8 +114,12 @@ def atomic_save(obj: Any, path) -> None:
 
 
 def rng_state(gen: torch.Generator) -> Dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-          "train_gen": gen.get_state()}
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "train_gen": gen.get_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -135,14 +143,16 @@ def _payload(path: Path) -> Tuple[bytes, bool]:
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty")
     if data.startswith(MAGIC):
-        if len(data) < _HEADER_LEN or data[_HEADER_LEN - 1:_HEADER_LEN] != b"\n":
+        if len(data) < _HEADER_LEN or data[_HEADER_LEN - 1 : _HEADER_LEN] != b"\n":
             raise CheckpointError(f"checkpoint {path} is truncated (incomplete header)")
         payload = data[_HEADER_LEN:]
-        if hashlib.sha256(payload).hexdigest().encode() != data[len(MAGIC):_HEADER_LEN - 1]:
-            raise CheckpointError(f"checkpoint {path} is corrupt or truncated: its sha256 does not match the one "
-                                  f"recorded when it was written")
+        if hashlib.sha256(payload).hexdigest().encode() != data[len(MAGIC) : _HEADER_LEN - 1]:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated: its sha256 does not match the one "
+                f"recorded when it was written"
+            )
         return payload, True
-    if data.startswith(b"PK\x03\x04"):        # a plain torch.save zip (older checkpoints)
+    if data.startswith(b"PK\x03\x04"):  # a plain torch.save zip (older checkpoints)
         return data, False
     raise CheckpointError(f"{path} is not a gmwae_fast checkpoint (unknown format)")
 
@@ -155,14 +165,25 @@ def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
     payload, _ = _payload(path)
     try:
         obj = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, ImportError, AttributeError,
-            UnicodeDecodeError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} cannot be unpickled ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        ImportError,
+        AttributeError,
+        UnicodeDecodeError,
+        TypeError,
+    ) as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be unpickled ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a gmwae_fast checkpoint (holds a {type(obj).__name__}, not a dict)")
     bad = list(nonfinite_entries(obj))
     if bad:
-        raise CheckpointError(f"checkpoint {path} holds non-finite values in {', '.join(bad[:3])}"
-                              + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite values in {', '.join(bad[:3])}"
+            + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
+        )
     return obj

@@ -11,6 +11,7 @@ output. Exit status: 0, 2 (invalid options, or one ``error:`` line for unusable 
 backend), 3 (diverged), 4 (data-parallel: a collective failed or timed out because another rank failed, was killed
 or is stuck), 130 (interrupted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,18 @@ from gmwae_fast.backends import backend_choices, check_backend_name, last_backen
 
 from . import checkpoint as ck
 from . import dist as dp
-from .data import Batcher, InvalidDataError, MissingDataError, default_data_dir, load_mnist, subset
 from .augment import AffineRange
-from .losses import (add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, objective,
-                     pretrain_loss, resolve_ops)
+from .data import Batcher, InvalidDataError, MissingDataError, default_data_dir, load_mnist, subset
+from .losses import (
+    add_balance,
+    add_consistency,
+    decodes_per_image,
+    gmvae_loss,
+    gmwae_loss,
+    objective,
+    pretrain_loss,
+    resolve_ops,
+)
 from .metrics import evaluate, kmeans_baseline
 from .models import GMModel
 from .priors import PRIORS, GMPrior, make_prior
@@ -112,14 +121,34 @@ def _rank_step(s: str) -> Tuple[int, int]:
 #: Option bundles for ``--recipe``: dest -> value, or a function of the parsed options. "paper" changes nothing.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
-    "robust": {"consistency": 50.0, "balance": 100.0, "mode_prune": 1e-4,
-               "lr_decay_from": lambda a: int(0.75 * a.steps), "lr_final": 0.0},
+    "robust": {
+        "consistency": 50.0,
+        "balance": 100.0,
+        "mode_prune": 1e-4,
+        "lr_decay_from": lambda a: int(0.75 * a.steps),
+        "lr_final": 0.0,
+    },
 }
 #: Options that may differ from the checkpoint's on --resume (they do not change what the run computes, or
 #: change only its length and the end of its learning-rate schedule).
-RESUME_MAY_CHANGE = ("steps", "lr_decay_from", "lr_final", "log_every", "eval_every", "ckpt_every", "threads",
-                     "no_progress", "progress_seconds", "no_figures", "no_kmeans", "out", "data_dir", "no_download",
-                     "recipe", "dist_timeout")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "lr_decay_from",
+    "lr_final",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "threads",
+    "no_progress",
+    "progress_seconds",
+    "no_figures",
+    "no_kmeans",
+    "out",
+    "data_dir",
+    "no_download",
+    "recipe",
+    "dist_timeout",
+)
 #: Options that only concern how a run starts or resumes; never compared.
 _NOT_COMPARED = ("resume", "allow_config_change", "init_from")
 
@@ -131,6 +160,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def _recipes_help() -> str:
     def show(v):
         return "0.75*steps" if callable(v) else f"{v:g}"
+
     lines = ["recipes (--recipe; an option given on the command line overrides the recipe's value):"]
     for name, opts in RECIPES.items():
         body = " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in opts.items())
@@ -139,106 +169,186 @@ def _recipes_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gmwae_fast.train",
-                                description="Train a GM-WAE (or the GM-VAE baseline) on MNIST.",
-                                epilog=_recipes_help(), formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m gmwae_fast.train",
+        description="Train a GM-WAE (or the GM-VAE baseline) on MNIST.",
+        epilog=_recipes_help(),
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("--model", choices=("gmwae", "gmvae"), default="gmwae")
     p.add_argument("--prior", choices=PRIORS, default="simplex")
     p.add_argument("--dataset", choices=("mnist",), default="mnist")
-    p.add_argument("--data-dir", default=None,
-                   help="directory holding MNIST/raw (default: $GMWAE_DATA, else ./data)")
+    p.add_argument("--data-dir", default=None, help="directory holding MNIST/raw (default: $GMWAE_DATA, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
-                   help="a bundle of defaults (see the recipes below); options given explicitly override it")
-    p.add_argument("--steps", type=_positive_int, default=600,
-                   help="training steps after pretraining (the paper's 20 epochs are 12000 steps at batch 100)")
-    p.add_argument("--batch-size", type=_positive_int, default=100,
-                   help="images per step, at least 2 (the paper's 100)")
+    p.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="paper",
+        help="a bundle of defaults (see the recipes below); options given explicitly override it",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=600,
+        help="training steps after pretraining (the paper's 20 epochs are 12000 steps at batch 100)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="images per step, at least 2 (the paper's 100)"
+    )
     p.add_argument("--lr", type=_positive_float, default=5e-4)
-    p.add_argument("--lr-decay-from", type=_nonneg_int, default=None, metavar="STEP",
-                   help="from this step on, the learning rate falls along a half cosine from --lr to --lr-final "
-                        "at --steps (default: constant --lr; --recipe robust: 0.75 * --steps). Set it when resuming "
-                        "to anneal a finished run.")
+    p.add_argument(
+        "--lr-decay-from",
+        type=_nonneg_int,
+        default=None,
+        metavar="STEP",
+        help="from this step on, the learning rate falls along a half cosine from --lr to --lr-final "
+        "at --steps (default: constant --lr; --recipe robust: 0.75 * --steps). Set it when resuming "
+        "to anneal a finished run.",
+    )
     p.add_argument("--lr-final", type=_nonneg_float, default=0.0, help="learning rate at --steps with --lr-decay-from")
     p.add_argument("--lam", type=_nonneg_float, default=500.0, help="MMD weight (GM-WAE)")
-    p.add_argument("--recon-scale", type=_positive_float, default=1.0,
-                   help="GM-WAE cost c(x,y) = recon_scale * ||x-y||^2 (1: the paper's squared L2; the WAE code's "
-                        "l2sq cost is 0.05)")
+    p.add_argument(
+        "--recon-scale",
+        type=_positive_float,
+        default=1.0,
+        help="GM-WAE cost c(x,y) = recon_scale * ||x-y||^2 (1: the paper's squared L2; the WAE code's "
+        "l2sq cost is 0.05)",
+    )
     p.add_argument("--beta", type=_nonneg_float, default=1.0, help="weight of the KL terms (GM-VAE)")
-    p.add_argument("--mode-prune", type=_nonneg_float, default=0.0, metavar="EPS",
-                   help="decode only the modes with q_D(k|x) > EPS (and the most likely one) and renormalise the "
-                        "reconstruction expectation over them; 0 decodes all K modes (the exact objective)")
+    p.add_argument(
+        "--mode-prune",
+        type=_nonneg_float,
+        default=0.0,
+        metavar="EPS",
+        help="decode only the modes with q_D(k|x) > EPS (and the most likely one) and renormalise the "
+        "reconstruction expectation over them; 0 decodes all K modes (the exact objective)",
+    )
     g = p.add_argument_group("q_D regularisers (beyond the paper; off by default)")
-    g.add_argument("--consistency", type=_nonneg_float, default=0.0, metavar="GAMMA",
-                   help="add GAMMA * KL(q_D(.|x) || q_D(.|warp(x))) to the loss, warp a random affine map, no gradient "
-                        "through the clean view (gmwae_fast/train/augment.py); 0 = the paper's objective")
-    g.add_argument("--balance", type=_nonneg_float, default=0.0, metavar="W",
-                   help="add W * KL(batch mean of q_D || uniform) to the loss (losses.add_balance); 0 = off")
+    g.add_argument(
+        "--consistency",
+        type=_nonneg_float,
+        default=0.0,
+        metavar="GAMMA",
+        help="add GAMMA * KL(q_D(.|x) || q_D(.|warp(x))) to the loss, warp a random affine map, no gradient "
+        "through the clean view (gmwae_fast/train/augment.py); 0 = the paper's objective",
+    )
+    g.add_argument(
+        "--balance",
+        type=_nonneg_float,
+        default=0.0,
+        metavar="W",
+        help="add W * KL(batch mean of q_D || uniform) to the loss (losses.add_balance); 0 = off",
+    )
     g.add_argument("--aug-rotate", type=_nonneg_float, default=15.0, metavar="DEG", help="rotation U(-DEG, DEG)")
     g.add_argument("--aug-shear", type=_nonneg_float, default=0.3, help="shear x += s*y, s ~ U(-S, S)")
     g.add_argument("--aug-scale", type=_nonneg_float, default=0.1, help="scale U(1-A, 1+A), A < 1")
-    g.add_argument("--aug-translate", type=_nonneg_float, default=2.0, metavar="PX",
-                   help="translation U(-PX, PX) pixels per axis")
+    g.add_argument(
+        "--aug-translate", type=_nonneg_float, default=2.0, metavar="PX", help="translation U(-PX, PX) pixels per axis"
+    )
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default=None, help="output directory (default runs/<model>_<prior>_seed<seed>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/checkpoints/last.pt; options that change the run must match the "
-                        "checkpoint's, except " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE))
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume, accept other differences from the checkpoint's options (recorded in "
-                        "metrics.jsonl as a 'resume' record); the network sizes must still match")
-    p.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="initialise the networks from a trained checkpoint (e.g. GM-VAE from a GM-WAE)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/checkpoints/last.pt; options that change the run must match the "
+        "checkpoint's, except " + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE),
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume, accept other differences from the checkpoint's options (recorded in "
+        "metrics.jsonl as a 'resume' record); the network sizes must still match",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CKPT",
+        help="initialise the networks from a trained checkpoint (e.g. GM-VAE from a GM-WAE)",
+    )
     p.add_argument("--mmd-backend", type=_backend, default="auto", help="backend of gmwae_fast.fast_imq_mmd")
-    p.add_argument("--reparam-backend", type=_backend, default="auto",
-                   help="backend of gmwae_fast.gm_reparameterize")
+    p.add_argument("--reparam-backend", type=_backend, default="auto", help="backend of gmwae_fast.gm_reparameterize")
     g = p.add_argument_group("model")
     g.add_argument("--modes", type=_positive_int, default=10, help="K")
-    g.add_argument("--latent-dim", type=_positive_int, default=None,
-                   help="d for the simplex prior (default K; rot2d is always 2)")
+    g.add_argument(
+        "--latent-dim", type=_positive_int, default=None, help="d for the simplex prior (default K; rot2d is always 2)"
+    )
     g.add_argument("--sigma0", type=_positive_float, default=1.0, help="simplex prior std (means 4*sigma0 apart)")
     g.add_argument("--enc-channels", type=_positive_int, default=64, help="widest encoder conv layer")
-    g.add_argument("--dec-channels", type=_positive_int, default=128,
-                   help="widest decoder layer (the paper's 128)")
+    g.add_argument("--dec-channels", type=_positive_int, default=128, help="widest decoder layer (the paper's 128)")
     g.add_argument("--hidden", type=_positive_int, default=32, help="hidden units of the q_C dense nets")
-    g.add_argument("--prior-samples", type=_positive_int, default=None,
-                   help="prior samples per MMD estimate, at least 2, modes taken in turn (default: batch size x K)")
-    g.add_argument("--qc-input", choices=("pixels", "features"), default="pixels",
-                   help="what the per-mode q_C dense nets read: pixels, or the q_D conv features")
-    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="channels_last memory format for the convs (auto: on for CPU)")
+    g.add_argument(
+        "--prior-samples",
+        type=_positive_int,
+        default=None,
+        help="prior samples per MMD estimate, at least 2, modes taken in turn (default: batch size x K)",
+    )
+    g.add_argument(
+        "--qc-input",
+        choices=("pixels", "features"),
+        default="pixels",
+        help="what the per-mode q_C dense nets read: pixels, or the q_D conv features",
+    )
+    g.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="channels_last memory format for the convs (auto: on for CPU)",
+    )
     g.add_argument("--adam-beta1", type=_nonneg_float, default=0.5)
-    g.add_argument("--pretrain-steps", type=_nonneg_int, default=200,
-                   help="steps matching the q_C nets to the prior moments (skipped with --init-from)")
+    g.add_argument(
+        "--pretrain-steps",
+        type=_nonneg_int,
+        default=200,
+        help="steps matching the q_C nets to the prior moments (skipped with --init-from)",
+    )
     g = p.add_argument_group("logging / evaluation")
     g.add_argument("--log-every", type=_positive_int, default=10)
     g.add_argument("--eval-every", type=_positive_int, default=200)
     g.add_argument("--ckpt-every", type=_positive_int, default=100)
-    g.add_argument("--eval-recon", type=_positive_int, default=500,
-                   help="test images used for recon L2 / Bernoulli NLL / MMD")
+    g.add_argument(
+        "--eval-recon", type=_positive_int, default=500, help="test images used for recon L2 / Bernoulli NLL / MMD"
+    )
     g.add_argument("--train-subset", type=_positive_int, default=None, help="use only N training images")
     g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on only N test images")
     g.add_argument("--no-kmeans", action="store_true", help="skip the k-means-on-pixels baseline")
     g.add_argument("--no-figures", action="store_true")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress output (by default a tqdm bar when stderr is a terminal, otherwise plain lines)")
-    g.add_argument("--progress-seconds", type=_nonneg_float, default=30.0, metavar="S",
-                   help="without a terminal: at most one progress line per S seconds, at --log-every steps (and at "
-                        "the first and last step)")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (by default a tqdm bar when stderr is a terminal, otherwise plain lines)",
+    )
+    g.add_argument(
+        "--progress-seconds",
+        type=_nonneg_float,
+        default=30.0,
+        metavar="S",
+        help="without a terminal: at most one progress line per S seconds, at --log-every steps (and at "
+        "the first and last step)",
+    )
     g.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     g = p.add_argument_group("data-parallel (torchrun --nproc_per_node=R -m gmwae_fast.train ...; see train/dist.py)")
-    g.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="S",
-                   help="with several ranks: a collective that waits longer than S seconds for another rank (failed, "
-                        "killed or stuck) ends this rank with exit status 4; it must exceed rank 0's evaluation time")
-    g.add_argument("--bn-shards", type=_positive_int, default=1, metavar="S",
-                   help="one process only: batch-norm statistics over S equal shards of each batch (only shard 0 "
-                        "updates the running statistics), which is what an S-rank data-parallel run on CPU computes; "
-                        "for checking such a run against one process")
+    g.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="S",
+        help="with several ranks: a collective that waits longer than S seconds for another rank (failed, "
+        "killed or stuck) ends this rank with exit status 4; it must exceed rank 0's evaluation time",
+    )
+    g.add_argument(
+        "--bn-shards",
+        type=_positive_int,
+        default=1,
+        metavar="S",
+        help="one process only: batch-norm statistics over S equal shards of each batch (only shard 0 "
+        "updates the running statistics), which is what an S-rank data-parallel run on CPU computes; "
+        "for checking such a run against one process",
+    )
     p.add_argument("--debug-nan-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-interrupt-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-nan-weight-at-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-kill-at-step", type=_rank_step, default=None, help=argparse.SUPPRESS)   # RANK:STEP
+    p.add_argument("--debug-kill-at-step", type=_rank_step, default=None, help=argparse.SUPPRESS)  # RANK:STEP
     return p
 
 
@@ -304,13 +414,17 @@ def _check_parallel(p: argparse.ArgumentParser, a) -> None:
     except ValueError as e:
         p.error(str(e))
     if world > 1 and a.bn_shards > 1:
-        p.error(f"--bn-shards is for one process; this is rank {os.environ.get('RANK', '?')} of {world} (a "
-                f"data-parallel run on CPU already computes batch norm per rank)")
+        p.error(
+            f"--bn-shards is for one process; this is rank {os.environ.get('RANK', '?')} of {world} (a "
+            f"data-parallel run on CPU already computes batch norm per rank)"
+        )
     parts = max(world, a.bn_shards)
     if a.batch_size // parts < 2:
         what = f"{world} ranks" if world > 1 else f"--bn-shards {a.bn_shards}"
-        p.error(f"--batch-size {a.batch_size} split over {what} leaves a shard with fewer than 2 images (batch norm "
-                f"needs 2); use a batch of at least {2 * parts}")
+        p.error(
+            f"--batch-size {a.batch_size} split over {what} leaves a shard with fewer than 2 images (batch norm "
+            f"needs 2); use a batch of at least {2 * parts}"
+        )
 
 
 def prior_and_model(cfg: Dict) -> Tuple[GMPrior, GMModel]:
@@ -368,8 +482,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _machine_info(device) -> Dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -420,6 +540,7 @@ def _describe(key: str, old, new) -> str:
 @dataclass
 class _Run:
     """Everything one training run holds (the trainer's functions read and update it)."""
+
     a: argparse.Namespace
     device: torch.device
     out: Path
@@ -434,13 +555,13 @@ class _Run:
     wall_prev: float = 0.0
     wall: float = 0.0
     last_eval: Optional[Dict] = None
-    saved_step: Optional[int] = None      # step of the checkpoint this run wrote or resumed from
-    mmd_backend_used: str = ""            # what the registry resolves before the first step (summary: last_backend)
+    saved_step: Optional[int] = None  # step of the checkpoint this run wrote or resumed from
+    mmd_backend_used: str = ""  # what the registry resolves before the first step (summary: last_backend)
     reparam_backend_used: str = ""
-    env: Optional[dp.DistEnv] = None      # the process group of a data-parallel run (None: one process)
-    shards: Any = None                    # dp.Shards: this process's rows of each global batch
-    step_fn: Any = None                   # local rows -> loss dict (through DDP when data-parallel)
-    batch_norm: str = "batch"             # how batch norm is computed: batch, per-shard, per-rank or sync
+    env: Optional[dp.DistEnv] = None  # the process group of a data-parallel run (None: one process)
+    shards: Any = None  # dp.Shards: this process's rows of each global batch
+    step_fn: Any = None  # local rows -> loss dict (through DDP when data-parallel)
+    batch_norm: str = "batch"  # how batch norm is computed: batch, per-shard, per-rank or sync
 
     @property
     def is_main(self) -> bool:
@@ -486,9 +607,12 @@ def main(argv: Optional[list] = None) -> int:
         if env is None:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"error: {_rank_prefix(env)}a collective operation failed or timed out ({type(e).__name__}: {first}); "
-              f"another rank probably failed, was killed or is stuck (--dist-timeout {a.dist_timeout:g} s). "
-              f"Rank 0 keeps the last complete checkpoint; continue with --resume", file=sys.stderr)
+        print(
+            f"error: {_rank_prefix(env)}a collective operation failed or timed out ({type(e).__name__}: {first}); "
+            f"another rank probably failed, was killed or is stuck (--dist-timeout {a.dist_timeout:g} s). "
+            f"Rank 0 keeps the last complete checkpoint; continue with --resume",
+            file=sys.stderr,
+        )
         return dp.EXIT_PEER_FAILED
     finally:
         dp.shutdown(env, failed)
@@ -498,8 +622,10 @@ def _init_env(kind: str, timeout: float) -> Optional[dp.DistEnv]:
     try:
         return dp.init_distributed(kind, timeout)
     except (ValueError, RuntimeError) as e:
-        raise RunError(f"could not join the data-parallel process group ({type(e).__name__}: "
-                       f"{(str(e).strip().splitlines() or [''])[0]})") from e
+        raise RunError(
+            f"could not join the data-parallel process group ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0]})"
+        ) from e
 
 
 def _rank_prefix(env: Optional[dp.DistEnv]) -> str:
@@ -587,29 +713,37 @@ def _prepare_out(r: _Run) -> None:
         raise RunError(f"--out {r.out} is not a writable directory ({e.strerror or e})") from e
     n = ck.remove_stale_temporaries(r.ckpt_path)
     if n:
-        print(f"removed {n} temporary file(s) of interrupted checkpoint writes in {r.ckpt_path.parent}",
-              file=sys.stderr)
+        print(
+            f"removed {n} temporary file(s) of interrupted checkpoint writes in {r.ckpt_path.parent}", file=sys.stderr
+        )
 
 
 def _load_for_resume(r: _Run) -> Tuple[Dict, Dict]:
     """The verified checkpoint and the option changes it is resumed with; RunError for changes not allowed."""
-    st = ck.load_checkpoint(r.ckpt_path, map_location=r.device if r.env is None else "cpu")   # sent to every rank
+    st = ck.load_checkpoint(r.ckpt_path, map_location=r.device if r.env is None else "cpu")  # sent to every rank
     if not all(k in st for k in ("model", "optimizer", "rng", "step", "config")):
-        raise ck.CheckpointError(f"{r.ckpt_path} is not a trainer checkpoint (it lacks the model, optimizer, rng, "
-                                 f"step or config entry)")
+        raise ck.CheckpointError(
+            f"{r.ckpt_path} is not a trainer checkpoint (it lacks the model, optimizer, rng, step or config entry)"
+        )
     now = _config(r.a)
     arch = arch_differences(st["config"], now)
     if arch:
         raise RunError(f"--resume: the checkpoint's networks have other sizes: {'; '.join(arch)}")
     changes = config_changes(st["config"], now)
-    if st.get("world_size", 1) != r.world:     # per-rank batch norm on CPU: the ranks change what a step computes
+    if st.get("world_size", 1) != r.world:  # per-rank batch norm on CPU: the ranks change what a step computes
         changes["world_size"] = [st.get("world_size", 1), r.world]
     forced = [k for k in changes if k not in RESUME_MAY_CHANGE]
     if forced and not r.a.allow_config_change:
-        raise RunError(f"--resume: {r.ckpt_path} was written with other options: "
-                       + "; ".join(_describe(k, *changes[k]) if k != "world_size" else
-                                   f"{changes[k][0]} rank(s) in the checkpoint, {changes[k][1]} now" for k in forced)
-                       + ". Pass the checkpoint's values, or --allow-config-change to continue with the new ones")
+        raise RunError(
+            f"--resume: {r.ckpt_path} was written with other options: "
+            + "; ".join(
+                _describe(k, *changes[k])
+                if k != "world_size"
+                else f"{changes[k][0]} rank(s) in the checkpoint, {changes[k][1]} now"
+                for k in forced
+            )
+            + ". Pass the checkpoint's values, or --allow-config-change to continue with the new ones"
+        )
     return st, changes
 
 
@@ -663,8 +797,10 @@ def _load_weights(r: _Run, state: Dict, source: str) -> None:
         r.model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
-        raise RunError(f"{source}: the checkpoint's parameters do not fit this network "
-                       f"({first[-1].strip() if first else type(e).__name__})") from e
+        raise RunError(
+            f"{source}: the checkpoint's parameters do not fit this network "
+            f"({first[-1].strip() if first else type(e).__name__})"
+        ) from e
 
 
 def _start(r: _Run) -> None:
@@ -701,8 +837,10 @@ def _pretrain(r: _Run) -> None:
         popt.zero_grad(set_to_none=True)
         loss.backward()
         popt.step()
-    _append_jsonl(r.metrics_path, {"kind": "pretrain", "step": 0, "pretrain_steps": a.pretrain_steps,
-                                   "pretrain_loss": loss.item()})
+    _append_jsonl(
+        r.metrics_path,
+        {"kind": "pretrain", "step": 0, "pretrain_steps": a.pretrain_steps, "pretrain_loss": loss.item()},
+    )
 
 
 def _restore(r: _Run, st: Dict, changes: Dict) -> None:
@@ -711,7 +849,7 @@ def _restore(r: _Run, st: Dict, changes: Dict) -> None:
     r.opt = _adam(r, r.model.parameters())
     r.opt.load_state_dict(st["optimizer"])
     for group in r.opt.param_groups:
-        group["betas"] = (r.a.adam_beta1, 0.999)       # the lr is set before every step (lr_at)
+        group["betas"] = (r.a.adam_beta1, 0.999)  # the lr is set before every step (lr_at)
     ck.set_rng_state(st["rng"], r.gen)
     r.step, r.wall_prev, r.last_eval = st["step"], st.get("wall_s", 0.0), st.get("last_eval")
     r.saved_step = r.step
@@ -720,8 +858,10 @@ def _restore(r: _Run, st: Dict, changes: Dict) -> None:
     _truncate_metrics(r.metrics_path, r.step)
     if changes:
         forced = [k for k in changes if k not in RESUME_MAY_CHANGE]
-        _append_jsonl(r.metrics_path, {"kind": "resume", "step": r.step, "config_changes": changes,
-                                       "allowed_by_allow_config_change": forced})
+        _append_jsonl(
+            r.metrics_path,
+            {"kind": "resume", "step": r.step, "config_changes": changes, "allowed_by_allow_config_change": forced},
+        )
     print(f"resumed from {r.ckpt_path} at step {r.step}", file=sys.stderr)
 
 
@@ -729,14 +869,14 @@ def _one_step(r: _Run) -> Tuple[torch.Tensor, Dict, float]:
     """One optimiser step; TrainingDiverged (before the update) when the loss is not finite."""
     a = r.a
     x, _ = r.batcher.batch(r.step)
-    res = r.step_fn(x[r.shards.first:r.shards.end])
-    loss = res["loss"]                        # the global batch's loss, the same on every rank
+    res = r.step_fn(x[r.shards.first : r.shards.end])
+    loss = res["loss"]  # the global batch's loss, the same on every rank
     if a.debug_nan_at_step is not None and r.step + 1 == a.debug_nan_at_step:
         loss = loss * float("nan")
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {r.step + 1}", r.step + 1)
     r.opt.zero_grad(set_to_none=True)
-    objective(res).backward()                 # with DDP: gradients averaged over the ranks
+    objective(res).backward()  # with DDP: gradients averaged over the ranks
     lr = lr_at(r.step, a)
     for group in r.opt.param_groups:
         group["lr"] = lr
@@ -759,10 +899,10 @@ def _train_loop(r: _Run) -> int:
             while r.step < a.steps:
                 loss, res, lr = _one_step(r)
                 if a.debug_interrupt_at_step is not None and r.step == a.debug_interrupt_at_step:
-                    stop.requested = True          # behaves exactly like a first Ctrl-C after this step
+                    stop.requested = True  # behaves exactly like a first Ctrl-C after this step
                 if a.debug_kill_at_step == ((r.env.rank if r.env else 0), r.step):
-                    os.kill(os.getpid(), signal.SIGKILL)   # a rank dying without any cleanup (tests)
-                stop.requested = dp.agree_any(r.env, stop.requested, r.device)   # every rank stops at one step
+                    os.kill(os.getpid(), signal.SIGKILL)  # a rank dying without any cleanup (tests)
+                stop.requested = dp.agree_any(r.env, stop.requested, r.device)  # every rank stops at one step
                 last = r.step == a.steps
                 due_eval = r.step % a.eval_every == 0 or last
                 due_ckpt = r.step % a.ckpt_every == 0 or last or stop.requested
@@ -777,14 +917,14 @@ def _train_loop(r: _Run) -> int:
             prog.close()
     r.wall = r.wall_prev + time.perf_counter() - t0
     if stop.requested:
-        print(f"interrupted at step {r.step}; checkpoint saved to {r.ckpt_path} (continue with --resume)",
-              file=sys.stderr)
+        print(
+            f"interrupted at step {r.step}; checkpoint saved to {r.ckpt_path} (continue with --resume)", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     return 0
 
 
-def _report(r: _Run, res: Dict, lr: float, loss: torch.Tensor, prog, due_eval: bool, due_ckpt: bool,
-            t0: float) -> None:
+def _report(r: _Run, res: Dict, lr: float, loss: torch.Tensor, prog, due_eval: bool, due_ckpt: bool, t0: float) -> None:
     """Rank 0's part of a step: the train log, the evaluation, the progress line and the checkpoint."""
     if r.step % r.a.log_every == 0 or r.step == r.a.steps:
         _log_train(r, res, lr)
@@ -798,8 +938,13 @@ def _report(r: _Run, res: Dict, lr: float, loss: torch.Tensor, prog, due_eval: b
 
 def _log_train(r: _Run, res: Dict, lr: float) -> None:
     a = r.a
-    rec = {"kind": "train", "step": r.step, "epoch": round(r.batcher.epoch_of(r.step), 4), "lr": lr,
-           **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits") and not k.startswith("_")}}
+    rec = {
+        "kind": "train",
+        "step": r.step,
+        "epoch": round(r.batcher.epoch_of(r.step), 4),
+        "lr": lr,
+        **{k: float(v.detach()) for k, v in res.items() if k not in ("pi", "logits") and not k.startswith("_")},
+    }
     pi = res["pi"]
     rec["batch_active_modes"] = int((torch.bincount(pi.argmax(1), minlength=a.modes) >= max(1, 0.01 * len(pi))).sum())
     if a.mode_prune > 0:
@@ -810,9 +955,15 @@ def _log_train(r: _Run, res: Dict, lr: float) -> None:
 def _evaluate_now(r: _Run) -> None:
     x_te, y_te = r.data[2], r.data[3]
     r.last_eval = dict(_eval(r.model, x_te, y_te, r.prior, r.ops, r.a), step=r.step)
-    _append_jsonl(r.metrics_path, {"kind": "eval", "step": r.step, "epoch": round(r.batcher.epoch_of(r.step), 4),
-                                   **{k: v for k, v in r.last_eval.items()
-                                      if k not in ("heatmap", "class_to_mode", "step")}})
+    _append_jsonl(
+        r.metrics_path,
+        {
+            "kind": "eval",
+            "step": r.step,
+            "epoch": round(r.batcher.epoch_of(r.step), 4),
+            **{k: v for k, v in r.last_eval.items() if k not in ("heatmap", "class_to_mode", "step")},
+        },
+    )
 
 
 def _require_finite(r: _Run) -> None:
@@ -826,27 +977,40 @@ def _save(r: _Run, wall: float) -> None:
     """Checkpoints the run (never with non-finite values: TrainingDiverged); a failed write is a RunError that
     says which checkpoint is kept."""
     _require_finite(r)
-    state = {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "rng": ck.rng_state(r.gen),
-             "step": r.step, "wall_s": wall, "last_eval": r.last_eval, "config": _config(r.a),
-             "world_size": r.world}
+    state = {
+        "model": r.model.state_dict(),
+        "optimizer": r.opt.state_dict(),
+        "rng": ck.rng_state(r.gen),
+        "step": r.step,
+        "wall_s": wall,
+        "last_eval": r.last_eval,
+        "config": _config(r.a),
+        "world_size": r.world,
+    }
     try:
         ck.atomic_save(state, r.ckpt_path)
     except OSError as e:
-        kept = (f"the checkpoint of step {r.saved_step} is kept" if r.saved_step is not None
-                else "no checkpoint of this run was written")
-        raise RunError(f"could not write the checkpoint {r.ckpt_path} at step {r.step} "
-                       f"({e.strerror or e}); {kept}") from e
+        kept = (
+            f"the checkpoint of step {r.saved_step} is kept"
+            if r.saved_step is not None
+            else "no checkpoint of this run was written"
+        )
+        raise RunError(
+            f"could not write the checkpoint {r.ckpt_path} at step {r.step} ({e.strerror or e}); {kept}"
+        ) from e
     r.saved_step = r.step
 
 
 def _diverged(r: _Run, e: TrainingDiverged) -> int:
     if r.saved_step is not None:
-        where = (f"The last good checkpoint is kept at {r.ckpt_path} (step {r.saved_step}); lower --lr/--lam "
-                 f"or resume from it with --resume.")
+        where = (
+            f"The last good checkpoint is kept at {r.ckpt_path} (step {r.saved_step}); lower --lr/--lam "
+            f"or resume from it with --resume."
+        )
     else:
         where = "No checkpoint of this run was written; lower --lr/--lam."
     msg = f"{e}; training stopped. {where}"
-    if r.is_main:                             # every rank sees the same global loss and stops at the same step
+    if r.is_main:  # every rank sees the same global loss and stops at the same step
         print(f"error: {msg}", file=sys.stderr)
         _append_jsonl(r.metrics_path, {"kind": "diverged", "step": e.step, "message": msg})
     return EXIT_DIVERGED
@@ -856,20 +1020,44 @@ def _finish(r: _Run) -> int:
     """Final evaluation (if not just done), summary.json, k-means baseline and figures."""
     a, step = r.a, r.step
     x_tr, _, x_te, y_te = r.data
-    if r.last_eval is None or r.last_eval.get("step") != step:   # e.g. --resume with --steps <= the saved step
+    if r.last_eval is None or r.last_eval.get("step") != step:  # e.g. --resume with --steps <= the saved step
         _evaluate_now(r)
-    summary = {k: r.last_eval[k] for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2", "bernoulli_nll",
-                                           "mmd", "mode_usage", "class_to_mode")}
-    summary.update({"model": a.model, "prior": a.prior, "recipe": a.recipe, "steps": step,
-                    "epochs": round(r.batcher.epoch_of(step), 3), "wall_s": round(r.wall, 2),
-                    "sec_per_step": round(r.wall / max(step, 1), 4), "device": str(r.device),
-                    "mmd_backend": last_backend("imq_mmd") or r.mmd_backend_used,
-                    "mmd_backend_requested": a.mmd_backend,
-                    "reparam_backend": last_backend("gm_reparam") or r.reparam_backend_used,
-                    "reparam_backend_requested": a.reparam_backend, "config": _config(a),
-                    "machine": _machine_info(r.device), "train_images": len(x_tr), "test_images": len(x_te),
-                    "world_size": r.world, "dist_backend": None if r.env is None else r.env.backend,
-                    "batch_norm": r.batch_norm})
+    summary = {
+        k: r.last_eval[k]
+        for k in (
+            "test_accuracy",
+            "active_modes",
+            "usage_kl",
+            "recon_l2",
+            "bernoulli_nll",
+            "mmd",
+            "mode_usage",
+            "class_to_mode",
+        )
+    }
+    summary.update(
+        {
+            "model": a.model,
+            "prior": a.prior,
+            "recipe": a.recipe,
+            "steps": step,
+            "epochs": round(r.batcher.epoch_of(step), 3),
+            "wall_s": round(r.wall, 2),
+            "sec_per_step": round(r.wall / max(step, 1), 4),
+            "device": str(r.device),
+            "mmd_backend": last_backend("imq_mmd") or r.mmd_backend_used,
+            "mmd_backend_requested": a.mmd_backend,
+            "reparam_backend": last_backend("gm_reparam") or r.reparam_backend_used,
+            "reparam_backend_requested": a.reparam_backend,
+            "config": _config(a),
+            "machine": _machine_info(r.device),
+            "train_images": len(x_tr),
+            "test_images": len(x_te),
+            "world_size": r.world,
+            "dist_backend": None if r.env is None else r.env.backend,
+            "batch_norm": r.batch_norm,
+        }
+    )
     if not a.no_kmeans:
         t = time.perf_counter()
         summary["kmeans_accuracy"] = kmeans_baseline(x_tr.cpu(), x_te.cpu(), y_te.cpu(), a.modes, seed=a.seed)
@@ -879,10 +1067,13 @@ def _finish(r: _Run) -> int:
     fig_dir = r.out / "figures"
     if not a.no_figures:
         from .figures import make_all_figures
+
         make_all_figures(r.model, r.prior, x_te, y_te, r.last_eval, r.metrics_path, fig_dir, r.ops, a)
-    print(f"test accuracy {summary['test_accuracy']:.4f}, active modes {summary['active_modes']}/{a.modes}"
-          + (f", k-means {summary['kmeans_accuracy']:.4f}" if "kmeans_accuracy" in summary else "")
-          + f"; {step} steps in {r.wall:.1f}s on {r.device}")
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}, active modes {summary['active_modes']}/{a.modes}"
+        + (f", k-means {summary['kmeans_accuracy']:.4f}" if "kmeans_accuracy" in summary else "")
+        + f"; {step} steps in {r.wall:.1f}s on {r.device}"
+    )
     print(f"summary: {r.out / 'summary.json'}")
     if not a.no_figures:
         print(f"figures: {fig_dir}/")
@@ -906,8 +1097,10 @@ class _LineProgress:
         per_step = (now - self.t0) / max(step - self.start, 1)
         text = f"{a.model} step {step}/{a.steps}: loss {loss:.4f}"
         if last_eval:
-            text += (f", test accuracy {last_eval['test_accuracy']:.4f}, active modes "
-                     f"{last_eval['active_modes']}/{a.modes} (step {last_eval.get('step', '?')})")
+            text += (
+                f", test accuracy {last_eval['test_accuracy']:.4f}, active modes "
+                f"{last_eval['active_modes']}/{a.modes} (step {last_eval.get('step', '?')})"
+            )
         left = int(per_step * (a.steps - step))
         text += f"; {per_step:.3f} s/step, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left"
         print(text, file=self.stream, flush=True)
@@ -921,6 +1114,7 @@ class _BarProgress:
 
     def __init__(self, a, step: int, stream):
         from tqdm import tqdm
+
         self.bar = tqdm(total=a.steps, initial=step, desc=a.model, dynamic_ncols=True, file=stream)
 
     def update(self, step: int, loss: float, last_eval: Optional[Dict]) -> None:
@@ -945,19 +1139,43 @@ def make_progress(a, step: int, stream=None):
 
 
 def _eval(model, x_te, y_te, prior, ops, a):
-    return evaluate(model, x_te, y_te, prior, ops, backend=a.mmd_backend, reparam_backend=a.reparam_backend,
-                    n_recon=a.eval_recon, seed=a.seed + 1234)
+    return evaluate(
+        model,
+        x_te,
+        y_te,
+        prior,
+        ops,
+        backend=a.mmd_backend,
+        reparam_backend=a.reparam_backend,
+        n_recon=a.eval_recon,
+        seed=a.seed + 1234,
+    )
 
 
 def _make_loss_fn(a, prior, gen, ops, n_prior):
     """``fn(model, x, shards)``: the loss dict of this process's rows ``x`` of a step's global batch."""
     if a.model == "gmwae":
+
         def base(model, x, sh):
-            return gmwae_loss(model, x, prior, gen, ops, a.lam, n_prior, a.mmd_backend, a.reparam_backend,
-                              a.recon_scale, a.mode_prune, shards=sh)
+            return gmwae_loss(
+                model,
+                x,
+                prior,
+                gen,
+                ops,
+                a.lam,
+                n_prior,
+                a.mmd_backend,
+                a.reparam_backend,
+                a.recon_scale,
+                a.mode_prune,
+                shards=sh,
+            )
     else:
+
         def base(model, x, sh):
             return gmvae_loss(model, x, prior, gen, ops, a.beta, a.reparam_backend, a.mode_prune, shards=sh)
+
     warp = AffineRange(a.aug_rotate, a.aug_shear, a.aug_scale, a.aug_translate)
 
     def fn(model, x, sh):
@@ -967,4 +1185,5 @@ def _make_loss_fn(a, prior, gen, ops, n_prior):
         if a.balance:
             res = add_balance(res, a.balance, shards=sh)
         return {k: v for k, v in res.items() if k not in ("_terms", "_parts")}
+
     return fn

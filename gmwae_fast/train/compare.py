@@ -1,7 +1,8 @@
 """Overlay the evaluation curves of several runs (e.g. GM-WAE vs GM-VAE, the paper's Fig. 6d / 7b).
 
-    python -m gmwae_fast.train.compare runs/gmwae runs/gmvae --out experiments/compare.png
+python -m gmwae_fast.train.compare runs/gmwae runs/gmvae --out experiments/compare.png
 """
+
 from __future__ import annotations
 
 import argparse

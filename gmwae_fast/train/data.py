@@ -4,6 +4,7 @@ No DataLoader / worker processes: the whole training set is one (60000, 1, 28, 2
 order of epoch ``e`` is ``randperm(n)`` from a generator seeded with ``(seed, e)``, so the loader
 position is fully described by the global step (checkpointed) and a resumed run sees the same batches.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,7 +34,7 @@ class InvalidDataError(ValueError):
     """An MNIST file is present but unreadable: truncated, garbled, wrong shape or labels out of range."""
 
 
-IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049      # IDX: unsigned bytes, 3 dimensions / 1 dimension
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX: unsigned bytes, 3 dimensions / 1 dimension
 IMAGE_SIDE = 28
 N_CLASSES = 10
 
@@ -74,7 +75,7 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:     # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise InvalidDataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
 
 
@@ -114,6 +115,7 @@ def _load_split(raw: Path, images: str, labels: str) -> Tuple[torch.Tensor, torc
 
 def _download(root: Path) -> None:
     from torchvision.datasets import MNIST
+
     try:
         MNIST(str(root), train=True, download=True)
         MNIST(str(root), train=False, download=True)
@@ -153,7 +155,7 @@ class Batcher:
         if batch_size > len(x):
             raise ValueError(f"batch size {batch_size} > number of training images {len(x)}")
         self.x, self.y, self.bs, self.seed = x, y, batch_size, seed
-        self.per_epoch = len(x) // batch_size      # the last partial batch of an epoch is dropped
+        self.per_epoch = len(x) // batch_size  # the last partial batch of an epoch is dropped
         self._epoch, self._perm = -1, None
 
     def _perm_for(self, epoch: int) -> torch.Tensor:
@@ -164,7 +166,7 @@ class Batcher:
 
     def batch(self, step: int):
         epoch, i = divmod(step, self.per_epoch)
-        idx = self._perm_for(epoch)[i * self.bs:(i + 1) * self.bs]
+        idx = self._perm_for(epoch)[i * self.bs : (i + 1) * self.bs]
         return self.x[idx], self.y[idx]
 
     def epoch_of(self, step: int) -> float:

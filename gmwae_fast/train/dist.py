@@ -13,6 +13,7 @@ its own ``n / R`` images, and the running statistics (used only by the evaluatio
 to the other ranks at every step. ``--bn-shards S`` reproduces exactly this in one process: the batch is split into
 the same S shards, each normalised with its own statistics, and only shard 0 updates the running statistics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,6 +52,7 @@ class Shards:
     batch-norm statistics); ``world``/``rank``/``group``: the process group (``world == 1``: one process).
     ``virtual``: several shards in one process (``--bn-shards``): only shard 0 updates the running statistics.
     """
+
     total: int
     bounds: Tuple[Tuple[int, int], ...]
     world: int = 1
@@ -86,7 +88,7 @@ class Shards:
 
     def local(self, t: torch.Tensor) -> List[torch.Tensor]:
         """``t`` (this process's rows, ``end - first`` of them) cut into the local shards."""
-        return [t[lo - self.first:hi - self.first] for lo, hi in self.bounds]
+        return [t[lo - self.first : hi - self.first] for lo, hi in self.bounds]
 
     def weights(self) -> List[float]:
         """``n_s / total`` for each local shard: its share of a batch mean."""
@@ -113,7 +115,7 @@ class Shards:
         if self.world == 1:
             return t.detach()
         full = t.new_zeros((self.total, *t.shape[1:]))
-        full[self.first:self.end] = t.detach()
+        full[self.first : self.end] = t.detach()
         return self.all_sum(full)
 
     def mmd_kwargs(self) -> dict:
@@ -131,7 +133,7 @@ class Shards:
         saved = [{k: b.clone() for k, b in m._buffers.items() if b is not None} for m in bns]
         try:
             yield
-        finally:   # rebind, not copy: autograd holds the updated tensors for the backward
+        finally:  # rebind, not copy: autograd holds the updated tensors for the backward
             for m, bufs in zip(bns, saved):
                 m._buffers.update(bufs)
 
@@ -150,6 +152,7 @@ def rank_objective(terms: List[Tuple[float, torch.Tensor]], world: int) -> torch
 @dataclass
 class DistEnv:
     """The process group of a data-parallel run, from torchrun's environment (WORLD_SIZE > 1)."""
+
     world: int
     rank: int
     local_rank: int
@@ -176,8 +179,10 @@ def env_world_size() -> int:
 def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     if raw is None:
-        raise ValueError(f"WORLD_SIZE > 1 but {name} is not set; launch with torchrun (or set RANK, LOCAL_RANK, "
-                         f"MASTER_ADDR and MASTER_PORT)")
+        raise ValueError(
+            f"WORLD_SIZE > 1 but {name} is not set; launch with torchrun (or set RANK, LOCAL_RANK, "
+            f"MASTER_ADDR and MASTER_PORT)"
+        )
     try:
         return int(raw)
     except ValueError:

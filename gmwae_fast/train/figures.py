@@ -11,16 +11,16 @@ fig2a_loss              training loss terms over training
 fig3_latent2d           (rot2d) encodings and prior samples in the 2-D latent space
 fig7c_umap              (umap-learn installed) UMAP of the latents coloured by label
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Dict, List
 
+import matplotlib
 import numpy as np
 import torch
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,7 +79,7 @@ def _image_grids(f: _Figs, xs, ys, zstar) -> None:
     rec = f.dec(zstar[idx])
     rows = []
     for r in range(0, len(idx), 10):  # 5 x (originals row, reconstructions row), 10 per row
-        rows += [xs[idx[r:r + 10]].cpu(), rec[r:r + 10]]
+        rows += [xs[idx[r : r + 10]].cpu(), rec[r : r + 10]]
     f.save(torch.cat(rows), "fig4a_reconstructions.png", 10)
     for scale, name in ((1.0, "fig4b_samples_per_mode.png"), (0.6, "fig4c_samples_scaled.png")):
         zz = torch.cat([f.prior.sample_mode(k, 10, generator=f.g, scale=scale) for k in f.order])
@@ -190,7 +190,7 @@ def make_all_figures(model, prior, x_test, y_test, last_eval, metrics_path, fig_
         mu, sigma, pi = encode_all(model, xs)
         kstar = pi.argmax(1)
         rows = torch.arange(n, device=f.dev)
-        zstar = mu[rows, kstar]                          # (n, d)
+        zstar = mu[rows, kstar]  # (n, d)
         ys = y_test[:n].cpu()
         _image_grids(f, xs, ys, zstar)
         _heatmap(f, last_eval)

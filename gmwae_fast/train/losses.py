@@ -9,6 +9,7 @@ run ``x`` is this rank's rows of the global batch, the random numbers are drawn 
 batch means become this rank's share ``(n_r / N) mean_r`` (logged after a sum over the ranks), the MMD is the global
 one (``process_group=``) and ``res["_objective"]`` is what the rank backpropagates (:func:`.dist.rank_objective`).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from .augment import AffineRange, affine_from_uniforms, affine_uniforms, consistency_kl
 from .dist import Shards, rank_objective
 from .priors import GMPrior
+
 
 @dataclass
 class Ops:
@@ -40,7 +42,7 @@ def resolve_ops() -> Ops:
 # --------------------------------------------------------------------------------------------------
 def draw_seed(gen: torch.Generator) -> int:
     """A 62-bit seed for gm_reparameterize from the trainer's generator (checkpointed)."""
-    return int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device).item())
+    return int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
 
 
 def encode_sample(model, x, gen: torch.Generator, ops: Ops, backend: str = "auto"):
@@ -60,6 +62,7 @@ def global_noise(ops: Ops, seed: int, shape, like: torch.Tensor, backend: str = 
 @dataclass
 class Part:
     """One local shard's images and encodings: x (n, 1, 28, 28); mu, sigma_raw, z (n, K, d); logits, pi (n, K)."""
+
     x: torch.Tensor
     mu: torch.Tensor
     sigma_raw: torch.Tensor
@@ -101,8 +104,12 @@ def shard_mean(model, sh: Shards, parts: List[Part], fn: Callable[[Part], torch.
     return total
 
 
-def _result(terms: List[Tuple[str, Optional[float], torch.Tensor, bool]], parts: List[Part], sh: Shards,
-            pi_global: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def _result(
+    terms: List[Tuple[str, Optional[float], torch.Tensor, bool]],
+    parts: List[Part],
+    sh: Shards,
+    pi_global: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
     """The loss dict of a step. ``terms``: ``(name, weight, tensor, is_share)``; a share is this process's part
     ``(n_r / N) mean_r`` of a batch mean, a non-share a global value (the distributed MMD); weight ``None``: logged,
     not in the loss; names starting with ``_`` are not logged.
@@ -169,12 +176,12 @@ def mode_expectation(model, x, z, pi, cost: Callable, prune: float = 0.0) -> tor
     """
     B, K = pi.shape
     if prune <= 0.0:
-        logits = model.decode(z)                                                 # (B, K, 1, 28, 28)
+        logits = model.decode(z)  # (B, K, 1, 28, 28)
         c = cost(x.unsqueeze(1).expand_as(logits).flatten(0, 1), logits.flatten(0, 1)).view(B, K)
         return (pi * c).sum(1).mean()
     keep = kept_modes(pi, prune)
     b_idx, k_idx = keep.nonzero(as_tuple=True)
-    c = cost(x[b_idx], model.decode(z[b_idx, k_idx]))                            # (M,)
+    c = cost(x[b_idx], model.decode(z[b_idx, k_idx]))  # (M,)
     w = pi * keep
     w = w / w.sum(1, keepdim=True)
     return (w[b_idx, k_idx] * c).sum() / B
@@ -188,10 +195,20 @@ def _bernoulli_nll(x, logits):
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(-1)
 
 
-def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: float,
-               n_prior: int, backend: str = "auto", reparam_backend: str = "auto",
-               recon_scale: float = 1.0, prune: float = 0.0,
-               shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
+def gmwae_loss(
+    model,
+    x,
+    prior: GMPrior,
+    gen: torch.Generator,
+    ops: Ops,
+    lam: float,
+    n_prior: int,
+    backend: str = "auto",
+    reparam_backend: str = "auto",
+    recon_scale: float = 1.0,
+    prune: float = 0.0,
+    shards: Optional[Shards] = None,
+) -> Dict[str, torch.Tensor]:
     """recon_scale * sum_k pi_k ||x - g(z_k)||^2 + lam * MMD; ``recon`` is reported unscaled.
     ``prune``: see :func:`mode_expectation`. ``shards`` (default: one process, the whole batch ``x``): ``x`` is this
     process's rows of the global batch and the MMD is that of the global batch (see :mod:`.dist`); the ``n_prior``
@@ -207,20 +224,28 @@ def gmwae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, lam: fl
 def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
     """KL( N(mu_k, diag sigma_k^2) || N(m_k, Sigma_k) ) for every (b, k) -> (B, K)."""
     d = mu.shape[-1]
-    L = prior.chol                                                               # (K, d, d)
-    diff = (prior.means - mu)                                                    # (B, K, d)
+    L = prior.chol  # (K, d, d)
+    diff = prior.means - mu  # (B, K, d)
     # Sigma^-1 via triangular solves: ||L^-1 diff||^2 and tr(Sigma^-1 S) = ||L^-1 diag(sigma)||_F^2
-    Linv = torch.linalg.inv(L)                                                   # small (K, d, d)
+    Linv = torch.linalg.inv(L)  # small (K, d, d)
     maha = torch.einsum("kij,bkj->bki", Linv, diff).pow(2).sum(-1)
-    tr = (Linv.pow(2).unsqueeze(0) * sigma.pow(2).unsqueeze(-2)).sum((-1, -2))   # sum_ij Linv_ij^2 s_j^2
-    logdet_p = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)       # (K,)
-    logdet_q = 2 * torch.log(sigma).sum(-1)                                      # (B, K)
+    tr = (Linv.pow(2).unsqueeze(0) * sigma.pow(2).unsqueeze(-2)).sum((-1, -2))  # sum_ij Linv_ij^2 s_j^2
+    logdet_p = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+    logdet_q = 2 * torch.log(sigma).sum(-1)  # (B, K)
     return 0.5 * (tr + maha - d + logdet_p - logdet_q)
 
 
-def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: float,
-               reparam_backend: str = "auto", prune: float = 0.0,
-               shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
+def gmvae_loss(
+    model,
+    x,
+    prior: GMPrior,
+    gen: torch.Generator,
+    ops: Ops,
+    beta: float,
+    reparam_backend: str = "auto",
+    prune: float = 0.0,
+    shards: Optional[Shards] = None,
+) -> Dict[str, torch.Tensor]:
     """sum_k pi_k [-log p(x|z_k)] + beta * (KL_C + KL_D); ``prune``: see :func:`mode_expectation`; ``shards``: as
     in :func:`gmwae_loss`."""
     sh = shards or Shards.single(len(x))
@@ -232,13 +257,29 @@ def gmvae_loss(model, x, prior: GMPrior, gen: torch.Generator, ops: Ops, beta: f
 
     def kl_d_of(p: Part):
         return (p.pi * (torch.log_softmax(p.logits, -1) + math.log(model.K))).sum(1).mean()
+
     kl_c, kl_d = shard_mean(model, sh, parts, kl_c_of), shard_mean(model, sh, parts, kl_d_of)
-    return _result([("recon", 1.0, rec, True), ("_kl", beta, kl_c + kl_d, True), ("kl_c", None, kl_c, True),
-                    ("kl_d", None, kl_d, True)], parts, sh)
+    return _result(
+        [
+            ("recon", 1.0, rec, True),
+            ("_kl", beta, kl_c + kl_d, True),
+            ("kl_c", None, kl_c, True),
+            ("kl_d", None, kl_d, True),
+        ],
+        parts,
+        sh,
+    )
 
 
-def add_consistency(res: Dict[str, torch.Tensor], model, x, gen: torch.Generator, gamma: float,
-                    warp: AffineRange, shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
+def add_consistency(
+    res: Dict[str, torch.Tensor],
+    model,
+    x,
+    gen: torch.Generator,
+    gamma: float,
+    warp: AffineRange,
+    shards: Optional[Shards] = None,
+) -> Dict[str, torch.Tensor]:
     """Adds ``gamma * consistency_kl(q_D(x), q_D(random_affine(x)))`` to the loss ``res`` of
     :func:`gmwae_loss` / :func:`gmvae_loss` for the batch ``x`` and records the KL as ``res["consistency"]``
     (see :mod:`.augment`; one extra pass of the q_D conv net, the warp drawn from ``gen`` for the global batch;
@@ -253,8 +294,9 @@ def add_consistency(res: Dict[str, torch.Tensor], model, x, gen: torch.Generator
     return _extend(res, [("consistency", gamma, kl, True)], sh)
 
 
-def add_balance(res: Dict[str, torch.Tensor], weight: float,
-                shards: Optional[Shards] = None) -> Dict[str, torch.Tensor]:
+def add_balance(
+    res: Dict[str, torch.Tensor], weight: float, shards: Optional[Shards] = None
+) -> Dict[str, torch.Tensor]:
     """Adds ``weight * KL(pbar || uniform)`` to the loss ``res`` of :func:`gmwae_loss` / :func:`gmvae_loss`,
     pbar = the batch mean of q_D(.|x) (with gradient through ``res["logits"]``), and records the KL as
     ``res["balance"]``. Beyond the paper: the MMD sees only z, so the continuous encoders can hide unequal mode

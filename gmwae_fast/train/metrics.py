@@ -1,5 +1,6 @@
 """Evaluation: the paper's clustering-accuracy protocol, active modes, reconstruction metrics, MMD,
 and a k-means-on-pixels baseline scored with the same protocol."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -77,7 +78,7 @@ def encode_all(model, x: torch.Tensor, batch: int = 1000):
     """(mu, sigma, pi) of the whole set, in eval mode, in chunks."""
     mus, sigmas, pis = [], [], []
     for i in range(0, len(x), batch):
-        mu, sr, lg = model.encoder(x[i:i + batch])
+        mu, sr, lg = model.encoder(x[i : i + batch])
         mus.append(mu)
         sigmas.append(F.softplus(sr))
         pis.append(torch.softmax(lg, -1))
@@ -85,8 +86,18 @@ def encode_all(model, x: torch.Tensor, batch: int = 1000):
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, prior, ops, backend: str = "auto", reparam_backend: str = "auto",
-             n_recon: int = 500, seed: int = 1234, decode_batch: int = 100) -> Dict:
+def evaluate(
+    model,
+    x_test,
+    y_test,
+    prior,
+    ops,
+    backend: str = "auto",
+    reparam_backend: str = "auto",
+    n_recon: int = 500,
+    seed: int = 1234,
+    decode_batch: int = 100,
+) -> Dict:
     """All metrics on the held-out set: accuracy / active modes / heatmap on every test image,
     reconstruction L2, Bernoulli NLL (both expectations over q_D, summed over pixels, mean over images)
     and the weighted MMD against as many prior samples, on the first ``n_recon`` test images."""
@@ -98,22 +109,30 @@ def evaluate(model, x_test, y_test, prior, ops, backend: str = "auto", reparam_b
         probs = pi.cpu().numpy()
         labels = y_test.cpu().numpy()
         acc, c2m, M = protocol_accuracy(probs, labels)
-        out = {"test_accuracy": acc, "active_modes": active_modes(probs),
-               "usage_kl": usage_kl(probs), "class_to_mode": c2m,
-               "heatmap": M.tolist(), "mode_usage": mode_sizes(probs).tolist()}
+        out = {
+            "test_accuracy": acc,
+            "active_modes": active_modes(probs),
+            "usage_kl": usage_kl(probs),
+            "class_to_mode": c2m,
+            "heatmap": M.tolist(),
+            "mode_usage": mode_sizes(probs).tolist(),
+        }
         n = min(n_recon, len(x_test))
         g = torch.Generator(device=dev).manual_seed(seed)
         xs = x_test[:n].to(dev)
         l2s, nlls, zs, pis = [], [], [], []
         for i in range(0, n, decode_batch):
-            xb = xs[i:i + decode_batch]
+            xb = xs[i : i + decode_batch]
             mu_b, sr_b, lg_b = model.encoder(xb)
             z, p = ops.gm_reparameterize(mu_b, sr_b, lg_b, seed=seed + i, backend=reparam_backend)
             logits = model.decode(z)
             xr = torch.sigmoid(logits)
             l2 = (xr - xb.unsqueeze(1)).pow(2).flatten(2).sum(-1)
-            nll = F.binary_cross_entropy_with_logits(logits, xb.unsqueeze(1).expand_as(logits),
-                                                     reduction="none").flatten(2).sum(-1)
+            nll = (
+                F.binary_cross_entropy_with_logits(logits, xb.unsqueeze(1).expand_as(logits), reduction="none")
+                .flatten(2)
+                .sum(-1)
+            )
             l2s.append((p * l2).sum(1))
             nlls.append((p * nll).sum(1))
             zs.append(z)

@@ -12,6 +12,7 @@ Decoder (deterministic): dense z -> 7x7xC, then transposed convs 5x5 stride 2 to
 28x28xC/4, batch norm + ReLU after each, and a last 1x1 conv to one channel; C = 128 by default.
 ``forward`` returns logits; the mean image is their sigmoid.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,15 @@ class Encoder(nn.Module):
         c1, c2, c3 = max(channels // 4, 1), max(channels // 2, 1), channels
         self.K, self.d = K, d
         self.trunk = nn.Sequential(
-            nn.Conv2d(1, c1, 5, 2, 2), nn.BatchNorm2d(c1), nn.ReLU(inplace=True),     # 14x14
-            nn.Conv2d(c1, c2, 5, 2, 2), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),    # 7x7
-            nn.Conv2d(c2, c3, 5, 2, 2), nn.BatchNorm2d(c3), nn.ReLU(inplace=True),    # 4x4
+            nn.Conv2d(1, c1, 5, 2, 2),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),  # 14x14
+            nn.Conv2d(c1, c2, 5, 2, 2),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),  # 7x7
+            nn.Conv2d(c2, c3, 5, 2, 2),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(inplace=True),  # 4x4
             nn.Flatten(),
         )
         feat = c3 * 16
@@ -59,15 +66,15 @@ class Encoder(nn.Module):
         """Start q_C at the prior: output-layer bias = (mu0_k, softplus^-1(sigma0_k)), small output weights."""
         self.w3.mul_(weight_scale)
         self.b3[:, : self.d] = means
-        self.b3[:, self.d:] = torch.log(torch.expm1(stds.clamp_min(1e-4)))
+        self.b3[:, self.d :] = torch.log(torch.expm1(stds.clamp_min(1e-4)))
 
     def q_d_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Only the q_D head: x (B, 1, 28, 28) -> logits (B, K)."""
         return self.logits(self.trunk(x))
 
     def forward(self, x: torch.Tensor):
-        h = self.trunk(x)                                                   # (B, F)
-        logits = self.logits(h)                                             # (B, K)
+        h = self.trunk(x)  # (B, F)
+        logits = self.logits(h)  # (B, K)
         if self.qc_input == "pixels":
             h = x.flatten(1)
         B = h.shape[0]
@@ -75,8 +82,8 @@ class Encoder(nn.Module):
         a = F.relu(self.bn1(a.reshape(B, -1)).view_as(a))
         a = torch.einsum("bkh,khg->bkg", a, self.w2) + self.b2
         a = F.relu(self.bn2(a.reshape(B, -1)).view_as(a))
-        out = torch.einsum("bkh,khg->bkg", a, self.w3) + self.b3           # (B, K, 2d)
-        mu, sigma_raw = out[..., : self.d], out[..., self.d:]
+        out = torch.einsum("bkh,khg->bkg", a, self.w3) + self.b3  # (B, K, 2d)
+        mu, sigma_raw = out[..., : self.d], out[..., self.d :]
         return mu.contiguous(), sigma_raw.contiguous(), logits
 
 
@@ -87,8 +94,12 @@ class Decoder(nn.Module):
         self.c1 = c1
         self.fc = nn.Sequential(nn.Linear(d, 7 * 7 * c1), nn.BatchNorm1d(7 * 7 * c1), nn.ReLU(inplace=True))
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(c1, c2, 5, 2, 2, output_padding=1), nn.BatchNorm2d(c2), nn.ReLU(inplace=True),  # 14
-            nn.ConvTranspose2d(c2, c3, 5, 2, 2, output_padding=1), nn.BatchNorm2d(c3), nn.ReLU(inplace=True),  # 28
+            nn.ConvTranspose2d(c1, c2, 5, 2, 2, output_padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),  # 14
+            nn.ConvTranspose2d(c2, c3, 5, 2, 2, output_padding=1),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(inplace=True),  # 28
             nn.Conv2d(c3, 1, 1),
         )
 
@@ -99,8 +110,15 @@ class Decoder(nn.Module):
 
 
 class GMModel(nn.Module):
-    def __init__(self, K: int = 10, d: int = 10, enc_channels: int = 64, dec_channels: int = 128,
-                 hidden: int = 32, qc_input: str = "pixels"):
+    def __init__(
+        self,
+        K: int = 10,
+        d: int = 10,
+        enc_channels: int = 64,
+        dec_channels: int = 128,
+        hidden: int = 32,
+        qc_input: str = "pixels",
+    ):
         super().__init__()
         self.K, self.d = K, d
         self.encoder = Encoder(K, d, enc_channels, hidden, qc_input)

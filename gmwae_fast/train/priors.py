@@ -11,6 +11,7 @@ theta_k = 2 pi k / K (mean and covariance).
 A prior is described by ``means`` (K, d) and ``stds`` (K, d) (diagonal in the encoder's frame) plus, for
 rot2d, full covariances; ``sample`` draws from the uniform mixture.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,8 @@ PRIORS = ("simplex", "rot2d")
 @dataclass
 class GMPrior:
     name: str
-    means: torch.Tensor          # (K, d)
-    chol: torch.Tensor           # (K, d, d) lower-triangular Cholesky factors of the covariances
+    means: torch.Tensor  # (K, d)
+    chol: torch.Tensor  # (K, d, d) lower-triangular Cholesky factors of the covariances
     K: int
     d: int
 
@@ -58,8 +59,9 @@ class GMPrior:
         eps = torch.randn(n, self.d, generator=generator, device=dev, dtype=self.means.dtype)
         return self.means[k] + torch.einsum("nij,nj->ni", self.chol[k], eps)
 
-    def sample_mode(self, k: int, n: int, generator: Optional[torch.Generator] = None,
-                    scale: float = 1.0) -> torch.Tensor:
+    def sample_mode(
+        self, k: int, n: int, generator: Optional[torch.Generator] = None, scale: float = 1.0
+    ) -> torch.Tensor:
         """n samples from mode k, with the standard deviation multiplied by ``scale``."""
         eps = torch.randn(n, self.d, generator=generator, device=self.means.device, dtype=self.means.dtype)
         return self.means[k] + scale * eps @ self.chol[k].T
@@ -72,9 +74,9 @@ def simplex_prior(K: int = 10, sigma0: float = 1.0, spacing: float = 4.0, d: Opt
     if d < K - 1:
         raise ValueError(f"a regular simplex with {K} vertices needs d >= {K - 1}, got d={d}")
     e = torch.eye(K, dtype=torch.float64)
-    v = e - e.mean(0, keepdim=True)                   # centred, pairwise distance sqrt(2), rank K-1
-    if d != K:                                        # project onto an orthonormal basis of the span
-        q, _ = torch.linalg.qr(v.T)                   # (K, K)
+    v = e - e.mean(0, keepdim=True)  # centred, pairwise distance sqrt(2), rank K-1
+    if d != K:  # project onto an orthonormal basis of the span
+        q, _ = torch.linalg.qr(v.T)  # (K, K)
         v = v @ q[:, : K - 1]
         if d > K - 1:
             v = torch.cat([v, v.new_zeros(K, d - (K - 1))], 1)

@@ -11,6 +11,7 @@ with weights (B, K), y (B*K, d)); share = MMD / step. By default a freshly initi
 ``--data-dir`` the first B training images: with ``--mode-prune`` the decodes then depend on how confident
 q_D is, which is what a late training step costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     if a.checkpoint:
         from .checkpoint import load_checkpoint
         from .cli import prior_and_model
+
         st = load_checkpoint(a.checkpoint)
         prior, model = prior_and_model(st["config"])
         model.load_state_dict(st["model"])
@@ -68,16 +70,26 @@ def main(argv=None) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     if a.data_dir:
         from .data import load_mnist
+
         x = load_mnist(a.data_dir, download=False)[0][:B].contiguous()
     else:
         x = torch.rand(B, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         pi = torch.softmax(model.encoder(x)[2], -1)
-    res = {"batch_size": B, "modes": K, "latent_dim": d, "dec_channels": model.decoder.c1,
-           "torch_threads": torch.get_num_threads(), "reparam_backend": a.reparam_backend,
-           "checkpoint": a.checkpoint, "images": "mnist train" if a.data_dir else "random",
-           "mode_prune": a.mode_prune, "decoded_modes_per_image": decodes_per_image(pi, a.mode_prune), "backends": {}}
+    res = {
+        "batch_size": B,
+        "modes": K,
+        "latent_dim": d,
+        "dec_channels": model.decoder.c1,
+        "torch_threads": torch.get_num_threads(),
+        "reparam_backend": a.reparam_backend,
+        "checkpoint": a.checkpoint,
+        "images": "mnist train" if a.data_dir else "random",
+        "mode_prune": a.mode_prune,
+        "decoded_modes_per_image": decodes_per_image(pi, a.mode_prune),
+        "backends": {},
+    }
     for be in a.backends:
 
         def step():
@@ -98,10 +110,17 @@ def main(argv=None) -> int:
         t_mmd = _median_time(mmd_only, a.reps, a.warmup)
         name = backends.last_backend("imq_mmd")  # the backend that ran
         res["reparam_backend_resolved"] = backends.last_backend("gm_reparam")
-        res["backends"][be] = {"resolved": name, "step_s": round(t_step, 6), "mmd_fwd_bwd_s": round(t_mmd, 6),
-                               "mmd_share": round(t_mmd / t_step, 3)}
-        print(f"{be:>9} ({name}): step {t_step * 1e3:8.1f} ms, MMD fwd+bwd {t_mmd * 1e3:8.1f} ms, "
-              f"share {t_mmd / t_step:6.1%}", flush=True)
+        res["backends"][be] = {
+            "resolved": name,
+            "step_s": round(t_step, 6),
+            "mmd_fwd_bwd_s": round(t_mmd, 6),
+            "mmd_share": round(t_mmd / t_step, 3),
+        }
+        print(
+            f"{be:>9} ({name}): step {t_step * 1e3:8.1f} ms, MMD fwd+bwd {t_mmd * 1e3:8.1f} ms, "
+            f"share {t_mmd / t_step:6.1%}",
+            flush=True,
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)
