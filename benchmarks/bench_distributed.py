@@ -1,7 +1,7 @@
 """Strong scaling of the distributed MMD (``fast_imq_mmd(..., process_group=...)``) on one machine.
 
     .venv/bin/python benchmarks/bench_distributed.py --n 8192 --d 10 64 --ranks 1 2 \\
-        --out benchmarks/results/distributed-cpu-amd-epyc-2c.md
+        --out benchmarks/results/distributed-cpu-intel-xeon-2c.md
 
 For each ``d`` and each world size ``R``, ``R`` processes (gloo on 127.0.0.1, one torch thread each) hold ``N / R``
 rows of ``x`` (requires grad, the encoder's codes) and ``N / R`` rows of ``y`` (the prior samples) and time
@@ -146,6 +146,24 @@ def _markdown(args: argparse.Namespace, rows: list[dict], cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machine() -> str:
+    """``N-core <CPU model>, <ISA of the C++ kernels>, no GPU`` for the report title."""
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        from gmwae_fast import _C
+
+        isa = _C.CPU_ISA
+    except Exception:  # noqa: BLE001 - no extension: the description still stands
+        isa = "no C++ kernels"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core {model}, {isa}, {gpu}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=8192)
@@ -154,7 +172,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="cpu")
-    p.add_argument("--machine", default="2-core AMD EPYC VM, AVX2, no GPU")
+    p.add_argument("--machine", default=_machine(), help="machine for the report (default: from /proc/cpuinfo)")
     p.add_argument("--notes", default="", help="a paragraph appended to the report (e.g. the machine's load)")
     p.add_argument("--out", default=None, help="markdown report path (default: print only)")
     args = p.parse_args()

@@ -1142,7 +1142,7 @@ def render(a: dict, build: Build, triton: Optional[List[dict]], triton_note: str
         "# sm_90 static performance model of the CUDA MMD kernels",
         "",
         f"**Predictions from the compiled SASS; no GPU ran anything.** Produced on {datetime.date.today()} by "
-        "`.venv/bin/python benchmarks/static_model.py` on a 2-core AMD EPYC VM without a GPU "
+        "`.venv/bin/python benchmarks/static_model.py` on a 2-core CPU VM without a GPU "
         f"(nvcc: `{_nvcc_version()}`; build folder `{os.path.relpath(build.folder, ROOT)}`).",
         "",
         "Method (details in the module docstring of `benchmarks/static_model.py`): the tile kernel is compiled for "
