@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends, reference
-from .mmd import _REDUCTIONS, _check_bandwidths, _check_weights, _real, _resolve_bandwidths
+from .mmd import _REDUCTIONS, _check_bandwidths, _check_points, _check_weights, _real, _resolve_bandwidths
 from .ops._autograd import first_order_only
 from .ops.imq_mmd import OpSet, op_set
 
@@ -133,21 +133,6 @@ def _check_group(process_group: Any) -> None:
         raise RuntimeError("this process is not a member of process_group")
 
 
-def _check_shard(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() not in (2, 3):
-        raise ValueError(f"{name} must have shape (n, d) or (B, K, d), got {tuple(t.shape)} ({t.dim()} dims)")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.shape[-1] == 0 or (t.dim() == 3 and t.shape[1] == 0):
-        raise ValueError(
-            f"{name} has a zero-sized dimension other than the first: {tuple(t.shape)} "
-            "(an empty shard is (0, d) or (0, K, d))"
-        )
-    return t
-
-
 def _bandwidths(x: Tensor, y: Tensor, scales, sigma2, bandwidths, eps) -> tuple[tuple, tuple]:
     """The kernels' bandwidths and each one's factor, as in :func:`gmwae_fast.fast_imq_mmd`:
     ``C / (C + D + eps) = C / (C + eps) * C' / (C' + D)`` with ``C' = C + eps``."""
@@ -169,8 +154,8 @@ def _local_checks(x, y, xw, yw, scales, sigma2, bandwidths, unbiased, reduction,
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     try:
-        _check_shard("x", x)
-        _check_shard("y", y)
+        _check_points("x", x, allow_empty=True)
+        _check_points("y", y, allow_empty=True)
         if x.shape[-1] != y.shape[-1]:
             raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
         if x.device != y.device:

@@ -24,14 +24,20 @@ WAE_SCALES: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _REDUCTIONS = ("sum", "none")
 
 
-def _check_points(name: str, t: object) -> Tensor:
+def _check_points(name: str, t: object, allow_empty: bool = False) -> Tensor:
+    """``t`` as points ``(n, d)`` or ``(B, K, d)``; ``allow_empty`` admits ``n = 0`` / ``B = 0`` (a rank's shard)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in (2, 3):
         raise ValueError(f"{name} must have shape (n, d) or (B, K, d), got {tuple(t.shape)} ({t.dim()} dims)")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.numel() == 0:
+    if allow_empty and 0 in t.shape[1:]:
+        raise ValueError(
+            f"{name} has a zero-sized dimension other than the first: {tuple(t.shape)} "
+            "(an empty shard is (0, d) or (0, K, d))"
+        )
+    if not allow_empty and t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
     return t
 
