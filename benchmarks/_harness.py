@@ -205,6 +205,21 @@ def plan_rounds(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def timing_info(stats, iterations: int) -> dict:
+    """The ``extra_info`` fields every benchmark records from pytest-benchmark's stats."""
+    return dict(
+        median_s=stats.median,
+        q1_s=stats.q1,
+        q3_s=stats.q3,
+        iqr_s=stats.iqr,
+        mean_s=stats.mean,
+        stddev_s=stats.stddev,
+        min_s=stats.min,
+        rounds=stats.rounds,
+        iterations=iterations,
+    )
+
+
 def mmd_pairs(n: int, m: int) -> int:
     """Distinct kernel evaluations an unbiased MMD² needs: ``n(n-1)/2 + m(m-1)/2 + n m`` (self terms symmetric)."""
     return n * (n - 1) // 2 + m * (m - 1) // 2 + n * m

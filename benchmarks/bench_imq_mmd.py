@@ -221,15 +221,7 @@ def test_imq_mmd(benchmark, mmd_case, bench_settings, record_skip):
         med = stats.median
         pairs = _harness.mmd_pairs(n, m)
         info.update(
-            median_s=med,
-            q1_s=stats.q1,
-            q3_s=stats.q3,
-            iqr_s=stats.iqr,
-            mean_s=stats.mean,
-            stddev_s=stats.stddev,
-            min_s=stats.min,
-            rounds=stats.rounds,
-            iterations=iterations,
+            _harness.timing_info(stats, iterations),
             pairs=pairs,
             pairs_per_s=pairs / med if med > 0 else None,
         )

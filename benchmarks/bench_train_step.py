@@ -119,17 +119,7 @@ def test_gmwae_train_step(benchmark, provider, bench_settings, record_skip):
     )
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     if stats is not None and stats.rounds:
-        info.update(
-            median_s=stats.median,
-            q1_s=stats.q1,
-            q3_s=stats.q3,
-            iqr_s=stats.iqr,
-            mean_s=stats.mean,
-            stddev_s=stats.stddev,
-            min_s=stats.min,
-            rounds=stats.rounds,
-            iterations=iterations,
-        )
+        info.update(_harness.timing_info(stats, iterations))
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
