@@ -9,10 +9,12 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
 
+#include "f32_math.h"
 #include "philox.h"
 
 namespace gmwae_fast {
@@ -20,10 +22,10 @@ namespace reparam {
 
 enum Act : int { kSoftplus = 0, kExp = 1 };
 
-// float: the portable polynomials of philox.h (vectorisable on the CPU, identical on CUDA); double: libm.
-GMWAE_RP_HD float exp_(float x) { return philox::exp_f(x); }
+// float: the portable polynomials of f32_math.h (vectorisable on the CPU, identical on CUDA); double: libm.
+GMWAE_RP_HD float exp_(float x) { return f32::exp_f(x); }
 GMWAE_RP_HD double exp_(double x) { return ::exp(x); }
-GMWAE_RP_HD float log1p_(float x) { return philox::log1p_f(x); }
+GMWAE_RP_HD float log1p_(float x) { return f32::log1p_f(x); }
 GMWAE_RP_HD double log1p_(double x) { return ::log1p(x); }
 
 // softplus like torch.nn.functional.softplus (beta 1, threshold 20: identity above 20), branch-free:

@@ -103,7 +103,7 @@ class CheckResult:
 
 @dataclass
 class SelftestReport:
-    """What :func:`selftest` ran: ``results``, ``not_run`` (``"device/backend"`` -> reason) and ``problems``
+    """What :func:`selftest` ran: ``results``, ``not_run`` (``"device/backend[/op family]"`` -> reason) and ``problems``
     (requested devices or backends that cannot run here). ``ok`` is true when something ran and all passed."""
 
     results: list[CheckResult] = field(default_factory=list)
@@ -456,8 +456,16 @@ def _run_one(device: str, backend: str, name: str, fn: Callable[[_Ctx], list]) -
     return CheckResult(device, backend, name, "FAIL" if bad else "pass", worst[1], worst[2], worst[0], elapsed)
 
 
-def _plan(device: Optional[str], backend: Optional[str], report: SelftestReport) -> list[tuple[str, str]]:
-    """(device, backend) pairs to run; the rest recorded in ``report.not_run`` / ``report.problems``."""
+def _family(check: str) -> str:
+    """The op family (``gmwae_fast.backends.OP_FAMILIES``) a check exercises."""
+    return "gm_reparam" if check.startswith("reparam/") else "imq_mmd"
+
+
+def _plan(
+    device: Optional[str], backend: Optional[str], families: Iterable[str], report: SelftestReport
+) -> list[tuple[str, str, str]]:
+    """(device, backend, op family) triples to run; the rest recorded in ``report.not_run`` (``"device/backend"``,
+    or ``"device/backend/family"`` when the backend runs another family there) and ``report.problems``."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if device not in (None, "all"):
         if device not in ("cpu", "cuda"):
@@ -465,20 +473,24 @@ def _plan(device: Optional[str], backend: Optional[str], report: SelftestReport)
         if device not in devices:
             report.problems.append(f"device {device!r} requested but no CUDA device is available")
         devices = [d for d in devices if d == device]
-    pairs = []
+    families = sorted(set(families) or {_family(n) for n, _ in _checks(False)})
+    triples = []
     for dev in devices:
-        for name, reason in available_backends(dev).items():
+        reasons = {fam: available_backends(dev, op=fam) for fam in families}
+        for name in next(iter(reasons.values()), {}):
             if backend not in (None, "all") and name != backend:
                 continue
-            if reason is None:
-                pairs.append((dev, name))
+            why = {fam: r[name] for fam, r in reasons.items() if r[name] is not None}
+            triples += [(dev, name, fam) for fam in families if fam not in why]
+            if len(why) == len(families):
+                report.not_run[f"{dev}/{name}"] = "; ".join(dict.fromkeys(why.values()))
             else:
-                report.not_run[f"{dev}/{name}"] = reason
-    if backend not in (None, "all") and devices and not pairs:
+                report.not_run.update({f"{dev}/{name}/{fam}": r for fam, r in why.items()})
+    if backend not in (None, "all") and devices and not triples:
         report.problems.append(
             f"backend {backend!r} cannot run on {', '.join(devices)}: " + "; ".join(report.not_run.values())
         )
-    return pairs
+    return triples
 
 
 class _Progress:
@@ -540,14 +552,18 @@ def selftest(
     """
     t0 = time.perf_counter()
     report = SelftestReport()
-    pairs = _plan(device, backend, report)
     todo = [c for c in _checks(quick) if checks is None or any(c[0].startswith(p) for p in checks)]
-    bar = _Progress(len(pairs) * len(todo), sys.stderr, progress) if verbose else None
-    for dev, be in pairs:
-        for name, fn in todo:
-            report.results.append(_run_one(dev, be, name, fn))
-            if bar is not None:
-                bar.update(report.results[-1])
+    runs = [
+        (dev, be, name, fn)
+        for dev, be, fam in _plan(device, backend, {_family(n) for n, _ in todo}, report)
+        for name, fn in todo
+        if _family(name) == fam
+    ]
+    bar = _Progress(len(runs), sys.stderr, progress) if verbose else None
+    for dev, be, name, fn in runs:
+        report.results.append(_run_one(dev, be, name, fn))
+        if bar is not None:
+            bar.update(report.results[-1])
     if bar is not None:
         bar.close()
     report.time_s = time.perf_counter() - t0

@@ -113,7 +113,7 @@ def _small(device, backend):
 @pytest.fixture(params=FUSED, ids=[f"{d}-{b}" for d, b in FUSED])
 def fused_backend(request):
     device, backend = request.param
-    skip_unless_usable(device, backend)
+    skip_unless_usable(device, backend, op="gm_reparam")
     return device, backend
 
 
@@ -133,16 +133,16 @@ def test_stream_matches_philox_definition(fused_backend, seed):
 
 
 def test_triton_and_cpu_streams_agree():
-    skip_unless_usable("cpu", "cpu")
-    skip_unless_usable("cpu", "triton")
+    skip_unless_usable("cpu", "cpu", op="gm_reparam")
+    skip_unless_usable("cpu", "triton", op="gm_reparam")
     a = _noise_of(4, 5, 6, "cpu", "cpu", seed=77)
     b = _noise_of(4, 5, 6, "cpu", "triton", seed=77)
     torch.testing.assert_close(a, b, rtol=0, atol=5e-6)
 
 
 def test_cpu_and_cuda_streams_identical():
-    skip_unless_usable("cuda", "cuda")
-    skip_unless_usable("cpu", "cpu")
+    skip_unless_usable("cuda", "cuda", op="gm_reparam")
+    skip_unless_usable("cpu", "cpu", op="gm_reparam")
     a = _noise_of(33, 10, 17, "cpu", "cpu", seed=2024)
     b = _noise_of(33, 10, 17, "cuda", "cuda", seed=2024).cpu()
     # same Philox bits and the same float32 operations; only FMA contraction may differ (a few ulp at most)

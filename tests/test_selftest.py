@@ -97,6 +97,23 @@ def test_nothing_run_is_not_ok_and_unusable_backends_are_listed():
     assert "cuda" in report.not_run["cpu/cuda"]
 
 
+def test_availability_is_per_op_family(monkeypatch):
+    """A backend that runs imq_mmd but not gm_reparam gets the MMD checks only, and the reason for the rest."""
+    real = st.available_backends
+
+    def fake(device=None, op="imq_mmd"):
+        out = real(device, op=op)
+        if op == "gm_reparam":
+            out["cpu"] = "no gm_reparam kernel in this test"
+        return out
+
+    monkeypatch.setattr(st, "available_backends", fake)
+    report = _run(device="cpu", backend="cpu", checks=["reparam/noise/fp32", *ONE_MMD])
+    assert report.ok
+    assert report.results and all(r.backend == "cpu" and r.check.startswith(ONE_MMD[0]) for r in report.results)
+    assert report.not_run == {"cpu/cpu/gm_reparam": "no gm_reparam kernel in this test"}
+
+
 def test_module_is_callable_from_the_package():
     report = gmwae_fast.selftest(device="cpu", backend="cpu", checks=["reparam/noise"], verbose=False)
     assert isinstance(report, st.SelftestReport) and report.ok
