@@ -44,19 +44,20 @@ def _inputs(device: torch.device):
 
 def _trainer_step(device: torch.device, backend: str, reparam_backend: str = "auto"):
     """The trainer's model and loss: ``(step, description)``."""
-    from gmwae_fast.train.losses import gmwae_loss, resolve_ops
+    from gmwae_fast.train.losses import gmwae_loss
     from gmwae_fast.train.models import GMModel
     from gmwae_fast.train.priors import make_prior
 
     gen, x = _inputs(device)
     model = GMModel(K=K, d=D).to(device)
     prior = make_prior("simplex", K=K, latent_dim=D).to(device)
-    ops = resolve_ops()
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = gmwae_loss(model, x, prior, gen, ops, LAM, N_PRIOR, backend=backend, reparam_backend=reparam_backend)
+        out = gmwae_loss(
+            model, x, prior=prior, gen=gen, lam=LAM, n_prior=N_PRIOR, backend=backend, reparam_backend=reparam_backend
+        )
         out["loss"].backward()
         opt.step()
 

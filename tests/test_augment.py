@@ -111,7 +111,7 @@ def test_add_consistency_adds_gamma_kl_and_trains_the_q_d_net():
     logits = model.encoder.q_d_logits(x)
     res = {"loss": torch.zeros((), dtype=torch.float64), "logits": logits.detach()}
     warp = AffineRange()
-    out = add_consistency(res, model, x, torch.Generator().manual_seed(5), 3.0, warp)
+    out = add_consistency(res, model, x, gen=torch.Generator().manual_seed(5), gamma=3.0, warp=warp)
     x_aug = random_affine(x, torch.Generator().manual_seed(5), warp)
     ref = consistency_kl(logits, model.encoder.q_d_logits(x_aug))
     torch.testing.assert_close(out["consistency"], ref.detach(), rtol=1e-10, atol=1e-14)
@@ -127,14 +127,16 @@ def test_add_balance_value_and_gradient_against_float64_references():
 
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    out = add_balance({"loss": torch.tensor(1.5, dtype=torch.float64), "logits": logits}, 4.0)
+    out = add_balance({"loss": torch.tensor(1.5, dtype=torch.float64), "logits": logits}, weight=4.0)
     pbar = torch.softmax(logits.detach(), -1).mean(0).numpy()
     ref = float((pbar * np.log(5 * pbar)).sum())
     assert math.isclose(out["balance"].item(), ref, rel_tol=1e-12)
     assert math.isclose(out["loss"].item(), 1.5 + 4.0 * ref, rel_tol=1e-12)
-    assert torch.autograd.gradcheck(lambda l: add_balance({"loss": l.sum() * 0, "logits": l}, 4.0)["loss"], (logits,))
+    assert torch.autograd.gradcheck(
+        lambda l: add_balance({"loss": l.sum() * 0, "logits": l}, weight=4.0)["loss"], (logits,)
+    )
     # equal use of the modes is the minimum: zero value and zero gradient
     even = torch.zeros(6, 3, dtype=torch.float64, requires_grad=True)
-    out = add_balance({"loss": torch.zeros((), dtype=torch.float64), "logits": even}, 1.0)
+    out = add_balance({"loss": torch.zeros((), dtype=torch.float64), "logits": even}, weight=1.0)
     out["loss"].backward()
     assert abs(out["balance"].item()) < 1e-15 and even.grad.abs().max() < 1e-15

@@ -390,15 +390,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 
 
 def test_lr_schedule():
-    from gmwae_fast.train.cli import lr_at
+    from gmwae_fast.train.config import TrainConfig, lr_at
 
-    a = build_parser().parse_args(["--steps", "110", "--lr", "1e-3", "--lr-decay-from", "10", "--lr-final", "1e-5"])
+    argv = ["--steps", "110", "--lr", "1e-3", "--lr-decay-from", "10", "--lr-final", "1e-5"]
+    a = TrainConfig.from_args(build_parser().parse_args(argv))
     assert [lr_at(s, a) for s in (0, 9, 10)] == [1e-3, 1e-3, 1e-3]
     assert lr_at(60, a) == pytest.approx(0.5 * (1e-3 + 1e-5))
     assert lr_at(110, a) == pytest.approx(1e-5) and lr_at(500, a) == pytest.approx(1e-5)
     lrs = [lr_at(s, a) for s in range(10, 111)]
     assert all(x > y for x, y in zip(lrs, lrs[1:]))
-    const = build_parser().parse_args(["--steps", "50"])
+    const = TrainConfig.from_args(build_parser().parse_args(["--steps", "50"]))
     assert {lr_at(s, const) for s in range(60)} == {5e-4}
 
 

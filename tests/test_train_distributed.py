@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from gmwae_fast.train import checkpoint as ck
-from gmwae_fast.train.cli import main, prior_and_model
+from gmwae_fast.train.cli import main
+from gmwae_fast.train.config import prior_and_model
 from gmwae_fast.train.data import MNIST_FILES
 from gmwae_fast.train.dist import EXIT_PEER_FAILED, Shards, rank_objective, split_bounds
 

@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from gmwae_fast.train import checkpoint as ck
-from gmwae_fast.train import cli
-from gmwae_fast.train.cli import EXIT_DIVERGED, apply_recipe, build_parser, explicit_options, main, make_progress
+from gmwae_fast.train import trainer
+from gmwae_fast.train.cli import EXIT_DIVERGED, build_parser, explicit_options, main
+from gmwae_fast.train.config import TrainConfig, apply_recipe, prior_and_model
 from gmwae_fast.train.data import MNIST_FILES, InvalidDataError, load_mnist
+from gmwae_fast.train.progress import make_progress
 
 
 # ------------------------------------------------------------------------------------------------ fake MNIST
@@ -325,7 +327,7 @@ def test_other_network_sizes_name_the_option(data, tmp_path, capsys):
 
 def test_init_from_a_raw_state_dict_of_other_shapes(data, tmp_path, capsys):
     p = tmp_path / "raw.pt"
-    _, model = cli.prior_and_model(vars(build_parser().parse_args(["--hidden", "5"])))
+    _, model = prior_and_model(vars(build_parser().parse_args(["--hidden", "5"])))
     torch.save(model.state_dict(), p)
     assert run(data, tmp_path / "i", "--steps", "2", "--init-from", str(p)) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -420,7 +422,7 @@ def test_out_not_writable(data, tmp_path, capsys, monkeypatch):
         def refuse(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
 
-        monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+        monkeypatch.setattr(trainer.tempfile, "TemporaryFile", refuse)
     try:
         assert run(data, ro) == 2
     finally:
@@ -499,7 +501,7 @@ class _Tty(io.StringIO):
 
 
 def test_progress_bar_on_a_terminal():
-    a = build_parser().parse_args(["--steps", "3"])
+    a = TrainConfig.from_args(build_parser().parse_args(["--steps", "3"]))
     s = _Tty()
     prog = make_progress(a, 0, s)
     for i in (1, 2, 3):
@@ -507,15 +509,13 @@ def test_progress_bar_on_a_terminal():
     prog.close()
     text = s.getvalue()
     assert "3/3" in text and "acc=0.250" in text and "modes=7" in text and "\r" in text
-    assert make_progress(build_parser().parse_args(["--no-progress"]), 0, s) is None
+    assert make_progress(TrainConfig.from_args(build_parser().parse_args(["--no-progress"])), 0, s) is None
     assert type(make_progress(a, 0, io.StringIO())).__name__ == "_LineProgress"
 
 
 # ------------------------------------------------------------------------------------------------ recipe (17)
 def _resolved(argv):
-    a = build_parser().parse_args(argv)
-    apply_recipe(a, explicit_options(argv))
-    return a
+    return apply_recipe(TrainConfig.from_args(build_parser().parse_args(argv)), explicit_options(argv))
 
 
 def test_recipe_paper_changes_nothing_and_robust_bundles():

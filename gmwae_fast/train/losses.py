@@ -2,7 +2,13 @@
 
 Both call ``gmwae_fast.gm_reparameterize`` (z, pi from the encoder outputs, with noise drawn here from
 the trainer's own generator as the op's ``seed``, so runs are reproducible and resumable) and the WAE calls
-``gmwae_fast.fast_imq_mmd(z, prior_samples, x_weights=pi, backend=...)``.
+``gmwae_fast.fast_imq_mmd(z, prior_samples, x_weights=pi, backend=...)``; both are looked up on the package at
+each call. The losses take everything but the model and the batch as keyword arguments::
+
+    res = gmwae_loss(model, x, prior=prior, gen=gen, lam=500.0, n_prior=1000)
+    res = add_consistency(res, model, x, gen=gen, gamma=50.0, warp=AffineRange())
+    res = add_balance(res, weight=100.0)
+    objective(res).backward()
 
 Every loss takes ``shards`` (:class:`.dist.Shards`, default: one process and the whole batch): in a data-parallel
 run ``x`` is this rank's rows of the global batch, the random numbers are drawn for the global batch and sliced,
@@ -19,22 +25,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+import gmwae_fast
+
 from .augment import AffineRange, affine_from_uniforms, affine_uniforms, consistency_kl
 from .dist import Shards, rank_objective
 from .priors import GMPrior
-
-
-@dataclass
-class Ops:
-    fast_imq_mmd: Callable
-    gm_reparameterize: Callable
-
-
-def resolve_ops() -> Ops:
-    """The package's public ``fast_imq_mmd`` and ``gm_reparameterize``."""
-    import gmwae_fast
-
-    return Ops(gmwae_fast.fast_imq_mmd, gmwae_fast.gm_reparameterize)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -45,18 +40,21 @@ def draw_seed(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
 
 
-def encode_sample(model, x, gen: torch.Generator, ops: Ops, backend: str = "auto"):
+def encode_sample(model, x, *, gen: torch.Generator, backend: str = "auto"):
+    """The encoder outputs of ``x`` and a reparameterised sample: ``mu, sigma_raw, logits, z, pi``."""
     mu, sigma_raw, logits = model.encoder(x)
-    z, pi = ops.gm_reparameterize(mu, sigma_raw, logits, seed=draw_seed(gen), backend=backend)
+    z, pi = gmwae_fast.gm_reparameterize(mu, sigma_raw, logits, seed=draw_seed(gen), backend=backend)
     return mu, sigma_raw, logits, z, pi
 
 
-def global_noise(ops: Ops, seed: int, shape, like: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def global_noise(seed: int, shape, like: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """The ``eps`` of shape ``(N, K, d)`` that ``gm_reparameterize(..., seed=seed, backend=backend)`` draws for a
     whole batch of N images (the op's counter is the element index), so that shards of the batch, computed apart,
     get the noise the whole batch gets: with ``mu = sigma_raw = 0`` and ``sigma = exp(0) = 1``, ``z`` is ``eps``."""
     zeros = torch.zeros(shape, dtype=like.dtype, device=like.device)
-    return ops.gm_reparameterize(zeros, zeros, zeros[..., 0], seed=seed, sigma_activation="exp", backend=backend)[0]
+    return gmwae_fast.gm_reparameterize(
+        zeros, zeros, zeros[..., 0], seed=seed, sigma_activation="exp", backend=backend
+    )[0]
 
 
 @dataclass
@@ -71,18 +69,18 @@ class Part:
     pi: torch.Tensor
 
 
-def encode_shards(model, x, gen: torch.Generator, ops: Ops, backend: str, sh: Shards) -> List[Part]:
+def encode_shards(model, x, *, gen: torch.Generator, backend: str, sh: Shards) -> List[Part]:
     """:func:`encode_sample` of this process's rows ``x``, each local shard through the encoder on its own (its
     own batch-norm statistics), with the reparameterisation noise of the global batch (one seed from ``gen``)."""
     if sh.whole:
-        return [Part(x, *encode_sample(model, x, gen, ops, backend))]
+        return [Part(x, *encode_sample(model, x, gen=gen, backend=backend))]
     seed, noise, parts = draw_seed(gen), None, []
     for s, ((lo, hi), x_s) in enumerate(zip(sh.bounds, sh.local(x))):
         with sh.running_stats(model, s):
             mu, sigma_raw, logits = model.encoder(x_s)
         if noise is None:
-            noise = global_noise(ops, seed, (sh.total, *mu.shape[1:]), mu, backend)
-        z, pi = ops.gm_reparameterize(mu, sigma_raw, logits, noise=noise[lo:hi], backend=backend)
+            noise = global_noise(seed, (sh.total, *mu.shape[1:]), mu, backend)
+        z, pi = gmwae_fast.gm_reparameterize(mu, sigma_raw, logits, noise=noise[lo:hi], backend=backend)
         parts.append(Part(x_s, mu, sigma_raw, logits, z, pi))
     return parts
 
@@ -198,9 +196,9 @@ def _bernoulli_nll(x, logits):
 def gmwae_loss(
     model,
     x,
+    *,
     prior: GMPrior,
     gen: torch.Generator,
-    ops: Ops,
     lam: float,
     n_prior: int,
     backend: str = "auto",
@@ -214,10 +212,10 @@ def gmwae_loss(
     process's rows of the global batch and the MMD is that of the global batch (see :mod:`.dist`); the ``n_prior``
     prior samples are drawn for the global batch and split like it."""
     sh = shards or Shards.single(len(x))
-    parts = encode_shards(model, x, gen, ops, reparam_backend, sh)
+    parts = encode_shards(model, x, gen=gen, backend=reparam_backend, sh=sh)
     recon = shard_mean(model, sh, parts, lambda p: mode_expectation(model, p.x, p.z, p.pi, _l2_cost, prune))
     pz = sh.rows_of(prior.sample_stratified(n_prior, generator=gen))
-    mmd = ops.fast_imq_mmd(_cat(parts, "z"), pz, x_weights=_cat(parts, "pi"), backend=backend, **sh.mmd_kwargs())
+    mmd = gmwae_fast.fast_imq_mmd(_cat(parts, "z"), pz, x_weights=_cat(parts, "pi"), backend=backend, **sh.mmd_kwargs())
     return _result([("recon", recon_scale, recon, True), ("mmd", lam, mmd, False)], parts, sh)
 
 
@@ -238,9 +236,9 @@ def gaussian_kl_to_prior(mu, sigma, prior: GMPrior):
 def gmvae_loss(
     model,
     x,
+    *,
     prior: GMPrior,
     gen: torch.Generator,
-    ops: Ops,
     beta: float,
     reparam_backend: str = "auto",
     prune: float = 0.0,
@@ -249,7 +247,7 @@ def gmvae_loss(
     """sum_k pi_k [-log p(x|z_k)] + beta * (KL_C + KL_D); ``prune``: see :func:`mode_expectation`; ``shards``: as
     in :func:`gmwae_loss`."""
     sh = shards or Shards.single(len(x))
-    parts = encode_shards(model, x, gen, ops, reparam_backend, sh)
+    parts = encode_shards(model, x, gen=gen, backend=reparam_backend, sh=sh)
     rec = shard_mean(model, sh, parts, lambda p: mode_expectation(model, p.x, p.z, p.pi, _bernoulli_nll, prune))
 
     def kl_c_of(p: Part):
@@ -275,6 +273,7 @@ def add_consistency(
     res: Dict[str, torch.Tensor],
     model,
     x,
+    *,
     gen: torch.Generator,
     gamma: float,
     warp: AffineRange,
@@ -295,7 +294,7 @@ def add_consistency(
 
 
 def add_balance(
-    res: Dict[str, torch.Tensor], weight: float, shards: Optional[Shards] = None
+    res: Dict[str, torch.Tensor], *, weight: float, shards: Optional[Shards] = None
 ) -> Dict[str, torch.Tensor]:
     """Adds ``weight * KL(pbar || uniform)`` to the loss ``res`` of :func:`gmwae_loss` / :func:`gmvae_loss`,
     pbar = the batch mean of q_D(.|x) (with gradient through ``res["logits"]``), and records the KL as
@@ -314,7 +313,7 @@ def add_balance(
     return _extend(res, [("balance", weight, kl, False)], sh)
 
 
-def pretrain_loss(model, x, prior: GMPrior):
+def pretrain_loss(model, x, *, prior: GMPrior):
     """Match every mode's encoder mean / std to the prior's (section 3: pretraining the q_C nets)."""
     mu, sigma_raw, _ = model.encoder(x)
     sigma = F.softplus(sigma_raw)

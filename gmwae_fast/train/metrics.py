@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import gmwae_fast
+
 
 def class_mode_matrix(probs: np.ndarray, labels: np.ndarray, n_classes: int = 10) -> np.ndarray:
     """M[c, k] = mean of q_D(k|x) over the images x of class c (rows of empty classes are 0)."""
@@ -91,7 +93,6 @@ def evaluate(
     x_test,
     y_test,
     prior,
-    ops,
     backend: str = "auto",
     reparam_backend: str = "auto",
     n_recon: int = 500,
@@ -124,7 +125,7 @@ def evaluate(
         for i in range(0, n, decode_batch):
             xb = xs[i : i + decode_batch]
             mu_b, sr_b, lg_b = model.encoder(xb)
-            z, p = ops.gm_reparameterize(mu_b, sr_b, lg_b, seed=seed + i, backend=reparam_backend)
+            z, p = gmwae_fast.gm_reparameterize(mu_b, sr_b, lg_b, seed=seed + i, backend=reparam_backend)
             logits = model.decode(z)
             xr = torch.sigmoid(logits)
             l2 = (xr - xb.unsqueeze(1)).pow(2).flatten(2).sum(-1)
@@ -141,7 +142,7 @@ def evaluate(
         pz = prior.sample_stratified(n * prior.K, generator=g)
         out["recon_l2"] = float(torch.cat(l2s).mean())
         out["bernoulli_nll"] = float(torch.cat(nlls).mean())
-        out["mmd"] = float(ops.fast_imq_mmd(z, pz, x_weights=p, backend=backend))
+        out["mmd"] = float(gmwae_fast.fast_imq_mmd(z, pz, x_weights=p, backend=backend))
         return out
     finally:
         model.train(was_training)
