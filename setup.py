@@ -109,7 +109,7 @@ setup_kwargs = dict(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "bench": ["pytest", "pytest-benchmark", "pykeops", "psutil", "tqdm", "matplotlib"],
-        "figures": ["matplotlib", "umap-learn"],
+        "figures": ["matplotlib", "umap-learn>=0.5"],
         "train": ["torchvision", "matplotlib", "tqdm"],
         "dev": ["pytest", "hypothesis", "ruff", "build", "ninja", "tqdm"],
     },

@@ -43,8 +43,9 @@ def interpreted(device: str, backend: str) -> bool:
 
 @pytest.fixture(params=DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
 def device_backend(request):
+    """(device, backend) pairs usable for the op family of the test module (its ``OP_FAMILY``, default imq_mmd)."""
     device, backend = request.param
-    skip_unless_usable(device, backend)
+    skip_unless_usable(device, backend, op=getattr(request.module, "OP_FAMILY", "imq_mmd"))
     return device, backend
 
 
