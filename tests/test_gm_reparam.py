@@ -22,6 +22,7 @@ import gmwae_fast
 from gmwae_fast import gm_reparameterize
 from gmwae_fast.ops import gm_reparam as reparam_ops
 
+OP_FAMILY = "gm_reparam"  # the registry answers the device_backend fixture for this op family
 FUSED = [(d, b) for d, b in DEVICE_BACKENDS if b != "reference"]
 ACTS = ("softplus", "exp")
 
