@@ -3,7 +3,8 @@
 // Shared by the CPU kernels (csrc/imq_mmd_cpu*.{cpp,h}, compiled by the host C++ compiler) and the CUDA
 // kernels (csrc/imq_mmd_cuda.cu, compiled by nvcc): the grouping, the ranges and the elementary operations are
 // common; the CPU kernels evaluate a group with imq_ku1/2/3 (one reciprocal per group), the CUDA kernels with
-// imq_band_acc (one reciprocal per bandwidth), which the CPU tests run under the SIMT emulator (csrc/testing/).
+// imq_band_acc_approx (one reciprocal per bandwidth, one scale for all bandwidths: imq_make_bands), which the CPU
+// tests run under the SIMT emulator (csrc/testing/).
 // Everything is a template over the lane type `V` (float, double, or a GCC vector of them on the CPU)
 // and the scalar type `S` (float or double).
 //
@@ -285,6 +286,79 @@ GMW_HD GMW_INLINE void imq_phi_psi_acc(V k, S h, S q, V& phi, V& psi) {
 template <class V, class S, bool GRAD>
 GMW_HD GMW_INLINE void imq_band_acc(V x, V w, V wx, S c, S hc, S qr, V& a, V& b, V& phi, V& psi) {
   const V r = imq_rcp(x + c);
+  a = a + w * r;
+  b = b + wx * r;
+  if (GRAD) {
+    phi = phi + hc * r;
+    psi = psi + (qr * r) * r;
+  }
+}
+
+// ---- one scale for all bandwidths, one bare reciprocal per bandwidth (the CUDA kernels) ----
+//
+// The CUDA kernels need no shared reciprocal, hence no grouping: every bandwidth uses x = D / R with ONE power of
+// two R just above the largest C (x and c_s = C_s / R stay exact), so x, its cap and w x are formed once per pair
+// for all bandwidths.  That holds while C_max / C_min <= kImqMaxScaleRatio (c_s >= 2^-41, every r_s = 1 / (c_s + x)
+// <= 2^41 and every term of phi / psi a normal number); wider sets of bandwidths get one R_s per bandwidth (the
+// kernel then forms x per bandwidth).
+constexpr double kImqMaxScaleRatio = 0x1p40;
+
+// Constants of one bandwidth: c = C / R, hc = h c, qr = -h c / R (see imq_band_acc), inv_ref = 1 / R.
+template <class S>
+struct ImqBand {
+  S c, hc, qr, inv_ref;
+};
+
+// Host (or one device thread): the S bandwidths `bw` (> 0) and cotangents `h` (may be null) -> out[S]; returns
+// true when every bandwidth shares one scale R (out[s].inv_ref all equal), false when each has its own.
+template <class S>
+GMW_HD inline bool imq_make_bands(const double* bw, const double* h, int num_bw, ImqBand<S>* out) {
+  double lo = num_bw > 0 ? bw[0] : 1.0, hi = lo;
+  for (int s = 1; s < num_bw; ++s) {
+    lo = bw[s] < lo ? bw[s] : lo;
+    hi = bw[s] > hi ? bw[s] : hi;
+  }
+  const bool one = hi <= kImqMaxScaleRatio * lo;
+  for (int s = 0; s < num_bw; ++s) {
+    int e = 0;
+    (void)frexp(one ? hi : bw[s], &e);  // = f 2^e, f in [0.5, 1): R = 2^e
+    const double R = ldexp(1.0, e);
+    const double hs = h ? h[s] : 0.0;
+    const double c = bw[s] / R;
+    out[s].c = static_cast<S>(c);
+    out[s].hc = static_cast<S>(hs * c);
+    out[s].qr = static_cast<S>(-hs * c / R);
+    out[s].inv_ref = static_cast<S>(1.0 / R);
+  }
+  return one;
+}
+
+// Reciprocal in one special-function-unit instruction: float on the device is rcp.approx.ftz.f32 alone (PTX:
+// at most 1 ulp from 1 / p, no Newton step); double and the host divide.  The SIMT emulator
+// (csrc/testing/cuda_emu.h) defines GMW_RCP_APPROX_MODEL to a pessimistic model of the device instruction
+// (the correctly rounded reciprocal moved one ulp in a fixed direction: up to 1.5 ulp, all of one sign).
+GMW_HD GMW_INLINE double imq_rcp_approx(double p) {
+  return 1.0 / p;
+}
+GMW_HD GMW_INLINE float imq_rcp_approx(float p) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(p));
+  return r;
+#elif defined(GMW_RCP_APPROX_MODEL)
+  return GMW_RCP_APPROX_MODEL(p);
+#else
+  return 1.0f / p;
+#endif
+}
+
+// imq_band_acc with imq_rcp_approx: one MUFU.RCP and six FP32 instructions per pair and bandwidth (values only:
+// three) instead of eight (five): no Newton step.  Each r_s carries at most 1 ulp (device) instead of ~0.5 ulp,
+// a relative error of <= 1.2e-7 per term, far inside the 1e-5 contract; the SIMT emulator checks the values and
+// gradients with a biased 1.5-ulp model of it (csrc/testing/cuda_emu.h).
+template <class V, class S, bool GRAD>
+GMW_HD GMW_INLINE void imq_band_acc_approx(V x, V w, V wx, S c, S hc, S qr, V& a, V& b, V& phi, V& psi) {
+  const V r = imq_rcp_approx(x + c);
   a = a + w * r;
   b = b + wx * r;
   if (GRAD) {

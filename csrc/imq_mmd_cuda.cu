@@ -14,19 +14,22 @@
 //   D phase   the tile's coordinates (in the compute type, unshifted) go through
 //             shared memory k-major; each thread accumulates a 4 x 4 register tile of squared distances
 //             sum_k (a_ik - b_jk)^2 (direct differences, never the |a|^2 + |b|^2 - 2ab expansion).
-//   K phase   per-pair kernel values through csrc/imq_math.h (imq_band_acc: one reciprocal per bandwidth,
-//             the special-function unit has headroom here; the CPU kernels share one reciprocal per group of
-//             three, imq_ku3, because the x86 divider is their bottleneck), value partials per bandwidth, both
-//             of w w k and of w w (1 - k) (the finalize keeps the more accurate one, imq_pick_value): 16 pairs
-//             per thread in registers, warp shuffle tree, per-warp slots in shared memory, added per tile in
-//             float64 into per-block accumulators (fixed order).  Pair masks (partial, diagonal, same-group
+//   K phase   per-pair kernel values through csrc/imq_math.h (imq_band_acc_approx: one bare rcp.approx per
+//             pair and bandwidth, the special-function unit has headroom here; the CPU kernels share one
+//             reciprocal per group of three, imq_ku3, because the x86 divider is their bottleneck).  One
+//             power-of-two scale for all bandwidths (imq_make_bands), so x = D / R, its cap and w x are formed
+//             once per pair.  Value partials per bandwidth, both of w w k and of w w (1 - k) (the finalize keeps
+//             the more accurate one, imq_pick_value): 16 pairs per thread in registers, 3 levels of warp
+//             shuffles, 4 lane partials per warp in shared memory, added per tile in float64 into per-block
+//             accumulators (fixed order).  Pair masks (partial, diagonal, same-group
 //             tiles) are formed only on the tiles that need them.
 //             Gradient ops also form P_ij = w_i w_j psi(D_ij) and Phi_ij = phi(D_ij) (masked) in shared memory.
 //   L phase   row/column sums of the weighted Phi (one line per thread): the weight gradients.
 //   G phase   point gradients out of shared memory, every difference formed directly (no GEMM expansion
 //             a_i sum_j P_ij - sum_j P_ij b_j, whose cancellation a common offset or one outlier would expose):
 //                 row side  g_i = sum_j P_ij (a_i - b_j),   col side  g_j = sum_i P_ij (b_j - a_i),
-//             over the ceil(kc / 16) slices of 16 coordinates the chunk holds (g_side: d = 10 runs 1 of 4).
+//             over the ceil(kc / 16) slices of 16 coordinates the chunk holds (g_side: d = 10 runs 1 of 4),
+//             coordinate-major across the warps so that the warps holding only padding sit out (d = 10: 3 of 8).
 //
 // Determinism (no float atomics anywhere)
 // ---------------------------------------

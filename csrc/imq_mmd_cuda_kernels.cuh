@@ -28,6 +28,12 @@ namespace imq_cuda {
 constexpr int kBT = 64;  // tile rows (= tile columns)
 constexpr int kThreads = 256;  // threads per block: 16 x 16 threads, 4 x 4 pairs each
 constexpr int kWarps = kThreads / 32;
+// Value partials per warp and bandwidth: float sums the warp's 32 lanes over 3 butterfly levels only (lanes
+// 0 .. 3 then hold the sums of lanes = l mod 4) and the L phase adds the kWarps * kLaneParts partials in float64;
+// double keeps the full 5-level tree (one partial per warp: its shared memory stays within the opt-in limit
+// at kImqMaxBandwidthsCuda bandwidths).
+template <class T>
+constexpr int kLaneParts = sizeof(T) == 4 ? 4 : 1;
 constexpr int kLd = kBT + 4;  // leading dimension of the shared tiles (keeps 16-byte alignment of rows)
 
 // Coordinates per shared-memory chunk (d > DK is processed in chunks).
@@ -44,7 +50,7 @@ struct ChunkDims<double> {
 
 // Shared-memory carve-up, shared by the host (launch size) and the device (pointers).
 struct SmemLayout {
-  size_t As, Bs, Ps, Fs, wI, wJ, gI, gJ, Lsum, warp_part, val, groups, ngroups, bytes;
+  size_t As, Bs, Ps, Fs, wI, wJ, gI, gJ, Lsum, warp_part, val, bands, info, bytes;
 };
 
 GMW_HD inline size_t align_up(size_t x, size_t a) {
@@ -75,14 +81,14 @@ GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
   o += kBT * sizeof(int64_t);
   L.Lsum = o;
   o += 2 * kBT * sizeof(T);
-  // Everything above and the group table's offset are compile-time constants (no register holds them across
+  // Everything above and the band table's offset are compile-time constants (no register holds them across
   // the tile loop); the S-sized arrays follow.
-  L.ngroups = o;
-  o += 16;
-  L.groups = o;
-  o += align_up(ng * sizeof(ImqGroup<T>), 16);
+  L.info = o;
+  o += 32;
+  L.bands = o;
+  o += align_up(ng * sizeof(ImqBand<T>), 16);
   L.warp_part = o;
-  o += align_up(size_t(kWarps) * 2 * ng * sizeof(T), 16);
+  o += align_up(size_t(kWarps) * kLaneParts<T> * 2 * ng * sizeof(T), 16);
   L.val = o;
   o += align_up(2 * ng * sizeof(double), 16);
   L.bytes = o;
@@ -170,11 +176,22 @@ __device__ __forceinline__ void st4<double>(double* p, const double (&v)[4]) {
   *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
 }
 
+// Lane partials of one bandwidth (all lanes call it: the band loop is uniform across the block): a and b summed
+// over the lanes l' = l mod P (P = kLaneParts<T>); lane l < P of warp w writes K = c sum w w r to
+// part[(w P + l) 2 S] and U = sum w w x r to part[(w P + l) 2 S + S] (part: warp_part + s).
 template <class T>
-__device__ __forceinline__ T warp_sum(T v) {
+__device__ __forceinline__ void band_partials(T a, T b, T c, T* part, int S) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
+  for (int off = 16; off >= kLaneParts<T>; off >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
+  }
+  const int l = threadIdx.x & 31;
+  if (l < kLaneParts<T>) {
+    T* dst = part + ((threadIdx.x >> 5) * kLaneParts<T> + l) * 2 * S;
+    dst[0] = a * c;
+    dst[S] = b;
+  }
 }
 
 // Coordinates [c0, c0 + DK) of rows [r0, r0 + kBT) of x (rows x d) into dst[k][r] (k-major, leading dimension
@@ -201,19 +218,29 @@ __device__ __forceinline__ void slot_put(T* p, T v, bool first) {
   *p = first ? v : *p + v;
 }
 
-// G phase, one side, for the 4 rows 4 tg .. 4 tg + 3 of this thread (tg = tid / 16) and the coordinates
-// tk + 16 l, l < NL (tk = tid % 16) of the chunk:  o[r][k] = sum_u P(r, u) (own[r][k] - other[u][k]), with
+// G phase, one side, for 4 rows of this thread and the coordinates tk + 16 l, l < NL, of the chunk (tk = tid / 16,
+// uniform across each half-warp; tg = tid % 16):  o[r][k] = sum_u P(r, u) (own[r][k] - other[u][k]), with
 // P(r, u) = Ps[r][u] on the row side (ROW) and Ps[u][r] on the column side; own / other are the shared chunks
-// (k-major).  Rows r < rows_left and coordinates k < kc go to slot[r (d + 1) + k] (stored on the first visit,
-// added later).  NL is the number of 16-coordinate slices the chunk needs (ceil(kc / 16)): a small d runs 1.
+// (k-major).  Rows: tg + 16 ii on the row side, 4 tg + ii on the column side (either way the 8 lanes of one
+// 128-bit shared-memory phase read 8 different 16-byte chunks: no bank conflict).  Rows r < rows_left and
+// coordinates k < kc go to slot[r (d + 1) + k] (stored on the first visit, added later).  NL is the number of
+// 16-coordinate slices the chunk needs (ceil(kc / 16)); the caller runs only the threads with tk < kc, i.e.
+// whole warps (d = 10: 5 of the 8 warps).
 template <class T, int NL, bool ROW>
 __device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth_s, T* slot, int64_t rows_left,
                                        int kc, int64_t d, bool first) {
-  const int tg = threadIdx.x >> 4;
-  const int tk = threadIdx.x & 15;
+  const int tk = threadIdx.x >> 4;
+  const int tg = threadIdx.x & 15;
   T own[NL][4];
+  if (ROW) {
 #pragma unroll
-  for (int l = 0; l < NL; ++l) ld4<T>(own_s + (tk + 16 * l) * kLd + 4 * tg, own[l]);
+    for (int l = 0; l < NL; ++l)
+#pragma unroll
+      for (int ii = 0; ii < 4; ++ii) own[l][ii] = own_s[(tk + 16 * l) * kLd + tg + 16 * ii];
+  } else {
+#pragma unroll
+    for (int l = 0; l < NL; ++l) ld4<T>(own_s + (tk + 16 * l) * kLd + 4 * tg, own[l]);
+  }
   T o[4][NL];
 #pragma unroll
   for (int ii = 0; ii < 4; ++ii)
@@ -221,10 +248,10 @@ __device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth
     for (int l = 0; l < NL; ++l) o[ii][l] = T(0);
 #pragma unroll 1
   for (int u = 0; u < kBT; u += 4) {
-    T pv[4][4], ov[NL][4];  // pv[ii][uu] = P(4 tg + ii, u + uu)
+    T pv[4][4], ov[NL][4];  // pv[ii][uu] = P(row ii of this thread, u + uu)
     if (ROW) {
 #pragma unroll
-      for (int ii = 0; ii < 4; ++ii) ld4<T>(Ps + (4 * tg + ii) * kLd + u, pv[ii]);
+      for (int ii = 0; ii < 4; ++ii) ld4<T>(Ps + (tg + 16 * ii) * kLd + u, pv[ii]);
     } else {
       T pt[4][4];
 #pragma unroll
@@ -245,7 +272,7 @@ __device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth
   }
 #pragma unroll
   for (int ii = 0; ii < 4; ++ii) {
-    const int r = 4 * tg + ii;
+    const int r = ROW ? tg + 16 * ii : 4 * tg + ii;
     if (r >= rows_left) continue;
 #pragma unroll
     for (int l = 0; l < NL; ++l) {
@@ -270,38 +297,40 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   int64_t* gI = reinterpret_cast<int64_t*>(smem_raw + L.gI);  // group index of the tile rows (self, unbiased)
   int64_t* gJ = reinterpret_cast<int64_t*>(smem_raw + L.gJ);
   T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);  // [0] sum_j w_j Phi_ij, [1] sum_i w_i Phi_ij
-  T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps][2 S]
+  T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps kLaneParts<T>][2 S]
   double* val = reinterpret_cast<double*>(smem_raw + L.val);  // [2 S] block accumulators
-  ImqGroup<T>* groups = reinterpret_cast<ImqGroup<T>*>(smem_raw + L.groups);
-  int* ngroups_s = reinterpret_cast<int*>(smem_raw + L.ngroups);
+  const ImqBand<T>* bands = reinterpret_cast<const ImqBand<T>*>(smem_raw + L.bands);
+  // [0] one scale for all bandwidths, [1] I_begin, [2] I_end, [3] Jq_begin, [4] J_end, [5] p == q: read from
+  // shared memory where used (after a barrier), so no register holds them across the tile loop.
+  int* info = reinterpret_cast<int*>(smem_raw + L.info);
 
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
   const int S = A.S;
   const int64_t N = A.N, M = A.M, d = A.d;
 
-  if (tid == 0) *ngroups_s = imq_make_groups<T>(A.bw, A.h, S, groups);
+  if (tid == 0) {
+    info[0] = int(imq_make_bands<T>(A.bw, A.h, S, reinterpret_cast<ImqBand<T>*>(smem_raw + L.bands)));
+    // Block -> panel pair (p, q); self: p <= q enumerated row by row.
+    int p, q;
+    block_panels(A.block0 + blockIdx.x, SELF, A.PI, A.PJ, p, q);
+    info[1] = p * A.PSI;
+    info[2] = min(info[1] + A.PSI, A.TI);
+    info[3] = q * A.PSJ;
+    info[4] = min(info[3] + A.PSJ, A.TJ);
+    info[5] = int(p == q);
+  }
   for (int s = tid; s < 2 * S; s += kThreads) val[s] = 0.0;
   __syncthreads();
 
-  // Block -> panel pair (p, q); self: p <= q enumerated row by row.
-  int p, q;
-  block_panels(A.block0 + blockIdx.x, SELF, A.PI, A.PJ, p, q);
-  const int I_begin = p * A.PSI;
-  const int I_end = min(I_begin + A.PSI, A.TI);
-  const int Jq_begin = q * A.PSJ;
-  const int J_end = min(Jq_begin + A.PSJ, A.TJ);
   const int nchunks = d > 0 ? int((d + DK - 1) / DK) : 1;
 
   // Pair phase: rows 4*ti .. 4*ti+3, columns 4*tj .. 4*tj+3 of the tile.
   const int ti = tid >> 4;
   const int tj = tid & 15;
-  // G phase: see g_side.
 
-  for (int I = I_begin; I < I_end; ++I) {
-    const int J_begin = (SELF && p == q) ? I : Jq_begin;
-    for (int J = J_begin; J < J_end; ++J) {
+  for (int I = info[1]; I < info[2]; ++I) {
+    const int J_begin = (SELF && info[5]) ? I : info[3];
+    for (int J = J_begin; J < info[4]; ++J) {
       const int64_t I0 = int64_t(I) * kBT;
       const int64_t J0 = int64_t(J) * kBT;
 
@@ -382,70 +411,47 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             psi[ii][jj] = T(0);
           }
       }
-      const int ng = *ngroups_s;  // read per tile (after a barrier): no register holds it across the tile loop
-      // Values: sums of w w r (a*, K_s = c_s a) and of w w (1 - k) (b*) per bandwidth, see imq_band_acc and
-      // imq_pick_value; one reciprocal per bandwidth.
+      // Values: sums of w w r (a*, K_s = c_s a) and of w w (1 - k) (b*) per bandwidth, see imq_band_acc_approx
+      // and imq_pick_value; one reciprocal per bandwidth and pair.  The flag is read per tile (after a barrier):
+      // no register holds it across the tile loop.
+      if (info[0]) {
+        // One scale for every bandwidth: x, its cap and w x once per pair (x overwrites D).
+        const T inv_ref = bands[0].inv_ref;
+        T wx[4][4];
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) {
+            D[ii][jj] = imq_group_x(D[ii][jj], inv_ref);
+            wx[ii][jj] = wpair[ii][jj] * D[ii][jj];
+          }
+#pragma unroll (GRAD ? 2 : 1)
+        for (int s = 0; s < S; ++s) {
+          const ImqBand<T> B = bands[s];
+          T a = T(0), b = T(0);
+#pragma unroll
+          for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj)
+              imq_band_acc_approx<T, T, GRAD>(D[ii][jj], wpair[ii][jj], wx[ii][jj], B.c, B.hc, B.qr, a, b,
+                                              phi[ii][jj], psi[ii][jj]);
+          band_partials(a, b, B.c, warp_part + s, S);
+        }
+      } else {
+        // One scale per bandwidth (bandwidths spanning more than kImqMaxScaleRatio): x per pair and bandwidth.
 #pragma unroll 1
-      for (int g = 0; g < ng; ++g) {
-        const ImqGroup<T>& G = groups[g];
-        T a0 = T(0), a1 = T(0), a2 = T(0), b0 = T(0), b1 = T(0), b2 = T(0);
-        if (G.n == 3) {
+        for (int s = 0; s < S; ++s) {
+          const ImqBand<T> B = bands[s];
+          T a = T(0), b = T(0);
 #pragma unroll
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
-              const T x = imq_group_x(D[ii][jj], G.inv_ref);
-              const T wp = wpair[ii][jj];
-              const T wx = wp * x;
-              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[0], G.hc[0], G.qr[0], a0, b0, phi[ii][jj], psi[ii][jj]);
-              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[1], G.hc[1], G.qr[1], a1, b1, phi[ii][jj], psi[ii][jj]);
-              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[2], G.hc[2], G.qr[2], a2, b2, phi[ii][jj], psi[ii][jj]);
+              const T x = imq_group_x(D[ii][jj], B.inv_ref);
+              imq_band_acc_approx<T, T, GRAD>(x, wpair[ii][jj], wpair[ii][jj] * x, B.c, B.hc, B.qr, a, b,
+                                              phi[ii][jj], psi[ii][jj]);
             }
-        } else if (G.n == 2) {
-#pragma unroll
-          for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj) {
-              const T x = imq_group_x(D[ii][jj], G.inv_ref);
-              const T wp = wpair[ii][jj];
-              const T wx = wp * x;
-              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[0], G.hc[0], G.qr[0], a0, b0, phi[ii][jj], psi[ii][jj]);
-              imq_band_acc<T, T, GRAD>(x, wp, wx, G.c[1], G.hc[1], G.qr[1], a1, b1, phi[ii][jj], psi[ii][jj]);
-            }
-        } else {
-#pragma unroll
-          for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj) {
-              const T x = imq_group_x(D[ii][jj], G.inv_ref);
-              const T wp = wpair[ii][jj];
-              imq_band_acc<T, T, GRAD>(x, wp, wp * x, G.c[0], G.hc[0], G.qr[0], a0, b0, phi[ii][jj], psi[ii][jj]);
-            }
-        }
-        // Warp partials (all lanes take part: the group loop and G.n are uniform across the block).
-        a0 = warp_sum(a0);
-        b0 = warp_sum(b0);
-        if (G.n > 1) {
-          a1 = warp_sum(a1);
-          b1 = warp_sum(b1);
-        }
-        if (G.n > 2) {
-          a2 = warp_sum(a2);
-          b2 = warp_sum(b2);
-        }
-        if (lane == 0) {
-          T* wk = warp_part + warp * 2 * S + G.s0;
-          T* wu = wk + S;
-          wk[0] = a0 * G.c[0];  // K_s = c_s sum w w r_s
-          wu[0] = b0;
-          if (G.n > 1) {
-            wk[1] = a1 * G.c[1];
-            wu[1] = b1;
-          }
-          if (G.n > 2) {
-            wk[2] = a2 * G.c[2];
-            wu[2] = b2;
-          }
+          band_partials(a, b, B.c, warp_part + s, S);
         }
       }
       if (GRAD) {
@@ -467,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       // ---- L phase ----
       for (int s = tid; s < 2 * S; s += kThreads) {
         double v = 0.0;
-        for (int w = 0; w < kWarps; ++w) v += double(warp_part[w * 2 * S + s]);
+        for (int w = 0; w < kWarps * kLaneParts<T>; ++w) v += double(warp_part[w * 2 * S + s]);
         val[s] += v;
       }
       if (GRAD) {
@@ -492,10 +498,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       if (GRAD) {
         // ---- G phase ----
         const bool first_i = (J == J_begin);  // first visit of this block to its row-side slot rows of I
-        const bool first_j = (I == I_begin);  // first visit of this block to its column-side slot rows of J
+        const bool first_j = (I == info[1]);  // first visit of this block to its column-side slot rows of J
         const int64_t wb = blockIdx.x;  // the block's slot regions within the wave
-        T* si = A.slot_i + (wb * A.PSI * kBT + (I0 - int64_t(I_begin) * kBT)) * (d + 1);
-        T* sj = A.b_grad ? A.slot_j + (wb * A.PSJ * kBT + (J0 - int64_t(Jq_begin) * kBT)) * (d + 1) : nullptr;
+        T* si = A.slot_i + (wb * A.PSI * kBT + (I0 - int64_t(info[1]) * kBT)) * (d + 1);
+        T* sj = A.b_grad ? A.slot_j + (wb * A.PSJ * kBT + (J0 - int64_t(info[3]) * kBT)) * (d + 1) : nullptr;
         if (tid < kBT) {
           if (I0 + tid < N) slot_put(si + int64_t(tid) * (d + 1) + d, Lsum[tid], first_i);
         } else if (tid < 2 * kBT && A.b_grad) {
@@ -514,16 +520,20 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           // Only the coordinate lanes a chunk holds: nl of the NL slices of 16 (d = 10: one of four).
           const int nl = (kc + 15) >> 4;
           T* si_c = si + c0;
-          // Row side: sum_j P[i][j] (a[i][k] - b[j][k]), differences formed directly.
-          if (nl <= 1) g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-          else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-          else g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-          // Column side: sum_i P[i][j] (b[j][k] - a[i][k]) (A.b_grad is uniform across the block).
-          if (A.b_grad) {
-            T* sj_c = sj + c0;
-            if (nl <= 1) g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
-            else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
-            else g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+          // Threads whose first coordinate tk = tid / 16 is padding have no G work: whole warps sit out (no
+          // barrier below).
+          if ((tid >> 4) < kc) {
+            // Row side: sum_j P[i][j] (a[i][k] - b[j][k]), differences formed directly.
+            if (nl <= 1) g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+            else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+            else g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+            // Column side: sum_i P[i][j] (b[j][k] - a[i][k]) (A.b_grad is uniform across the block).
+            if (A.b_grad) {
+              T* sj_c = sj + c0;
+              if (nl <= 1) g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+              else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+              else g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+            }
           }
         }
       }

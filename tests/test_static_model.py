@@ -115,6 +115,10 @@ def test_source_region_and_groups():
         sm.source_region(text, r"while")
     assert sm.bandwidth_groups([2.0 * 64 * s for s in sm.PAPER_SCALES]) == (3, 3, 3, 3, 3)
     assert sm.bandwidth_groups([1.0, 2.0, 5.0, 10.0, 1e5, 1e10]) == (3, 2, 1)
+    # the CUDA kernels: one scale for every bandwidth unless they span more than 2^40
+    assert sm.bandwidth_scales([2.0 * 64 * s for s in sm.PAPER_SCALES]) == (15,)
+    assert sm.bandwidth_scales([1e-3, 50.0, 1e5]) == (3,)
+    assert sm.bandwidth_scales([1.0, 2.0**41]) == (1, 1)
 
 
 def test_occupancy_limits():
@@ -147,7 +151,7 @@ def test_float_tile_kernels_do_not_spill_in_hot_loops():
                 case.n,
                 case.m,
                 case.d,
-                case.groups,
+                case.scales,
                 case.b_grad,
             )
             tc = sm.tile_counts(fn, case, build.text)
@@ -161,11 +165,13 @@ def test_trip_model_counts_the_distance_loop_exactly():
     build = _build_or_skip()
     fn = sm.tile_function(sm.parse_sass(build.sass), True, False)
     for d in (10, 64, 100):
-        case = sm.Case("self-values", 1000, 1000, d, (3, 3, 3, 3, 3))
+        case = sm.Case("self-values", 1000, 1000, d, (15,))
         tc = sm.tile_counts(fn, case, build.text)
         dl = [lp for lp in tc.loops if lp["name"].startswith("D: ")]
         # every coordinate of every chunk: SASS iterations x unroll = d per tile (remainders run peeled)
         assert sum(lp["execs"] * lp["u"] for lp in dl) <= d
         k = [lp for lp in tc.loops if lp["name"].startswith("K: ")]
-        assert sum(lp["execs"] for lp in k) == 5
-        assert tc.per_pair("mufu") >= 5  # one reciprocal per pair and group at least
+        # one bandwidth per SASS iteration and unrolled copy: 15 in all (the per-band-scale loop is not entered)
+        assert sum(lp["execs"] * lp["u"] for lp in k) == 15
+        # one reciprocal per pair and bandwidth (plus the per-row 64-bit group divisions of the tile setup)
+        assert 15 <= tc.per_pair("mufu") < 15.5

@@ -6,10 +6,12 @@
 // Shared memory is filled with NaN bytes before each block, so a read of an unwritten entry shows up in the
 // results.  Supported: threadIdx/blockIdx/blockDim/gridDim .x, __syncthreads, __shfl_xor_sync, float4,
 // double2, dynamic shared memory through GMW_DYNAMIC_SMEM.  Device code is compiled by the host compiler, so
-// `__CUDA_ARCH__` is undefined (imq_math.h then uses its host reciprocal).
+// `__CUDA_ARCH__` is undefined (imq_math.h then uses its host reciprocal, and for imq_rcp_approx the model
+// gmw_emu::rcp_approx of the device instruction).
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
@@ -29,6 +31,8 @@
 #define GMW_DYNAMIC_SMEM(name) unsigned char* name = ::gmw_emu::dynamic_smem()
 // Vector loads/stores must be aligned on the GPU; the emulator checks it.
 #define GMW_CHECK_ALIGNED(p, n) ::gmw_emu::check_aligned(p, n, __FILE__, __LINE__)
+
+#define GMW_RCP_APPROX_MODEL(p) ::gmw_emu::rcp_approx(p)
 
 using std::max;
 using std::min;
@@ -68,6 +72,16 @@ inline thread_local gmw_emu_dim3 tl_block;
 inline gmw_emu_dim3 g_block_dim;
 inline gmw_emu_dim3 g_grid_dim;
 inline Block* g_block = nullptr;
+
+// Model of the device's rcp.approx.ftz.f32 (imq_rcp_approx, GMW_RCP_APPROX_MODEL below): the correctly rounded
+// reciprocal moved one ulp up (rcp_bias = +1) or down (-1), i.e. up to 1.5 ulp and always of one sign -- worse
+// than the instruction's documented 1 ulp, so results within tolerance here are within it on the GPU; 0: exact.
+inline int rcp_bias = 1;
+inline float rcp_approx(float p) {
+  const float r = 1.0f / p;
+  if (rcp_bias == 0 || !(r == r) || r == 0.0f || r == HUGE_VALF || r == -HUGE_VALF) return r;
+  return std::nextafter(r, rcp_bias > 0 ? HUGE_VALF : 0.0f);
+}
 
 inline unsigned char* dynamic_smem() {
   return g_block->smem;

@@ -37,6 +37,7 @@ struct Case {
   double budget = kSlotBudgetBytes;  // slot budget of the plan (small: several waves)
   double outlier = 0.0;  // != 0: row 0 of a is moved to this value in every coordinate
   int sms2 = 0;  // != 0: the gradient op again with this SM count must give the same bits
+  double conc = 0.0;  // != 0: point 0 of a (and of b) carries this share of its side's total weight
 };
 
 struct Outs {
@@ -208,6 +209,12 @@ bool check_case(const Case& c) {
   for (auto& x : wb) sb += (x = ud(rng));
   for (auto& x : wa) x /= sa;
   for (auto& x : wb) x /= sb;
+  if (c.conc != 0.0) {  // concentrated weights: the other points share 1 - conc
+    for (auto& x : wa) x *= (1.0 - c.conc) / (1.0 - wa[0]);
+    for (auto& x : wb) x *= (1.0 - c.conc) / (1.0 - wb[0]);
+    wa[0] = c.conc;
+    wb[0] = c.conc;
+  }
   if (!SELF && M > 2) wb[1] = 0.0;  // a zero weight still has a weight gradient
   for (auto& x : h) x = 2.0 * nd(rng);
   // Round the inputs to T first so that the reference sees the same numbers.
@@ -236,6 +243,11 @@ bool check_case(const Case& c) {
   if (c.outlier != 0.0) {
     char buf[32];
     std::snprintf(buf, sizeof buf, " %.0e", c.outlier);
+    name += buf;
+  }
+  if (c.conc != 0.0) {
+    char buf[48];
+    std::snprintf(buf, sizeof buf, " weight %.4g on point 0", c.conc);
     name += buf;
   }
   std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", name.c_str(), ok ? "ok  " : "FAIL",
@@ -284,9 +296,27 @@ bool check_uniform_range() {
 }
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  // Arguments: [quick | approx] [rcp=up|down|exact]: the quick case list, or the cases most sensitive to the
+  // reciprocal; the emulated rcp.approx (gmw_emu::rcp_approx: one ulp up, one ulp down, exact; default up).
+  bool quick = false, approx = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "quick") {
+      quick = true;
+    } else if (arg == "approx") {
+      approx = true;
+    } else if (arg == "rcp=up" || arg == "rcp=down" || arg == "rcp=exact") {
+      gmw_emu::rcp_bias = arg == "rcp=up" ? 1 : (arg == "rcp=down" ? -1 : 0);
+    } else {
+      std::fprintf(stderr, "unknown argument %s (expected quick, approx, rcp=up, rcp=down or rcp=exact)\n",
+                   argv[i]);
+      return 2;
+    }
+  }
+  std::printf("emulated rcp.approx: %s\n", gmw_emu::rcp_bias > 0 ? "one ulp up" : (gmw_emu::rcp_bias < 0 ? "one ulp down" : "exact"));
   const std::vector<double> bw7 = {0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0};  // groups 3, 3, 1
   const std::vector<double> bw5 = {1e-3, 50.0, 1e5, 3.0, 4.0};  // isolated bandwidths: groups 1, 1, 1, 2
+  const std::vector<double> bw3 = {1e-8, 0.5, 1e5};  // ratio 1e13 > kImqMaxScaleRatio: one scale per bandwidth
   auto waves = [](Case c, double budget) {
     c.budget = budget;
     return c;
@@ -297,6 +327,10 @@ int main(int argc, char** argv) {
   };
   auto sms2 = [](Case c, int s) {
     c.sms2 = s;
+    return c;
+  };
+  auto conc = [](Case c, double w) {
+    c.conc = w;
     return c;
   };
   const Case self40 = {"self f32 N=40 d=5 outlier", true, 40, 0, 5, 1, true, 1, 0.0, bw7, false};
@@ -320,10 +354,19 @@ int main(int argc, char** argv) {
       outlier(self40, 1e6), outlier(self40, 1e23), outlier(self40, 1e30), outlier(self40, 3e38),
       outlier(self40, -3e38), outlier(cross40, 1e30), outlier(cross40, -3e38),
       outlier({"self f64 N=40 d=5 outlier", true, 40, 0, 5, 1, true, 1, 0.0, bw7, true}, 1e200),
+      // concentrated weights: nearly all the mass on one point (the other pairs' terms are ~1e-6 of the total)
+      conc({"self f32 N=90 d=6 biased", true, 90, 0, 6, 1, false, 1, 0.0, bw7, false}, 0.999),
+      conc({"cross f32 N=70 M=90 d=6", false, 70, 90, 6, 1, false, 1, 0.0, bw5, false}, 0.999),
+      // bandwidths too far apart for one scale: the kernels' per-bandwidth-scale path
+      {"cross f32 N=70 M=90 d=4 bw 1e-8..1e5", false, 70, 90, 4, 1, false, 1, 0.0, bw3, false},
+      {"self f32 N=100 d=4 bw 1e-8..1e5 unbiased", true, 100, 0, 4, 1, true, 1, 0.0, bw3, false},
   };
   if (quick) {
     cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7], cases[8], cases[9], cases[10], cases[11],
-             cases[14], cases[15], cases[17], cases[19]};
+             cases[14], cases[15], cases[17], cases[19], cases[20], cases[21],
+             cases[22], cases[23]};
+  } else if (approx) {  // the cases most sensitive to the reciprocal's error, for both directions of its bias
+    cases = {cases[0], cases[2], cases[3], cases[14], cases[17], cases[20], cases[21], cases[22], cases[23]};
   }
   bool ok = check_uniform_range();
   for (const Case& c : cases) ok = run(c) && ok;
