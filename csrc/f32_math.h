@@ -59,8 +59,8 @@ GMWAE_RP_HD float exp_f(float x) {
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t n1 = ni >> 1;  // 2^n as 2^n1 * 2^n2, both normal for n in [-150, 128]
   const int32_t n2 = ni - n1;
-  const float out = y * bits_to_float(static_cast<uint32_t>(n1 + 127) << 23) *
-                    bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
+  const float out =
+      y * bits_to_float(static_cast<uint32_t>(n1 + 127) << 23) * bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
   return x > 88.72283f ? bits_to_float(0x7f800000u) : (x < -103.9f ? 0.0f : out);
 }
 
@@ -114,8 +114,8 @@ GMWAE_RP_HD void sincos_2pi(float u, float& s, float& c) {
   const float a = f * 6.28318530717958647692f;
   const float z = a * a;
   const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;
-  const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
-                   0.5f * z + 1.0f;
+  const float cp =
+      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
   const int32_t quadrant = static_cast<int32_t>(q) & 3;
   s = quadrant == 0 ? sp : (quadrant == 1 ? cp : (quadrant == 2 ? -sp : -cp));
   c = quadrant == 0 ? cp : (quadrant == 1 ? -sp : (quadrant == 2 ? -cp : sp));

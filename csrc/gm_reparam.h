@@ -80,10 +80,9 @@ inline int check_inputs(const char* op, const at::Tensor& x, const at::Tensor& s
                     ": inputs must be contiguous");
   if (noise.has_value()) {
     const at::Tensor& n = *noise;
-    TORCH_CHECK_VALUE(n.sizes() == x.sizes() && n.scalar_type() == x.scalar_type() && n.device() == x.device() &&
-                          n.is_contiguous(),
-                      op, ": noise must be a contiguous tensor like sigma_raw (shape ", x.sizes(), ", dtype ",
-                      x.scalar_type(), ")");
+    TORCH_CHECK_VALUE(
+        n.sizes() == x.sizes() && n.scalar_type() == x.scalar_type() && n.device() == x.device() && n.is_contiguous(),
+        op, ": noise must be a contiguous tensor like sigma_raw (shape ", x.sizes(), ", dtype ", x.scalar_type(), ")");
   } else {
     TORCH_CHECK_VALUE(seed.has_value(), op, ": give seed or noise");
     const at::Tensor& s = *seed;

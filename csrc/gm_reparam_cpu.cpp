@@ -18,8 +18,8 @@ namespace reparam {
 namespace {
 
 constexpr int64_t kGrainCounters = 2048;  // counters (8192 elements) per parallel task at least
-constexpr int kBlockC = 64;                // counters per block (the unit of the vectorised loops)
-constexpr int kBlock = 4 * kBlockC;        // elements per block
+constexpr int kBlockC = 64;               // counters per block (the unit of the vectorised loops)
+constexpr int kBlock = 4 * kBlockC;       // elements per block
 
 uint64_t seed_value(const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& noise) {
   if (noise.has_value()) return 0;
@@ -45,8 +45,8 @@ GMWAE_RP_CLONES void normals_block(uint64_t seed, int64_t c0, int nc, float* __r
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int j = 0; j < nc; ++j) {
     const uint64_t c = static_cast<uint64_t>(c0 + j);
-    const philox::U32x4 x = philox::philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u,
-                                                  k0, k1);
+    const philox::U32x4 x =
+        philox::philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u, k0, k1);
     x0[j] = x.v[0];
     x1[j] = x.v[1];
     x2[j] = x.v[2];
@@ -64,8 +64,8 @@ GMWAE_RP_CLONES void normals_block(uint64_t seed, int64_t c0, int nc, float* __r
 }
 
 // z = mu + act(sr) * eps
-GMWAE_RP_CLONES void forward_block(const float* __restrict mu, const float* __restrict sr,
-                                   const float* __restrict eps, float* __restrict z, int n, int act) {
+GMWAE_RP_CLONES void forward_block(const float* __restrict mu, const float* __restrict sr, const float* __restrict eps,
+                                   float* __restrict z, int n, int act) {
   if (act == kExp) {
     for (int i = 0; i < n; ++i) z[i] = mu[i] + exp_(sr[i]) * eps[i];
   } else {
@@ -74,8 +74,8 @@ GMWAE_RP_CLONES void forward_block(const float* __restrict mu, const float* __re
 }
 
 // d_sr = gz * eps * act'(sr)
-GMWAE_RP_CLONES void backward_block(const float* __restrict gz, const float* __restrict sr,
-                                    const float* __restrict eps, float* __restrict out, int n, int act) {
+GMWAE_RP_CLONES void backward_block(const float* __restrict gz, const float* __restrict sr, const float* __restrict eps,
+                                    float* __restrict out, int n, int act) {
   if (act == kExp) {
     for (int i = 0; i < n; ++i) out[i] = gz[i] * eps[i] * exp_(sr[i]);
   } else {
@@ -90,8 +90,8 @@ GMWAE_RP_CLONES void backward_block(const float* __restrict gz, const float* __r
 // Elements [4 c0, 4 c1) (clipped to n) of: out = x + act(sr) * eps (forward, x = mu) or
 // out = x * eps * act'(sr) (kGrad, x = grad_z).
 template <typename scalar_t, bool kGrad>
-void elementwise(const scalar_t* x, const scalar_t* sr, const scalar_t* noise, scalar_t* out, int64_t n,
-                 int64_t c0, int64_t c1, uint64_t seed, int act) {
+void elementwise(const scalar_t* x, const scalar_t* sr, const scalar_t* noise, scalar_t* out, int64_t n, int64_t c0,
+                 int64_t c1, uint64_t seed, int act) {
   alignas(64) float eps[kBlock];
   alignas(64) float xb[kBlock];
   alignas(64) float sb[kBlock];
@@ -141,9 +141,8 @@ void elementwise_parallel(const at::Tensor& x, const at::Tensor& sr, const std::
   const scalar_t* sp = sr.const_data_ptr<scalar_t>();
   const scalar_t* np = noise.has_value() ? noise->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, counters, kGrainCounters, [&](int64_t c0, int64_t c1) {
-    elementwise<scalar_t, kGrad>(xp, sp, np, op, n, c0, c1, seed, act);
-  });
+  at::parallel_for(0, counters, kGrainCounters,
+                   [&](int64_t c0, int64_t c1) { elementwise<scalar_t, kGrad>(xp, sp, np, op, n, c0, c1, seed, act); });
 }
 
 // pi = softmax(logits) per row (forward), or d_logits = pi * (g - <g, pi>) (backward, g = grad_pi).
@@ -183,19 +182,16 @@ void softmax_rows(const at::Tensor& logits, const at::Tensor* grad_pi, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> gm_reparam_cpu(const at::Tensor& mu, const at::Tensor& sigma_raw,
                                                   const at::Tensor& logits, const std::optional<at::Tensor>& seed,
-                                                  const std::optional<at::Tensor>& noise,
-                                                  c10::string_view activation) {
+                                                  const std::optional<at::Tensor>& noise, c10::string_view activation) {
   const int act = check_inputs("gm_reparam", mu, sigma_raw, logits, seed, noise, std::string(activation));
   TORCH_CHECK_VALUE(mu.device().is_cpu(), "gm_reparam (CPU): expected CPU tensors");
   at::Tensor z = at::empty_like(mu, at::MemoryFormat::Contiguous);
   at::Tensor pi = at::empty_like(logits, at::MemoryFormat::Contiguous);
   const uint64_t seed_v = seed_value(seed, noise);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gm_reparam_cpu", [&] {
-    elementwise_parallel<scalar_t, false>(mu, sigma_raw, noise, z, seed_v, act);
-  });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gm_reparam_cpu_softmax", [&] {
-    softmax_rows<scalar_t, false>(logits, nullptr, pi);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gm_reparam_cpu",
+                                  [&] { elementwise_parallel<scalar_t, false>(mu, sigma_raw, noise, z, seed_v, act); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gm_reparam_cpu_softmax",
+                                  [&] { softmax_rows<scalar_t, false>(logits, nullptr, pi); });
   return {z, pi};
 }
 
@@ -204,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor> gm_reparam_backward_cpu(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& seed,
                                                            const std::optional<at::Tensor>& noise,
                                                            c10::string_view activation) {
-  const int act = check_inputs("gm_reparam_backward", sigma_raw, sigma_raw, logits, seed, noise,
-                               std::string(activation));
+  const int act =
+      check_inputs("gm_reparam_backward", sigma_raw, sigma_raw, logits, seed, noise, std::string(activation));
   TORCH_CHECK_VALUE(sigma_raw.device().is_cpu(), "gm_reparam_backward (CPU): expected CPU tensors");
   TORCH_CHECK_VALUE(grad_z.sizes() == sigma_raw.sizes() && grad_z.device() == sigma_raw.device(),
                     "gm_reparam_backward: grad_z must have the shape of sigma_raw");

@@ -36,8 +36,8 @@ __device__ __forceinline__ uint64_t load_seed(SeedArg s) {
 // Elementwise part of one counter: forward out = x + act(sr) * eps, backward (kGrad) out = x * eps * act'(sr).
 template <typename scalar_t, bool kGrad>
 __device__ __forceinline__ void counter_part(const scalar_t* __restrict__ x, const scalar_t* __restrict__ sr,
-                                             const scalar_t* __restrict__ noise, scalar_t* __restrict__ out,
-                                             int64_t n, int64_t c, uint64_t seed, int act) {
+                                             const scalar_t* __restrict__ noise, scalar_t* __restrict__ out, int64_t n,
+                                             int64_t c, uint64_t seed, int act) {
   using acc_t = at::opmath_type<scalar_t>;
   philox::F32x4 nrm;
   if (noise == nullptr) nrm = philox::normal4(seed, static_cast<uint64_t>(c));
@@ -81,10 +81,10 @@ __device__ __forceinline__ void row_part(const lscalar_t* __restrict__ logits, c
 
 template <typename scalar_t, typename lscalar_t, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-gm_reparam_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ sr, const scalar_t* __restrict__ noise,
-                  scalar_t* __restrict__ out, const lscalar_t* __restrict__ logits,
-                  const lscalar_t* __restrict__ grad_pi, lscalar_t* __restrict__ lout, SeedArg seed_arg, int64_t n,
-                  int64_t B, int64_t K, int act) {
+    gm_reparam_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ sr,
+                      const scalar_t* __restrict__ noise, scalar_t* __restrict__ out,
+                      const lscalar_t* __restrict__ logits, const lscalar_t* __restrict__ grad_pi,
+                      lscalar_t* __restrict__ lout, SeedArg seed_arg, int64_t n, int64_t B, int64_t K, int act) {
   const uint64_t seed = noise == nullptr ? load_seed(seed_arg) : 0;
   const int64_t counters = (n + 3) / 4;
   const int64_t total = counters > B ? counters : B;
@@ -117,10 +117,10 @@ void launch(const at::Tensor& x, const at::Tensor& sr, const std::optional<at::T
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gm_reparam_cuda_softmax", [&] {
       using l_t = scalar_t;
       gm_reparam_kernel<x_t, l_t, kGrad><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          x.const_data_ptr<x_t>(), sr.const_data_ptr<x_t>(),
-          noise.has_value() ? noise->const_data_ptr<x_t>() : nullptr, out.mutable_data_ptr<x_t>(),
-          logits.const_data_ptr<l_t>(), grad_pi != nullptr ? grad_pi->const_data_ptr<l_t>() : nullptr,
-          lout.mutable_data_ptr<l_t>(), sa, n, B, K, act);
+          x.const_data_ptr<x_t>(), sr.const_data_ptr<x_t>(), noise.has_value() ? noise->const_data_ptr<x_t>() : nullptr,
+          out.mutable_data_ptr<x_t>(), logits.const_data_ptr<l_t>(),
+          grad_pi != nullptr ? grad_pi->const_data_ptr<l_t>() : nullptr, lout.mutable_data_ptr<l_t>(), sa, n, B, K,
+          act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -144,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> gm_reparam_backward_cuda(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& seed,
                                                             const std::optional<at::Tensor>& noise,
                                                             c10::string_view activation) {
-  const int act = check_inputs("gm_reparam_backward", sigma_raw, sigma_raw, logits, seed, noise,
-                               std::string(activation));
+  const int act =
+      check_inputs("gm_reparam_backward", sigma_raw, sigma_raw, logits, seed, noise, std::string(activation));
   TORCH_CHECK_VALUE(sigma_raw.is_cuda(), "gm_reparam_backward (CUDA): expected CUDA tensors");
   TORCH_CHECK_VALUE(grad_z.sizes() == sigma_raw.sizes() && grad_z.device() == sigma_raw.device(),
                     "gm_reparam_backward: grad_z must have the shape of sigma_raw");

@@ -75,14 +75,14 @@ struct ImqRange<double> {
 // filled with harmless values (c = 1, h = q = 0) so that code may evaluate all three unconditionally.
 template <class S>
 struct ImqGroup {
-  S inv_ref;  // 1 / R, R = the power of two just above max C_s of the group
-  S c[kImqGroupMax];  // C_s / R, in (0, 1)
-  S h[kImqGroupMax];  // cotangent h_s (0 where not given)
-  S q[kImqGroupMax];  // -h_s / C_s
+  S inv_ref;           // 1 / R, R = the power of two just above max C_s of the group
+  S c[kImqGroupMax];   // C_s / R, in (0, 1)
+  S h[kImqGroupMax];   // cotangent h_s (0 where not given)
+  S q[kImqGroupMax];   // -h_s / C_s
   S hc[kImqGroupMax];  // h_s c_s  (phi = sum_s hc_s r_s with r_s = 1 / (c_s + x), see imq_band_acc)
   S qr[kImqGroupMax];  // -h_s c_s / R  (psi = sum_s qr_s r_s^2)
-  int n;  // number of bandwidths in the group (1..3)
-  int s0;  // index of the group's first bandwidth
+  int n;               // number of bandwidths in the group (1..3)
+  int s0;              // index of the group's first bandwidth
 };
 
 // Host (or one device thread): split bandwidths into consecutive groups (<= 3, ratio <= kImqMaxGroupRatio).
@@ -156,9 +156,7 @@ GMW_HD GMW_INLINE V imq_clamp_hi(V x, S m) {
 // Reciprocal.  Host (and double on the device): correctly rounded division.  float on the device: the
 // special-function-unit approximation (|rel err| <= 1 ulp, argument is normal here) refined by one Newton
 // step, i.e. one MUFU.RCP + two FMAs instead of the long IEEE division sequence.
-GMW_HD GMW_INLINE double imq_rcp(double p) {
-  return 1.0 / p;
-}
+GMW_HD GMW_INLINE double imq_rcp(double p) { return 1.0 / p; }
 GMW_HD GMW_INLINE float imq_rcp(float p) {
 #if defined(__CUDA_ARCH__)
   float r;
@@ -260,9 +258,7 @@ GMW_HD GMW_INLINE void imq_ku1(V D, S inv_ref, S c0, V& k0, V& u0) {
 // A value from its two accumulations (float64): K = sum w w k and U = sum w w (1 - k) over pairs of total
 // weight W (exact, float64).  Rounding errors are proportional to the accumulated quantity, so the smaller
 // of K and U is the accurate one; K = W - U then (no cancellation: U < W / 2).  NaN propagates (U < K false).
-GMW_HD GMW_INLINE double imq_pick_value(double K, double U, double W) {
-  return U < K ? W - U : K;
-}
+GMW_HD GMW_INLINE double imq_pick_value(double K, double U, double W) { return U < K ? W - U : K; }
 
 // ---- cotangent-weighted sums (gradient path) ----
 
@@ -337,9 +333,7 @@ GMW_HD inline bool imq_make_bands(const double* bw, const double* h, int num_bw,
 // at most 1 ulp from 1 / p, no Newton step); double and the host divide.  The SIMT emulator
 // (csrc/testing/cuda_emu.h) defines GMW_RCP_APPROX_MODEL to a pessimistic model of the device instruction
 // (the correctly rounded reciprocal moved one ulp in a fixed direction: up to 1.5 ulp, all of one sign).
-GMW_HD GMW_INLINE double imq_rcp_approx(double p) {
-  return 1.0 / p;
-}
+GMW_HD GMW_INLINE double imq_rcp_approx(double p) { return 1.0 / p; }
 GMW_HD GMW_INLINE float imq_rcp_approx(float p) {
 #if defined(__CUDA_ARCH__)
   float r;

@@ -83,19 +83,15 @@ int cached_device_attribute(int device) {
 }
 
 // SM count of a device (sizes the grid of the gradient fold only; the results do not depend on it).
-int multiprocessor_count(int device) {
-  return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device);
-}
+int multiprocessor_count(int device) { return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
 struct CudaResult {
-  at::Tensor vals;  // (S,) float64
+  at::Tensor vals;              // (S,) float64
   at::Tensor da, dwa, db, dwb;  // compute dtype
 };
 
 // Largest dynamic shared memory a block may opt in to on a device.
-int max_smem_optin(int device) {
-  return cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
-}
+int max_smem_optin(int device) { return cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
 // Opts a tile kernel instantiation in to the device's largest dynamic shared memory, once per (device,
 // instantiation), under a mutex (host threads launching with different bandwidth counts never race on it).
@@ -125,18 +121,22 @@ template <class T>
 void launch_tiles_any(bool self, bool grad, const TileArgs<T>& A, int64_t nblocks, size_t smem, cudaStream_t stream,
                       int device) {
   if (self) {
-    if (grad) launch_tiles<T, true, true>(A, nblocks, smem, stream, device);
-    else launch_tiles<T, true, false>(A, nblocks, smem, stream, device);
+    if (grad)
+      launch_tiles<T, true, true>(A, nblocks, smem, stream, device);
+    else
+      launch_tiles<T, true, false>(A, nblocks, smem, stream, device);
   } else {
-    if (grad) launch_tiles<T, false, true>(A, nblocks, smem, stream, device);
-    else launch_tiles<T, false, false>(A, nblocks, smem, stream, device);
+    if (grad)
+      launch_tiles<T, false, true>(A, nblocks, smem, stream, device);
+    else
+      launch_tiles<T, false, false>(A, nblocks, smem, stream, device);
   }
 }
 
 template <class T>
 CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
-                        const at::Tensor& wb, const at::Tensor& bw, const at::Tensor& h, int64_t group,
-                        bool unbiased, bool b_grad) {
+                        const at::Tensor& wb, const at::Tensor& bw, const at::Tensor& h, int64_t group, bool unbiased,
+                        bool b_grad) {
   const int64_t N = a.size(0);
   const int64_t d = a.size(1);
   const at::Tensor& bb = self ? a : b;
@@ -146,7 +146,9 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
   const auto dev = a.options();
   // Outputs: written completely by the finalize kernels, zero when there is nothing to compute.
   const bool empty = N == 0 || M == 0 || S == 0;
-  auto alloc = [&](at::IntArrayRef shape, at::TensorOptions o) { return empty ? at::zeros(shape, o) : at::empty(shape, o); };
+  auto alloc = [&](at::IntArrayRef shape, at::TensorOptions o) {
+    return empty ? at::zeros(shape, o) : at::empty(shape, o);
+  };
   CudaResult R;
   R.vals = alloc({S}, dev.dtype(at::kDouble));
   if (grad) {
@@ -205,8 +207,8 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
     A.block0 = w.b0;
     const int64_t nb = w.b1 - w.b0;
     launch_tiles_any<T>(self, grad, A, nb, smem, stream, a.get_device());
-    imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, int(nb), S, self, unbiased, group, A.wa, N,
-                                                         A.wb, M, vacc.data_ptr<double>(), w.first, w.last,
+    imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, int(nb), S, self, unbiased, group, A.wa, N, A.wb,
+                                                         M, vacc.data_ptr<double>(), w.first, w.last,
                                                          R.vals.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (grad) {
@@ -223,8 +225,8 @@ CudaResult imq_cuda(bool grad, const at::Tensor& a_in, const at::Tensor& wa_in, 
                     const at::Tensor* wb_in, const at::Tensor& bw_in, const at::Tensor* h_in, int64_t group,
                     bool unbiased, const char* op, bool b_grad = true) {
   TORCH_CHECK(a_in.is_cuda(), op, ": expected CUDA tensors, got ", a_in.device());
-  TORCH_CHECK(bw_in.size(0) <= kImqMaxBandwidthsCuda, op, ": the CUDA kernels take at most ",
-              kImqMaxBandwidthsCuda, " bandwidths, got ", bw_in.size(0));
+  TORCH_CHECK(bw_in.size(0) <= kImqMaxBandwidthsCuda, op, ": the CUDA kernels take at most ", kImqMaxBandwidthsCuda,
+              " bandwidths, got ", bw_in.size(0));
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::ScalarType ct =
       b_in ? imq_compute_dtype(a_in.scalar_type(), b_in->scalar_type()) : imq_compute_dtype(a_in.scalar_type());

@@ -24,8 +24,7 @@
 namespace gmwae_fast {
 namespace imq_cuda {
 
-
-constexpr int kBT = 64;  // tile rows (= tile columns)
+constexpr int kBT = 64;        // tile rows (= tile columns)
 constexpr int kThreads = 256;  // threads per block: 16 x 16 threads, 4 x 4 pairs each
 constexpr int kWarps = kThreads / 32;
 // Value partials per warp and bandwidth: float sums the warp's 32 lanes over 3 butterfly levels only (lanes
@@ -53,9 +52,7 @@ struct SmemLayout {
   size_t As, Bs, Ps, Fs, wI, wJ, gI, gJ, Lsum, warp_part, val, bands, info, bytes;
 };
 
-GMW_HD inline size_t align_up(size_t x, size_t a) {
-  return (x + a - 1) / a * a;
-}
+GMW_HD inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 template <class T>
 GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
@@ -102,26 +99,24 @@ struct TileArgs {
   const T* b;  // M x d (self: == a)
   const T* wb;
   const double* bw;  // S bandwidths (device)
-  const double* h;  // S cotangents (device) or null
+  const double* h;   // S cotangents (device) or null
   int64_t N, M, d;
   int S;
   int64_t group;
   bool unbiased;
-  bool b_grad;  // gradient ops: accumulate the column side too (self: always; cross: unless only a's gradient
-                // is wanted, then slot_j is unused and the column-side L and G work is skipped)
-  int TI, TJ;  // tiles of a and of b
-  int PI, PJ;  // panels of a and of b (self: PI == PJ)
-  int PSI, PSJ;  // tiles per panel
-  int64_t block0;  // panel pair (block id) of blockIdx.x == 0: a launch runs the blocks of one wave
-  T* slot_i;  // [blocks of the wave][PSI kBT][d + 1]: row-side partials of each block (gradient ops)
-  T* slot_j;  // [blocks of the wave][PSJ kBT][d + 1]: column-side partials (gradient ops with b_grad)
+  bool b_grad;         // gradient ops: accumulate the column side too (self: always; cross: unless only a's gradient
+                       // is wanted, then slot_j is unused and the column-side L and G work is skipped)
+  int TI, TJ;          // tiles of a and of b
+  int PI, PJ;          // panels of a and of b (self: PI == PJ)
+  int PSI, PSJ;        // tiles per panel
+  int64_t block0;      // panel pair (block id) of blockIdx.x == 0: a launch runs the blocks of one wave
+  T* slot_i;           // [blocks of the wave][PSI kBT][d + 1]: row-side partials of each block (gradient ops)
+  T* slot_j;           // [blocks of the wave][PSJ kBT][d + 1]: column-side partials (gradient ops with b_grad)
   double* block_vals;  // [blocks of the wave][2 S]: sums of w w k, then of w w (1 - k)
 };
 
 // First block of row p of the self panel triangle (pairs p <= q, enumerated row by row).
-GMW_HD inline int64_t tri_row_start(int64_t p, int64_t P) {
-  return p * P - p * (p - 1) / 2;
-}
+GMW_HD inline int64_t tri_row_start(int64_t p, int64_t P) { return p * P - p * (p - 1) / 2; }
 
 // Panel pair (p, q) of block id: self, the triangle row by row; cross, row-major over PI x PJ.
 GMW_HD inline void block_panels(int64_t id, bool self, int PI, int PJ, int& p, int& q) {
@@ -227,8 +222,8 @@ __device__ __forceinline__ void slot_put(T* p, T v, bool first) {
 // 16-coordinate slices the chunk needs (ceil(kc / 16)); the caller runs only the threads with tk < kc, i.e.
 // whole warps (d = 10: 5 of the 8 warps).
 template <class T, int NL, bool ROW>
-__device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth_s, T* slot, int64_t rows_left,
-                                       int kc, int64_t d, bool first) {
+__device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth_s, T* slot, int64_t rows_left, int kc,
+                                       int64_t d, bool first) {
   const int tk = threadIdx.x >> 4;
   const int tg = threadIdx.x & 15;
   T own[NL][4];
@@ -296,9 +291,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   T* wJ = reinterpret_cast<T*>(smem_raw + L.wJ);
   int64_t* gI = reinterpret_cast<int64_t*>(smem_raw + L.gI);  // group index of the tile rows (self, unbiased)
   int64_t* gJ = reinterpret_cast<int64_t*>(smem_raw + L.gJ);
-  T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);  // [0] sum_j w_j Phi_ij, [1] sum_i w_i Phi_ij
+  T* Lsum = reinterpret_cast<T*>(smem_raw + L.Lsum);            // [0] sum_j w_j Phi_ij, [1] sum_i w_i Phi_ij
   T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps kLaneParts<T>][2 S]
-  double* val = reinterpret_cast<double*>(smem_raw + L.val);  // [2 S] block accumulators
+  double* val = reinterpret_cast<double*>(smem_raw + L.val);    // [2 S] block accumulators
   const ImqBand<T>* bands = reinterpret_cast<const ImqBand<T>*>(smem_raw + L.bands);
   // [0] one scale for all bandwidths, [1] I_begin, [2] I_end, [3] Jq_begin, [4] J_end, [5] p == q: read from
   // shared memory where used (after a barrier), so no register holds them across the tile loop.
@@ -372,8 +367,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       unsigned okmask = 0xFFFFu;  // bit 4 ii + jj: pair allowed
       // Every pair of the tile is allowed unless it is a last (partial) tile, a self diagonal tile or, unbiased,
       // the two tiles share a group (uniform across the block).
-      const bool edge_tile = I0 + kBT > N || J0 + kBT > M ||
-                             (SELF && (I == J || (A.unbiased && gI[kBT - 1] >= gJ[0])));
+      const bool edge_tile = I0 + kBT > N || J0 + kBT > M || (SELF && (I == J || (A.unbiased && gI[kBT - 1] >= gJ[0])));
       {
         T wi[4], wj[4];
         ld4<T>(wI + 4 * ti, wi);
@@ -425,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             D[ii][jj] = imq_group_x(D[ii][jj], inv_ref);
             wx[ii][jj] = wpair[ii][jj] * D[ii][jj];
           }
-#pragma unroll (GRAD ? 2 : 1)
+#pragma unroll(GRAD ? 2 : 1)
         for (int s = 0; s < S; ++s) {
           const ImqBand<T> B = bands[s];
           T a = T(0), b = T(0);
@@ -433,8 +427,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj)
-              imq_band_acc_approx<T, T, GRAD>(D[ii][jj], wpair[ii][jj], wx[ii][jj], B.c, B.hc, B.qr, a, b,
-                                              phi[ii][jj], psi[ii][jj]);
+              imq_band_acc_approx<T, T, GRAD>(D[ii][jj], wpair[ii][jj], wx[ii][jj], B.c, B.hc, B.qr, a, b, phi[ii][jj],
+                                              psi[ii][jj]);
           band_partials(a, b, B.c, warp_part + s, S);
         }
       } else {
@@ -448,8 +442,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
               const T x = imq_group_x(D[ii][jj], B.inv_ref);
-              imq_band_acc_approx<T, T, GRAD>(x, wpair[ii][jj], wpair[ii][jj] * x, B.c, B.hc, B.qr, a, b,
-                                              phi[ii][jj], psi[ii][jj]);
+              imq_band_acc_approx<T, T, GRAD>(x, wpair[ii][jj], wpair[ii][jj] * x, B.c, B.hc, B.qr, a, b, phi[ii][jj],
+                                              psi[ii][jj]);
             }
           band_partials(a, b, B.c, warp_part + s, S);
         }
@@ -499,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         // ---- G phase ----
         const bool first_i = (J == J_begin);  // first visit of this block to its row-side slot rows of I
         const bool first_j = (I == info[1]);  // first visit of this block to its column-side slot rows of J
-        const int64_t wb = blockIdx.x;  // the block's slot regions within the wave
+        const int64_t wb = blockIdx.x;        // the block's slot regions within the wave
         T* si = A.slot_i + (wb * A.PSI * kBT + (I0 - int64_t(info[1]) * kBT)) * (d + 1);
         T* sj = A.b_grad ? A.slot_j + (wb * A.PSJ * kBT + (J0 - int64_t(info[3]) * kBT)) * (d + 1) : nullptr;
         if (tid < kBT) {
@@ -524,15 +518,21 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           // barrier below).
           if ((tid >> 4) < kc) {
             // Row side: sum_j P[i][j] (a[i][k] - b[j][k]), differences formed directly.
-            if (nl <= 1) g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-            else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-            else g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+            if (nl <= 1)
+              g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+            else if (nl == 2)
+              g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+            else
+              g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
             // Column side: sum_i P[i][j] (b[j][k] - a[i][k]) (A.b_grad is uniform across the block).
             if (A.b_grad) {
               T* sj_c = sj + c0;
-              if (nl <= 1) g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
-              else if (nl == 2) g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
-              else g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+              if (nl <= 1)
+                g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+              else if (nl == 2)
+                g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+              else
+                g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
             }
           }
         }
@@ -562,12 +562,10 @@ __device__ __forceinline__ double block_sum256(double v, double* red) {
 // sum_i w_i^2 : 0) with W the exact (float64) total weight of the visited pairs (imq_pick_value); otherwise the
 // running sums go back to acc.  One block, fixed summation order.
 template <class T>
-__global__ void __launch_bounds__(256) imq_values_finalize_kernel(const double* __restrict__ block_vals, int nblocks,
-                                                                  int S, bool self, bool unbiased, int64_t group,
-                                                                  const T* __restrict__ wa, int64_t n,
-                                                                  const T* __restrict__ wb, int64_t m,
-                                                                  double* __restrict__ acc, bool first, bool last,
-                                                                  double* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    imq_values_finalize_kernel(const double* __restrict__ block_vals, int nblocks, int S, bool self, bool unbiased,
+                               int64_t group, const T* __restrict__ wa, int64_t n, const T* __restrict__ wb, int64_t m,
+                               double* __restrict__ acc, bool first, bool last, double* __restrict__ out) {
   __shared__ double red[256];
   const int tid = threadIdx.x;
   double wtot = 0.0, diag = 0.0;
@@ -636,11 +634,10 @@ struct Wave {
 //          p ascending;  cross: a rows the row-side slots of (panel(row), q); b rows the column-side slots of
 //          (p, panel(row)).
 template <class T>
-__global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T> A, const Wave W, bool self,
-                                                                double fa, double fw, bool diag,
-                                                                double* __restrict__ acc, T* __restrict__ da,
-                                                                T* __restrict__ dwa, T* __restrict__ db,
-                                                                T* __restrict__ dwb) {
+__global__ void __launch_bounds__(256)
+    imq_grad_finalize_kernel(const TileArgs<T> A, const Wave W, bool self, double fa, double fw, bool diag,
+                             double* __restrict__ acc, T* __restrict__ da, T* __restrict__ dwa, T* __restrict__ db,
+                             T* __restrict__ dwb) {
   const int64_t d1 = A.d + 1;
   const int64_t na = (W.ra1 - W.ra0) * d1;
   const int64_t total = na + (W.rb1 - W.rb0) * d1;
@@ -649,8 +646,7 @@ __global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T
   if (diag && A.h) {
     for (int s = 0; s < A.S; ++s) hsum += A.h[s];
   }
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const bool second = e >= na;
     const int64_t r = second ? W.rb0 + (e - na) / d1 : W.ra0 + e / d1;
     const int64_t k = second ? (e - na) % d1 : e % d1;
@@ -692,9 +688,7 @@ __global__ void __launch_bounds__(256) imq_grad_finalize_kernel(const TileArgs<T
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The tiling plan depends only on (N, M, d, element size, self, grad) and the slot budget, never on the device:
 // the summation order, hence every bit of the results, is the same on any GPU (H100 SXM or PCIe, a MIG slice).
@@ -705,8 +699,8 @@ constexpr double kSlotBudgetBytes = 512.0 * 1024 * 1024;
 
 // Panels along a (PI) and b (PJ), of PSI and PSJ tiles.  The plan does not depend on b_grad, so the row side is
 // summed in the same order (bitwise the same) with and without the column side.
-inline void choose_panels(bool self, bool grad, int64_t d, size_t elem, double budget, int TI, int TJ, int& PI,
-                          int& PJ, int& PSI, int& PSJ) {
+inline void choose_panels(bool self, bool grad, int64_t d, size_t elem, double budget, int TI, int TJ, int& PI, int& PJ,
+                          int& PSI, int& PSJ) {
   // Slot bytes of one tile row block (kBT rows of d + 1); a wave of kTargetBlocks blocks must fit the budget.
   const double tile_slot = double(kBT) * double(d + 1) * double(elem);
   const double max_tiles = grad ? std::floor(budget / (double(kTargetBlocks) * tile_slot)) : 1e18;
@@ -735,8 +729,8 @@ inline void choose_panels(bool self, bool grad, int64_t d, size_t elem, double b
 }
 
 struct TilePlan {
-  int64_t blocks;  // panel pairs in all
-  int64_t wave_blocks;  // most blocks of one launch (gradient ops: slots of one wave <= the budget)
+  int64_t blocks;           // panel pairs in all
+  int64_t wave_blocks;      // most blocks of one launch (gradient ops: slots of one wave <= the budget)
   double block_slot_bytes;  // slot bytes of one block (both sides, whether or not b_grad)
 };
 

@@ -76,9 +76,7 @@ GMWAE_RP_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t 
 // The top 24 bits of x as a float in (0, 1]: never 0 (log is finite).  Exact below 1/2; from 1/2 up the half step
 // needs a 25th bit and float32 rounds it to even, and the top value (2^24 - 1/2) 2^-24 rounds to exactly 1.0, whose
 // log is 0: that element's pair of normals is (0, 0), a probability-2^-24 event the Triton kernels reproduce.
-GMWAE_RP_HD float uniform_open(uint32_t x) {
-  return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
-}
+GMWAE_RP_HD float uniform_open(uint32_t x) { return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f; }
 
 // Box-Muller: (r cos 2 pi u1, r sin 2 pi u1), r = sqrt(-2 ln u0).
 GMWAE_RP_HD void box_muller(float u0, float u1, float& n0, float& n1) {

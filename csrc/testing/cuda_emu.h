@@ -44,15 +44,11 @@ struct gmw_emu_dim3 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
-inline float4 make_float4(float x, float y, float z, float w) {
-  return float4{x, y, z, w};
-}
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 struct alignas(16) double2 {
   double x, y;
 };
-inline double2 make_double2(double x, double y) {
-  return double2{x, y};
-}
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 namespace gmw_emu {
 
@@ -83,9 +79,7 @@ inline float rcp_approx(float p) {
   return std::nextafter(r, rcp_bias > 0 ? HUGE_VALF : 0.0f);
 }
 
-inline unsigned char* dynamic_smem() {
-  return g_block->smem;
-}
+inline unsigned char* dynamic_smem() { return g_block->smem; }
 
 inline void check_aligned(const void* p, size_t n, const char* file, int line) {
   if (reinterpret_cast<uintptr_t>(p) % n != 0) {
@@ -131,9 +125,7 @@ void launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem
 #define blockDim (::gmw_emu::g_block_dim)
 #define gridDim (::gmw_emu::g_grid_dim)
 
-inline void __syncthreads() {
-  ::gmw_emu::g_block->bar->arrive_and_wait();
-}
+inline void __syncthreads() { ::gmw_emu::g_block->bar->arrive_and_wait(); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned /*mask*/, T v, int off) {

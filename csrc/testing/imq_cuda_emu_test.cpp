@@ -35,17 +35,17 @@ struct Case {
   std::vector<double> bw;
   bool dbl;
   double budget = kSlotBudgetBytes;  // slot budget of the plan (small: several waves)
-  double outlier = 0.0;  // != 0: row 0 of a is moved to this value in every coordinate
-  int sms2 = 0;  // != 0: the gradient op again with this SM count must give the same bits
-  double conc = 0.0;  // != 0: point 0 of a (and of b) carries this share of its side's total weight
+  double outlier = 0.0;              // != 0: row 0 of a is moved to this value in every coordinate
+  int sms2 = 0;                      // != 0: the gradient op again with this SM count must give the same bits
+  double conc = 0.0;                 // != 0: point 0 of a (and of b) carries this share of its side's total weight
 };
 
 struct Outs {
   std::vector<double> vals, da, dwa, db, dwb;
 };
 
-Outs reference(const Case& c, const std::vector<double>& a, const std::vector<double>& wa,
-               const std::vector<double>& b, const std::vector<double>& wb, const std::vector<double>& h) {
+Outs reference(const Case& c, const std::vector<double>& a, const std::vector<double>& wa, const std::vector<double>& b,
+               const std::vector<double>& wb, const std::vector<double>& h) {
   const int S = int(c.bw.size());
   const int64_t N = c.N, M = c.self ? c.N : c.M, d = c.d;
   const std::vector<double>& B = c.self ? a : b;
@@ -250,13 +250,13 @@ bool check_case(const Case& c) {
     std::snprintf(buf, sizeof buf, " weight %.4g on point 0", c.conc);
     name += buf;
   }
-  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", name.c_str(), ok ? "ok  " : "FAIL",
-              e_val, e_val2, e_da, e_dwa, e_db, e_dwb);
+  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", name.c_str(),
+              ok ? "ok  " : "FAIL", e_val, e_val2, e_da, e_dwa, e_db, e_dwb);
   if (c.sms2 != 0) {
     // The plan takes no device property: another SM count gives the same bits.
     const Outs other = run_emulated<T, SELF, true>(c, a, wa, b, wb, h, true, c.sms2, false);
-    const bool same = other.vals == got.vals && other.da == got.da && other.dwa == got.dwa &&
-                      other.db == got.db && other.dwb == got.dwb;
+    const bool same = other.vals == got.vals && other.da == got.da && other.dwa == got.dwa && other.db == got.db &&
+                      other.dwb == got.dwb;
     std::printf("  %-44s %s  bitwise equal with %d SMs instead of %d: %d\n", "  ... another SM count",
                 same ? "ok  " : "FAIL", c.sms2, c.sms, int(same));
     ok = ok && same;
@@ -308,14 +308,14 @@ int main(int argc, char** argv) {
     } else if (arg == "rcp=up" || arg == "rcp=down" || arg == "rcp=exact") {
       gmw_emu::rcp_bias = arg == "rcp=up" ? 1 : (arg == "rcp=down" ? -1 : 0);
     } else {
-      std::fprintf(stderr, "unknown argument %s (expected quick, approx, rcp=up, rcp=down or rcp=exact)\n",
-                   argv[i]);
+      std::fprintf(stderr, "unknown argument %s (expected quick, approx, rcp=up, rcp=down or rcp=exact)\n", argv[i]);
       return 2;
     }
   }
-  std::printf("emulated rcp.approx: %s\n", gmw_emu::rcp_bias > 0 ? "one ulp up" : (gmw_emu::rcp_bias < 0 ? "one ulp down" : "exact"));
+  std::printf("emulated rcp.approx: %s\n",
+              gmw_emu::rcp_bias > 0 ? "one ulp up" : (gmw_emu::rcp_bias < 0 ? "one ulp down" : "exact"));
   const std::vector<double> bw7 = {0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0};  // groups 3, 3, 1
-  const std::vector<double> bw5 = {1e-3, 50.0, 1e5, 3.0, 4.0};  // isolated bandwidths: groups 1, 1, 1, 2
+  const std::vector<double> bw5 = {1e-3, 50.0, 1e5, 3.0, 4.0};            // isolated bandwidths: groups 1, 1, 1, 2
   const std::vector<double> bw3 = {1e-8, 0.5, 1e5};  // ratio 1e13 > kImqMaxScaleRatio: one scale per bandwidth
   auto waves = [](Case c, double budget) {
     c.budget = budget;
@@ -351,8 +351,13 @@ int main(int argc, char** argv) {
       waves({"self f64 N=195 G=3 d=40 biased, waves", true, 195, 0, 40, 3, false, 1, 0.0, bw7, true}, 1e5),
       sms2(waves({"cross f32 N=150 M=260 d=3, waves", false, 150, 260, 3, 1, false, 3, 0.0, bw7, false}, 5e3), 132),
       // one far outlier (row 0): the other points' gradients must not feel it (issue: psi frozen by a clamp)
-      outlier(self40, 1e6), outlier(self40, 1e23), outlier(self40, 1e30), outlier(self40, 3e38),
-      outlier(self40, -3e38), outlier(cross40, 1e30), outlier(cross40, -3e38),
+      outlier(self40, 1e6),
+      outlier(self40, 1e23),
+      outlier(self40, 1e30),
+      outlier(self40, 3e38),
+      outlier(self40, -3e38),
+      outlier(cross40, 1e30),
+      outlier(cross40, -3e38),
       outlier({"self f64 N=40 d=5 outlier", true, 40, 0, 5, 1, true, 1, 0.0, bw7, true}, 1e200),
       // concentrated weights: nearly all the mass on one point (the other pairs' terms are ~1e-6 of the total)
       conc({"self f32 N=90 d=6 biased", true, 90, 0, 6, 1, false, 1, 0.0, bw7, false}, 0.999),
@@ -362,9 +367,8 @@ int main(int argc, char** argv) {
       {"self f32 N=100 d=4 bw 1e-8..1e5 unbiased", true, 100, 0, 4, 1, true, 1, 0.0, bw3, false},
   };
   if (quick) {
-    cases = {cases[0], cases[1], cases[2], cases[3], cases[6], cases[7], cases[8], cases[9], cases[10], cases[11],
-             cases[14], cases[15], cases[17], cases[19], cases[20], cases[21],
-             cases[22], cases[23]};
+    cases = {cases[0],  cases[1],  cases[2],  cases[3],  cases[6],  cases[7],  cases[8],  cases[9],  cases[10],
+             cases[11], cases[14], cases[15], cases[17], cases[19], cases[20], cases[21], cases[22], cases[23]};
   } else if (approx) {  // the cases most sensitive to the reciprocal's error, for both directions of its bias
     cases = {cases[0], cases[2], cases[3], cases[14], cases[17], cases[20], cases[21], cases[22], cases[23]};
   }

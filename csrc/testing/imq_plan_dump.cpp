@@ -2,7 +2,8 @@
 // given on stdin, one per line: "self grad N M d elem [budget]" (elem 4 or 8; budget in bytes, default the
 // kernels' slot budget).  One JSON object per case on stdout; tests/test_cuda_planner.py builds and drives it:
 //
-//   g++ -std=c++20 -O1 -pthread -Icsrc csrc/testing/imq_plan_dump.cpp -o /tmp/imq_plan && echo "1 1 65536 0 64 4" | /tmp/imq_plan
+//   g++ -std=c++20 -O1 -pthread -Icsrc csrc/testing/imq_plan_dump.cpp -o /tmp/imq_plan && echo "1 1 65536 0 64 4" |
+//   /tmp/imq_plan
 #include "cuda_emu.h"
 #include "../imq_mmd_cuda_kernels.cuh"
 
@@ -54,14 +55,15 @@ void dump(bool self, bool grad, int64_t N, int64_t M, int64_t d, double budget) 
     panels_ok = panels_ok && id == P.blocks;
   }
   const double tile_pairs = self ? double(A.TI) * (A.TI + 1) / 2 : double(A.TI) * A.TJ;
-  std::printf("{\"TI\": %d, \"TJ\": %d, \"PI\": %d, \"PJ\": %d, \"PSI\": %d, \"PSJ\": %d, \"blocks\": %lld, "
-              "\"tile_pairs\": %.0f, \"wave_blocks\": %lld, \"slot_bytes\": %.0f, \"block_slot_bytes\": %.0f, "
-              "\"waves\": %zu, \"min_wave\": %lld, \"max_wave\": %lld, \"last_wave\": %lld, \"contiguous\": %s, "
-              "\"panels_ok\": %s, \"max_fold_ratio\": %.3f}\n",
-              A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ, (long long)P.blocks, tile_pairs, (long long)P.wave_blocks,
-              double(P.wave_blocks) * P.block_slot_bytes, P.block_slot_bytes, waves.size(), (long long)min_wave,
-              (long long)max_wave, (long long)(waves.back().b1 - waves.back().b0), contiguous ? "true" : "false",
-              panels_ok ? "true" : "false", max_fold_ratio);
+  std::printf(
+      "{\"TI\": %d, \"TJ\": %d, \"PI\": %d, \"PJ\": %d, \"PSI\": %d, \"PSJ\": %d, \"blocks\": %lld, "
+      "\"tile_pairs\": %.0f, \"wave_blocks\": %lld, \"slot_bytes\": %.0f, \"block_slot_bytes\": %.0f, "
+      "\"waves\": %zu, \"min_wave\": %lld, \"max_wave\": %lld, \"last_wave\": %lld, \"contiguous\": %s, "
+      "\"panels_ok\": %s, \"max_fold_ratio\": %.3f}\n",
+      A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ, (long long)P.blocks, tile_pairs, (long long)P.wave_blocks,
+      double(P.wave_blocks) * P.block_slot_bytes, P.block_slot_bytes, waves.size(), (long long)min_wave,
+      (long long)max_wave, (long long)(waves.back().b1 - waves.back().b0), contiguous ? "true" : "false",
+      panels_ok ? "true" : "false", max_fold_ratio);
 }
 
 }  // namespace
@@ -75,8 +77,10 @@ int main() {
     double budget = kSlotBudgetBytes;
     if (!(in >> self >> grad >> N >> M >> d >> elem)) continue;
     in >> budget;
-    if (elem == 8) dump<double>(self, grad, N, M, d, budget);
-    else dump<float>(self, grad, N, M, d, budget);
+    if (elem == 8)
+      dump<double>(self, grad, N, M, d, budget);
+    else
+      dump<float>(self, grad, N, M, d, budget);
     std::fflush(stdout);
   }
   return 0;
