@@ -18,9 +18,7 @@ inline bool imq_is_point_dtype(at::ScalarType t) {
 }
 
 // float64 points compute in float64, everything else in float32 (a float64 `a` or `b` makes both float64).
-inline at::ScalarType imq_compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType imq_compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 inline at::ScalarType imq_compute_dtype(at::ScalarType ta, at::ScalarType tb) {
   return (ta == at::kDouble || tb == at::kDouble) ? at::kDouble : at::kFloat;
 }
@@ -32,8 +30,7 @@ inline void imq_check_points(const char* op, const char* name, const at::Tensor&
               "` must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
 }
 
-inline void imq_check_vector(const char* op, const char* name, const at::Tensor& v, int64_t n,
-                             const at::Device& dev) {
+inline void imq_check_vector(const char* op, const char* name, const at::Tensor& v, int64_t n, const at::Device& dev) {
   TORCH_CHECK(v.defined(), op, ": `", name, "` is undefined");
   TORCH_CHECK(v.dim() == 1, op, ": `", name, "` must be 1-D, got shape ", v.sizes());
   if (n >= 0) {
@@ -55,8 +52,8 @@ inline void imq_check_args(const char* op, const at::Tensor& a, const at::Tensor
     imq_check_points(op, "b", *b);
     TORCH_CHECK(b->device() == dev, op, ": `b` is on ", b->device(), " but `a` is on ", dev,
                 " (all arguments must be on one device)");
-    TORCH_CHECK(b->size(1) == a.size(1), op, ": `a` and `b` must have the same number of columns, got ",
-                a.size(1), " and ", b->size(1));
+    TORCH_CHECK(b->size(1) == a.size(1), op, ": `a` and `b` must have the same number of columns, got ", a.size(1),
+                " and ", b->size(1));
     imq_check_vector(op, "wb", *wb, b->size(0), dev);
   }
   imq_check_vector(op, "bw", bw, -1, dev);

@@ -15,9 +15,9 @@
 //   would pass 256 MB, but at least one per thread), handed out dynamically to the threads of one
 //   at::parallel_for region.  Each partition owns fixed work units (row blocks; for self terms pairs of row
 //   blocks {u, last - u} so that the triangle is balanced), its own float64 value partials and, for gradients,
-//   its own float64 gradient buffer of (N [+ M]) x (d + 1) entries (O((N + M) d) memory).  Buffers are summed
-//   in partition order, so results are bitwise reproducible run to run for a given thread count (K follows
-//   the thread count and the problem size, never the scheduling).
+//   its own float64 gradient buffer of (d + 1) x (N [+ M]) entries, coordinate major (O((N + M) d) memory).
+//   Buffers are summed in partition order, so results are bitwise reproducible run to run for a given thread
+//   count (K follows the thread count and the problem size, never the scheduling).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -48,24 +48,26 @@ constexpr double kImqGradBufferBytes = 256.0 * 1024 * 1024;
 // Arguments of the inner kernels, all in the compute type T (float or double).
 template <class T>
 struct ImqCpuArgs {
-  const T* a;  // N x d, row-major: the rows i
-  const T* wa;  // N
-  const T* bt;  // d x ldb: the columns j, transposed and zero padded (self: a itself)
+  const T* a;    // N x d, row-major: the rows i
+  const T* wa;   // N
+  const T* bt;   // d x ldb: the columns j, transposed and zero padded (self: a itself)
   const T* wbp;  // ldb column weights, zero padded
   int64_t N, M, ldb, d;
   int64_t group;  // self only
   bool unbiased;  // self only
   const ImqGroup<T>* groups;
   int ngroups;
-  int S;  // bandwidths
+  int S;             // bandwidths
   int64_t brow_off;  // first row of the column points in the gradient buffer (self 0, cross N)
-  double fa, fw;  // gradient factors: self 4 and 2, cross 2 and 1
+  int64_t grows;     // points in the gradient buffer (self N, cross N or N + M)
+  double fa, fw;     // gradient factors: self 4 and 2, cross 2 and 1
 };
 
 // Per-partition outputs and scratch.
 struct ImqCpuPart {
   double* vals;  // 2 S x W float64 lane partials: sums of w w k, then of w w (1 - k)
-  double* grad;  // rows x (d + 1) float64 (point gradients, then the weight gradient), null for value ops
+  double* grad;  // (d + 1) x grows float64, coordinate major (d point coordinates, then the weight), null for
+                 // value ops
   void* scratch;
 };
 
@@ -77,15 +79,20 @@ struct ImqCpuPart {
 #endif
 
 // ---- instruction-set variants of the inner kernels ----
+// GMW_VBYTES: vector bytes; GMW_NC: vectors per column block; GMW_NR: rows per register tile (4: measured
+// against 2 and 8 at N = 4096, d = 10 and 64 on a 2-core Intel Xeon VM with AVX-512, for both the AVX-512 and the
+// AVX2 variant).
 namespace gmwae_fast {
 
 #define GMW_CPU_NS isa_generic
+#define GMW_NR 4
 #define GMW_VBYTES 16
 #define GMW_NC 8
 #include "imq_mmd_cpu_kernel.h"
 #undef GMW_CPU_NS
 #undef GMW_VBYTES
 #undef GMW_NC
+#undef GMW_NR
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
 #define GMW_HAVE_X86_VARIANTS 1
@@ -93,23 +100,27 @@ namespace gmwae_fast {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define GMW_CPU_NS isa_avx2
+#define GMW_NR 4
 #define GMW_VBYTES 32
 #define GMW_NC 8
 #include "imq_mmd_cpu_kernel.h"
 #undef GMW_CPU_NS
 #undef GMW_VBYTES
 #undef GMW_NC
+#undef GMW_NR
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #define GMW_CPU_NS isa_avx512
+#define GMW_NR 4
 #define GMW_VBYTES 64
 #define GMW_NC 4
 #include "imq_mmd_cpu_kernel.h"
 #undef GMW_CPU_NS
 #undef GMW_VBYTES
 #undef GMW_NC
+#undef GMW_NR
 #pragma GCC pop_options
 
 #endif
@@ -135,9 +146,12 @@ CpuIsa detect_isa() {
   if (const char* env = std::getenv("GMWAE_FAST_CPU_ISA")) {
     const std::string v(env);
     CpuIsa cap = best;
-    if (v == "generic" || v == "default") cap = CpuIsa::kGeneric;
-    else if (v == "avx2") cap = CpuIsa::kAvx2;
-    else if (v == "avx512") cap = CpuIsa::kAvx512;
+    if (v == "generic" || v == "default")
+      cap = CpuIsa::kGeneric;
+    else if (v == "avx2")
+      cap = CpuIsa::kAvx2;
+    else if (v == "avx512")
+      cap = CpuIsa::kAvx512;
     if (int(cap) < int(best)) best = cap;
   }
   return best;
@@ -160,11 +174,11 @@ struct IsaFns {
   void (*cross_grad_rows)(const ImqCpuArgs<T>&, int64_t, int64_t, const ImqCpuPart&);  // no column side
 };
 
-#define GMW_ISA_FNS(NS, T)                                                                              \
-  IsaFns<T> {                                                                                           \
-    &NS::scratch_bytes<T>, &NS::lanes<T>, &NS::col_block<T>, &NS::run_rows<T, true, false>,            \
-        &NS::run_rows<T, true, true>, &NS::run_rows<T, false, false>, &NS::run_rows<T, false, true>,   \
-        &NS::run_rows<T, false, true, false>                                                            \
+#define GMW_ISA_FNS(NS, T)                                                                           \
+  IsaFns<T> {                                                                                        \
+    &NS::scratch_bytes<T>, &NS::lanes<T>, &NS::col_block<T>, &NS::run_rows<T, true, false>,          \
+        &NS::run_rows<T, true, true>, &NS::run_rows<T, false, false>, &NS::run_rows<T, false, true>, \
+        &NS::run_rows<T, false, true, false>                                                         \
   }
 
 template <class T>
@@ -188,133 +202,167 @@ std::vector<double> host_doubles(const at::Tensor& t) {
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
 }
 
-// The core: values (S doubles) and, when grad, the (rows x (d + 1)) float64 gradient buffer.
-//   a: N x d and b: M x d in the compute type T (contiguous); b undefined for self.
-//   b_grad (cross only): also the gradients of the column points b (rows = N + M), else rows = N.
+// What one call of the core computes.
+enum class ImqPass { kValues, kValuesAndGrads };
+enum class ImqColumnGrads { kSkip, kCompute };  // cross terms: gradients of the column points b too
+
+struct ImqCpuOpts {
+  ImqPass pass = ImqPass::kValues;
+  ImqColumnGrads column_grads = ImqColumnGrads::kCompute;  // cross terms only
+  int64_t group = 1;                                       // self terms only
+  bool unbiased = false;                                   // self terms only
+
+  static ImqCpuOpts self_terms(ImqPass pass, int64_t group, bool unbiased) {
+    ImqCpuOpts o;
+    o.pass = pass;
+    o.group = group;
+    o.unbiased = unbiased;
+    return o;
+  }
+  static ImqCpuOpts cross_terms(ImqPass pass, ImqColumnGrads column_grads) {
+    ImqCpuOpts o;
+    o.pass = pass;
+    o.column_grads = column_grads;
+    return o;
+  }
+  bool grad() const { return pass == ImqPass::kValuesAndGrads; }
+};
+
+// The inputs in the compute type T (contiguous); b, wb undefined for self terms.
+struct ImqInputs {
+  at::Tensor a, wa, b, wb;
+  std::vector<double> bw;
+  std::vector<double> h;  // empty for the value ops
+  bool self() const { return !b.defined(); }
+};
+
+// The inner kernels' arguments and the buffers they point into.
 template <class T>
-void imq_cpu_run(bool self, bool grad, bool b_grad, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b,
-                 const at::Tensor& wb, const std::vector<double>& bw, const std::vector<double>* h,
-                 int64_t group, bool unbiased, std::vector<double>& vals_out, at::Tensor* grad_out) {
-  const IsaFns<T> fns = isa_fns<T>();
-  const int64_t N = a.size(0);
-  const int64_t d = a.size(1);
-  const at::Tensor& bb = self ? a : b;
-  const at::Tensor& wbb = self ? wa : wb;
-  const int64_t M = bb.size(0);
-  const int S = int(bw.size());
-  const int64_t rows = (self || !b_grad) ? N : N + M;
-  const auto opts = a.options().dtype(at::kDouble);
+struct ImqPrepared {
+  std::vector<ImqGroup<T>> groups;
+  at::Tensor bt, wbp;  // transposed zero-padded columns and their weights
+  ImqCpuArgs<T> args;
+};
 
-  vals_out.assign(size_t(S), 0.0);
-  if (grad) *grad_out = at::zeros({rows, d + 1}, opts);
-  if (N == 0 || M == 0 || S == 0) return;
+template <class T>
+void prepare_args(const ImqInputs& in, const ImqCpuOpts& o, int64_t col_block, int64_t grows, ImqPrepared<T>& P) {
+  const bool self = in.self();
+  const at::Tensor& b = self ? in.a : in.b;
+  const at::Tensor& wb = self ? in.wa : in.wb;
+  const int64_t d = in.a.size(1);
+  const int64_t M = b.size(0);
+  const int S = int(in.bw.size());
+  P.groups.resize(size_t(S));
+  const int ng = imq_make_groups<T>(in.bw.data(), in.h.empty() ? nullptr : in.h.data(), S, P.groups.data());
+  const int64_t ldb = (M + col_block - 1) / col_block * col_block;
+  P.bt = at::zeros({std::max<int64_t>(d, 1), ldb}, in.a.options());
+  if (d > 0) P.bt.narrow(1, 0, M).copy_(b.t());
+  P.wbp = at::zeros({ldb}, in.a.options());
+  P.wbp.narrow(0, 0, M).copy_(wb);
 
-  std::vector<ImqGroup<T>> groups(static_cast<size_t>(S));
-  const int ng = imq_make_groups<T>(bw.data(), h ? h->data() : nullptr, S, groups.data());
-
-  // Transposed, zero-padded columns and their weights.
-  const int64_t JB = fns.col_block();
-  const int64_t ldb = (M + JB - 1) / JB * JB;
-  at::Tensor bt = at::zeros({std::max<int64_t>(d, 1), ldb}, a.options());
-  if (d > 0) bt.narrow(1, 0, M).copy_(bb.t());
-  at::Tensor wbp = at::zeros({ldb}, a.options());
-  wbp.narrow(0, 0, M).copy_(wbb);
-
-  ImqCpuArgs<T> A;
-  A.a = a.data_ptr<T>();
-  A.wa = wa.data_ptr<T>();
-  A.bt = bt.data_ptr<T>();
-  A.wbp = wbp.data_ptr<T>();
-  A.N = N;
+  ImqCpuArgs<T>& A = P.args;
+  A.a = in.a.data_ptr<T>();
+  A.wa = in.wa.data_ptr<T>();
+  A.bt = P.bt.template data_ptr<T>();
+  A.wbp = P.wbp.template data_ptr<T>();
+  A.N = in.a.size(0);
   A.M = M;
   A.ldb = ldb;
   A.d = d;
-  A.group = group;
-  A.unbiased = unbiased;
-  A.groups = groups.data();
+  A.group = o.group;
+  A.unbiased = o.unbiased;
+  A.groups = P.groups.data();
   A.ngroups = ng;
   A.S = S;
-  A.brow_off = self ? 0 : N;
+  A.brow_off = self ? 0 : A.N;
+  A.grows = grows;
   A.fa = self ? 4.0 : 2.0;
   A.fw = self ? 2.0 : 1.0;
+}
 
-  // Work units: row blocks (cross) or pairs of row blocks {u, nrb - 1 - u} (self, balances the triangle).
-  const int64_t nrb = (N + kImqRowBlock - 1) / kImqRowBlock;
-  const int64_t nunits = self ? (nrb + 1) / 2 : nrb;
-  const double pairs = self ? 0.5 * double(N) * double(N) : double(N) * double(M);
-  // K partitions, handed out dynamically to the threads (a thread slowed down by other load delays the op by
-  // one partition at most).  Results depend on K only, and K on the thread count and the problem size.
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t K = std::min<int64_t>(kImqPartitionsPerThread * nthreads, nunits);
-  if (grad) {  // each partition has its own (rows x (d + 1)) float64 gradient buffer
-    const double bytes = double(rows) * double(d + 1) * sizeof(double);
+// Work units: row blocks (cross) or pairs of row blocks {u, nrb - 1 - u} (self, balances the triangle), cut into
+// K partitions, handed out dynamically to the threads (a thread slowed down by other load delays the op by one
+// partition at most).  Results depend on K only, and K on the thread count and the problem size.
+struct ImqWorkPlan {
+  int64_t nrb;  // row blocks
+  int64_t nunits;
+  int64_t K;  // partitions
+  int64_t nthreads;
+};
+
+ImqWorkPlan plan_work(bool self, bool grad, int64_t N, int64_t M, int64_t d, int S, int64_t grows) {
+  ImqWorkPlan w;
+  w.nrb = (N + kImqRowBlock - 1) / kImqRowBlock;
+  w.nunits = self ? (w.nrb + 1) / 2 : w.nrb;
+  w.nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const double pairs = self ? 0.5 * double(N) * double(M) : double(N) * double(M);
+  int64_t K = std::min<int64_t>(kImqPartitionsPerThread * w.nthreads, w.nunits);
+  if (grad) {  // each partition has its own ((d + 1) x grows) float64 gradient buffer
+    const double bytes = double(grows) * double(d + 1) * sizeof(double);
     const int64_t kmem = int64_t(kImqGradBufferBytes / std::max(bytes, 1.0));
-    K = std::min<int64_t>(K, std::max<int64_t>(kmem, nthreads));
+    K = std::min<int64_t>(K, std::max<int64_t>(kmem, w.nthreads));
   }
   K = std::min<int64_t>(K, 1024);
   if (pairs * double(d + S) < 2.0e5) K = 1;  // too little work to be worth a parallel region
-  K = std::max<int64_t>(K, 1);
+  w.K = std::max<int64_t>(K, 1);
+  return w;
+}
 
-  const int W = fns.lanes();
-  const size_t scratch = fns.scratch_bytes(d, ng);
-  std::vector<double> vals(size_t(K) * 2 * size_t(S) * size_t(W), 0.0);
-  std::vector<char> scr(size_t(K) * scratch);
-  at::Tensor gbuf;
-  if (grad) gbuf = at::zeros({K, rows, d + 1}, opts);
-  auto fn = self ? (grad ? fns.self_grad : fns.self_val)
-                 : (grad ? (b_grad ? fns.cross_grad : fns.cross_grad_rows) : fns.cross_val);
-
+// Runs every partition: fn over its row blocks, into its own value partials and gradient buffer.
+template <class T, class Fn>
+void run_partitions(const ImqCpuArgs<T>& A, const ImqWorkPlan& w, bool self, Fn fn, double* vals, size_t vals_len,
+                    double* gbuf, char* scratch, size_t scratch_len) {
   std::atomic<int64_t> next_part{0};
-  at::parallel_for(0, std::min<int64_t>(nthreads, K), 1, [&](int64_t, int64_t) {
-    for (int64_t p; (p = next_part.fetch_add(1)) < K;) {
+  const int64_t glen = A.grows * (A.d + 1);
+  at::parallel_for(0, std::min<int64_t>(w.nthreads, w.K), 1, [&](int64_t, int64_t) {
+    for (int64_t p; (p = next_part.fetch_add(1)) < w.K;) {
       ImqCpuPart P;
-      P.vals = vals.data() + size_t(p) * 2 * size_t(S) * size_t(W);
-      P.grad = grad ? gbuf.data_ptr<double>() + p * rows * (d + 1) : nullptr;
-      P.scratch = scr.data() + size_t(p) * scratch;
-      const int64_t u0 = p * nunits / K;
-      const int64_t u1 = (p + 1) * nunits / K;
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t blocks[2] = {u, nrb - 1 - u};
+      P.vals = vals + size_t(p) * vals_len;
+      P.grad = gbuf ? gbuf + p * glen : nullptr;
+      P.scratch = scratch + size_t(p) * scratch_len;
+      for (int64_t u = p * w.nunits / w.K; u < (p + 1) * w.nunits / w.K; ++u) {
+        const int64_t blocks[2] = {u, w.nrb - 1 - u};
         const int nblk = (self && blocks[1] != blocks[0]) ? 2 : 1;
         for (int q = 0; q < nblk; ++q) {
           const int64_t i0 = blocks[q] * kImqRowBlock;
-          const int64_t i1 = std::min<int64_t>(i0 + kImqRowBlock, N);
-          fn(A, i0, i1, P);
+          fn(A, i0, std::min<int64_t>(i0 + kImqRowBlock, A.N), P);
         }
       }
     }
   });
+}
 
-  // Deterministic combination: partitions in order, lanes in order.  Each value from its K and U sums
-  // (imq_pick_value) with the exact total weight of the visited pairs.
-  double wtot = 0.0;
-  {
-    const at::Tensor wa64 = wa.to(at::kDouble);
-    const double* w = wa64.data_ptr<double>();
-    double sw = 0.0, sw2 = 0.0;
-    for (int64_t i = 0; i < N; ++i) {
-      sw += w[i];
-      sw2 += w[i] * w[i];
-    }
-    if (!self) {
-      const at::Tensor wb64 = wb.to(at::kDouble);
-      const double* v = wb64.data_ptr<double>();
-      double sv = 0.0;
-      for (int64_t j = 0; j < M; ++j) sv += v[j];
-      wtot = sw * sv;
-    } else if (unbiased) {  // pairs i < j in different groups
-      double sg = 0.0;
-      for (int64_t g0 = 0; g0 < N; g0 += group) {
-        double s = 0.0;
-        for (int64_t i = g0; i < std::min<int64_t>(g0 + group, N); ++i) s += w[i];
-        sg += s * s;
-      }
-      wtot = 0.5 * (sw * sw - sg);
-    } else {  // pairs i < j
-      wtot = 0.5 * (sw * sw - sw2);
-    }
+// Exact (float64) total weight of the visited pairs: self i < j (outside i's group when unbiased), cross all.
+double pair_weight_total(const ImqInputs& in, const ImqCpuOpts& o) {
+  const at::Tensor wa64 = in.wa.to(at::kDouble);
+  const double* w = wa64.data_ptr<double>();
+  const int64_t N = in.wa.size(0);
+  double sw = 0.0, sw2 = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    sw += w[i];
+    sw2 += w[i] * w[i];
   }
-  const double vscale = self ? 2.0 : 1.0;  // self: each unordered pair stands for (i, j) and (j, i)
+  if (!in.self()) {
+    const at::Tensor wb64 = in.wb.to(at::kDouble);
+    const double* v = wb64.data_ptr<double>();
+    double sv = 0.0;
+    for (int64_t j = 0; j < in.wb.size(0); ++j) sv += v[j];
+    return sw * sv;
+  }
+  if (!o.unbiased) return 0.5 * (sw * sw - sw2);
+  double sg = 0.0;  // pairs i < j in different groups
+  for (int64_t g0 = 0; g0 < N; g0 += o.group) {
+    double s = 0.0;
+    for (int64_t i = g0; i < std::min<int64_t>(g0 + o.group, N); ++i) s += w[i];
+    sg += s * s;
+  }
+  return 0.5 * (sw * sw - sg);
+}
+
+// Deterministic combination of the value partials: partitions in order, lanes in order.  Each value from its K
+// and U sums (imq_pick_value) with the exact total weight of the visited pairs.
+void combine_values(const std::vector<double>& vals, int64_t K, int S, int W, double wtot, double scale,
+                    std::vector<double>& out) {
   for (int s = 0; s < S; ++s) {
     double kacc = 0.0, uacc = 0.0;
     for (int64_t p = 0; p < K; ++p) {
@@ -325,18 +373,65 @@ void imq_cpu_run(bool self, bool grad, bool b_grad, const at::Tensor& a, const a
         uacc += u[l];
       }
     }
-    vals_out[size_t(s)] = vscale * imq_pick_value(kacc, uacc, wtot);
+    out[size_t(s)] = scale * imq_pick_value(kacc, uacc, wtot);
   }
-  if (grad) {
-    double* g = gbuf.data_ptr<double>();
-    const int64_t len = rows * (d + 1);
-    at::parallel_for(0, len, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t p = 1; p < K; ++p) {
-        const double* src = g + p * len;
-        for (int64_t e = e0; e < e1; ++e) g[e] += src[e];
-      }
-    });
-    *grad_out = gbuf[0];
+}
+
+// Sums the K per-partition gradient buffers into the first one (partition order: deterministic).
+void reduce_grad_buffers(double* g, int64_t K, int64_t len) {
+  at::parallel_for(0, len, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t p = 1; p < K; ++p) {
+      const double* src = g + p * len;
+      for (int64_t e = e0; e < e1; ++e) g[e] += src[e];
+    }
+  });
+}
+
+template <class T>
+using ImqKernelFn = void (*)(const ImqCpuArgs<T>&, int64_t, int64_t, const ImqCpuPart&);
+
+template <class T>
+ImqKernelFn<T> pick_kernel(const IsaFns<T>& fns, bool self, const ImqCpuOpts& o) {
+  if (self) return o.grad() ? fns.self_grad : fns.self_val;
+  if (!o.grad()) return fns.cross_val;
+  return o.column_grads == ImqColumnGrads::kCompute ? fns.cross_grad : fns.cross_grad_rows;
+}
+
+// The core: values (S doubles) and, for gradients, the float64 gradient buffer as a (grows x (d + 1)) view
+// (point gradients, then the weight gradient; grows = N, or N + M for cross terms with column gradients).
+template <class T>
+void imq_cpu_run(const ImqInputs& in, const ImqCpuOpts& o, std::vector<double>& vals_out, at::Tensor* grad_out) {
+  const IsaFns<T> fns = isa_fns<T>();
+  const bool self = in.self();
+  const int64_t N = in.a.size(0);
+  const int64_t d = in.a.size(1);
+  const int64_t M = self ? N : in.b.size(0);
+  const int S = int(in.bw.size());
+  const int64_t grows = (self || o.column_grads == ImqColumnGrads::kSkip) ? N : N + M;
+  const auto opts = in.a.options().dtype(at::kDouble);
+
+  vals_out.assign(size_t(S), 0.0);
+  if (o.grad()) *grad_out = at::zeros({grows, d + 1}, opts);
+  if (N == 0 || M == 0 || S == 0) return;
+
+  ImqPrepared<T> prep;
+  prepare_args<T>(in, o, fns.col_block(), grows, prep);
+  const ImqWorkPlan w = plan_work(self, o.grad(), N, M, d, S, grows);
+  const int W = fns.lanes();
+  const size_t vals_len = 2 * size_t(S) * size_t(W);
+  std::vector<double> vals(size_t(w.K) * vals_len, 0.0);
+  const size_t scratch_len = fns.scratch_bytes(d, prep.args.ngroups);
+  std::vector<char> scratch(size_t(w.K) * scratch_len);
+  at::Tensor gbuf;
+  if (o.grad()) gbuf = at::zeros({w.K, d + 1, grows}, opts);
+  run_partitions<T>(prep.args, w, self, pick_kernel(fns, self, o), vals.data(), vals_len,
+                    o.grad() ? gbuf.data_ptr<double>() : nullptr, scratch.data(), scratch_len);
+
+  // self: each unordered pair stands for (i, j) and (j, i)
+  combine_values(vals, w.K, S, W, pair_weight_total(in, o), self ? 2.0 : 1.0, vals_out);
+  if (o.grad()) {
+    reduce_grad_buffers(gbuf.data_ptr<double>(), w.K, grows * (d + 1));
+    *grad_out = gbuf[0].t();
   }
 }
 
@@ -345,50 +440,50 @@ struct ImqCpuResult {
   at::Tensor grad;  // rows x (d + 1) float64
 };
 
-ImqCpuResult imq_cpu(bool grad, bool b_grad, const at::Tensor& a_in, const at::Tensor& wa_in, const at::Tensor* b_in,
-                     const at::Tensor* wb_in, const at::Tensor& bw_in, const at::Tensor* h_in, int64_t group,
-                     bool unbiased) {
+ImqInputs prepare_inputs(const at::Tensor& a, const at::Tensor& wa, const at::Tensor* b, const at::Tensor* wb,
+                         const at::Tensor& bw, const at::Tensor* h) {
   const at::ScalarType ct =
-      b_in ? imq_compute_dtype(a_in.scalar_type(), b_in->scalar_type()) : imq_compute_dtype(a_in.scalar_type());
-  const at::Tensor a = a_in.to(ct).contiguous();
-  const at::Tensor wa = wa_in.to(ct).contiguous();
-  at::Tensor b, wb;
-  if (b_in) {
-    b = b_in->to(ct).contiguous();
-    wb = wb_in->to(ct).contiguous();
+      b ? imq_compute_dtype(a.scalar_type(), b->scalar_type()) : imq_compute_dtype(a.scalar_type());
+  ImqInputs in;
+  in.a = a.to(ct).contiguous();
+  in.wa = wa.to(ct).contiguous();
+  if (b) {
+    in.b = b->to(ct).contiguous();
+    in.wb = wb->to(ct).contiguous();
   }
-  const std::vector<double> bw = host_doubles(bw_in);
-  for (double c : bw) {
-    TORCH_CHECK(c > 0.0 && std::isfinite(c), "gmwae_fast::imq_*: every bandwidth `bw` must be finite and > 0, got ",
-                c);
+  in.bw = host_doubles(bw);
+  for (double c : in.bw) {
+    TORCH_CHECK(c > 0.0 && std::isfinite(c), "gmwae_fast::imq_*: every bandwidth `bw` must be finite and > 0, got ", c);
   }
-  std::vector<double> h;
-  if (h_in) h = host_doubles(*h_in);
+  if (h) in.h = host_doubles(*h);
+  return in;
+}
 
+// Biased self terms: the i == j pairs, analytically (k_s(0) = 1; phi(0) = sum_s h_s; no point gradient).
+void add_biased_diagonal(const ImqInputs& in, ImqCpuResult& r) {
+  const at::Tensor w64 = in.wa.to(at::kDouble).contiguous();
+  const double* w = w64.data_ptr<double>();
+  double sw2 = 0.0;
+  for (int64_t i = 0; i < w64.size(0); ++i) sw2 += w[i] * w[i];
+  for (double& v : r.vals) v += sw2;
+  if (r.grad.defined()) {
+    double hs = 0.0;
+    for (double x : in.h) hs += x;
+    r.grad.select(1, in.a.size(1)).add_(w64, 2.0 * hs);
+  }
+}
+
+ImqCpuResult imq_cpu(const ImqCpuOpts& o, const at::Tensor& a, const at::Tensor& wa, const at::Tensor* b,
+                     const at::Tensor* wb, const at::Tensor& bw, const at::Tensor* h) {
+  const ImqInputs in = prepare_inputs(a, wa, b, wb, bw, h);
   ImqCpuResult r;
-  if (ct == at::kDouble) {
-    imq_cpu_run<double>(!b_in, grad, b_grad, a, wa, b, wb, bw, h_in ? &h : nullptr, group, unbiased, r.vals,
-                        grad ? &r.grad : nullptr);
+  at::Tensor* grad = o.grad() ? &r.grad : nullptr;
+  if (in.a.scalar_type() == at::kDouble) {
+    imq_cpu_run<double>(in, o, r.vals, grad);
   } else {
-    imq_cpu_run<float>(!b_in, grad, b_grad, a, wa, b, wb, bw, h_in ? &h : nullptr, group, unbiased, r.vals,
-                       grad ? &r.grad : nullptr);
+    imq_cpu_run<float>(in, o, r.vals, grad);
   }
-
-  // Biased self terms: the i == j pairs, analytically (k_s(0) = 1; phi(0) = sum_s h_s; no point gradient).
-  if (!b_in && !unbiased && a.size(0) > 0) {
-    const at::Tensor w64 = wa.to(at::kDouble);
-    const double* w = w64.data_ptr<double>();
-    double sw2 = 0.0;
-    for (int64_t i = 0; i < a.size(0); ++i) sw2 += w[i] * w[i];
-    for (double& v : r.vals) v += sw2;
-    if (grad) {
-      double hs = 0.0;
-      for (double x : h) hs += x;
-      double* g = r.grad.data_ptr<double>();
-      const int64_t d = a.size(1);
-      for (int64_t i = 0; i < a.size(0); ++i) g[i * (d + 1) + d] += 2.0 * w[i] * hs;
-    }
-  }
+  if (in.self() && !o.unbiased && in.a.size(0) > 0) add_biased_diagonal(in, r);
   return r;
 }
 
@@ -399,8 +494,8 @@ at::Tensor values_tensor(const std::vector<double>& v) {
 }
 
 // Splits a float64 (rows x (d + 1)) gradient buffer into (point, weight) gradients of the given dtypes.
-std::pair<at::Tensor, at::Tensor> split_grad(const at::Tensor& g, int64_t r0, int64_t n, int64_t d,
-                                             at::ScalarType pt, at::ScalarType wt) {
+std::pair<at::Tensor, at::Tensor> split_grad(const at::Tensor& g, int64_t r0, int64_t n, int64_t d, at::ScalarType pt,
+                                             at::ScalarType wt) {
   const at::Tensor rows = g.narrow(0, r0, n);
   // Always copies: for one row both pieces would otherwise be views of one buffer, and an op's outputs may not
   // alias each other.
@@ -408,17 +503,18 @@ std::pair<at::Tensor, at::Tensor> split_grad(const at::Tensor& g, int64_t r0, in
           rows.select(1, d).to(wt, /*non_blocking=*/false, /*copy=*/true).contiguous()};
 }
 
-at::Tensor imq_self_cpu(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bw, int64_t group,
-                        bool unbiased) {
+at::Tensor imq_self_cpu(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bw, int64_t group, bool unbiased) {
   imq_check_args("gmwae_fast::imq_self", a, wa, nullptr, nullptr, bw, nullptr, group);
-  const ImqCpuResult r = imq_cpu(false, true, a, wa, nullptr, nullptr, bw, nullptr, group, unbiased);
+  const ImqCpuResult r =
+      imq_cpu(ImqCpuOpts::self_terms(ImqPass::kValues, group, unbiased), a, wa, nullptr, nullptr, bw, nullptr);
   return values_tensor(r.vals);
 }
 
 at::Tensor imq_cross_cpu(const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b, const at::Tensor& wb,
                          const at::Tensor& bw) {
   imq_check_args("gmwae_fast::imq_cross", a, wa, &b, &wb, bw, nullptr, 1);
-  const ImqCpuResult r = imq_cpu(false, true, a, wa, &b, &wb, bw, nullptr, 1, false);
+  const ImqCpuResult r =
+      imq_cpu(ImqCpuOpts::cross_terms(ImqPass::kValues, ImqColumnGrads::kSkip), a, wa, &b, &wb, bw, nullptr);
   return values_tensor(r.vals);
 }
 
@@ -426,7 +522,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> imq_self_grad_cpu(const at::Tenso
                                                                  const at::Tensor& wa, const at::Tensor& bw,
                                                                  int64_t group, bool unbiased) {
   imq_check_args("gmwae_fast::imq_self_grad", a, wa, nullptr, nullptr, bw, &h, group);
-  const ImqCpuResult r = imq_cpu(true, true, a, wa, nullptr, nullptr, bw, &h, group, unbiased);
+  const ImqCpuResult r =
+      imq_cpu(ImqCpuOpts::self_terms(ImqPass::kValuesAndGrads, group, unbiased), a, wa, nullptr, nullptr, bw, &h);
   auto ga = split_grad(r.grad, 0, a.size(0), a.size(1), a.scalar_type(), wa.scalar_type());
   return {values_tensor(r.vals), ga.first, ga.second};
 }
@@ -435,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> imq_cross
     const at::Tensor& h, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& b, const at::Tensor& wb,
     const at::Tensor& bw, bool b_grad) {
   imq_check_args("gmwae_fast::imq_cross_grad", a, wa, &b, &wb, bw, &h, 1);
-  const ImqCpuResult r = imq_cpu(true, b_grad, a, wa, &b, &wb, bw, &h, 1, false);
+  const ImqColumnGrads cols = b_grad ? ImqColumnGrads::kCompute : ImqColumnGrads::kSkip;
+  const ImqCpuResult r = imq_cpu(ImqCpuOpts::cross_terms(ImqPass::kValuesAndGrads, cols), a, wa, &b, &wb, bw, &h);
   auto ga = split_grad(r.grad, 0, a.size(0), a.size(1), a.scalar_type(), wa.scalar_type());
   if (!b_grad) {  // the column side was skipped: zeros, as the contract says
     return {values_tensor(r.vals), ga.first, ga.second, at::zeros(b.sizes(), b.options()),

@@ -285,6 +285,38 @@ def test_nan_propagates():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# register tiles: rows go in tiles of 2 (generic, AVX2) or 4 (AVX-512) rows against one column block of 16..64
+# columns; rows whose allowed columns start inside the block, and the rows left over, go one by one
+# ---------------------------------------------------------------------------------------------------------------
+
+TILE_DIMS = [1, 3, 63, 65]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", TILE_DIMS)
+def test_tiles_leftover_rows(d, dtype):
+    """Row counts that are not multiples of the tile (1 .. 3 rows left over, row blocks of 16 split into tiles and
+    a short last block) against column counts that leave a partial column block; biased self terms, whose
+    diagonal falls inside the tiles."""
+    for n, m in [(1, 3), (2, 65), (3, 33), (6, 17), (7, 64), (19, 130), (45, 97)]:
+        _check_cross(n, m, d, dtype, seed=31 * n + m + d)
+    for n in (2, 3, 7, 19, 45, 70):
+        _check_self(n, d, 1, False, dtype, seed=7 * n + d)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 7])
+def test_tiles_self_group_boundaries(group, dtype):
+    """Unbiased self terms: the first allowed column of a row (after its own group) falls at every offset inside
+    the row tiles, the row blocks and the column blocks (N spans several column blocks)."""
+    for d, ngroups in [(1, 29), (3, 23), (63, 19), (65, 13)]:
+        _check_self(group * ngroups, d, group, True, dtype, seed=100 * group + d)
+    _check_self(group * 11, 3, group, False, dtype, seed=group)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # determinism and float32 accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -408,6 +440,9 @@ for dt in (torch.float64, torch.float32):
     m._check_self(70, 3, 1, False, dt, seed=6)
     m._check_cross(129, 37, 10, dt, seed=7)
     m._check_cross(5, 70, 64, dt, seed=8)
+    m._check_cross(19, 130, 65, dt, seed=9)
+    m._check_self(5 * 29, 63, 5, True, dt, seed=10)
+    m._check_self(45, 1, 1, False, dt, seed=11)
 print("ISA", C.CPU_ISA)
 """
 
