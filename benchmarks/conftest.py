@@ -232,6 +232,9 @@ def mmd_cases(config) -> list[tuple]:
         override = _csv(config.getoption(opt), conv)
         if override:
             grid[key] = override
+    bad_dtypes = set(grid["dtype"]) - set(_harness.DTYPES)
+    if bad_dtypes:
+        raise pytest.UsageError(f"unknown --bench-dtypes {sorted(bad_dtypes)}; choose from {sorted(_harness.DTYPES)}")
     wanted = _csv(config.getoption("--bench-providers")) or _providers.PROVIDERS
     unknown = set(wanted) - set(_providers.PROVIDERS)
     if unknown:
