@@ -208,7 +208,7 @@ def test_unavailable_requests_fail(monkeypatch):
     monkeypatch.setattr(
         st,
         "available_backends",
-        lambda dev: {"reference": None, "triton": "no triton here", "cpu": None, "cuda": "no cuda here"},
+        lambda dev, op="imq_mmd": {"reference": None, "triton": "no triton here", "cpu": None, "cuda": "no cuda here"},
     )
     report = _run(device="cpu", backend="triton")
     assert not report.ok and not report.results and "no triton here" in report.problems[0]
