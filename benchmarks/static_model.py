@@ -1070,7 +1070,7 @@ def predict(tc: TileCount, dev: Device, tiles_busiest: int) -> Dict[str, float]:
 
 
 def mufu_floor(case: Case, dev: Device) -> float:
-    """Seconds if only the reciprocals counted: one MUFU.RCP per pair and bandwidth (imq_band_acc_approx) at 16 / SM /
+    """Seconds if only the reciprocals counted: one MUFU.RCP per pair and bandwidth (imq_band_acc) at 16 / SM /
     clock."""
     return case.pairs * case.bands / (16 * dev.sms * dev.clock_ghz * 1e9)
 
@@ -1340,7 +1340,7 @@ def _render_costs(a: dict) -> List[str]:
             "",
             f"1. **Per-bandwidth arithmetic (K phase)**: {k:.0f} instructions per pair for 15 bandwidths "
             f"({k / 15:.1f} per bandwidth) in cross-grad: per pair and bandwidth c_s + x, one bare MUFU.RCP "
-            "(rcp.approx, no Newton step: imq_band_acc_approx), the value sums w r and (w x) r, phi and psi "
+            "(rcp.approx, no Newton step: imq_band_acc), the value sums w r and (w x) r, phi and psi "
             "(6 FP32; nvcc recomputes w x per bandwidth rather than hold 16 more registers), x, its cap and w x "
             "once per pair (one power-of-two scale for all bandwidths), 3 shuffle levels per value partial and "
             "bandwidth, the band loop unrolled twice in the gradient kernels. Remaining levers: holding w x "

@@ -3,7 +3,7 @@
 // Shared by the CPU kernels (csrc/imq_mmd_cpu*.{cpp,h}, compiled by the host C++ compiler) and the CUDA
 // kernels (csrc/imq_mmd_cuda.cu, compiled by nvcc): the grouping, the ranges and the elementary operations are
 // common; the CPU kernels evaluate a group with imq_ku1/2/3 (one reciprocal per group), the CUDA kernels with
-// imq_band_acc_approx (one reciprocal per bandwidth, one scale for all bandwidths: imq_make_bands), which the CPU
+// imq_band_acc (one reciprocal per bandwidth, one scale for all bandwidths: imq_make_bands), which the CPU
 // tests run under the SIMT emulator (csrc/testing/).
 // Everything is a template over the lane type `V` (float, double, or a GCC vector of them on the CPU)
 // and the scalar type `S` (float or double).
@@ -269,27 +269,6 @@ GMW_HD GMW_INLINE void imq_phi_psi_acc(V k, S h, S q, V& phi, V& psi) {
   psi = psi + (k * q) * k;
 }
 
-// ---- one reciprocal per bandwidth (the CUDA kernels, where the special-function unit has headroom) ----
-//
-// With x = D / R (exact: R is a power of two; imq_group_x caps it at far_x) and r_s = 1 / (c_s + x):
-//   k_s = c_s r_s,   1 - k_s = x r_s,   h_s k_s = hc_s r_s,   q_s k_s^2 = qr_s r_s^2
-// (hc_s = h_s c_s, qr_s = -h_s c_s / R: ImqGroup).  So one reciprocal and seven multiply-adds per bandwidth
-// accumulate the value sums a += w r (K_s = c_s a: scaled once per partial, not per pair) and b += (w x) r
-// (U_s = b, the complement sum of imq_pick_value) and, for the gradients, phi and psi; k_s itself is never
-// formed.  Every factor is positive and each term carries a few roundings of random sign, as in imq_ku3.
-// Range: x <= far_x gives c_s + x <= far_x (rounded), r_s >= 1 / far_x, a normal number: D = inf adds
-// ~1e-38 c_s w to K_s, exactly w to U_s and 0 to psi; NaN propagates.
-template <class V, class S, bool GRAD>
-GMW_HD GMW_INLINE void imq_band_acc(V x, V w, V wx, S c, S hc, S qr, V& a, V& b, V& phi, V& psi) {
-  const V r = imq_rcp(x + c);
-  a = a + w * r;
-  b = b + wx * r;
-  if (GRAD) {
-    phi = phi + hc * r;
-    psi = psi + (qr * r) * r;
-  }
-}
-
 // ---- one scale for all bandwidths, one bare reciprocal per bandwidth (the CUDA kernels) ----
 //
 // The CUDA kernels need no shared reciprocal, hence no grouping: every bandwidth uses x = D / R with ONE power of
@@ -346,12 +325,22 @@ GMW_HD GMW_INLINE float imq_rcp_approx(float p) {
 #endif
 }
 
-// imq_band_acc with imq_rcp_approx: one MUFU.RCP and six FP32 instructions per pair and bandwidth (values only:
+// ---- one reciprocal per bandwidth (the CUDA kernels, where the special-function unit has headroom) ----
+//
+// With x = D / R (exact: R is a power of two; imq_group_x caps it at far_x) and r_s = 1 / (c_s + x):
+//   k_s = c_s r_s,   1 - k_s = x r_s,   h_s k_s = hc_s r_s,   q_s k_s^2 = qr_s r_s^2
+// (hc_s = h_s c_s, qr_s = -h_s c_s / R: ImqBand).  So one reciprocal and a few multiply-adds per bandwidth
+// accumulate the value sums a += w r (K_s = c_s a: scaled once per partial, not per pair) and b += (w x) r
+// (U_s = b, the complement sum of imq_pick_value) and, for the gradients, phi and psi; k_s itself is never
+// formed.  Every factor is positive and each term carries a few roundings of random sign, as in imq_ku3.
+// Range: x <= far_x gives c_s + x <= far_x (rounded), r_s >= 1 / far_x, a normal number: D = inf adds
+// ~1e-38 c_s w to K_s, exactly w to U_s and 0 to psi; NaN propagates.
+// The reciprocal is imq_rcp_approx: one MUFU.RCP and six FP32 instructions per pair and bandwidth (values only:
 // three) instead of eight (five): no Newton step.  Each r_s carries at most 1 ulp (device) instead of ~0.5 ulp,
 // a relative error of <= 1.2e-7 per term, far inside the 1e-5 contract; the SIMT emulator checks the values and
 // gradients with a biased 1.5-ulp model of it (csrc/testing/cuda_emu.h).
 template <class V, class S, bool GRAD>
-GMW_HD GMW_INLINE void imq_band_acc_approx(V x, V w, V wx, S c, S hc, S qr, V& a, V& b, V& phi, V& psi) {
+GMW_HD GMW_INLINE void imq_band_acc(V x, V w, V wx, S c, S hc, S qr, V& a, V& b, V& phi, V& psi) {
   const V r = imq_rcp_approx(x + c);
   a = a + w * r;
   b = b + wx * r;

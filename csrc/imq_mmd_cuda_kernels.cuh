@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             psi[ii][jj] = T(0);
           }
       }
-      // Values: sums of w w r (a*, K_s = c_s a) and of w w (1 - k) (b*) per bandwidth, see imq_band_acc_approx
+      // Values: sums of w w r (a*, K_s = c_s a) and of w w (1 - k) (b*) per bandwidth, see imq_band_acc
       // and imq_pick_value; one reciprocal per bandwidth and pair.  The flag is read per tile (after a barrier):
       // no register holds it across the tile loop.
       if (info[0]) {
@@ -427,8 +427,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj)
-              imq_band_acc_approx<T, T, GRAD>(D[ii][jj], wpair[ii][jj], wx[ii][jj], B.c, B.hc, B.qr, a, b, phi[ii][jj],
-                                              psi[ii][jj]);
+              imq_band_acc<T, T, GRAD>(D[ii][jj], wpair[ii][jj], wx[ii][jj], B.c, B.hc, B.qr, a, b, phi[ii][jj],
+                                       psi[ii][jj]);
           band_partials(a, b, B.c, warp_part + s, S);
         }
       } else {
@@ -442,8 +442,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
               const T x = imq_group_x(D[ii][jj], B.inv_ref);
-              imq_band_acc_approx<T, T, GRAD>(x, wpair[ii][jj], wpair[ii][jj] * x, B.c, B.hc, B.qr, a, b, phi[ii][jj],
-                                              psi[ii][jj]);
+              imq_band_acc<T, T, GRAD>(x, wpair[ii][jj], wpair[ii][jj] * x, B.c, B.hc, B.qr, a, b, phi[ii][jj],
+                                       psi[ii][jj]);
             }
           band_partials(a, b, B.c, warp_part + s, S);
         }

@@ -36,6 +36,24 @@ def skip_unless_usable(device: str, backend: str, op: str = "imq_mmd") -> None:
         pytest.skip(f"backend {backend!r} unusable on {device}: {reason}")
 
 
+def build_csrc_testing(program: str, out_dir) -> str:
+    """Compile ``csrc/testing/<program>.cpp`` (the SIMT emulator programs: host C++, no GPU) into ``out_dir`` and
+    return the executable's path; skips when no C++ compiler is on PATH."""
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = os.path.join(str(out_dir), program)
+    src = os.path.join(root, "csrc", "testing", program + ".cpp")
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(root, "csrc"), src, "-o", exe]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return exe
+
+
 def interpreted(device: str, backend: str) -> bool:
     """Triton on CPU tensors runs in the (slow) interpreter: such tests use smaller sizes."""
     return backend == "triton" and device == "cpu"

@@ -10,12 +10,12 @@ CPU under the SIMT emulator of csrc/testing/ (needs only a C++20 compiler, no GP
 
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import build_csrc_testing
 
 try:
     importlib.import_module("gmwae_fast._C")
@@ -470,17 +470,7 @@ def test_isa_variants(isa):
 
 def test_cuda_kernels_emulated(tmp_path):
     """csrc/testing/imq_cuda_emu_test.cpp: the CUDA tile/finalize kernels under the SIMT emulator vs float64."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = str(tmp_path / "imq_emu")
-    src = os.path.join(ROOT, "csrc", "testing", "imq_cuda_emu_test.cpp")
-    build = subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = build_csrc_testing("imq_cuda_emu_test", tmp_path)
     run = subprocess.run([exe, "quick"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
 

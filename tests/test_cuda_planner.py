@@ -9,10 +9,10 @@ that many tile pairs) with the gradient slots of one launch within the 512 MiB b
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
+from conftest import build_csrc_testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = 512 * 1024 * 1024
@@ -22,18 +22,7 @@ SMS = [16, 108, 114, 132, 170, 256]
 
 @pytest.fixture(scope="module")
 def plan_exe(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = str(tmp_path_factory.mktemp("plan") / "imq_plan")
-    src = os.path.join(ROOT, "csrc", "testing", "imq_plan_dump.cpp")
-    build = subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
-    return exe
+    return build_csrc_testing("imq_plan_dump", tmp_path_factory.mktemp("plan"))
 
 
 def plans(exe, cases):
@@ -115,17 +104,7 @@ def test_emulated_kernels_hold_the_contract_with_a_biased_reciprocal(tmp_path, b
     0.999 on one point, bandwidths 1e-8 .. 1e5: one scale per bandwidth), with every float reciprocal of the tile
     kernel moved one ulp up or down from the correctly rounded one (worse than the device's documented 1 ulp, and
     all of one sign): values within 2e-6 per bandwidth, gradients within 2e-5 of the float64 reference."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = str(tmp_path / "imq_emu")
-    src = os.path.join(ROOT, "csrc", "testing", "imq_cuda_emu_test.cpp")
-    build = subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-pthread", "-I" + os.path.join(ROOT, "csrc"), src, "-o", exe],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = build_csrc_testing("imq_cuda_emu_test", tmp_path)
     run = subprocess.run([exe, "approx", f"rcp={bias}"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
     assert f"one ulp {bias}" in run.stdout
