@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-from conftest import build_csrc_testing
 
 try:
     importlib.import_module("gmwae_fast._C")
@@ -470,6 +469,8 @@ def test_isa_variants(isa):
 
 def test_cuda_kernels_emulated(tmp_path):
     """csrc/testing/imq_cuda_emu_test.cpp: the CUDA tile/finalize kernels under the SIMT emulator vs float64."""
+    from conftest import build_csrc_testing  # here: the ISA-variant subprocess imports this module without tests/
+
     exe = build_csrc_testing("imq_cuda_emu_test", tmp_path)
     run = subprocess.run([exe, "quick"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
