@@ -36,10 +36,15 @@ def bandwidths_for(d: int, scales: Sequence[float], sigma2: float = 1.0) -> list
     return [2.0 * d * sigma2 * float(s) for s in scales]
 
 
+#: Elements of the ``(rows, m, d)`` difference tensor one chunk of :func:`reference_terms` may hold (128 MiB float64).
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def _sqdist(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise squared distances, float64 expansion (accurate to ~1e-15 relative in float64)."""
-    d2 = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1)[None, :] - 2.0 * (a @ b.T)
-    return d2.clamp_min_(0.0)
+    """Pairwise squared distances from direct differences, ``sum_k (a_ik - b_jk)^2``: no cancellation, so even the
+    distances among far outliers (where ``|a|^2 + |b|^2 - 2 a.b`` loses everything) carry one rounding per term."""
+    diff = a[:, None, :] - b[None, :, :]
+    return (diff * diff).sum(-1)
 
 
 def _chunk_terms(
@@ -78,14 +83,17 @@ def reference_terms(
     group_a: int = 1,
     group_b: int = 1,
     exclude_same_group: bool = False,
-    chunk: int = 1024,
+    chunk: Optional[int] = None,
 ) -> Tensor:
     """``(S,)`` sums ``sum_{i,j} wa_i wb_j C_s / (C_s + |a_i - b_j|^2)`` in float64, evaluated in row chunks.
 
     With ``exclude_same_group`` the pairs with ``i // group_a == j // group_b`` are left out (the unbiased self
-    term when ``b is a``). Differentiable in every tensor argument; memory ``O(chunk * m)`` in both passes.
+    term when ``b is a``). Differentiable in every tensor argument; memory ``O(chunk * m * d)`` in both passes
+    (``chunk`` default: as many rows as keep the chunk's differences within 2^24 elements).
     """
     a, wa, b, wb, bw = (t.to(torch.float64) for t in (a, wa, b, wb, bw))
+    if chunk is None:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b.shape[0] * a.shape[1]))
     total = a.new_zeros(bw.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, wa, b, wb, bw))
     for r0 in range(0, a.shape[0], chunk):

@@ -409,6 +409,20 @@ def _check_case(case, backend):
         assert err <= gtol * (float(b.abs().max()) + part[kind]), (kind, err, a, b)
 
 
+_FAR_OUTLIER_F64 = dict(
+    d=2, kx=2, bx=4, my=2, unbiased=False, dtype=torch.float64, weighted="none", spread=30.0, outlier=1000.0,
+    concentrated=False, seed=0, scales=PAPER_SCALES,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_far_outlier_float64_example(backend):
+    """Found by the property test below: the reference's expanded distances |a|^2 + |b|^2 - 2 a.b lost 2e-7 on the
+    outlier's own pair (|a|^2 ~ 1e9), a 1.5e-7 relative error of MMD² in float64; direct differences are exact."""
+    _skip(backend)
+    _check_case(_FAR_OUTLIER_F64, backend)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=mmd_cases(max_points=30))
