@@ -285,3 +285,19 @@ def test_report_writes_json_markdown_and_png(tmp_path):
         assert text in md, text
     assert report.main([str(raw), "--out", str(tmp_path / "r2"), "--slug", "mine"]) == 0
     assert (tmp_path / "r2" / "mine.md").exists()
+
+
+def test_every_target_is_a_key_config_that_the_gpu_check_measures():
+    """A target on a configuration nobody benchmarks would only ever read "not run"."""
+    import re
+
+    for device, targets in report.TARGETS.items():
+        for desc, cfg, *_ in targets:
+            assert cfg in report.KEY_CONFIGS[device], (device, desc)
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = open(os.path.join(here, "..", "scripts", "gpu_check.sh")).read()
+    ns = [int(v) for v in re.search(r"--bench-n ([0-9,]+)", script).group(1).split(",")]
+    ds = [int(v) for v in re.search(r"--bench-d ([0-9,]+)", script).group(1).split(",")]
+    excluded = re.findall(r"not (n\d+-d\d+)", script)
+    for desc, (n, d, mode, dtype), *_ in report.TARGETS["cuda"]:
+        assert n in ns and d in ds and f"n{n}-d{d}" not in excluded and mode == "fwd+bwd", desc
