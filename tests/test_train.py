@@ -245,6 +245,24 @@ def test_invalid_options_are_argparse_errors(bad, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_main_sh_trainer_command_is_valid():
+    """scripts/main.sh's training command (continued lines joined, shell variables filled in) parses and validates,
+    with the recipe applied, so a renamed or mistyped option fails here rather than on a newcomer's machine."""
+    import shlex
+
+    from gmwae_fast.train.cli import explicit_options
+    from gmwae_fast.train.config import TrainConfig
+
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "main.sh").read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if "-m gmwae_fast.train " in ln]
+    argv = shlex.split(line.replace('"$DATA"', "data").replace('"$@"', ""))
+    argv = argv[argv.index("gmwae_fast.train") + 1 :]
+    cfg = TrainConfig.from_args(build_parser().parse_args(argv), explicit_options(argv))
+    cfg.validate()
+    assert cfg.recipe == "robust" and cfg.consistency > 0 and cfg.balance > 0 and cfg.mode_prune > 0
+    assert cfg.model == "gmwae" and cfg.steps >= 500 and "--seed" in argv  # the continued line was joined
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "none"), "--resume"])
