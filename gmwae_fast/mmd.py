@@ -138,7 +138,7 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
         if not bool((w > 0).any()):
             raise ValueError(f"{name} are all zero; at least one point needs positive mass")
         if unbiased:
-            wg = w.reshape(pts.shape[0], -1).sum(1).double()
+            wg = w.detach().reshape(pts.shape[0], -1).sum(1).double()
             if float(((wg / wg.sum()) ** 2).sum()) >= 1.0:
                 raise ValueError(
                     f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
