@@ -387,9 +387,9 @@ def _check_case(case, backend):
     # Values: relative to the size of the terms MMD² is a difference of (it may be ~0 itself).
     scale = float(
         brute_force(*[t.detach() if t is not None else None for t in refs], bandwidths=bws, unbiased=False).abs().max()
-    ) + float(r.abs().max())
+    ) + float(r.detach().abs().max())
     tol = 2e-5 if f32 else 1e-10
-    assert float((v.double() - r).abs().max()) <= tol * scale, (v, r)
+    assert float((v.detach().double() - r.detach()).abs().max()) <= tol * scale, (v, r)
     # Gradients: MMD² is a difference of terms, and the unbiased self terms are ratios whose denominator
     # 1 - sum_g W_g^2 can be small (concentrated weights); the gradient is then a cancellation of parts of size
     # (per bandwidth, since 0 < k <= 1 and |psi(D)| |a - b| <= 0.65 / sqrt(C)) 2 / den for a weight and
