@@ -583,13 +583,11 @@ REGION_MODEL = (
         r"for \(int s = tid; s < 2 \* S; s \+= kThreads\) \{",
         lambda c: math.ceil(2 * c.bands / 32) / KWARPS,
     ),
-    RegionSpec("L rows (warps 0, 1, 4, 5)", r"if \(line < kBT\)", lambda c: 0.5),
-    RegionSpec("L columns (b_grad)", r"else if \(A\.b_grad\)", lambda c: 0.5 * c.b_grad),
     RegionSpec("G: warps holding a coordinate (tid / 16 < kc)", r"if \(\(tid >> 4\) < kc\)", lambda c: _g_warps(c)),
     RegionSpec("G column side (b_grad)", r"(?<!else )if \(A\.b_grad\)", lambda c: float(c.b_grad)),
     RegionSpec("G slices: one (chunk of <= 16 coordinates)", r"if \(nl <= 1\)", lambda c: _slices(c, 1)),
     RegionSpec("G slices: two (17 .. 32 coordinates)", r"else if \(nl == 2\)", lambda c: _slices(c, 2)),
-    RegionSpec("G slices: all four (33 .. 64 coordinates)", r"else g_side<", lambda c: _slices(c, 3) + _slices(c, 4)),
+    RegionSpec("G slices: all four (33 .. 64 coordinates)", r"else\s+g_side<", lambda c: _slices(c, 3) + _slices(c, 4)),
     RegionSpec("edge tiles: pair masks (partial, diagonal)", r"if \(edge_tile\)", lambda c: _edge_share(c)),
     RegionSpec("chunk reload (d > 64)", r"if \(nchunks > 1\)", lambda c: float(len(_chunks(c.d)) > 1)),
     RegionSpec("first chunk: weights and group indices", r"if \(c == 0\)", lambda c: 1.0 / len(_chunks(c.d))),
@@ -642,6 +640,7 @@ class _Regions:
     def __init__(self, text: str, case: Case):
         self.spans = []
         for spec in REGION_MODEL:
+            _require_match(spec.pattern, text)
             for m in re.finditer(spec.pattern, text):
                 _, first, last = source_region(text, spec.pattern, m.start())
                 self.spans.append((first, last, float(spec.factor(case))))
@@ -657,6 +656,13 @@ class _Regions:
             if not (last == line and line in starts and first != line):
                 f *= fac
         return f
+
+
+def _require_match(pattern: str, text: str) -> None:
+    """Every pattern of the trip and region models must match the kernel source: a pattern that no longer
+    matches (e.g. after reformatting) would silently give its loop or branch body a factor of 1."""
+    if not re.search(pattern, text):
+        raise ValueError(f"kernel source: no statement matches {pattern!r} (the trip model needs updating)")
 
 
 def _phase_of(line: Optional[int], phase_lines: List[Tuple[int, str]]) -> str:
@@ -695,6 +701,7 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
     # Source loops: header line -> (spec, body first line, body last line).
     headers = {}
     for spec in TRIP_MODEL:
+        _require_match(spec.pattern, text)
         for m in re.finditer(spec.pattern, text):
             head, first, last = source_region(text, spec.pattern, m.start())
             headers[head] = (spec, first, last)
@@ -1075,6 +1082,30 @@ def mufu_floor(case: Case, dev: Device) -> float:
     return case.pairs * case.bands / (16 * dev.sms * dev.clock_ghz * 1e9)
 
 
+#: Fewest FP32-pipe thread instructions per pair and bandwidth in the K phase: c_s + x (FADD), the value sum
+#: (FFMA) and, with a gradient, the sum of the gradient weights (FFMA).  The reciprocal itself is one MUFU.
+K_FLOOR_FP32 = {True: 3, False: 2}
+
+
+def contract_floor(case: Case) -> Dict[str, float]:
+    """Fewest thread instructions per pair any CUDA-core kernel needs under the accuracy contract (every
+    difference a_ik - b_jk formed from the inputs, no |a|^2 + |b|^2 - 2ab expansion): per coordinate one FADD
+    for the difference (formed once and kept for the gradient sides) and one FFMA for the distance, one FFMA per
+    gradient side (P_ij times the kept difference: rows, and columns when ``b_grad``); per bandwidth
+    :data:`K_FLOOR_FP32` FP32 and one MUFU.RCP.  Nothing else: no loads, shuffles, index math or reductions."""
+    sides = (1 + int(case.b_grad)) if case.grad else 0
+    fp32 = (2 + sides) * case.d + case.bands * K_FLOOR_FP32[case.grad]
+    return dict(fp32=float(fp32), mufu=float(case.bands), issue=float(fp32 + case.bands))
+
+
+def floor_seconds(n: int, d: int, dev: Device = H100_SXM) -> float:
+    """Seconds of :func:`contract_floor` over the WAE path's three launches with every issue slot of every SM
+    busy (no wave tail): thread instructions / (32 lanes x issue rate x SMs x clock).  The FP32 pipe's rate
+    equals the issue rate on sm_90, so the issue bound is the binding one."""
+    instr = sum(case.pairs * contract_floor(case)["issue"] for case in wae_cases(n, d))
+    return instr / (32 * dict(dev.rates)["issue"] * dev.sms * dev.clock_ghz * 1e9)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
@@ -1389,6 +1420,29 @@ def _render_d64_need(cfg: dict) -> List[str]:
         "products on tensor cores (3xTF32 on centred tiles, the route the issue names), provided that form "
         "keeps the accuracy contract (see 3: the expanded form cancels); not attempted here (the SIMT emulator "
         "cannot run an MMA path, so it could not be checked).",
+        *_render_floor(cfg["n"], cfg["d"], goal[0], t_dg + t_rest),
+    ]
+
+
+def _render_floor(n: int, d: int, goal: float, predicted: float) -> List[str]:
+    """Item 7: the contract's floor on CUDA cores (:func:`floor_seconds`) against the goal and the prediction."""
+    fl = floor_seconds(n, d)
+    per = {c.op: contract_floor(c)["issue"] for c in wae_cases(n, d)}
+    return [
+        f"7. **The accuracy contract's floor on CUDA cores** (n = {n}, d = {d}): even a kernel that issued nothing "
+        "but the arithmetic the contract requires (per coordinate: FADD for the difference, FFMA for the "
+        "distance, one FFMA per gradient side reusing the difference; per bandwidth: 2-3 FP32 and one MUFU; "
+        "`contract_floor`) needs "
+        + " / ".join(f"{v:.0f}" for v in per.values())
+        + f" instructions per pair ({' / '.join(per)}), i.e. **{_ms(fl)} ms** with every issue slot of every SM "
+        f"busy. The goal {_ms(goal)} ms leaves {_ms(max(goal - fl, 0.0))} ms ({max(goal - fl, 0.0) / goal:.0%}) "
+        "for every load, shuffle, index computation, reduction and wave tail, and needs "
+        f"{fl / goal:.0%} of peak issue spent on required arithmetic (the current kernels: "
+        f"{fl / predicted:.0%} by this model). A register-resident difference reuse at d = 64 needs d differences "
+        "and d row accumulators per thread (128 registers before any other state). So on CUDA cores the goal is "
+        "at the floor; the tensor-core route takes D and G off the FP32 pipe and is the realistic one, and it "
+        "needs the contract's no-shift rule replaced by an error bound (e.g. FP64 MMA on centred tiles, with a "
+        "per-pair fallback to direct differences where |a'|^2 + |b'|^2 is too large against the distance).",
     ]
 
 

@@ -175,3 +175,31 @@ def test_trip_model_counts_the_distance_loop_exactly():
         assert sum(lp["execs"] * lp["u"] for lp in k) == 15
         # one reciprocal per pair and bandwidth (plus the per-row 64-bit group divisions of the tile setup)
         assert 15 <= tc.per_pair("mufu") < 15.5
+
+
+def test_contract_floor_counts_the_required_arithmetic():
+    """Per coordinate: the difference (FADD) and the distance (FFMA) once, one FFMA per gradient side; per
+    bandwidth 3 FP32 with a gradient, 2 without, and one reciprocal."""
+    g = sm.bandwidth_scales([2.0 * 64 * s for s in sm.PAPER_SCALES])
+    cross, self_grad, self_values = sm.wae_cases(4096, 64)
+    assert sum(g) == 15 and not cross.b_grad and self_grad.b_grad
+    assert sm.contract_floor(cross) == dict(fp32=3 * 64 + 45, mufu=15, issue=3 * 64 + 60)
+    assert sm.contract_floor(self_grad) == dict(fp32=4 * 64 + 45, mufu=15, issue=4 * 64 + 60)
+    assert sm.contract_floor(self_values) == dict(fp32=2 * 64 + 30, mufu=15, issue=2 * 64 + 45)
+    # n^2 cross pairs + 2 x n(n-1)/2 self pairs at 128 thread instructions per SM and clock.
+    n = 4096
+    instr = n * n * 252 + n * (n - 1) // 2 * (316 + 173)
+    expect = instr / (128 * sm.H100_SXM.sms * sm.H100_SXM.clock_ghz * 1e9)
+    assert sm.floor_seconds(4096, 64) == pytest.approx(expect, rel=1e-12)
+    assert 0.24e-3 < sm.floor_seconds(4096, 64) < 0.3e-3  # the d = 64 goal sits just above the floor
+
+
+def test_every_trip_and_region_pattern_matches_the_kernel_source():
+    """A pattern that stops matching (a reformatted or restructured kernel) would give its loop or branch body a
+    weight of 1 without a word: the model refuses such a source, and this test catches it without nvcc."""
+    with open(os.path.join(sm.CSRC, sm.KERNEL_HEADER)) as f:
+        text = f.read()
+    for spec in sm.TRIP_MODEL + sm.REGION_MODEL:
+        sm._require_match(spec.pattern, text)
+    with pytest.raises(ValueError, match="trip model needs updating"):
+        sm._require_match(r"else g_side<", "if (nl <= 1)\n  g_side<T, 1, true>(P);\nelse\n  g_side<T, NL, true>(P);")
