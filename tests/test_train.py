@@ -588,3 +588,83 @@ def test_profile_step_on_a_checkpoint_with_pruning(tmp_path):
     assert 1 <= res["decoded_modes_per_image"] <= 10
     with pytest.raises(SystemExit):
         profile_step.main(["--mode-prune", "1.5"])
+
+
+# ------------------------------------------------------------------------------------------------ --stop-at, select
+@needs_data
+def test_stop_at_pauses_and_resume_continues_the_same_run(tmp_path):
+    """--stop-at S: evaluation and checkpoint at S, exit 0, no summary; --resume finishes the run exactly as an
+    uninterrupted one (same schedule, same final weights)."""
+    common = ["--steps", "8", "--seed", "5", "--lr-decay-from", "4", *REF]
+    rc, paused = _run(tmp_path, "paused", *common, "--stop-at", "5")
+    assert rc == 0 and not (paused / "summary.json").exists()
+    assert ck.load_checkpoint(paused / "checkpoints" / ck.CKPT_NAME)["step"] == 5
+    evals = [json.loads(x) for x in (paused / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [4, 5]
+    assert main(["--data-dir", str(DATA), "--out", str(paused), *TINY, *common, "--no-figures", "--resume"]) == 0
+    rc, whole = _run(tmp_path, "whole", *common)
+    assert rc == 0
+    a = ck.load_checkpoint(paused / "checkpoints" / ck.CKPT_NAME)
+    b = ck.load_checkpoint(whole / "checkpoints" / ck.CKPT_NAME)
+    assert a["step"] == b["step"] == 8
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    assert json.loads((paused / "summary.json").read_text())["steps"] == 8
+
+
+def _train_rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if json.loads(x)["kind"] == "train"]
+
+
+@needs_data
+def test_select_runs_candidates_picks_the_lowest_consistency_and_continues_it(tmp_path, capsys):
+    from gmwae_fast.train import select
+
+    out = tmp_path / "sel"
+    targv = ["--data-dir", str(DATA), "--out", str(out), *TINY, *REF, "--no-figures"]
+    targv += ["--steps", "10", "--seed", "7", "--consistency", "5", "--balance", "1"]
+    assert select.main(["--candidates", "3", "--select-at", "6", "--score-window", "4", "--", *targv]) == 0
+    sel = json.loads((out / select.SELECTION).read_text())
+    seeds = [r["seed"] for r in sel["candidates"]]
+    assert seeds == [7, 1007, 2007]
+    scores = {}
+    for s in seeds:
+        run = out / "candidates" / f"seed{s}"
+        assert ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)["step"] == 6
+        rows = [r for r in _train_rows(run / "metrics.jsonl") if 2 < r["step"] <= 6]
+        assert [r["step"] for r in rows] == [4, 6]
+        scores[s] = sum(r["consistency"] for r in rows) / 2
+        assert scores[s] == pytest.approx([r["score"] for r in sel["candidates"] if r["seed"] == s][0])
+    assert len(set(scores.values())) == 3  # the seeds really differ
+    assert sel["chosen_seed"] == min(scores, key=scores.get)
+    # The chosen run continued in --out: its first 6 steps are the candidate's, then steps 7..10.
+    chosen = out / "candidates" / f"seed{sel['chosen_seed']}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["config"]["seed"] == sel["chosen_seed"]
+    head = [r for r in _train_rows(out / "metrics.jsonl") if r["step"] <= 6]
+    assert head == _train_rows(chosen / "metrics.jsonl")
+    # Re-running the command trains nothing more.
+    before = (out / "metrics.jsonl").read_text()
+    assert select.main(["--candidates", "3", "--select-at", "6", "--score-window", "4", "--", *targv]) == 0
+    assert (out / "metrics.jsonl").read_text() == before
+    assert "already finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sel_args, extra, msg",
+    [
+        (["--select-at", "4"], [], "--consistency"),
+        (["--select-at", "10"], ["--consistency", "1"], "must lie in"),
+        (["--select-at", "4"], ["--consistency", "1", "--resume"], "not a trainer option"),
+        (["--select-at", "4", "--candidates", "0"], ["--consistency", "1"], "at least 1"),
+    ],
+)
+def test_select_refuses_what_it_cannot_do(tmp_path, capsys, sel_args, extra, msg):
+    from gmwae_fast.train import select
+
+    targv = ["--data-dir", str(DATA), "--out", str(tmp_path / "x"), "--steps", "10", *extra]
+    with pytest.raises(SystemExit) as e:
+        select.main([*sel_args, "--", *targv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        select.main(["--select-at", "4", *targv])  # no "--"

@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, env: Optional[dp.DistEnv], kind: str) -> int:
         return EXIT_DIVERGED
     if interrupted:
         return EXIT_INTERRUPTED
-    if trainer.is_main:
+    if trainer.is_main and not trainer.paused:
         trainer.finish()
     return 0
 

@@ -87,6 +87,7 @@ RESUME_MAY_CHANGE = (
     "steps",
     "lr_decay_from",
     "lr_final",
+    "stop_at",
     "log_every",
     "eval_every",
     "ckpt_every",
@@ -181,6 +182,14 @@ class TrainConfig:
         metavar="STEP",
     )
     lr_final: float = _opt(0.0, "learning rate at --steps with --lr-decay-from", parse=_nonneg_float)
+    stop_at: Optional[int] = _opt(
+        None,
+        "pause after this step (evaluation and checkpoint written, exit 0, no final summary); --resume with a "
+        "later --stop-at or none continues the same run, schedule unchanged (runs in slices; "
+        "python -m gmwae_fast.train.select)",
+        parse=_positive_int,
+        metavar="STEP",
+    )
     lam: float = _opt(500.0, "MMD weight (GM-WAE)", parse=_nonneg_float)
     recon_scale: float = _opt(
         1.0,

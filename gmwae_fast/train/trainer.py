@@ -446,7 +446,7 @@ class Trainer:
         self.model.train()
         try:
             with _Stop() as stop:
-                while self.step_count < self.cfg.steps:
+                while self.step_count < self.end_step:
                     loss, res, lr = self.step()
                     stop.requested = self._stop_requested(stop.requested)
                     self._after_step(res, lr, loss, prog, stop.requested)
@@ -456,12 +456,29 @@ class Trainer:
             if prog:
                 prog.close()
         self.wall = self._wall_now()
+        if self.paused and not stop.requested:
+            print(
+                f"paused at step {self.step_count} (--stop-at); checkpoint saved to {self.ckpt_path} "
+                f"(continue with --resume)",
+                file=sys.stderr,
+            )
         if stop.requested:
             print(
                 f"interrupted at step {self.step_count}; checkpoint saved to {self.ckpt_path} (continue with --resume)",
                 file=sys.stderr,
             )
         return stop.requested
+
+    @property
+    def end_step(self) -> int:
+        """The last step of this invocation: --steps, or --stop-at when that comes first."""
+        c = self.cfg
+        return c.steps if c.stop_at is None else min(c.steps, c.stop_at)
+
+    @property
+    def paused(self) -> bool:
+        """Whether the run stopped at --stop-at before --steps (no final summary; --resume continues it)."""
+        return self.step_count < self.cfg.steps and self.step_count >= self.end_step
 
     def _wall_now(self) -> float:
         return self.wall_prev + time.perf_counter() - self._t0
@@ -479,7 +496,7 @@ class Trainer:
         """The finiteness check before an evaluation or a checkpoint; then rank 0's train log, evaluation,
         progress line and checkpoint."""
         c, step = self.cfg, self.step_count
-        last = step == c.steps
+        last = step == self.end_step
         due_eval = step % c.eval_every == 0 or last
         due_ckpt = step % c.ckpt_every == 0 or last or stopping
         if due_eval or due_ckpt:
