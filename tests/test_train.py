@@ -657,6 +657,7 @@ def test_select_runs_candidates_picks_the_lowest_consistency_and_continues_it(tm
         (["--select-at", "10"], ["--consistency", "1"], "must lie in"),
         (["--select-at", "4"], ["--consistency", "1", "--resume"], "not a trainer option"),
         (["--select-at", "4", "--candidates", "0"], ["--consistency", "1"], "at least 1"),
+        (["--select-at", "4", "--score-window", "5"], ["--consistency", "1", "--log-every", "10"], "--log-every"),
     ],
 )
 def test_select_refuses_what_it_cannot_do(tmp_path, capsys, sel_args, extra, msg):
@@ -668,3 +669,21 @@ def test_select_refuses_what_it_cannot_do(tmp_path, capsys, sel_args, extra, msg
     assert e.value.code == 2 and msg in capsys.readouterr().err
     with pytest.raises(SystemExit):
         select.main(["--select-at", "4", *targv])  # no "--"
+
+
+@needs_data
+def test_select_reports_a_candidate_without_a_score(tmp_path, capsys):
+    """A candidate folder whose train log has no entries in the window is one error line (exit 2), not a
+    traceback and not a silent choice."""
+    from gmwae_fast.train import select
+
+    out = tmp_path / "sel"
+    targv = ["--data-dir", str(DATA), "--out", str(out), *TINY, *REF, "--no-figures", "--steps", "10"]
+    targv += ["--seed", "7", "--consistency", "1"]
+    cand = out / "candidates" / "seed7"
+    assert main([*targv, "--out", str(cand), "--stop-at", "6"]) == 0
+    m = cand / "metrics.jsonl"
+    m.write_text("".join(x + "\n" for x in m.read_text().splitlines() if json.loads(x)["kind"] != "train"))
+    assert select.main(["--candidates", "1", "--select-at", "6", "--score-window", "4", "--", *targv]) == 2
+    assert "no train-log entries" in capsys.readouterr().err
+    assert not (out / select.SELECTION).exists()

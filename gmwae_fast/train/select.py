@@ -166,12 +166,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--select-at ({args.select_at}) must lie in (0, --steps = {cfg.steps})")
     if cfg.out is None:
         parser.error("give the trainer --out (the chosen run continues there)")
+    if cfg.log_every > args.score_window:
+        parser.error(f"--log-every ({cfg.log_every}) must not exceed --score-window ({args.score_window})")
     if not (cfg.out_dir / SELECTION).is_file():
         try:
             _choose(cfg, args, targv)
         except CandidateFailed as e:
             print(f"select: {e}; re-run the same command to continue", file=sys.stderr)
             return e.rc
+        except ValueError as e:  # a candidate folder without train-log entries in the window
+            print(f"error: select: {e}", file=sys.stderr)
+            return 2
     sel = json.loads((cfg.out_dir / SELECTION).read_text())
     print(
         "select: "
