@@ -616,27 +616,66 @@ def _train_rows(path):
     return [json.loads(x) for x in path.read_text().splitlines() if json.loads(x)["kind"] == "train"]
 
 
+def build_config(argv):
+    from gmwae_fast.train.cli import _parse
+
+    return _parse(argv)
+
+
+def _mutual_information(st, x):
+    """I(x; k) of a checkpoint's q_D on x, in numpy (independent of metrics.mode_mutual_information)."""
+    from gmwae_fast.train.config import prior_and_model
+
+    _, model = prior_and_model(st["config"])
+    model.load_state_dict(st["model"])
+    model.eval()
+    with torch.no_grad():
+        p = model.encoder.q_d_logits(x).softmax(-1).double().numpy()
+    pbar = p.mean(0)
+    h_cond = -np.mean(np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1))
+    return float(-np.sum(pbar[pbar > 0] * np.log(pbar[pbar > 0])) - h_cond)
+
+
+def test_mode_mutual_information_extremes():
+    from gmwae_fast.train.metrics import mode_mutual_information
+
+    K = 10
+    one_hot = np.eye(K)[np.arange(200) % K]
+    assert mode_mutual_information(one_hot) == pytest.approx(math.log(K))  # confident and even: log K
+    assert mode_mutual_information(np.full((50, K), 1.0 / K)) == pytest.approx(0.0, abs=1e-12)  # no information
+    assert mode_mutual_information(np.eye(K)[np.zeros(30, dtype=int)]) == pytest.approx(0.0, abs=1e-12)  # one mode
+    half = np.eye(K)[np.arange(100) % 2]  # confident, two modes used evenly
+    assert mode_mutual_information(half) == pytest.approx(math.log(2))
+
+
 @needs_data
-def test_select_runs_candidates_picks_the_lowest_consistency_and_continues_it(tmp_path, capsys):
+@pytest.mark.parametrize("score", ["mi", "consistency"])
+def test_select_runs_candidates_picks_the_best_score_and_continues_it(tmp_path, capsys, score):
     from gmwae_fast.train import select
 
     out = tmp_path / "sel"
     targv = ["--data-dir", str(DATA), "--out", str(out), *TINY, *REF, "--no-figures"]
     targv += ["--steps", "10", "--seed", "7", "--consistency", "5", "--balance", "1"]
-    assert select.main(["--candidates", "3", "--select-at", "6", "--score-window", "4", "--", *targv]) == 0
+    args = ["--candidates", "3", "--select-at", "6", "--score", score, "--score-window", "4", "--", *targv]
+    assert select.main(args) == 0
     sel = json.loads((out / select.SELECTION).read_text())
     seeds = [r["seed"] for r in sel["candidates"]]
-    assert seeds == [7, 1007, 2007]
+    assert seeds == [7, 1007, 2007] and sel["score"] == score
+    x = select.score_images(build_config(targv))
+    assert x.shape == (select.SCORE_IMAGES, 1, 28, 28)
     scores = {}
     for s in seeds:
         run = out / "candidates" / f"seed{s}"
-        assert ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)["step"] == 6
+        st = ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)
+        assert st["step"] == 6
         rows = [r for r in _train_rows(run / "metrics.jsonl") if 2 < r["step"] <= 6]
         assert [r["step"] for r in rows] == [4, 6]
-        scores[s] = sum(r["consistency"] for r in rows) / 2
-        assert scores[s] == pytest.approx([r["score"] for r in sel["candidates"] if r["seed"] == s][0])
+        got = [r for r in sel["candidates"] if r["seed"] == s][0]
+        assert got["scores"]["consistency"] == pytest.approx(sum(r["consistency"] for r in rows) / 2)
+        assert got["scores"]["mi"] == pytest.approx(_mutual_information(st, x), rel=1e-6)
+        scores[s] = got["scores"][score]
     assert len(set(scores.values())) == 3  # the seeds really differ
-    assert sel["chosen_seed"] == min(scores, key=scores.get)
+    assert sel["chosen_seed"] == (max if score == "mi" else min)(scores, key=scores.get)
     # The chosen run continued in --out: its first 6 steps are the candidate's, then steps 7..10.
     chosen = out / "candidates" / f"seed{sel['chosen_seed']}"
     summary = json.loads((out / "summary.json").read_text())
@@ -645,7 +684,7 @@ def test_select_runs_candidates_picks_the_lowest_consistency_and_continues_it(tm
     assert head == _train_rows(chosen / "metrics.jsonl")
     # Re-running the command trains nothing more.
     before = (out / "metrics.jsonl").read_text()
-    assert select.main(["--candidates", "3", "--select-at", "6", "--score-window", "4", "--", *targv]) == 0
+    assert select.main(args) == 0
     assert (out / "metrics.jsonl").read_text() == before
     assert "already finished" in capsys.readouterr().err
 
@@ -653,11 +692,15 @@ def test_select_runs_candidates_picks_the_lowest_consistency_and_continues_it(tm
 @pytest.mark.parametrize(
     "sel_args, extra, msg",
     [
-        (["--select-at", "4"], [], "--consistency"),
+        (["--select-at", "4", "--score", "consistency"], [], "--consistency"),
         (["--select-at", "10"], ["--consistency", "1"], "must lie in"),
         (["--select-at", "4"], ["--consistency", "1", "--resume"], "not a trainer option"),
         (["--select-at", "4", "--candidates", "0"], ["--consistency", "1"], "at least 1"),
-        (["--select-at", "4", "--score-window", "5"], ["--consistency", "1", "--log-every", "10"], "--log-every"),
+        (
+            ["--select-at", "4", "--score", "consistency", "--score-window", "5"],
+            ["--consistency", "1", "--log-every", "10"],
+            "--log-every",
+        ),
     ],
 )
 def test_select_refuses_what_it_cannot_do(tmp_path, capsys, sel_args, extra, msg):
@@ -684,6 +727,7 @@ def test_select_reports_a_candidate_without_a_score(tmp_path, capsys):
     assert main([*targv, "--out", str(cand), "--stop-at", "6"]) == 0
     m = cand / "metrics.jsonl"
     m.write_text("".join(x + "\n" for x in m.read_text().splitlines() if json.loads(x)["kind"] != "train"))
-    assert select.main(["--candidates", "1", "--select-at", "6", "--score-window", "4", "--", *targv]) == 2
+    args = ["--candidates", "1", "--select-at", "6", "--score", "consistency", "--score-window", "4"]
+    assert select.main([*args, "--", *targv]) == 2
     assert "no train-log entries" in capsys.readouterr().err
     assert not (out / select.SELECTION).exists()

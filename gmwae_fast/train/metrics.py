@@ -75,6 +75,18 @@ def usage_kl(probs) -> float:
     return float((u[nz] * np.log(len(u) * u[nz])).sum())
 
 
+def mode_mutual_information(probs) -> float:
+    """I(x; k) = H(mean_x q_D(.|x)) - mean_x H(q_D(.|x)) in nats for ``probs`` (N, K) = q_D(k|x): high when every
+    image sits confidently in one mode and the modes are used evenly (at most log K); no labels. The clustering
+    objective of IIC (Ji et al., 2019), here a label-free score of a trained model (``gmwae_fast.train.select``)."""
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float64).clamp_min(0)
+    p = p / p.sum(1, keepdim=True)
+    xlogx = lambda t: torch.where(t > 0, t * t.clamp_min(1e-300).log(), torch.zeros_like(t))  # noqa: E731
+    h_mean = -xlogx(p.mean(0)).sum()
+    mean_h = -xlogx(p).sum(1).mean()
+    return float(h_mean - mean_h)
+
+
 @torch.no_grad()
 def encode_all(model, x: torch.Tensor, batch: int = 1000):
     """(mu, sigma, pi) of the whole set, in eval mode, in chunks."""

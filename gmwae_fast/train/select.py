@@ -6,10 +6,15 @@
 Deep clustering settles its partition early (docs/results.md: a merged pair of digits formed in the first
 thousand steps is kept for the rest of the run), so a run's seed decides much of its accuracy. This driver runs
 K candidates of one trainer configuration, seeds ``SEED + 1000 i`` (i = 0 .. K-1), each to step ``--select-at``
-(the trainer's ``--stop-at``: same schedule as the full run), scores each by the mean of its augmentation-
-consistency term ``KL(q_D(.|x) || q_D(.|warp(x)))`` over its train-log entries in steps ``(S - W, S]`` (lower is
-better: a partition that follows the digits maps the warped views of an image to its mode; no labels are read),
-and continues the best one to ``--steps`` in ``--out``. It needs ``--consistency > 0`` (``--recipe robust``).
+(the trainer's ``--stop-at``: same schedule as the full run), scores each without labels and continues the best
+one to ``--steps`` in ``--out``. Scores (``--score``):
+
+* ``mi`` (default): the mutual information ``I(x; k) = H(mean q_D) - mean H(q_D)`` of the candidate's checkpoint at
+  step S, in eval mode, on 5000 training images fixed for all candidates (``metrics.mode_mutual_information``);
+  higher is better: confident, evenly used modes.
+* ``consistency``: the mean of the augmentation-consistency term ``KL(q_D(.|x) || q_D(.|warp(x)))`` of the train
+  log over steps ``(S - W, S]``; lower is better; needs ``--consistency > 0``. (docs/results.md: it chose the worse
+  candidate in two of three groups where the mutual information chose the better one.)
 
 Outputs: ``<out>/candidates/seed<s>/`` (each candidate's run folder, paused at ``S``), ``<out>/selection.json``
 (the rule, every candidate's score, evaluation at ``S`` and wall time, the choice), and the chosen run continued
@@ -27,12 +32,21 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
 from . import checkpoint as ck
 from .cli import _parse
 from .cli import main as train_main
-from .config import TrainConfig
+from .config import TrainConfig, prior_and_model
+from .data import load_mnist, subset
+from .metrics import mode_mutual_information
 
 SEED_STRIDE = 1000
+RULES = {
+    "mi": "highest mutual information I(x; k) of q_D at the checkpoint of step {s} (eval mode, 5000 fixed training "
+    "images); labels unused",
+    "consistency": "lowest mean consistency term over train-log steps ({lo}, {s}]; labels unused",
+}
 SELECTION = "selection.json"
 
 
@@ -40,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gmwae_fast.train.select",
         description=(__doc__ or "").split("\n\n")[0],
-        usage="%(prog)s [--candidates K] --select-at S [--score-window W] -- TRAINER_OPTIONS",
+        usage="%(prog)s [--candidates K] --select-at S [--score mi|consistency] [--score-window W] -- TRAINER_OPTIONS",
     )
     p.add_argument("--candidates", type=int, default=3, help="number of starts K (>= 1)")
     p.add_argument("--select-at", type=int, required=True, help="step S at which the candidates are compared")
+    p.add_argument("--score", choices=sorted(RULES), default="mi", help="the label-free score (module docstring)")
     p.add_argument(
-        "--score-window", type=int, default=500, help="W: the score averages the train log over steps (S - W, S]"
+        "--score-window", type=int, default=500, help="W: --score consistency averages the train log over (S - W, S]"
     )
     return p
 
@@ -69,6 +84,27 @@ def consistency_score(metrics: Path, select_at: int, window: int) -> float:
             f"{metrics}: no train-log entries with a consistency term in steps ({select_at - window}, {select_at}]"
         )
     return sum(vals) / len(vals)
+
+
+SCORE_IMAGES = 5000
+
+
+def score_images(cfg: TrainConfig) -> torch.Tensor:
+    """The unlabelled images every candidate is scored on: a fixed draw of 5000 training images (the same for
+    every candidate, whatever its seed or --train-subset)."""
+    x, y, _, _ = load_mnist(cfg.data_dir, download=not cfg.no_download)
+    return subset(x, y, SCORE_IMAGES, 0)[0]
+
+
+def mi_score(run: Path, x: torch.Tensor) -> float:
+    """:func:`.metrics.mode_mutual_information` of q_D of the model in ``run``'s checkpoint on ``x``, eval mode."""
+    st = ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)
+    _, model = prior_and_model(st["config"])
+    model.load_state_dict(st["model"])
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([model.encoder.q_d_logits(x[i : i + 1000]).softmax(-1) for i in range(0, len(x), 1000)])
+    return mode_mutual_information(probs)
 
 
 def _eval_at(metrics: Path, step: int) -> Optional[Dict]:
@@ -112,20 +148,29 @@ def _choose(cfg: TrainConfig, args: argparse.Namespace, argv: List[str]) -> Dict
         rc = _run_candidate(argv, s, run, args.select_at)
         if rc != 0:
             raise CandidateFailed(s, rc)
+    x = score_images(cfg)
+    for s in candidate_seeds(cfg.seed, args.candidates):
+        run = cfg.out_dir / "candidates" / f"seed{s}"
         ev = _eval_at(run / "metrics.jsonl", args.select_at) or {}
+        st = ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)
+        scores = {"mi": mi_score(run, x)}
+        if cfg.consistency:
+            scores["consistency"] = consistency_score(run / "metrics.jsonl", args.select_at, args.score_window)
         rows.append(
             dict(
                 seed=s,
                 run=str(run),
-                score=consistency_score(run / "metrics.jsonl", args.select_at, args.score_window),
+                checkpoint_step=st["step"],
+                score=scores[args.score],
+                scores=scores,
                 eval_at_select={k: ev.get(k) for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2")},
-                wall_s=ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME).get("wall_s"),
+                wall_s=st.get("wall_s"),
             )
         )
-    best = min(rows, key=lambda r: r["score"])
+    best = (max if args.score == "mi" else min)(rows, key=lambda r: r["score"])
     sel = dict(
-        rule=f"lowest mean consistency term over train-log steps ({args.select_at - args.score_window}, "
-        f"{args.select_at}]; labels unused",
+        rule=RULES[args.score].format(s=args.select_at, lo=args.select_at - args.score_window),
+        score=args.score,
         select_at=args.select_at,
         score_window=args.score_window,
         candidates=rows,
@@ -160,13 +205,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.candidates < 1 or args.score_window < 1:
         parser.error("--candidates and --score-window must be at least 1")
     cfg = _parse(targv)
-    if not cfg.consistency:
-        parser.error("the score is the consistency term: give the trainer --consistency > 0 (or --recipe robust)")
+    if args.score == "consistency" and not cfg.consistency:
+        parser.error("--score consistency needs the trainer's --consistency > 0 (or --recipe robust)")
     if not 0 < args.select_at < cfg.steps:
         parser.error(f"--select-at ({args.select_at}) must lie in (0, --steps = {cfg.steps})")
     if cfg.out is None:
         parser.error("give the trainer --out (the chosen run continues there)")
-    if cfg.log_every > args.score_window:
+    if args.score == "consistency" and cfg.log_every > args.score_window:
         parser.error(f"--log-every ({cfg.log_every}) must not exceed --score-window ({args.score_window})")
     if not (cfg.out_dir / SELECTION).is_file():
         try:
