@@ -686,7 +686,8 @@ def test_select_runs_candidates_picks_the_best_score_and_continues_it(tmp_path, 
     before = (out / "metrics.jsonl").read_text()
     assert select.main(args) == 0
     assert (out / "metrics.jsonl").read_text() == before
-    assert "already finished" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already finished" in err and f"select ({score}): seed 7 " in err
 
 
 @pytest.mark.parametrize(

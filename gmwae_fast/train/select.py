@@ -224,8 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     sel = json.loads((cfg.out_dir / SELECTION).read_text())
     print(
-        "select: "
-        + ", ".join(f"seed {r['seed']} score {r['score']:.4f}" for r in sel["candidates"])
+        f"select ({sel['score']}): "
+        + ", ".join(f"seed {r['seed']} {r['score']:.4f}" for r in sel["candidates"])
         + f" -> continuing seed {sel['chosen_seed']} in {cfg.out_dir}",
         file=sys.stderr,
     )
