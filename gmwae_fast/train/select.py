@@ -39,7 +39,7 @@ from .cli import _parse
 from .cli import main as train_main
 from .config import TrainConfig, prior_and_model
 from .data import load_mnist, subset
-from .metrics import mode_mutual_information
+from .metrics import encode_all, mode_mutual_information
 
 SEED_STRIDE = 1000
 RULES = {
@@ -96,15 +96,13 @@ def score_images(cfg: TrainConfig) -> torch.Tensor:
     return subset(x, y, SCORE_IMAGES, 0)[0]
 
 
-def mi_score(run: Path, x: torch.Tensor) -> float:
-    """:func:`.metrics.mode_mutual_information` of q_D of the model in ``run``'s checkpoint on ``x``, eval mode."""
-    st = ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)
+def mi_score(st: Dict, x: torch.Tensor) -> float:
+    """:func:`.metrics.mode_mutual_information` of q_D of the model in the loaded checkpoint ``st`` on ``x``, eval
+    mode."""
     _, model = prior_and_model(st["config"])
     model.load_state_dict(st["model"])
     model.eval()
-    with torch.no_grad():
-        probs = torch.cat([model.encoder.q_d_logits(x[i : i + 1000]).softmax(-1) for i in range(0, len(x), 1000)])
-    return mode_mutual_information(probs)
+    return mode_mutual_information(encode_all(model, x)[2])
 
 
 def _eval_at(metrics: Path, step: int) -> Optional[Dict]:
@@ -153,7 +151,7 @@ def _choose(cfg: TrainConfig, args: argparse.Namespace, argv: List[str]) -> Dict
         run = cfg.out_dir / "candidates" / f"seed{s}"
         ev = _eval_at(run / "metrics.jsonl", args.select_at) or {}
         st = ck.load_checkpoint(run / "checkpoints" / ck.CKPT_NAME)
-        scores = {"mi": mi_score(run, x)}
+        scores = {"mi": mi_score(st, x)}
         if cfg.consistency:
             scores["consistency"] = consistency_score(run / "metrics.jsonl", args.select_at, args.score_window)
         rows.append(
