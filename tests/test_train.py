@@ -236,6 +236,8 @@ def _run(tmp_path, name, *extra, figures=False):
         ["--aug-scale", "1"],
         ["--aug-rotate", "nan"],
         ["--balance", "-2"],
+        ["--ema", "1"],
+        ["--ema", "-0.5"],
     ],
 )
 def test_invalid_options_are_argparse_errors(bad, capsys):
@@ -732,3 +734,109 @@ def test_select_reports_a_candidate_without_a_score(tmp_path, capsys):
     assert select.main([*args, "--", *targv]) == 2
     assert "no train-log entries" in capsys.readouterr().err
     assert not (out / select.SELECTION).exists()
+
+
+# ------------------------------------------------------------------------------------------------ --ema
+def test_weight_average_matches_the_formula():
+    """a <- d a + (1 - d) w with d = min(DECAY, (1 + n) / (10 + n)); batch norm's running statistics averaged,
+    its update counter copied; the average is a separate eval-mode copy without gradients."""
+    from gmwae_fast.train.ema import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    avg = WeightAverage(net, 0.95)
+    assert not avg.model.training and not any(p.requires_grad for p in avg.model.parameters())
+    ref = {k: v.detach().double().clone() for k, v in net.state_dict().items()}
+    for n in range(40):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(5, 3))  # moves the running statistics
+        avg.update(net)
+        d = min(0.95, (1 + n) / (10 + n))
+        for k, v in net.state_dict().items():
+            ref[k] = v.double().clone() if not v.is_floating_point() else d * ref[k] + (1 - d) * v.double()
+    assert avg.updates == 40
+    got = avg.model.state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
+    assert int(got["1.num_batches_tracked"]) == 40
+    assert not torch.allclose(got["0.weight"], net.state_dict()["0.weight"])  # it lags the weights
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        WeightAverage(net, 1.0)
+
+
+def _eval_rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if json.loads(x)["kind"] == "eval"]
+
+
+@needs_data
+def test_ema_leaves_training_unchanged_and_is_what_the_run_evaluates(tmp_path):
+    """A run with --ema takes exactly the steps of the run without it (same trained weights, same raw metrics);
+    its eval records and summary are the average's, recomputed here from the checkpoint; select and --init-from
+    read the average."""
+    from gmwae_fast.train import select
+    from gmwae_fast.train.config import prior_and_model
+    from gmwae_fast.train.data import subset
+    from gmwae_fast.train.ema import delivered_weights
+    from gmwae_fast.train.metrics import evaluate
+
+    common = ["--steps", "9", "--seed", "4", *REF]
+    rc, plain = _run(tmp_path, "plain", *common)
+    assert rc == 0
+    rc, avg = _run(tmp_path, "avg", *common, "--ema", "0.8")
+    assert rc == 0
+    a, b = _final_state(plain), _final_state(avg)
+    assert "ema" not in a and b["ema"]["updates"] == 9 and b["ema"]["decay"] == 0.8
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    assert any(not torch.equal(b["ema"]["model"][k], v) for k, v in a["model"].items() if v.is_floating_point())
+    ra, rb = _eval_rows(plain), _eval_rows(avg)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [4, 8, 9]
+    for x, y in zip(ra, rb):
+        for k in ("test_accuracy", "active_modes", "usage_kl", "recon_l2"):
+            assert y["raw_" + k] == x[k], k
+    # the recorded metrics are the average's
+    prior, model = prior_and_model(b["config"])
+    model.load_state_dict(delivered_weights(b))
+    x_te, y_te = subset(*load_mnist(DATA)[2:], int(TINY[TINY.index("--test-subset") + 1]), 0)
+    n_recon = int(TINY[TINY.index("--eval-recon") + 1])
+    m = evaluate(model, x_te, y_te, prior, reparam_backend="reference", n_recon=n_recon, seed=4 + 1234)
+    summary = json.loads((avg / "summary.json").read_text())
+    assert summary["test_accuracy"] == rb[-1]["test_accuracy"] == m["test_accuracy"]
+    assert summary["recon_l2"] == pytest.approx(m["recon_l2"], rel=1e-6)
+    assert summary["raw_test_accuracy"] == ra[-1]["test_accuracy"]
+    x = torch.rand(16, 1, 28, 28)
+    assert select.mi_score(b, x) == pytest.approx(_mutual_information({**b, "model": b["ema"]["model"]}, x), rel=1e-6)
+
+
+@needs_data
+def test_ema_may_start_or_change_on_resume(tmp_path):
+    """--ema added on --resume starts the average from the resumed weights (a resume record says so); stopping
+    and resuming a run with --ema gives the uninterrupted run's average bit for bit."""
+    common = ["--steps", "8", "--seed", "6", "--ckpt-every", "2", *REF]
+    rc, late = _run(tmp_path, "late", *common, "--stop-at", "5")
+    assert rc == 0 and "ema" not in _final_state(late)
+    assert (
+        main(["--data-dir", str(DATA), "--out", str(late), *TINY, *common, "--no-figures", "--resume", "--ema", "0.5"])
+        == 0
+    )
+    st = _final_state(late)
+    assert st["ema"]["updates"] == 3
+    resume = [json.loads(x) for x in (late / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
+    assert resume[-1]["config_changes"]["ema"] == [0.0, 0.5]
+    rc, whole = _run(tmp_path, "whole", *common, "--ema", "0.5")
+    assert rc == 0
+    rc, parts = _run(tmp_path, "parts", *common, "--ema", "0.5", "--stop-at", "3")
+    assert rc == 0 and _final_state(parts)["ema"]["updates"] == 3
+    assert (
+        main(["--data-dir", str(DATA), "--out", str(parts), *TINY, *common, "--no-figures", "--resume", "--ema", "0.5"])
+        == 0
+    )
+    a, b = _final_state(whole), _final_state(parts)
+    for k, v in a["ema"]["model"].items():
+        assert torch.equal(b["ema"]["model"][k], v), k
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 8
+    assert _eval_rows(whole) == [r for r in _eval_rows(parts) if r["step"] != 3]  # --stop-at adds step 3's
+    for k, v in a["model"].items():  # the run that added --ema late trained exactly as the others
+        assert torch.equal(st["model"][k], v), k

@@ -82,11 +82,12 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     },
 }
 #: Options that may differ from the checkpoint's on --resume (they do not change what the run computes, or
-#: change only its length and the end of its learning-rate schedule).
+#: change only its length and the end of its learning-rate schedule; --ema changes only what is evaluated).
 RESUME_MAY_CHANGE = (
     "steps",
     "lr_decay_from",
     "lr_final",
+    "ema",
     "stop_at",
     "log_every",
     "eval_every",
@@ -182,6 +183,13 @@ class TrainConfig:
         metavar="STEP",
     )
     lr_final: float = _opt(0.0, "learning rate at --steps with --lr-decay-from", parse=_nonneg_float)
+    ema: float = _opt(
+        0.0,
+        "evaluate and deliver an exponential moving average of the weights, updated after every step with this "
+        "decay (e.g. 0.999; train/ema.py); training itself is unchanged. 0 = off",
+        parse=_nonneg_float,
+        metavar="DECAY",
+    )
     stop_at: Optional[int] = _opt(
         None,
         "pause after this step (evaluation and checkpoint written, exit 0, no final summary); --resume with a "
@@ -395,6 +403,8 @@ def _problems(c: TrainConfig, world: int, rank: Any) -> Iterator[str]:
         yield f"--lr-decay-from ({c.lr_decay_from}) must be below --steps ({c.steps})"
     if c.lr_final > c.lr:
         yield f"--lr-final ({c.lr_final}) must not exceed --lr ({c.lr})"
+    if c.ema >= 1.0:
+        yield f"--ema ({c.ema}) must be below 1 (0 disables the weight average)"
     yield from _size_problems(c)
     yield from _parallel_problems(c, world, rank)
 

@@ -39,6 +39,7 @@ from .cli import _parse
 from .cli import main as train_main
 from .config import TrainConfig, prior_and_model
 from .data import load_mnist, subset
+from .ema import delivered_weights
 from .metrics import encode_all, mode_mutual_information
 
 SEED_STRIDE = 1000
@@ -97,10 +98,10 @@ def score_images(cfg: TrainConfig) -> torch.Tensor:
 
 
 def mi_score(st: Dict, x: torch.Tensor) -> float:
-    """:func:`.metrics.mode_mutual_information` of q_D of the model in the loaded checkpoint ``st`` on ``x``, eval
-    mode."""
+    """:func:`.metrics.mode_mutual_information` of q_D of the model the loaded checkpoint ``st`` delivers (the
+    weight average with --ema) on ``x``, eval mode."""
     _, model = prior_and_model(st["config"])
-    model.load_state_dict(st["model"])
+    model.load_state_dict(delivered_weights(st))
     model.eval()
     return mode_mutual_information(encode_all(model, x)[2])
 

@@ -44,6 +44,7 @@ from .config import (
     prior_and_model,
 )
 from .data import Batcher, default_data_dir, load_mnist, subset
+from .ema import WeightAverage, delivered_weights
 from .losses import add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, objective, pretrain_loss
 from .metrics import evaluate, kmeans_baseline
 from .progress import make_progress
@@ -59,6 +60,8 @@ _SUMMARY_METRICS = (
     "mode_usage",
     "class_to_mode",
 )
+#: With --ema, the trained (not averaged) weights' metrics recorded beside the average's, as ``raw_<name>``.
+_RAW_METRICS = ("test_accuracy", "active_modes", "usage_kl", "recon_l2")
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,6 +168,7 @@ class Trainer:
         self.shards: Optional[dp.Shards] = None  # this process's rows of each global batch
         self.step_fn: Optional[Callable] = None  # local rows -> loss dict (through DDP when data-parallel)
         self.batch_norm = "batch"  # how batch norm is computed: batch, per-shard, per-rank or sync
+        self.ema: Optional[WeightAverage] = None  # --ema: the weight average (rank 0 only)
         self._t0 = 0.0  # perf_counter at the start of train()
 
     @property
@@ -197,6 +201,8 @@ class Trainer:
         else:
             self.restore(*saved)
         self._parallelise()
+        if self.is_main and self.cfg.ema:
+            self._start_average(saved[0] if saved else None)
 
     def _on_main(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on rank 0 only (its result there, None elsewhere); an error it raises there is raised on every
@@ -301,7 +307,7 @@ class Trainer:
                 arch = arch_differences(st["config"], c.to_dict())
                 if arch:
                     raise RunError(f"--init-from {c.init_from}: its networks have other sizes: {'; '.join(arch)}")
-            self._load_weights(st["model"] if "model" in st else st, f"--init-from {c.init_from}")
+            self._load_weights(delivered_weights(st) if "model" in st else st, f"--init-from {c.init_from}")
         elif c.pretrain_steps:
             self._pretrain()
 
@@ -377,6 +383,20 @@ class Trainer:
             )
         print(f"resumed from {self.ckpt_path} at step {self.step_count}", file=sys.stderr)
 
+    def _start_average(self, st: Optional[Dict]) -> None:
+        """--ema: the weight average, restored from the checkpoint ``st`` when it has one, else started from the
+        current weights."""
+        self.ema = WeightAverage(self.model, self.cfg.ema)
+        if st is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        elif st is not None:
+            print(f"the weight average (--ema {self.cfg.ema:g}) starts at step {self.step_count}", file=sys.stderr)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The model the run evaluates and delivers: the weight average with --ema, else the trained weights."""
+        return self.model if self.ema is None else self.ema.model
+
     # ---------------------------------------------------------------------------------------------- the loss
     def _parallelise(self) -> None:
         """The shards of every batch this process computes and the step function (DDP on several ranks)."""
@@ -436,6 +456,8 @@ class Trainer:
         if c.debug_nan_weight_at_step == self.step_count:
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("nan"))
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss, res, lr
 
     def train(self) -> bool:
@@ -530,19 +552,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> Dict:
-        """Evaluates the model on the held-out set now (an ``eval`` record); the metrics, also ``last_eval``."""
-        c = self.cfg
-        x_te, y_te = self.data[2], self.data[3]
-        metrics = evaluate(
-            self.model,
-            x_te,
-            y_te,
-            self.prior,
-            backend=c.mmd_backend,
-            reparam_backend=c.reparam_backend,
-            n_recon=c.eval_recon,
-            seed=c.seed + 1234,
-        )
+        """Evaluates the delivered model on the held-out set now (an ``eval`` record; with --ema also the trained
+        weights' ``raw_*`` metrics); the metrics, also ``last_eval``."""
+        metrics = self._metrics(self.eval_model)
+        if self.ema is not None:
+            metrics.update({f"raw_{k}": v for k, v in self._metrics(self.model).items() if k in _RAW_METRICS})
         self.last_eval = dict(metrics, step=self.step_count)
         append_jsonl(
             self.metrics_path,
@@ -555,10 +569,18 @@ class Trainer:
         )
         return self.last_eval
 
+    def _metrics(self, model: torch.nn.Module) -> Dict:
+        c = self.cfg
+        x_te, y_te = self.data[2], self.data[3]
+        kw = dict(backend=c.mmd_backend, reparam_backend=c.reparam_backend, n_recon=c.eval_recon, seed=c.seed + 1234)
+        return evaluate(model, x_te, y_te, self.prior, **kw)
+
     # ---------------------------------------------------------------------------------------------- checkpoints
     def _require_finite(self) -> None:
-        """TrainingDiverged when a parameter, buffer or Adam moment holds a NaN or an infinity."""
+        """TrainingDiverged when a parameter, buffer, Adam moment or averaged weight holds a NaN or an infinity."""
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.model.state_dict()
         bad = next(ck.nonfinite_entries(state), None)
         if bad is not None:
             raise TrainingDiverged(f"non-finite values in {bad} after step {self.step_count}", self.step_count)
@@ -577,6 +599,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.world,
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         try:
             ck.atomic_save(state, self.ckpt_path)
         except OSError as e:
@@ -624,7 +648,7 @@ class Trainer:
         if not c.no_figures:
             from .figures import make_all_figures
 
-            args = (self.model, self.prior, x_te, y_te, self.last_eval, self.metrics_path, fig_dir, c)
+            args = (self.eval_model, self.prior, x_te, y_te, self.last_eval, self.metrics_path, fig_dir, c)
             make_all_figures(*args)
         print(
             f"test accuracy {summary['test_accuracy']:.4f}, active modes {summary['active_modes']}/{c.modes}"
@@ -641,6 +665,7 @@ class Trainer:
         c, step = self.cfg, self.step_count
         return {
             **{k: self.last_eval[k] for k in _SUMMARY_METRICS},
+            **{f"raw_{k}": self.last_eval[f"raw_{k}"] for k in _RAW_METRICS if f"raw_{k}" in self.last_eval},
             "model": c.model,
             "prior": c.prior,
             "recipe": c.recipe,
