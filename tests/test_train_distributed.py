@@ -68,6 +68,8 @@ ARGS = [
     "2",
     "--dist-timeout",
     "30",
+    "--ema",
+    "0.9",
 ]
 LAUNCH_TIMEOUT = 420  # seconds for a whole 2-rank run (process start-up dominates on a busy 2-core VM)
 #: Biases that feed a batch norm: their exact gradient is 0 (the norm removes any shift), so Adam turns the
@@ -264,9 +266,11 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(two_ranks, data, t
     assert max(abs(ra["loss"] - rc["loss"]) / abs(ra["loss"]) for ra, rc in zip(a, c)) > 1e-3
     sa, sb = _state(two_ranks), _state(single)
     assert sa["step"] == sb["step"] == STEPS and sa["world_size"] == 2 and sb["world_size"] == 1
-    for name, t in sa["model"].items():
-        if t.is_floating_point() and name not in GAUGE and not name.endswith("running_mean"):
-            torch.testing.assert_close(t, sb["model"][name], rtol=0, atol=2e-4, msg=name)
+    assert sa["ema"]["updates"] == sb["ema"]["updates"] == STEPS  # rank 0 keeps the weight average (--ema)
+    for key, ta, tb in (("model", sa["model"], sb["model"]), ("ema", sa["ema"]["model"], sb["ema"]["model"])):
+        for name, t in ta.items():
+            if t.is_floating_point() and name not in GAUGE and not name.endswith("running_mean"):
+                torch.testing.assert_close(t, tb[name], rtol=0, atol=2e-4, msg=f"{key}: {name}")
     x = torch.rand(11, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     for name, oa, ob, oc in zip(
         ("mu", "sigma_raw", "logits", "decoder"),
@@ -318,6 +322,7 @@ def test_killed_rank_ends_the_other_and_resume_finishes(two_ranks, data, tmp_pat
     assert a["step"] == b["step"] == STEPS
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+        assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), name
     assert (two_ranks / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
 
