@@ -808,6 +808,25 @@ def test_ema_leaves_training_unchanged_and_is_what_the_run_evaluates(tmp_path):
     assert summary["raw_test_accuracy"] == ra[-1]["test_accuracy"]
     x = torch.rand(16, 1, 28, 28)
     assert select.mi_score(b, x) == pytest.approx(_mutual_information({**b, "model": b["ema"]["model"]}, x), rel=1e-6)
+    # --init-from starts from the average
+    from gmwae_fast.train.trainer import Trainer
+
+    cfg = build_config(
+        [
+            "--data-dir",
+            str(DATA),
+            "--out",
+            str(tmp_path / "init"),
+            *TINY,
+            *REF,
+            "--init-from",
+            str(avg / "checkpoints" / ck.CKPT_NAME),
+        ]
+    )
+    tr = Trainer(cfg, torch.device("cpu"), cfg.out_dir)
+    tr.setup()
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, b["ema"]["model"][k]), k
 
 
 @needs_data
