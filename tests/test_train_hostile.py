@@ -524,6 +524,9 @@ def test_recipe_paper_changes_nothing_and_robust_bundles():
     r = _resolved(["--recipe", "robust", "--steps", "1000"])
     assert (r.consistency, r.balance, r.mode_prune, r.lr_decay_from, r.lr_final) == (50.0, 100.0, 1e-4, 750, 0.0)
     assert r.lam == 500.0 and r.lr == 5e-4
+    e = _resolved(["--recipe", "robust-ema", "--steps", "1000"])
+    assert (e.consistency, e.balance, e.mode_prune, e.lr_decay_from, e.ema) == (50.0, 100.0, 1e-4, None, 0.999)
+    assert r.ema == 0.0 and e.lr == 5e-4
 
 
 def test_recipe_explicit_options_win():
