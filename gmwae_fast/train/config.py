@@ -72,21 +72,11 @@ def _rank_step(s: str) -> Tuple[int, int]:
 # -------------------------------------------------------------------------------------------- recipes, resume
 #: Option bundles for ``--recipe``: option -> value, or a function of the config. "paper" changes nothing;
 #: "robust-ema" is "robust" evaluated on a weight average and with a constant learning rate instead of the anneal.
+_ROBUST_Q_D = {"consistency": 50.0, "balance": 100.0, "mode_prune": 1e-4}
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
-    "robust": {
-        "consistency": 50.0,
-        "balance": 100.0,
-        "mode_prune": 1e-4,
-        "lr_decay_from": lambda c: int(0.75 * c.steps),
-        "lr_final": 0.0,
-    },
-    "robust-ema": {
-        "consistency": 50.0,
-        "balance": 100.0,
-        "mode_prune": 1e-4,
-        "ema": 0.999,
-    },
+    "robust": {**_ROBUST_Q_D, "lr_decay_from": lambda c: int(0.75 * c.steps), "lr_final": 0.0},
+    "robust-ema": {**_ROBUST_Q_D, "ema": 0.999},
 }
 #: Options that may differ from the checkpoint's on --resume (they do not change what the run computes, or
 #: change only its length and the end of its learning-rate schedule; --ema changes only what is evaluated).
@@ -128,9 +118,10 @@ def recipes_help() -> str:
         return "0.75*steps" if callable(v) else f"{v:g}"
 
     lines = ["recipes (--recipe; an option given on the command line overrides the recipe's value):"]
+    width = max(map(len, RECIPES))
     for name, opts in RECIPES.items():
         body = " ".join(f"{flag_name(k)} {show(v)}" for k, v in opts.items())
-        lines.append(f"  {name:10s} {body or 'the paper objective and settings: changes nothing'}")
+        lines.append(f"  {name:{width}s} {body or 'the paper objective and settings: changes nothing'}")
     return "\n".join(lines)
 
 
