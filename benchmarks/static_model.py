@@ -70,7 +70,9 @@ class Device:
 #: Per-SM throughput of each pipe in warp instructions / clock (CUDA C programming guide, cc 9.0 throughput
 #: table divided by 32 lanes): FP32 128 lanes, FP64 64, MUFU 16, INT/ALU 64, conversions 16, LSU/MIO 32
 #: (shared-memory wavefronts, shuffles), control 16; ``issue`` is one warp instruction per SM sub-partition
-#: per clock.  Tensor cores are unused by these kernels (no HMMA/DMMA in the SASS).
+#: per clock.  ``tensor``: the only tensor-core instruction of these kernels is DMMA.8x8x4 (float64, 256 FMA), at
+#: the H100 SXM's FP64 tensor-core peak (67 TFLOP/s = 128 FMA per SM and clock at 1.98 GHz) 0.5 per SM and clock;
+#: :data:`DMMA_RATE_LOW` is the sensitivity case of half that rate (the report gives both).
 SM90_RATES = (
     ("issue", 4.0),
     ("fp32", 4.0),
@@ -81,8 +83,9 @@ SM90_RATES = (
     ("lsu", 1.0),
     ("uniform", 1.0),
     ("control", 0.5),
-    ("tensor", 1.0),
+    ("tensor", 0.5),
 )
+DMMA_RATE_LOW = 0.25
 H100_SXM = Device("H100 SXM", 132, 1.98, 3.35, SM90_RATES)
 H200 = Device("H200", 132, 1.98, 4.8, SM90_RATES)
 DEVICES = (H100_SXM, H200)
@@ -444,6 +447,8 @@ class Case:
     d: int
     scales: Tuple[int, ...]
     b_grad: bool = False
+    tc: Optional[bool] = None  # the tensor-core route: None = where the host takes it (kTcMinD <= d <= 64)
+    row_share: float = 1.0  # share of the tile pairs that load their row tile (row_tile_share of the plan)
 
     @property
     def bands(self) -> int:
@@ -469,6 +474,15 @@ class Case:
     def pairs(self) -> int:
         return self.n * (self.n - 1) // 2 if self.self_term else self.n * self.m
 
+    @property
+    def tensor_cores(self) -> bool:
+        """Whether the tile pairs take the tensor-core route: by default where the host launches the tensor-core
+        instantiation (kTcMinD <= d <= 64, one chunk), and then for every tile pair: its error gate passes for
+        data within ~250 standard deviations of a tile's first row at the paper's bandwidths (C_min = 2 d sigma^2
+        0.01), i.e. for any batch of latent codes (a far outlier's tiles take the CUDA-core phases: ``tc=False``
+        with the tensor-core kernel models that fallback)."""
+        return (TC_MIN_D <= self.d <= DK_FLOAT) if self.tc is None else self.tc
+
 
 def wae_cases(n: int, d: int, scales: Sequence[float] = PAPER_SCALES) -> Tuple[Case, ...]:
     """The three launches of ``fast_imq_mmd(x, y)`` fwd+bwd on the WAE path (x needs a gradient, the prior
@@ -486,6 +500,8 @@ def wae_cases(n: int, d: int, scales: Sequence[float] = PAPER_SCALES) -> Tuple[C
 # ---------------------------------------------------------------------------------------------------------------
 
 KBT, KTHREADS, KWARPS, DK_FLOAT = 64, 256, 8, 64  # kBT, kThreads, kWarps, ChunkDims<float> of the .cuh
+TC_MIN_D = 32  # kTcMinD of the .cuh
+LANE_PARTS = 16  # kLaneParts<float> of the .cuh
 
 
 def _chunks(d: int) -> List[int]:
@@ -545,9 +561,15 @@ TRIP_MODEL = (
     LoopSpec("chunk loop (D and G phases)", r"for \(int c = 0; c < nchunks; \+\+c\)", lambda c: [len(_chunks(c.d))]),
     LoopSpec(
         "load_chunk: tile coordinates -> shared",
-        r"for \(int e = threadIdx\.x; e < DK \* kBT",
-        lambda c: [DK_FLOAT * KBT // KTHREADS] * len(_chunks(c.d)),
+        r"for \(int k = q; k < kcp; k \+= 4\)",
+        lambda c: [-(-k // 4) for k in _chunks(c.d)],
         ("STS", 1),
+    ),
+    LoopSpec(
+        "load_chunk: tile coordinates -> shared, 16-byte loads",
+        r"for \(int k4 = 4 \* q; k4 < kcp; k4 \+= 16\)",
+        lambda c: [-(-k // 16) for k in _chunks(c.d)],
+        ("STS", 4),
     ),
     LoopSpec(
         "D: squared distances, one coordinate x 16 pairs",
@@ -561,6 +583,12 @@ TRIP_MODEL = (
     LoopSpec(
         "L: per-warp value partials -> float64", r"for \(int s = tid; s < 2 \* S; s \+= kThreads\) \{", lambda c: [1]
     ),
+    LoopSpec(
+        "L: lane partials of one value sum -> float64",
+        r"for \(int w = 0; w < kWarps \* kLaneParts<T>; \+\+w\)",
+        lambda c: [KWARPS * LANE_PARTS],
+        ("LDS", 1),
+    ),
     LoopSpec("L: row sums of P and w Phi", r"for \(int u = 0; u < kBT; \+\+u\)", lambda c: [KBT], ("LDS", 2)),
     LoopSpec("L: column sums of P and w Phi", r"for \(int i = 0; i < kBT; \+\+i\)", lambda c: [KBT], ("LDS", 2)),
     LoopSpec(
@@ -568,6 +596,25 @@ TRIP_MODEL = (
         r"for \(int u = 0; u < kBT; u \+= 4\)",
         lambda c: [KBT // 4] * len(_chunks(c.d)),
     ),  # #pragma unroll 1: u = 1 (NL = 1, 2 or 4 variants)
+    LoopSpec(
+        "TC gate: |row - c|^2 of one row, float64",
+        r"for \(int q = 0; q < kc; \+\+q\)",
+        lambda c: [c.d],
+        ("DFMA", 1),
+    ),
+    LoopSpec(
+        "TC D: 4 coordinates x 2 x 4 blocks of 8 x 8 pairs (float64 mma)",
+        r"for \(int k0 = 0; k0 < kc; k0 \+= 4\)",
+        lambda c: [-(-c.d // 4)],
+        ("DMMA", 8),
+    ),
+    LoopSpec(
+        "TC G: 4 partners x 2 x 4 blocks of 8 rows x 8 coordinates (float64 mma)",
+        r"for \(int u0 = 0; u0 < kBT; u0 \+= 4\)",
+        lambda c: [KBT // 4],
+        ("DMMA", 8),
+    ),
+    LoopSpec("TC L: float64 line sums of P", r"for \(int v = 0; v < kBT; \+\+v\)", lambda c: [KBT], ("LDS", 1)),
 )
 
 #: Branch bodies inside the tile loop and the fraction of executions (per warp) that enter them.
@@ -591,6 +638,33 @@ REGION_MODEL = (
     RegionSpec("edge tiles: pair masks (partial, diagonal)", r"if \(edge_tile\)", lambda c: _edge_share(c)),
     RegionSpec("chunk reload (d > 64)", r"if \(nchunks > 1\)", lambda c: float(len(_chunks(c.d)) > 1)),
     RegionSpec("first chunk: weights and group indices", r"if \(c == 0\)", lambda c: 1.0 / len(_chunks(c.d))),
+    RegionSpec("tensor-core route possible (32 <= d <= 64)", r"if \(tc_possible\)", lambda c: float(c.tensor_cores)),
+    RegionSpec("TC distances", r"if \(tc\) tc_distances", lambda c: float(c.tensor_cores)),
+    RegionSpec("CUDA-core D loop / G chunks (no tensor cores)", r"if \(!tc\)", lambda c: float(not c.tensor_cores)),
+    RegionSpec("TC: distances back from shared memory", r"if \(tc\) \{  // this thread", lambda c: float(c.tensor_cores)),
+    RegionSpec("TC: line sums of P", r"if \(tc\) \{\n\s+// Float64 line sums", lambda c: float(c.tensor_cores)),
+    RegionSpec("TC gate: 128 <= tid < 192 (2 of 8 warps)", r"if \(tid >= 2 \* kBT && tid < 3 \* kBT\)", lambda c: 0.25),
+    RegionSpec("TC: 192 <= tid with b_grad (2 of 8 warps)", r"else if \(tid >= 3 \* kBT && A\.b_grad\)", lambda c: 0.25 * c.b_grad),
+    RegionSpec("TC gate: tid < 128 (4 of 8 warps)", r"if \(tid < 2 \* kBT\) tc_row_norm", lambda c: 0.5),
+    RegionSpec(
+        "TC G: warps with coordinates",
+        r"if \(tc && 32 \* \(\(tid >> 5\) & 1\) < d\)",
+        lambda c: float(c.tensor_cores) * (1.0 if c.d > 32 else 0.5),
+    ),
+    RegionSpec("16-byte tile loads (d % 4 == 0)", r"if \(A\.vec4\)", lambda c: float(c.d % 4 == 0)),
+    RegionSpec(
+        "4-byte tile loads (d % 4 != 0)", r"if \(!\(sizeof\(T\) == 4 && A\.vec4\)\)", lambda c: float(c.d % 4 != 0)
+    ),
+    RegionSpec(
+        "row tile loads (first column tile of a row, one chunk)",
+        r"if \(new_rows\) load_chunk",
+        lambda c: c.row_share if len(_chunks(c.d)) == 1 else 1.0,
+    ),
+    RegionSpec(
+        "row weights (tid < 64, first column tile of a row)",
+        r"if \(tid < kBT && new_rows\)",
+        lambda c: 0.25 * (c.row_share if len(_chunks(c.d)) == 1 else 1.0),
+    ),
     RegionSpec("tid < 64 (2 of 8 warps)", r"if \(tid < kBT\)", lambda c: 0.25),
     RegionSpec("64 <= tid < 128 (2 of 8 warps)", r"else if \(tid < 2 \* kBT\)", lambda c: 0.25),
     RegionSpec("64 <= tid < 128 with b_grad", r"else if \(tid < 2 \* kBT && A\.b_grad\)", lambda c: 0.25 * c.b_grad),
@@ -687,6 +761,8 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
         raise ValueError(
             f"{fn.name}: no line information for {kernel_file} (compile with -lineinfo, disassemble with nvdisasm -gi)"
         )
+    if case.tensor_cores and "ELb1EEEv" not in fn.name:
+        raise ValueError(f"{fn.name}: the CUDA-core instantiation cannot take the tensor-core route (use tc=False)")
     loops = find_loops(fn)
     j_line = source_region(text, r"for \(int J = J_begin")[0]
     tiles = [lp for lp in loops if _outer_line(fn.instrs[lp.end], kernel_file) == j_line]
@@ -721,7 +797,7 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
     execs: Dict[int, float] = {}  # id(loop) -> body executions per tile
     peeled: Dict[int, float] = {}  # source header -> weight of its peeled copies
     info = []
-    for (head, _), lps in by_source.items():
+    for (head, site), lps in by_source.items():
         spec, first, last = headers[head]
         trips = list(spec.trips(case))
         units = []
@@ -764,10 +840,14 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
         if spec.marker and max(u for u, _ in units) > 1:
             op, per = spec.marker
             ids = {i for _, lp in units for i in range(lp.start, lp.end + 1)}
+            # A helper's loop inlined at several call sites: only the copies inlined at this one.
+            inlined = not (head <= site <= last)
             outside = [
                 i
                 for i in range(tile.start, tile.end + 1)
-                if i not in ids and any(first <= ln <= last for ln in _kernel_frames(fn.instrs[i], kernel_file))
+                if i not in ids
+                and any(first <= ln <= last for ln in _kernel_frames(fn.instrs[i], kernel_file))
+                and (not inlined or _outer_line(fn.instrs[i], kernel_file) == site)
             ]
             copies = sum(1 for i in outside if fn.instrs[i].opcode.startswith(op)) / per
             left = sum(rest)
@@ -852,10 +932,11 @@ def nvcc_flags() -> List[str]:
 def driver_source(text: str) -> str:
     """Translation unit that instantiates every kernel of the header (address taken = instantiated)."""
     kernels = [
-        f"imq_tiles_kernel<{t}, {s}, {g}>"
+        f"imq_tiles_kernel<{t}, {s}, {g}, {tc}>"
         for t in ("float", "double")
         for s in ("false", "true")
         for g in ("false", "true")
+        for tc in (("false", "true") if t == "float" else ("false",))
     ]
     bounds = r"(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?"
     for name in re.findall(r"template <class T>\s*__global__\s+void\s+" + bounds + r"(\w+)\s*\(", text):
@@ -883,7 +964,8 @@ int main(int argc, char** argv) {
   A.N = atoll(argv[3]); A.M = atoll(argv[4]); A.d = atoll(argv[5]); A.S = atoi(argv[6]); A.group = 1;
   (void)PLAN_CALL;
   printf("{\"TI\": %d, \"TJ\": %d, \"PI\": %d, \"PJ\": %d, \"PSI\": %d, \"PSJ\": %d, \"smem\": %zu}\n",
-         A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ, smem_layout<float>(A.S, grad).bytes);
+         A.TI, A.TJ, A.PI, A.PJ, A.PSI, A.PSJ,
+         smem_layout<float>(A.S, grad, tensor_core_route(A.d, sizeof(float), true)).bytes);
   return 0;
 }
 """
@@ -1052,6 +1134,15 @@ def block_tiles(p: dict, self_term: bool) -> List[int]:
     return out
 
 
+def row_tile_share(p: dict, self_term: bool) -> float:
+    """Share of the tile pairs that load their row tile (the first column tile of each row of a block; one
+    coordinate chunk: the row tile then stays in shared memory for the block's other column tiles of that row)."""
+    rows = sum(
+        min(p["PSI"], p["TI"] - pi * p["PSI"]) for pi in range(p["PI"]) for _ in range(pi if self_term else 0, p["PJ"])
+    )
+    return rows / sum(block_tiles(p, self_term))
+
+
 def busiest_sm_tiles(tiles: Sequence[int], sms: int) -> int:
     """Tiles of the busiest SM when blocks go, in order, to the SM with the least work (dynamic dispatch)."""
     load = [0] * sms
@@ -1118,9 +1209,11 @@ ISSUE_COUNTS = {
 KEY_CONFIGS = ((4096, 64), (4096, 10), (65536, 10))
 
 
-def tile_function(fns: Sequence[Function], self_term: bool, grad: bool, dtype: str = "f") -> Function:
-    """The disassembled ``imq_tiles_kernel<float|double, self_term, grad>``."""
-    tag = f"imq_tiles_kernelI{dtype}Lb{int(self_term)}ELb{int(grad)}E"
+def tile_function(
+    fns: Sequence[Function], self_term: bool, grad: bool, dtype: str = "f", tensor_cores: bool = False
+) -> Function:
+    """The disassembled ``imq_tiles_kernel<float|double, self_term, grad, tensor_cores>``."""
+    tag = f"imq_tiles_kernelI{dtype}Lb{int(self_term)}ELb{int(grad)}ELb{int(tensor_cores)}E"
     hits = [f for f in fns if tag in f.name]
     if len(hits) != 1:
         raise ValueError(f"expected one SASS function matching {tag}, found {len(hits)}")
@@ -1128,14 +1221,14 @@ def tile_function(fns: Sequence[Function], self_term: bool, grad: bool, dtype: s
 
 
 def _demangle(name: str) -> str:
-    m = re.search(r"\d(imq_[a-z_]+?_kernel)I([fd])(?:Lb(\d)ELb(\d)E)?", name)
+    m = re.search(r"\d(imq_[a-z_]+?_kernel)I([fd])(?:Lb(\d)ELb(\d)ELb(\d)E)?", name)
     if not m:
         return name
     t = "float" if m.group(2) == "f" else "double"
     if m.group(3) is None:
         return f"{m.group(1)}<{t}>"
     flag = lambda g: "true" if g == "1" else "false"  # noqa: E731
-    return f"{m.group(1)}<{t}, {flag(m.group(3))}, {flag(m.group(4))}>"
+    return f"{m.group(1)}<{t}, {', '.join(flag(m.group(i)) for i in (3, 4, 5))}>"
 
 
 def analyse(build: Build, dev: Device = H100_SXM) -> dict:
@@ -1147,8 +1240,10 @@ def analyse(build: Build, dev: Device = H100_SXM) -> dict:
         smem = r.get("static_smem", 0)
         dyn = None
         if "tiles" in name:
-            grad = name.endswith("Lb1EEEvNS0_8TileArgsIT_EE") or "ELb1EE" in name
-            c = Case("self-grad" if grad else "self-values", 4096, 4096, 64, bandwidth_scales(PAPER_SCALES))
+            flags = re.search(r"Lb(\d)ELb(\d)ELb(\d)E", name)
+            grad, tc_kernel = flags.group(2) == "1", flags.group(3) == "1"
+            d = 64 if tc_kernel else 10  # the dynamic shared memory depends on d only through the route
+            c = Case("self-grad" if grad else "self-values", 4096, 4096, d, bandwidth_scales(PAPER_SCALES))
             p = plan(build, c, dev.sms)
             dyn = p["smem"] if p and "If" in name else None
         blocks, occ, lim = occupancy(r.get("regs", 0), smem + (dyn or 0), KTHREADS if "tiles" in name else 256)
@@ -1159,9 +1254,11 @@ def analyse(build: Build, dev: Device = H100_SXM) -> dict:
     for n, d in KEY_CONFIGS:
         rows = []
         for case in wae_cases(n, d):
-            fn = tile_function(fns, case.self_term, case.grad)
-            tc = tile_counts(fn, case, build.text)
+            fn = tile_function(fns, case.self_term, case.grad, tensor_cores=case.tensor_cores)
             p = plan(build, case, dev.sms)
+            if p:
+                case = dataclasses.replace(case, row_share=row_tile_share(p, case.self_term))
+            tc = tile_counts(fn, case, build.text)
             tiles = block_tiles(p, case.self_term) if p else None
             total = (
                 sum(tiles)

@@ -53,7 +53,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <unordered_set>
@@ -95,42 +97,51 @@ int max_smem_optin(int device) { return cached_device_attribute<cudaDevAttrMaxSh
 
 // Opts a tile kernel instantiation in to the device's largest dynamic shared memory, once per (device,
 // instantiation), under a mutex (host threads launching with different bandwidth counts never race on it).
-template <class T, bool SELF, bool GRAD>
+template <class T, bool SELF, bool GRAD, bool TC>
 void opt_in_smem(int device) {
   static std::mutex mu;
   static std::unordered_set<int> done;
   std::lock_guard<std::mutex> lock(mu);
   if (done.count(device)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(imq_tiles_kernel<T, SELF, GRAD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(imq_tiles_kernel<T, SELF, GRAD, TC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       max_smem_optin(device)));
   done.insert(device);
 }
 
-template <class T, bool SELF, bool GRAD>
+template <class T, bool SELF, bool GRAD, bool TC>
 void launch_tiles(const TileArgs<T>& A, int64_t nblocks, size_t smem, cudaStream_t stream, int device) {
   const int limit = max_smem_optin(device);
   TORCH_CHECK(smem <= size_t(limit), "gmwae_fast::imq_*: the CUDA kernel needs ", smem,
               " bytes of shared memory per block, the device allows ", limit,
               " (compute capability 8.0 or newer is required; float64 with many bandwidths needs the most)");
-  opt_in_smem<T, SELF, GRAD>(device);
-  imq_tiles_kernel<T, SELF, GRAD><<<unsigned(nblocks), kThreads, smem, stream>>>(A);
+  opt_in_smem<T, SELF, GRAD, TC>(device);
+  imq_tiles_kernel<T, SELF, GRAD, TC><<<unsigned(nblocks), kThreads, smem, stream>>>(A);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <class T>
+template <class T, bool TC>
 void launch_tiles_any(bool self, bool grad, const TileArgs<T>& A, int64_t nblocks, size_t smem, cudaStream_t stream,
                       int device) {
   if (self) {
     if (grad)
-      launch_tiles<T, true, true>(A, nblocks, smem, stream, device);
+      launch_tiles<T, true, true, TC>(A, nblocks, smem, stream, device);
     else
-      launch_tiles<T, true, false>(A, nblocks, smem, stream, device);
+      launch_tiles<T, true, false, TC>(A, nblocks, smem, stream, device);
   } else {
     if (grad)
-      launch_tiles<T, false, true>(A, nblocks, smem, stream, device);
+      launch_tiles<T, false, true, TC>(A, nblocks, smem, stream, device);
     else
-      launch_tiles<T, false, false>(A, nblocks, smem, stream, device);
+      launch_tiles<T, false, false, TC>(A, nblocks, smem, stream, device);
   }
+}
+
+// GMWAE_FAST_CUDA_TENSOR_CORES=0 keeps the float kernels off the tensor-core route (read once; A/B benchmarks).
+inline bool tensor_cores_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("GMWAE_FAST_CUDA_TENSOR_CORES");
+    return !(v && std::string(v) == "0");
+  }();
+  return allowed;
 }
 
 template <class T>
@@ -201,12 +212,18 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
   at::Tensor vacc = at::empty({2 * S}, dev.dtype(at::kDouble));
   A.block_vals = block_vals.data_ptr<double>();
 
-  const size_t smem = smem_layout<T>(S, grad).bytes;
+  A.tensor_cores = tensor_core_route(d, sizeof(T), tensor_cores_allowed());
+  A.vec4 = sizeof(T) == 4 && d % 4 == 0 && reinterpret_cast<uintptr_t>(A.a) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(A.b) % 16 == 0;
+  const size_t smem = smem_layout<T>(S, grad, A.tensor_cores).bytes;
   const bool diag = self && !unbiased;
   for (const Wave& w : waves) {
     A.block0 = w.b0;
     const int64_t nb = w.b1 - w.b0;
-    launch_tiles_any<T>(self, grad, A, nb, smem, stream, a.get_device());
+    if (A.tensor_cores)
+      launch_tiles_any<T, true>(self, grad, A, nb, smem, stream, a.get_device());
+    else
+      launch_tiles_any<T, false>(self, grad, A, nb, smem, stream, a.get_device());
     imq_values_finalize_kernel<T><<<1, 256, 0, stream>>>(A.block_vals, int(nb), S, self, unbiased, group, A.wa, N, A.wb,
                                                          M, vacc.data_ptr<double>(), w.first, w.last,
                                                          R.vals.data_ptr<double>());

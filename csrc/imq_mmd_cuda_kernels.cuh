@@ -32,7 +32,7 @@ constexpr int kWarps = kThreads / 32;
 // double keeps the full 5-level tree (one partial per warp: its shared memory stays within the opt-in limit
 // at kImqMaxBandwidthsCuda bandwidths).
 template <class T>
-constexpr int kLaneParts = sizeof(T) == 4 ? 4 : 1;
+constexpr int kLaneParts = sizeof(T) == 4 ? 16 : 1;
 constexpr int kLd = kBT + 4;  // leading dimension of the shared tiles (keeps 16-byte alignment of rows)
 
 // Coordinates per shared-memory chunk (d > DK is processed in chunks).
@@ -49,13 +49,30 @@ struct ChunkDims<double> {
 
 // Shared-memory carve-up, shared by the host (launch size) and the device (pointers).
 struct SmemLayout {
-  size_t As, Bs, Ps, Fs, wI, wJ, gI, gJ, Lsum, warp_part, val, bands, info, bytes;
+  size_t As, Bs, Ps, Fs, wI, wJ, gI, gJ, Lsum, tc, warp_part, val, bands, info, bytes;
 };
+
+// Tensor-core route (float kernels, kTcMinD <= d <= 64): float64 scratch of a tile pair, in doubles from L.tc.
+constexpr int kTcMinD = 32;
+constexpr int kTcCentre = 0;             // [kBT] centre c_k (row 0 of the I tile), 0 beyond the chunk
+constexpr int kTcNorm = kBT;             // [2 kBT] |a_i - c|^2, then |b_j - c|^2 (0 for rows outside the matrix)
+constexpr int kTcLineSum = 3 * kBT;      // [2 kBT] float64 row sums, then column sums, of P
+constexpr int kTcWarpMax = 5 * kBT;      // [4] the largest norm of each of the 4 norm warps
+constexpr int kTcMinBand = 5 * kBT + 4;  // [1] the smallest bandwidth
+constexpr int kTcDoubles = 5 * kBT + 8;
 
 GMW_HD inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
+// Whether the float kernels run the tensor-core instantiation (imq_tiles_kernel<..., TC = true>) for d: one
+// chunk of kTcMinD .. 64 coordinates.  Its tile pairs still fall back to the CUDA-core phases one by one (error
+// gate), and everywhere on a device without the instruction (compiled for an architecture before sm_80).
+GMW_HD inline bool tensor_core_route(int64_t d, size_t elem, bool allowed) {
+  return allowed && elem == sizeof(float) && d >= kTcMinD && d <= kBT;
+}
+
 template <class T>
-GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
+GMW_HD inline SmemLayout smem_layout(int S, bool grad, bool tc = false) {
+  tc = tc && sizeof(T) == 4;
   const size_t DK = ChunkDims<T>::value;
   const size_t ng = S > 0 ? size_t(S) : 1;
   SmemLayout L;
@@ -64,8 +81,8 @@ GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
   o += DK * kLd * sizeof(T);
   L.Bs = o;
   o += DK * kLd * sizeof(T);
-  L.Ps = o;
-  if (grad) o += size_t(kBT) * kLd * sizeof(T);
+  L.Ps = o;  // tensor-core route: also its distance tile, hence in the values kernels too
+  if (grad || tc) o += size_t(kBT) * kLd * sizeof(T);
   L.Fs = o;
   if (grad) o += size_t(kBT) * kLd * sizeof(T);
   L.wI = o;
@@ -78,6 +95,8 @@ GMW_HD inline SmemLayout smem_layout(int S, bool grad) {
   o += kBT * sizeof(int64_t);
   L.Lsum = o;
   o += 2 * kBT * sizeof(T);
+  L.tc = o;
+  if (tc) o += kTcDoubles * sizeof(double);
   // Everything above and the band table's offset are compile-time constants (no register holds them across
   // the tile loop); the S-sized arrays follow.
   L.info = o;
@@ -113,6 +132,8 @@ struct TileArgs {
   T* slot_i;           // [blocks of the wave][PSI kBT][d + 1]: row-side partials of each block (gradient ops)
   T* slot_j;           // [blocks of the wave][PSJ kBT][d + 1]: column-side partials (gradient ops with b_grad)
   double* block_vals;  // [blocks of the wave][2 S]: sums of w w k, then of w w (1 - k)
+  bool tensor_cores = true;  // the host launches the TC instantiation (tensor_core_route); false: never
+  bool vec4 = false;         // float, d % 4 == 0, a and b 16-byte aligned: 16-byte tile loads (load_chunk)
 };
 
 // First block of row p of the self panel triangle (pairs p <= q, enumerated row by row).
@@ -171,10 +192,23 @@ __device__ __forceinline__ void st4<double>(double* p, const double (&v)[4]) {
   *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
 }
 
+// threadIdx.x, read afresh where it is used: the tensor-core phases' fragment addresses are cheap to rebuild per
+// tile, and hoisted out of the tile loop they would stay live across the K phase (register pressure, spills).
+__device__ __forceinline__ int fresh_tid() {
+#if defined(__CUDA_ARCH__)
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+#else
+  return int(threadIdx.x);
+#endif
+}
+
 // Lane partials of one bandwidth (all lanes call it: the band loop is uniform across the block): a and b summed
 // over the lanes l' = l mod P (P = kLaneParts<T>); lane l < P of warp w writes K = c sum w w r to
 // part[(w P + l) 2 S] and U = sum w w x r to part[(w P + l) 2 S + S] (part: warp_part + s).
-template <class T>
+// FRESH (tensor-core kernels): the destination built from fresh_tid (no register held across the tile loop).
+template <class T, bool FRESH = false>
 __device__ __forceinline__ void band_partials(T a, T b, T c, T* part, int S) {
 #pragma unroll
   for (int off = 16; off >= kLaneParts<T>; off >>= 1) {
@@ -183,27 +217,45 @@ __device__ __forceinline__ void band_partials(T a, T b, T c, T* part, int S) {
   }
   const int l = threadIdx.x & 31;
   if (l < kLaneParts<T>) {
-    T* dst = part + ((threadIdx.x >> 5) * kLaneParts<T> + l) * 2 * S;
+    T* dst = part + (((FRESH ? unsigned(fresh_tid()) : threadIdx.x) >> 5) * kLaneParts<T> + l) * 2 * S;
     dst[0] = a * c;
     dst[S] = b;
   }
 }
 
-// Coordinates [c0, c0 + DK) of rows [r0, r0 + kBT) of x (rows x d) into dst[k][r] (k-major, leading dimension
-// kLd); zero outside the matrix.  No shift: every difference a_ik - b_jk is formed directly (D and G phases),
-// so neither a common offset nor an outlier costs accuracy.
+// Coordinates [c0, c0 + kcp) of rows [r0, r0 + kBT) of x (rows x d) into dst[k][r] (k-major, leading dimension
+// kLd); zero outside the matrix.  kcp: the chunk's coordinates rounded up to a multiple of 4 (the tensor-core
+// D phase reads 4 at a time; coordinates kcp .. DK - 1 are left alone: only discarded outputs read them).  Thread
+// t fills row t / 4, coordinates t % 4 + 4 j: one 64-bit row address per thread, then 32-bit offsets.  No shift:
+// every difference a_ik - b_jk is formed directly (D and G phases), so neither a common offset nor an outlier
+// costs accuracy.
 template <class T>
 __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ x, int64_t rows, int64_t d, int64_t r0,
-                                           int64_t c0) {
-  constexpr int DK = ChunkDims<T>::value;
-  for (int e = threadIdx.x; e < DK * kBT; e += kThreads) {
-    const int k = e % DK;
-    const int r = e / DK;
-    const int64_t gr = r0 + r;
-    const int64_t gc = c0 + k;
-    T v = T(0);
-    if (gr < rows && gc < d) v = x[gr * d + gc];
-    dst[k * kLd + r] = v;
+                                           int64_t c0, int kcp) {
+  const int r = threadIdx.x >> 2, q = threadIdx.x & 3;
+  const bool row_in = r0 + r < rows;
+  const T* __restrict__ src = x + (row_in ? (r0 + r) * d + c0 : 0);
+  const int kin = int(d - c0 < kcp ? d - c0 : kcp);  // coordinates inside the matrix
+  for (int k = q; k < kcp; k += 4) dst[k * kLd + r] = (row_in && k < kin) ? src[k] : T(0);
+}
+
+// load_chunk with 16-byte loads (float, d % 4 == 0, x 16-byte aligned: TileArgs::vec4; then kcp = the chunk's
+// coordinates on every row): thread t reads coordinates 4 (t % 4) + 16 j .. + 3 of row t / 4.
+__device__ __forceinline__ void load_chunk4(float* dst, const float* __restrict__ x, int64_t rows, int64_t d,
+                                            int64_t r0, int64_t c0, int kcp) {
+  const int r = threadIdx.x >> 2, q = threadIdx.x & 3;
+  const bool row_in = r0 + r < rows;
+  const float* __restrict__ src = x + (row_in ? (r0 + r) * d + c0 : 0);
+  for (int k4 = 4 * q; k4 < kcp; k4 += 16) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row_in) {
+      GMW_CHECK_ALIGNED(src + k4, 16);
+      v = *reinterpret_cast<const float4*>(src + k4);
+    }
+    dst[k4 * kLd + r] = v.x;
+    dst[(k4 + 1) * kLd + r] = v.y;
+    dst[(k4 + 2) * kLd + r] = v.z;
+    dst[(k4 + 3) * kLd + r] = v.w;
   }
 }
 
@@ -277,12 +329,166 @@ __device__ __forceinline__ void g_side(const T* Ps, const T* own_s, const T* oth
   }
 }
 
-template <class T, bool SELF, bool GRAD>
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-core route of the float kernels (kTcMinD <= d <= 64, one chunk): the D and G phases as float64 GEMMs
+// on the FP64 tensor cores (mma.m8n8k4.f64, sm_80 and later) on coordinates centred at c = row 0 of the I tile:
+//   D_ij = |a'_i|^2 + |b'_j|^2 - 2 a'_i . b'_j,   a' = a - c, b' = b - c (float64, exact for float inputs);
+//   row side    sum_j P_ij (a_i - b_j) = a'_i sum_j P_ij - (P B')_i,
+//   column side sum_i P_ij (b_j - a_i) = b'_j sum_i P_ij - (P^T A')_j.
+// The expanded forms cancel; in float64 their error is below (2 kc + 8) u R with u = 2^-53 and R the sum of the
+// largest |a'_i|^2 and |b'_j|^2 of the tile pair, and a tile pair takes the route only when that bound is at
+// most 2^-30 of the smallest bandwidth (tc_route_ok): every kernel value C / (C + D) then moves by under 1e-9
+// relative, far inside the float contract.  Tile pairs holding a far outlier, a NaN or an infinity, and builds
+// without the instruction, keep the CUDA-core D and G phases (differences formed directly).
+#if defined(__CUDA_ARCH__)
+#define GMW_TC_ROUTE (__CUDA_ARCH__ >= 800)
+#elif defined(GMW_DMMA_MODEL)
+#define GMW_TC_ROUTE 1
+#else
+#define GMW_TC_ROUTE 0
+#endif
+
+// c[0..1] += A B for the warp's 8 x 4 A (lane l holds A[l / 4][l % 4]) and 4 x 8 B (lane l holds B[l % 4][l / 4]);
+// lane l holds C[l / 4][2 (l % 4) + e], e = 0, 1.  Every lane of the warp must call it.
+__device__ __forceinline__ void dmma884(double (&c)[2], double a, double b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+d"(c[0]), "+d"(c[1])
+               : "d"(a), "d"(b));
+#elif defined(GMW_DMMA_MODEL)
+  GMW_DMMA_MODEL(c, a, b);
+#else
+  (void)c, (void)a, (void)b;  // not reached: GMW_TC_ROUTE is 0
+#endif
+}
+
+// Gate of the tensor-core route, one row per thread (threads 0 .. 2 kBT - 1, whole warps): t < kBT row t of the
+// I tile, else row t - kBT of the J tile; its |row - c|^2 (0 outside the matrix) to tcs[kTcNorm + t] and the
+// largest of its warp (a NaN or an infinity as infinity) to tcs[kTcWarpMax + t / 32].
+__device__ __forceinline__ void tc_row_norm(const float* As, const float* Bs, double* tcs, int kc, int rows_i,
+                                            int rows_j) {
+  const int tid = fresh_tid();
+  const bool side_j = tid >= kBT;
+  const int r = tid & (kBT - 1);
+  const float* src = side_j ? Bs : As;
+  double n = 0.0;
+  if (r < (side_j ? rows_j : rows_i)) {
+    for (int q = 0; q < kc; ++q) {
+      const double v = double(src[q * kLd + r]) - tcs[kTcCentre + q];
+      n = fma(v, v, n);
+    }
+  }
+  tcs[kTcNorm + tid] = n;
+  double m = n == n ? n : HUGE_VAL;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if ((tid & 31) == 0) tcs[kTcWarpMax + (tid >> 5)] = m;
+}
+
+// After tc_row_norm (and a barrier): whether the tile pair's error bound (2 kc + 8) 2^-53 R is at most 2^-30 of
+// the smallest bandwidth, R = the largest |a_i - c|^2 + the largest |b_j - c|^2.
+__device__ __forceinline__ bool tc_route_ok(const double* tcs, int kc) {
+  const double R = fmax(tcs[kTcWarpMax], tcs[kTcWarpMax + 1]) + fmax(tcs[kTcWarpMax + 2], tcs[kTcWarpMax + 3]);
+  return R * double(2 * kc + 8) <= ldexp(tcs[kTcMinBand], 23);
+}
+
+// D phase on tensor cores: Ds[i][j] = |a'_i|^2 + |b'_j|^2 - 2 a'_i . b'_j (float, leading dimension kLd), negative
+// rounding clamped to 0.  Warp w: rows 16 (w / 2) .. + 16, columns 32 (w % 2) .. + 32 (2 x 4 blocks of 8 x 8).
+// Rows outside the matrices (zeros in the tiles, norm 0) get finite distances or +inf in float, never NaN: their
+// pairs have weight 0 and are masked, as on the CUDA-core route.
+__device__ __forceinline__ void tc_distances(const float* As, const float* Bs, const double* tcs, float* Ds, int kc) {
+  const int tid = fresh_tid(), w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  const int rb = 16 * (w >> 1), cb = 32 * (w & 1);
+  double acc[2][4][2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) acc[m][n][0] = acc[m][n][1] = 0.0;
+  for (int k0 = 0; k0 < kc; k0 += 4) {  // coordinates k0 + t >= kc are zero in the tiles and in the centre
+    const int k = k0 + t;
+    const double ck = tcs[kTcCentre + k];
+    double af[2], bf[4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) af[m] = double(As[k * kLd + rb + 8 * m + g]) - ck;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) bf[n] = double(Bs[k * kLd + cb + 8 * n + g]) - ck;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < 4; ++n) dmma884(acc[m][n], af[m], bf[n]);
+  }
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int i = rb + 8 * m + g;
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = cb + 8 * n + 2 * t + e;
+        const double D = tcs[kTcNorm + i] + tcs[kTcNorm + kBT + j] - 2.0 * acc[m][n][e];
+        Ds[i * kLd + j] = float(D < 0.0 ? 0.0 : D);  // a NaN stays NaN
+      }
+  }
+}
+
+// G phase, one side, on tensor cores: o(r, k) = own'(r, k) psum(r) - sum_u P(r, u) oth'(u, k) for the kc
+// coordinates, P(r, u) = Ps[r][u] on the row side (ROW), Ps[u][r] on the column side; psum = the float64 line
+// sums of P on that side.  Rows r < rows_left go to slot[r (d + 1) + k] (stored on the first visit, added later).
+// Warp w: rows 16 (w / 2) .. + 16, coordinates 32 (w % 2) .. + 32; only warps with coordinates call it
+// (32 (w % 2) < kc).
+template <bool ROW>
+__device__ __forceinline__ void tc_g_side(const float* Ps, const float* own_s, const float* oth_s, const double* tcs,
+                                          const double* psum, float* slot, int64_t rows_left, int kc, int64_t d,
+                                          bool first) {
+  const int tid = fresh_tid(), w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+  const int rb = 16 * (w >> 1), kb = 32 * (w & 1);
+  double ck[4], acc[2][4][2];
+#pragma unroll
+  for (int n = 0; n < 4; ++n) ck[n] = tcs[kTcCentre + kb + 8 * n + g];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) acc[m][n][0] = acc[m][n][1] = 0.0;
+#pragma unroll 4
+  for (int u0 = 0; u0 < kBT; u0 += 4) {  // P is 0 on rows and columns outside the matrices
+    const int u = u0 + t;
+    double af[2], bf[4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const int r = rb + 8 * m + g;
+      af[m] = double(ROW ? Ps[r * kLd + u] : Ps[u * kLd + r]);
+    }
+#pragma unroll
+    for (int n = 0; n < 4; ++n) bf[n] = double(oth_s[(kb + 8 * n + g) * kLd + u]) - ck[n];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < 4; ++n) dmma884(acc[m][n], af[m], bf[n]);
+  }
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int r = rb + 8 * m + g;
+    if (r >= rows_left) continue;
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int k = kb + 8 * n + 2 * t + e;
+        if (k >= kc) continue;
+        const double own = double(own_s[k * kLd + r]) - tcs[kTcCentre + k];
+        slot_put(slot + int64_t(r) * (d + 1) + k, float(own * psum[r] - acc[m][n][e]), first);
+      }
+  }
+}
+
+// TC: the tensor-core instantiation (float only; the host picks it by tensor_core_route).  The kernel without it
+// carries none of that code, so its registers and instruction counts are those of the CUDA-core kernel.
+template <class T, bool SELF, bool GRAD, bool TC = false>
 __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_kernel(const TileArgs<T> A) {
   constexpr int DK = ChunkDims<T>::value;
   constexpr int NL = DK / 16;  // most coordinates per thread and chunk in the G phase (g_side)
   GMW_DYNAMIC_SMEM(smem_raw);
-  const SmemLayout L = smem_layout<T>(A.S, GRAD);
+  const SmemLayout L = smem_layout<T>(A.S, GRAD, TC);
   T* As = reinterpret_cast<T*>(smem_raw + L.As);
   T* Bs = reinterpret_cast<T*>(smem_raw + L.Bs);
   T* Ps = reinterpret_cast<T*>(smem_raw + L.Ps);
@@ -295,16 +501,27 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
   T* warp_part = reinterpret_cast<T*>(smem_raw + L.warp_part);  // [kWarps kLaneParts<T>][2 S]
   double* val = reinterpret_cast<double*>(smem_raw + L.val);    // [2 S] block accumulators
   const ImqBand<T>* bands = reinterpret_cast<const ImqBand<T>*>(smem_raw + L.bands);
-  // [0] one scale for all bandwidths, [1] I_begin, [2] I_end, [3] Jq_begin, [4] J_end, [5] p == q: read from
-  // shared memory where used (after a barrier), so no register holds them across the tile loop.
+  // [0] one scale for all bandwidths, [1] I_begin, [2] I_end, [3] Jq_begin, [4] J_end, [5] p == q, [6] the tile
+  // pair's route (tensor cores): read from shared memory where used (after a barrier), so no register holds them
+  // across the tile loop.
   int* info = reinterpret_cast<int*>(smem_raw + L.info);
+  double* tcs = reinterpret_cast<double*>(smem_raw + L.tc);  // tensor-core route (float): see kTcCentre ...
 
   const int tid = threadIdx.x;
   const int S = A.S;
   const int64_t N = A.N, M = A.M, d = A.d;
+  // The tensor-core route exists in this build and fits d (uniform across the grid); each tile pair then passes
+  // its error gate or not (tc below).
+  constexpr bool kTcBuild = TC && sizeof(T) == 4 && GMW_TC_ROUTE;
+  const bool tc_possible = kTcBuild && A.tensor_cores && d >= kTcMinD && d <= DK;
 
   if (tid == 0) {
     info[0] = int(imq_make_bands<T>(A.bw, A.h, S, reinterpret_cast<ImqBand<T>*>(smem_raw + L.bands)));
+    if (kTcBuild) {
+      double cmin = S > 0 ? A.bw[0] : 0.0;
+      for (int s = 1; s < S; ++s) cmin = A.bw[s] < cmin ? A.bw[s] : cmin;
+      tcs[kTcMinBand] = cmin;
+    }
     // Block -> panel pair (p, q); self: p <= q enumerated row by row.
     int p, q;
     block_panels(A.block0 + blockIdx.x, SELF, A.PI, A.PJ, p, q);
@@ -319,13 +536,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
 
   const int nchunks = d > 0 ? int((d + DK - 1) / DK) : 1;
 
-  // Pair phase: rows 4*ti .. 4*ti+3, columns 4*tj .. 4*tj+3 of the tile.
-  const int ti = tid >> 4;
-  const int tj = tid & 15;
-
   for (int I = info[1]; I < info[2]; ++I) {
     const int J_begin = (SELF && info[5]) ? I : info[3];
     for (int J = J_begin; J < info[4]; ++J) {
+      // Pair phase: rows 4*ti .. 4*ti+3, columns 4*tj .. 4*tj+3 of the tile (tensor-core kernels: rebuilt per
+      // tile, one register less across the tile loop).
+      const int tid_p = TC ? fresh_tid() : tid;
+      const int ti = tid_p >> 4;
+      const int tj = tid_p & 15;
       const int64_t I0 = int64_t(I) * kBT;
       const int64_t J0 = int64_t(J) * kBT;
 
@@ -335,12 +553,26 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) D[ii][jj] = T(0);
+      const int rows_i = int(N - I0 < kBT ? N - I0 : kBT), rows_j = int(M - J0 < kBT ? M - J0 : kBT);
+      bool tc = false;  // this tile pair's D and G phases on tensor cores (uniform across the block)
       for (int c = 0; c < nchunks; ++c) {
+        const int kc = int(d - int64_t(c) * DK < DK ? d - int64_t(c) * DK : DK);
+        const int kcp = (kc + 3) & ~3;
+        // One chunk: the row tile and its weights stay in shared memory for all the column tiles of a row.
+        const bool new_rows = nchunks > 1 || J == J_begin;
         __syncthreads();  // every user of the shared tiles (previous chunk / tile) is done
-        load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK);
-        load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK);
+        if constexpr (sizeof(T) == 4) {
+          if (A.vec4) {
+            if (new_rows) load_chunk4(As, A.a, N, d, I0, int64_t(c) * DK, kcp);
+            load_chunk4(Bs, A.b, M, d, J0, int64_t(c) * DK, kcp);
+          }
+        }
+        if (!(sizeof(T) == 4 && A.vec4)) {  // 4-byte loads
+          if (new_rows) load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK, kcp);
+          load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK, kcp);
+        }
         if (c == 0) {
-          if (tid < kBT) {
+          if (tid < kBT && new_rows) {
             wI[tid] = (I0 + tid < N) ? A.wa[I0 + tid] : T(0);
             gI[tid] = (I0 + tid) / A.group;  // one 64-bit division per row, not one per pair
           } else if (tid < 2 * kBT) {
@@ -350,16 +582,39 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           }
         }
         __syncthreads();
-        const int kc = int(d - int64_t(c) * DK < DK ? d - int64_t(c) * DK : DK);
-        for (int k = 0; k < kc; ++k) {
-          T av[4], bv[4];
-          ld4<T>(As + k * kLd + 4 * ti, av);
-          ld4<T>(Bs + k * kLd + 4 * tj, bv);
-#pragma unroll
-          for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj) D[ii][jj] = imq_sqdist_step(D[ii][jj], av[ii], bv[jj]);
+        if constexpr (kTcBuild) {
+          if (tc_possible) {  // one chunk: c == 0, kc == d
+            if (tid < kBT) {
+              const int k = fresh_tid();
+              tcs[kTcCentre + k] = k < kc ? double(As[k * kLd]) : 0.0;
+            }
+            __syncthreads();
+            if (tid < 2 * kBT) tc_row_norm(As, Bs, tcs, kc, rows_i, rows_j);
+            __syncthreads();
+            tc = tc_route_ok(tcs, kc);
+            if (tid == 0) info[6] = int(tc);
+            if (tc) tc_distances(As, Bs, tcs, Ps, kc);
+          }
         }
+        if (!tc) {
+          for (int k = 0; k < kc; ++k) {
+            T av[4], bv[4];
+            ld4<T>(As + k * kLd + 4 * ti, av);
+            ld4<T>(Bs + k * kLd + 4 * tj, bv);
+#pragma unroll
+            for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+              for (int jj = 0; jj < 4; ++jj) D[ii][jj] = imq_sqdist_step(D[ii][jj], av[ii], bv[jj]);
+          }
+        }
+      }
+#ifdef GMW_EMU_TILE
+      if (tid == 0) GMW_EMU_TILE(tc);
+#endif
+      if (tc) {  // this thread's 4 x 4 distances (Ps is overwritten with P below by the same thread)
+        __syncthreads();
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii) ld4<T>(Ps + (4 * ti + ii) * kLd + 4 * tj, D[ii]);
       }
 
       // ---- K phase ----
@@ -429,7 +684,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
             for (int jj = 0; jj < 4; ++jj)
               imq_band_acc<T, T, GRAD>(D[ii][jj], wpair[ii][jj], wx[ii][jj], B.c, B.hc, B.qr, a, b, phi[ii][jj],
                                        psi[ii][jj]);
-          band_partials(a, b, B.c, warp_part + s, S);
+          band_partials<T, TC>(a, b, B.c, warp_part + s, S);
         }
       } else {
         // One scale per bandwidth (bandwidths spanning more than kImqMaxScaleRatio): x per pair and bandwidth.
@@ -445,7 +700,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
               imq_band_acc<T, T, GRAD>(x, wpair[ii][jj], wpair[ii][jj] * x, B.c, B.hc, B.qr, a, b, phi[ii][jj],
                                        psi[ii][jj]);
             }
-          band_partials(a, b, B.c, warp_part + s, S);
+          band_partials<T, TC>(a, b, B.c, warp_part + s, S);
         }
       }
       if (GRAD) {
@@ -463,6 +718,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         }
       }
       __syncthreads();
+      if constexpr (kTcBuild) tc = info[6];  // (no register holds the flag across the K phase)
 
       // ---- L phase ----
       for (int s = tid; s < 2 * S; s += kThreads) {
@@ -486,6 +742,20 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           for (int i = 0; i < kBT; ++i) s += Fs[i * kLd + cidx] * wI[i];
           Lsum[kBT + cidx] = s;
         }
+        if (tc) {
+          // Float64 line sums of P for the tensor-core G phase: threads 128 .. 191 the rows, 192 .. 255 the columns.
+          if (tid >= 2 * kBT && tid < 3 * kBT) {
+            const int r = fresh_tid() - 2 * kBT;
+            double s = 0.0;
+            for (int v = 0; v < kBT; ++v) s += double(Ps[r * kLd + ((v + r) & (kBT - 1))]);
+            tcs[kTcLineSum + r] = s;
+          } else if (tid >= 3 * kBT && A.b_grad) {
+            const int cidx = fresh_tid() - 3 * kBT;
+            double s = 0.0;
+            for (int v = 0; v < kBT; ++v) s += double(Ps[v * kLd + cidx]);
+            tcs[kTcLineSum + kBT + cidx] = s;
+          }
+        }
       }
       __syncthreads();
 
@@ -502,37 +772,47 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
           const int r = tid - kBT;
           if (J0 + r < M) slot_put(sj + int64_t(r) * (d + 1) + d, Lsum[kBT + r], first_j);
         }
-        for (int c = 0; c < nchunks; ++c) {
-          if (nchunks > 1) {
-            __syncthreads();
-            load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK);
-            load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK);
-            __syncthreads();
+        if constexpr (kTcBuild) {
+          // One chunk (kc = d): the warps whose 32 coordinates start below d.
+          if (tc && 32 * ((tid >> 5) & 1) < d) {
+            tc_g_side<true>(Ps, As, Bs, tcs, tcs + kTcLineSum, si, N - I0, int(d), d, first_i);
+            if (A.b_grad) tc_g_side<false>(Ps, Bs, As, tcs, tcs + kTcLineSum + kBT, sj, M - J0, int(d), d, first_j);
           }
-          const int64_t c0 = int64_t(c) * DK;
-          const int kc = int(d - c0 < DK ? d - c0 : DK);
-          // Only the coordinate lanes a chunk holds: nl of the NL slices of 16 (d = 10: one of four).
-          const int nl = (kc + 15) >> 4;
-          T* si_c = si + c0;
-          // Threads whose first coordinate tk = tid / 16 is padding have no G work: whole warps sit out (no
-          // barrier below).
-          if ((tid >> 4) < kc) {
-            // Row side: sum_j P[i][j] (a[i][k] - b[j][k]), differences formed directly.
-            if (nl <= 1)
-              g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-            else if (nl == 2)
-              g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-            else
-              g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
-            // Column side: sum_i P[i][j] (b[j][k] - a[i][k]) (A.b_grad is uniform across the block).
-            if (A.b_grad) {
-              T* sj_c = sj + c0;
+        }
+        if (!tc) {
+          for (int c = 0; c < nchunks; ++c) {
+            if (nchunks > 1) {
+              __syncthreads();
+              const int kcp = (int(d - int64_t(c) * DK < DK ? d - int64_t(c) * DK : DK) + 3) & ~3;
+              load_chunk<T>(As, A.a, N, d, I0, int64_t(c) * DK, kcp);
+              load_chunk<T>(Bs, A.b, M, d, J0, int64_t(c) * DK, kcp);
+              __syncthreads();
+            }
+            const int64_t c0 = int64_t(c) * DK;
+            const int kc = int(d - c0 < DK ? d - c0 : DK);
+            // Only the coordinate lanes a chunk holds: nl of the NL slices of 16 (d = 10: one of four).
+            const int nl = (kc + 15) >> 4;
+            T* si_c = si + c0;
+            // Threads whose first coordinate tk = tid / 16 is padding have no G work: whole warps sit out (no
+            // barrier below).
+            if ((tid >> 4) < kc) {
+              // Row side: sum_j P[i][j] (a[i][k] - b[j][k]), differences formed directly.
               if (nl <= 1)
-                g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+                g_side<T, 1, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
               else if (nl == 2)
-                g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+                g_side<T, (NL < 2 ? NL : 2), true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
               else
-                g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+                g_side<T, NL, true>(Ps, As, Bs, si_c, N - I0, kc, d, first_i);
+              // Column side: sum_i P[i][j] (b[j][k] - a[i][k]) (A.b_grad is uniform across the block).
+              if (A.b_grad) {
+                T* sj_c = sj + c0;
+                if (nl <= 1)
+                  g_side<T, 1, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+                else if (nl == 2)
+                  g_side<T, (NL < 2 ? NL : 2), false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+                else
+                  g_side<T, NL, false>(Ps, Bs, As, sj_c, M - J0, kc, d, first_j);
+              }
             }
           }
         }

@@ -136,36 +136,43 @@ def _build_or_skip():
     return sm.compile_cuda(90)  # cached under build/static_model/ (about a minute when the sources changed)
 
 
-HOT = ("D: ", "K: ", "G: ")  # the per-pair loops of the trip model
+HOT = ("D: ", "K: ", "G: ", "TC D: ", "TC G: ")  # the per-pair loops of the trip model
 
 
-def test_float_tile_kernels_do_not_spill_in_hot_loops():
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_float_tile_kernels_do_not_spill_in_hot_loops(tensor_cores):
+    """Every float tile kernel (CUDA-core and tensor-core instantiations), at d = 64 and d = 10, on its own route
+    and (tensor-core kernels) on the CUDA-core fallback of a tile pair that fails the error gate."""
     build = _build_or_skip()
     fns = sm.parse_sass(build.sass)
     for self_term in (False, True):
         for grad in (False, True):
-            fn = sm.tile_function(fns, self_term, grad)
-            case = sm.wae_cases(4096, 64)[0 if not self_term else (1 if grad else 2)]
-            case = sm.Case(
-                case.op if grad == case.grad else ("self-values" if self_term else "cross-values"),
-                case.n,
-                case.m,
-                case.d,
-                case.scales,
-                case.b_grad,
-            )
-            tc = sm.tile_counts(fn, case, build.text)
-            hot = [lp for lp in tc.loops if lp["name"].startswith(HOT)]
-            assert hot, f"{fn.name}: no per-pair loop found"
-            spilling = [(lp["name"], lp["line"], lp["spills"]) for lp in hot if lp["spills"]]
-            assert not spilling, f"{sm._demangle(fn.name)} spills in its hot loops: {spilling}"
+            fn = sm.tile_function(fns, self_term, grad, tensor_cores=tensor_cores)
+            for d, route in ((64, tensor_cores), (64, False), (10, False)):
+                case = sm.wae_cases(4096, d)[0 if not self_term else (1 if grad else 2)]
+                case = sm.Case(
+                    case.op if grad == case.grad else ("self-values" if self_term else "cross-values"),
+                    case.n,
+                    case.m,
+                    case.d,
+                    case.scales,
+                    case.b_grad,
+                    tc=route,
+                )
+                tc = sm.tile_counts(fn, case, build.text)
+                hot = [lp for lp in tc.loops if lp["name"].startswith(HOT)]
+                assert hot, f"{fn.name}: no per-pair loop found"
+                if route:
+                    assert any(lp["name"].startswith("TC ") and lp["execs"] > 0 for lp in hot), fn.name
+                spilling = [(lp["name"], lp["line"], lp["spills"]) for lp in hot if lp["spills"]]
+                assert not spilling, f"{sm._demangle(fn.name)} spills in its hot loops: {spilling}"
 
 
 def test_trip_model_counts_the_distance_loop_exactly():
     build = _build_or_skip()
     fn = sm.tile_function(sm.parse_sass(build.sass), True, False)
     for d in (10, 64, 100):
-        case = sm.Case("self-values", 1000, 1000, d, (15,))
+        case = sm.Case("self-values", 1000, 1000, d, (15,), tc=False)  # the CUDA-core kernel
         tc = sm.tile_counts(fn, case, build.text)
         dl = [lp for lp in tc.loops if lp["name"].startswith("D: ")]
         # every coordinate of every chunk: SASS iterations x unroll = d per tile (remainders run peeled)
@@ -175,6 +182,26 @@ def test_trip_model_counts_the_distance_loop_exactly():
         assert sum(lp["execs"] * lp["u"] for lp in k) == 15
         # one reciprocal per pair and bandwidth (plus the per-row 64-bit group divisions of the tile setup)
         assert 15 <= tc.per_pair("mufu") < 15.5
+
+
+def test_trip_model_counts_the_tensor_core_loops_exactly():
+    """The tensor-core kernel at d = 64: d / 4 mma steps of 8 DMMA per warp in the D phase, 16 per side in the G
+    phase (2 sides in self-grad), i.e. 8 DMMA per pair slot (3 x 64^3 FMA / 256 per DMMA / 4096 pairs x 32 lanes /
+    ... per warp): exactly the GEMM work, and no CUDA-core D or G loop runs."""
+    build = _build_or_skip()
+    fns = sm.parse_sass(build.sass)
+    for op, sides in (("self-values", 0), ("cross-grad", 1), ("self-grad", 2)):
+        self_term, grad = op.startswith("self"), op.endswith("grad")
+        fn = sm.tile_function(fns, self_term, grad, tensor_cores=True)
+        case = sm.Case(op, 4096, 4096, 64, (15,), b_grad=sides == 2)
+        tc = sm.tile_counts(fn, case, build.text)
+        dmma_per_warp = (64 // 4) * 8 * (1 + sides)  # one 64 x 64 x 64 GEMM per phase and side, 8 warps
+        assert tc.per_warp["tensor"] == pytest.approx(dmma_per_warp)
+        assert not [lp for lp in tc.loops if lp["name"].startswith(("D: ", "G: ")) and lp["execs"] > 0]
+        # the fallback of a tile pair that fails the gate: no tensor-core work, the CUDA-core loops instead
+        off = sm.tile_counts(fn, sm.Case(op, 4096, 4096, 64, (15,), b_grad=sides == 2, tc=False), build.text)
+        assert off.per_warp["tensor"] == 0
+        assert [lp for lp in off.loops if lp["name"].startswith("D: ") and lp["execs"] > 0]
 
 
 def test_contract_floor_counts_the_required_arithmetic():

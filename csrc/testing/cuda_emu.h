@@ -5,12 +5,15 @@
 // other, so a kernel's static __shared__ arrays can be function statics and the dynamic shared memory one buffer.
 // Shared memory is filled with NaN bytes before each block, so a read of an unwritten entry shows up in the
 // results.  Supported: threadIdx/blockIdx/blockDim/gridDim .x, __syncthreads, __shfl_xor_sync, float4,
-// double2, dynamic shared memory through GMW_DYNAMIC_SMEM.  Device code is compiled by the host compiler, so
+// double2, dynamic shared memory through GMW_DYNAMIC_SMEM, the float64 mma.m8n8k4 (GMW_DMMA_MODEL: each
+// output a chain of fused multiply-adds in k order; counted in gmw_emu::mma_count).  Device code is compiled by the
+// host compiler, so
 // `__CUDA_ARCH__` is undefined (imq_math.h then uses its host reciprocal, and for imq_rcp_approx the model
 // gmw_emu::rcp_approx of the device instruction).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <barrier>
 #include <cstdint>
@@ -29,6 +32,10 @@
 #define __align__(n) alignas(n)
 #define __shared__ static
 #define GMW_DYNAMIC_SMEM(name) unsigned char* name = ::gmw_emu::dynamic_smem()
+// The warp-wide float64 tensor-core mma (mma.m8n8k4.f64) of the kernels' dmma884.
+#define GMW_DMMA_MODEL(c, a, b) ::gmw_emu::dmma884(c, a, b)
+// Per tile pair (thread 0): which route its D and G phases took.
+#define GMW_EMU_TILE(tc) ::gmw_emu::count_tile(tc)
 // Vector loads/stores must be aligned on the GPU; the emulator checks it.
 #define GMW_CHECK_ALIGNED(p, n) ::gmw_emu::check_aligned(p, n, __FILE__, __LINE__)
 
@@ -55,6 +62,7 @@ namespace gmw_emu {
 struct Warp {
   std::barrier<> bar{32};
   alignas(8) unsigned char slot[32][8];
+  double mma_a[32], mma_b[32];  // operands of a warp-wide mma
 };
 
 struct Block {
@@ -139,3 +147,36 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int off) {
   w.bar.arrive_and_wait();
   return r;
 }
+
+namespace gmw_emu {
+
+inline std::atomic<long long> mma_count{0};  // warp-wide mma instructions run (per warp, not per lane)
+inline std::atomic<long long> tc_tiles{0};   // tile pairs that took the tensor-core route (GMW_EMU_TILE)
+inline std::atomic<long long> all_tiles{0};  // tile pairs visited
+
+inline void count_tile(bool tc) {
+  all_tiles.fetch_add(1, std::memory_order_relaxed);
+  if (tc) tc_tiles.fetch_add(1, std::memory_order_relaxed);
+}
+
+// mma.sync.aligned.m8n8k4.row.col.f64: lane l gives A[l / 4][l % 4] and B[l % 4][l / 4] and holds C[l / 4][2 (l % 4)
+// + e]; D = C + A B, here each output a chain of fused multiply-adds over k = 0 .. 3 (a model: the device's order
+// of the four products may differ, which moves the last bits of a float64 sum only).
+inline void dmma884(double (&c)[2], double a, double b) {
+  Warp& w = *g_block->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x & 31u;
+  w.mma_a[lane] = a;
+  w.mma_b[lane] = b;
+  w.bar.arrive_and_wait();
+  const unsigned g = lane >> 2, t = lane & 3u;
+  for (unsigned e = 0; e < 2; ++e) {
+    const unsigned n = 2 * t + e;
+    double acc = c[e];
+    for (unsigned k = 0; k < 4; ++k) acc = std::fma(w.mma_a[g * 4 + k], w.mma_b[n * 4 + k], acc);
+    c[e] = acc;
+  }
+  if (lane == 0) mma_count.fetch_add(1, std::memory_order_relaxed);
+  w.bar.arrive_and_wait();
+}
+
+}  // namespace gmw_emu

@@ -38,6 +38,7 @@ struct Case {
   double outlier = 0.0;              // != 0: row 0 of a is moved to this value in every coordinate
   int sms2 = 0;                      // != 0: the gradient op again with this SM count must give the same bits
   double conc = 0.0;                 // != 0: point 0 of a (and of b) carries this share of its side's total weight
+  int tc = 0;  // tile pairs expected on the tensor-core route (float, 32 <= d <= 64): 0 none, 1 all, 2 some
 };
 
 struct Outs {
@@ -111,6 +112,9 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
   A.group = c.group;
   A.unbiased = c.unbiased;
   A.b_grad = SELF || b_grad;
+  A.tensor_cores = tensor_core_route(c.d, sizeof(T), true);  // as the host does
+  A.vec4 = sizeof(T) == 4 && c.d % 4 == 0 && reinterpret_cast<uintptr_t>(A.a) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(A.b) % 16 == 0;
   const TilePlan plan = plan_tiles(A, SELF, GRAD, c.budget);
   const std::vector<Wave> waves = plan_waves(A, SELF, plan);
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -145,8 +149,12 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
     A.block0 = w.b0;
     const int64_t nb = w.b1 - w.b0;
     std::fill(block_vals.begin(), block_vals.end(), std::numeric_limits<double>::quiet_NaN());
-    gmw_emu::launch(imq_tiles_kernel<T, SELF, GRAD>, unsigned(nb), unsigned(kThreads), smem_layout<T>(S, GRAD).bytes,
-                    A);
+    if (A.tensor_cores)
+      gmw_emu::launch(imq_tiles_kernel<T, SELF, GRAD, true>, unsigned(nb), unsigned(kThreads),
+                      smem_layout<T>(S, GRAD, true).bytes, A);
+    else
+      gmw_emu::launch(imq_tiles_kernel<T, SELF, GRAD>, unsigned(nb), unsigned(kThreads), smem_layout<T>(S, GRAD).bytes,
+                      A);
     gmw_emu::launch(imq_values_finalize_kernel<T>, 1u, 256u, 0, (const double*)block_vals.data(), int(nb), S, SELF,
                     c.unbiased, c.group, (const T*)A.wa, c.N, (const T*)A.wb, M, vacc.data(), w.first, w.last,
                     r.vals.data());
@@ -227,7 +235,10 @@ bool check_case(const Case& c) {
   round_t(wb);
 
   const Outs ref = reference(c, a, wa, b, wb, h);
+  gmw_emu::tc_tiles = 0;
+  gmw_emu::all_tiles = 0;
   const Outs got = run_emulated<T, SELF, true>(c, a, wa, b, wb, h);
+  const long long tc_tiles = gmw_emu::tc_tiles, all_tiles = gmw_emu::all_tiles;
   const Outs val = run_emulated<T, SELF, false>(c, a, wa, b, wb, h);
   const bool f64 = sizeof(T) == 8;
   const double tv = f64 ? 1e-12 : 2e-6, tg = f64 ? 1e-11 : 2e-5;
@@ -238,7 +249,9 @@ bool check_case(const Case& c) {
     e_db = rel_err(got.db, ref.db);
     e_dwb = rel_err(got.dwb, ref.dwb);
   }
-  bool ok = e_val <= tv && e_val2 <= tv && e_da <= tg && e_dwa <= tg && e_db <= tg && e_dwb <= tg;
+  const bool route_ok =
+      c.tc == 0 ? tc_tiles == 0 : (c.tc == 1 ? tc_tiles == all_tiles : tc_tiles > 0 && tc_tiles < all_tiles);
+  bool ok = e_val <= tv && e_val2 <= tv && e_da <= tg && e_dwa <= tg && e_db <= tg && e_dwb <= tg && route_ok;
   std::string name = c.name;
   if (c.outlier != 0.0) {
     char buf[32];
@@ -250,8 +263,8 @@ bool check_case(const Case& c) {
     std::snprintf(buf, sizeof buf, " weight %.4g on point 0", c.conc);
     name += buf;
   }
-  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e\n", name.c_str(),
-              ok ? "ok  " : "FAIL", e_val, e_val2, e_da, e_dwa, e_db, e_dwb);
+  std::printf("  %-44s %s  values %.1e/%.1e  da %.1e  dwa %.1e  db %.1e  dwb %.1e  tensor-core tiles %lld/%lld\n",
+              name.c_str(), ok ? "ok  " : "FAIL", e_val, e_val2, e_da, e_dwa, e_db, e_dwb, tc_tiles, all_tiles);
   if (c.sms2 != 0) {
     // The plan takes no device property: another SM count gives the same bits.
     const Outs other = run_emulated<T, SELF, true>(c, a, wa, b, wb, h, true, c.sms2, false);
@@ -333,6 +346,10 @@ int main(int argc, char** argv) {
     c.conc = w;
     return c;
   };
+  auto tc = [](Case c, int route) {
+    c.tc = route;
+    return c;
+  };
   const Case self40 = {"self f32 N=40 d=5 outlier", true, 40, 0, 5, 1, true, 1, 0.0, bw7, false};
   const Case cross40 = {"cross f32 N=40 M=30 d=5 outlier", false, 40, 30, 5, 1, false, 1, 0.0, bw7, false};
   std::vector<Case> cases = {
@@ -344,7 +361,7 @@ int main(int argc, char** argv) {
       {"cross f64 N=70 M=1 d=17", false, 70, 1, 17, 1, false, 4, 0.0, bw5, true},
       {"self f32 N=100 d=5 offset 1000", true, 100, 0, 5, 1, true, 1, 1000.0, bw7, false},
       {"self f32 N=6 d=0 biased", true, 6, 0, 0, 1, false, 1, 0.0, bw7, false},
-      {"cross f32 N=1 M=129 d=64", false, 1, 129, 64, 1, false, 1, 0.0, bw7, false},
+      tc({"cross f32 N=1 M=129 d=64", false, 1, 129, 64, 1, false, 1, 0.0, bw7, false}, 1),
       {"self f32 N=300 G=100 d=7 unbiased", true, 300, 0, 7, 100, true, 1, 0.0, bw7, false},
       // several waves (tiny slot budget): chunks of long grid rows, packs of short ones, float64 running sums
       sms2(waves({"self f32 N=300 d=10 unbiased, 7 waves", true, 300, 0, 10, 1, true, 1, 0.0, bw7, false}, 2e4), 5),
@@ -365,12 +382,27 @@ int main(int argc, char** argv) {
       // bandwidths too far apart for one scale: the kernels' per-bandwidth-scale path
       {"cross f32 N=70 M=90 d=4 bw 1e-8..1e5", false, 70, 90, 4, 1, false, 1, 0.0, bw3, false},
       {"self f32 N=100 d=4 bw 1e-8..1e5 unbiased", true, 100, 0, 4, 1, true, 1, 0.0, bw3, false},
+      // the tensor-core route (float, 32 <= d <= 64): float64 mma on centred tiles where the error gate allows
+      tc({"self f32 N=200 d=64 biased (tensor cores)", true, 200, 0, 64, 1, false, 1, 0.0, bw7, false}, 1),
+      tc({"cross f32 N=150 M=97 d=48 (tensor cores)", false, 150, 97, 48, 1, false, 1, 0.0, bw7, false}, 1),
+      tc({"self f32 N=130 G=5 d=33 unbiased", true, 130, 0, 33, 5, true, 1, 0.0, bw7, false}, 1),
+      tc({"self f32 N=100 d=40 offset 1000", true, 100, 0, 40, 1, true, 1, 1000.0, bw7, false}, 1),
+      tc(sms2(waves({"self f32 N=200 d=64 unbiased, waves", true, 200, 0, 64, 1, true, 1, 0.0, bw7, false}, 4e4), 7),
+         1),
+      // a far outlier leaves its tiles on the CUDA cores (gate), the others on tensor cores
+      tc(outlier({"self f32 N=100 d=40 outlier", true, 100, 0, 40, 1, false, 1, 0.0, bw7, false}, 1e6), 2),
+      tc(outlier({"cross f32 N=100 M=70 d=64 outlier", false, 100, 70, 64, 1, false, 1, 0.0, bw7, false}, -3e38), 2),
+      tc(conc({"cross f32 N=70 M=90 d=64", false, 70, 90, 64, 1, false, 1, 0.0, bw7, false}, 0.999), 1),
+      // a bandwidth of 1e-8: the gate keeps every tile on the CUDA cores
+      {"cross f32 N=70 M=90 d=40 bw 1e-8..1e5", false, 70, 90, 40, 1, false, 1, 0.0, bw3, false},
   };
   if (quick) {
     cases = {cases[0],  cases[1],  cases[2],  cases[3],  cases[6],  cases[7],  cases[8],  cases[9],  cases[10],
-             cases[11], cases[14], cases[15], cases[17], cases[19], cases[20], cases[21], cases[22], cases[23]};
+             cases[11], cases[14], cases[15], cases[17], cases[19], cases[20], cases[21], cases[22], cases[23],
+             cases[24], cases[25], cases[26], cases[27], cases[29], cases[30], cases[32]};
   } else if (approx) {  // the cases most sensitive to the reciprocal's error, for both directions of its bias
-    cases = {cases[0], cases[2], cases[3], cases[14], cases[17], cases[20], cases[21], cases[22], cases[23]};
+    cases = {cases[0],  cases[2],  cases[3],  cases[14], cases[17], cases[20],
+             cases[21], cases[22], cases[23], cases[24], cases[30], cases[31]};
   }
   bool ok = check_uniform_range();
   for (const Case& c : cases) ok = run(c) && ok;
