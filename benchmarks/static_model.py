@@ -70,9 +70,9 @@ class Device:
 #: Per-SM throughput of each pipe in warp instructions / clock (CUDA C programming guide, cc 9.0 throughput
 #: table divided by 32 lanes): FP32 128 lanes, FP64 64, MUFU 16, INT/ALU 64, conversions 16, LSU/MIO 32
 #: (shared-memory wavefronts, shuffles), control 16; ``issue`` is one warp instruction per SM sub-partition
-#: per clock.  ``tensor``: the only tensor-core instruction of these kernels is DMMA.8x8x4 (float64, 256 FMA), at
-#: the H100 SXM's FP64 tensor-core peak (67 TFLOP/s = 128 FMA per SM and clock at 1.98 GHz) 0.5 per SM and clock;
-#: :data:`DMMA_RATE_LOW` is the sensitivity case of half that rate (the report gives both).
+#: per clock.  ``tensor``: float64 mma only (DMMA.16x8x8 on sm_90, 1024 multiply-adds; DMMA.8x8x4, 256), its rate
+#: in DMMA.8x8x4 units (:func:`mma_units`): the H100 SXM's FP64 tensor-core peak, 67 TFLOP/s = 128 multiply-adds
+#: per SM and clock at 1.98 GHz, is 0.5 per SM and clock; the issue slots count instructions as for every pipe.
 SM90_RATES = (
     ("issue", 4.0),
     ("fp32", 4.0),
@@ -85,7 +85,6 @@ SM90_RATES = (
     ("control", 0.5),
     ("tensor", 0.5),
 )
-DMMA_RATE_LOW = 0.25
 H100_SXM = Device("H100 SXM", 132, 1.98, 3.35, SM90_RATES)
 H200 = Device("H200", 132, 1.98, 4.8, SM90_RATES)
 DEVICES = (H100_SXM, H200)
@@ -170,6 +169,15 @@ _PIPE_OF = {
 _MEMORY_PREFIXES = ("LD", "ST")  # LDS/LDG/LDL/STS/STG/STL and width suffixes are LSU
 
 
+def mma_units(opcode: str) -> float:
+    """Work of a tensor-core instruction in DMMA.8x8x4 units (256 multiply-adds): DMMA.16x8x8 is 4."""
+    m = re.search(r"\.(\d+)x(\d+)x(\d+)", opcode)
+    if not opcode.upper().startswith("DMMA") or not m:
+        raise ValueError(f"{opcode}: only DMMA.MxNxK is modelled on the tensor pipe")
+    a, b, c = (int(v) for v in m.groups())
+    return a * b * c / 256.0
+
+
 def classify(opcode: str) -> str:
     """Pipe of a SASS opcode (``FFMA``, ``LDS.128``, ``ISETP.GE.AND``, ...): one of :data:`PIPES`.
 
@@ -231,7 +239,9 @@ class Function:
 
 
 _FUNC_RE = re.compile(r"^\s*(?:Function\s*:\s*(\S+)|\.text\.(\S+?):)\s*$")
-_INSTR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(?:\{\s*)?(@!?U?P[0-9T]\s+)?([A-Z0-9_.]+)\s*([^;]*);")
+_INSTR_RE = re.compile(
+    r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(?:\{\s*)?(@!?U?P[0-9T]\s+)?([A-Z0-9_]+(?:\.[0-9A-Za-z_]+)*)\s*([^;]*);"
+)
 _LABEL_RE = re.compile(r"^(\.L_x_\d+):")
 _LINE_RE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
 
@@ -603,16 +613,16 @@ TRIP_MODEL = (
         ("DFMA", 1),
     ),
     LoopSpec(
-        "TC D: 4 coordinates x 2 x 4 blocks of 8 x 8 pairs (float64 mma)",
-        r"for \(int k0 = 0; k0 < kc; k0 \+= 4\)",
-        lambda c: [-(-c.d // 4)],
-        ("DMMA", 8),
+        "TC D: 8 coordinates x 4 blocks of 16 x 8 pairs (float64 mma)",
+        r"for \(int k0 = 0; k0 < kc; k0 \+= 8\)",
+        lambda c: [-(-c.d // 8)],
+        ("DMMA", 4),
     ),
     LoopSpec(
-        "TC G: 4 partners x 2 x 4 blocks of 8 rows x 8 coordinates (float64 mma)",
-        r"for \(int u0 = 0; u0 < kBT; u0 \+= 4\)",
-        lambda c: [KBT // 4],
-        ("DMMA", 8),
+        "TC G: 8 partners x 4 blocks of 16 rows x 8 coordinates (float64 mma)",
+        r"for \(int u0 = 0; u0 < kBT; u0 \+= 8\)",
+        lambda c: [KBT // 8],
+        ("DMMA", 4),
     ),
     LoopSpec("TC L: float64 line sums of P", r"for \(int v = 0; v < kBT; \+\+v\)", lambda c: [KBT], ("LDS", 1)),
 )
@@ -641,11 +651,21 @@ REGION_MODEL = (
     RegionSpec("tensor-core route possible (32 <= d <= 64)", r"if \(tc_possible\)", lambda c: float(c.tensor_cores)),
     RegionSpec("TC distances", r"if \(tc\) tc_distances", lambda c: float(c.tensor_cores)),
     RegionSpec("CUDA-core D loop / G chunks (no tensor cores)", r"if \(!tc\)", lambda c: float(not c.tensor_cores)),
-    RegionSpec("TC: distances back from shared memory", r"if \(tc\) \{  // this thread", lambda c: float(c.tensor_cores)),
+    RegionSpec(
+        "TC: distances back from shared memory", r"if \(tc\) \{  // this thread", lambda c: float(c.tensor_cores)
+    ),
     RegionSpec("TC: line sums of P", r"if \(tc\) \{\n\s+// Float64 line sums", lambda c: float(c.tensor_cores)),
     RegionSpec("TC gate: 128 <= tid < 192 (2 of 8 warps)", r"if \(tid >= 2 \* kBT && tid < 3 \* kBT\)", lambda c: 0.25),
-    RegionSpec("TC: 192 <= tid with b_grad (2 of 8 warps)", r"else if \(tid >= 3 \* kBT && A\.b_grad\)", lambda c: 0.25 * c.b_grad),
-    RegionSpec("TC gate: tid < 128 (4 of 8 warps)", r"if \(tid < 2 \* kBT\) tc_row_norm", lambda c: 0.5),
+    RegionSpec(
+        "TC: 192 <= tid with b_grad (2 of 8 warps)",
+        r"else if \(tid >= 3 \* kBT && A\.b_grad\)",
+        lambda c: 0.25 * c.b_grad,
+    ),
+    RegionSpec(
+        "TC gate: the column tile's rows (2 of 8 warps) and, for a new row tile, its rows (2 more)",
+        r"if \(tid < 2 \* kBT && \(new_rows \|\| tid >= kBT\)\) tc_row_norm",
+        lambda c: 0.25 + 0.25 * (c.row_share if len(_chunks(c.d)) == 1 else 1.0),
+    ),
     RegionSpec(
         "TC G: warps with coordinates",
         r"if \(tc && 32 \* \(\(tid >> 5\) & 1\) < d\)",
@@ -687,6 +707,7 @@ class TileCount:
     per_warp: Dict[str, float]
     per_phase: Dict[str, float]
     loops: List[dict]
+    tensor_units: float = 0.0  # tensor-core work per warp in DMMA.8x8x4 units (256 multiply-adds each)
 
     @property
     def total(self) -> float:
@@ -732,6 +753,20 @@ class _Regions:
         return f
 
 
+def _call_sites(fn: Function, kernel_file: str, body: Tuple[int, int]) -> List[Optional[int]]:
+    """Per instruction of ``fn``: the kernel-body line it belongs to (``_outer_line``).  nvdisasm gives some
+    instructions of an inlined helper its line alone, without the "inlined at" chain; those inherit the call site
+    of the instruction before them, so that the branch bodies and phases of the call site apply to them."""
+    out: List[Optional[int]] = []
+    last: Optional[int] = None
+    for ins in fn.instrs:
+        line = _outer_line(ins, kernel_file)
+        if line is not None and body[0] <= line <= body[1]:
+            last = line
+        out.append(last if last is not None else line)
+    return out
+
+
 def _require_match(pattern: str, text: str) -> None:
     """Every pattern of the trip and region models must match the kernel source: a pattern that no longer
     matches (e.g. after reformatting) would silently give its loop or branch body a factor of 1."""
@@ -764,6 +799,8 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
     if case.tensor_cores and "ELb1EEEv" not in fn.name:
         raise ValueError(f"{fn.name}: the CUDA-core instantiation cannot take the tensor-core route (use tc=False)")
     loops = find_loops(fn)
+    kernel = source_region(text, r"imq_tiles_kernel\(const TileArgs<T> A\)")
+    outer = _call_sites(fn, kernel_file, (kernel[0], kernel[2]))
     j_line = source_region(text, r"for \(int J = J_begin")[0]
     tiles = [lp for lp in loops if _outer_line(fn.instrs[lp.end], kernel_file) == j_line]
     if len(tiles) != 1:
@@ -792,7 +829,7 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
                 "know (update TRIP_MODEL)"
             )
         # One source loop per (header, call site): a helper's loop inlined twice is two loops.
-        by_source.setdefault((heads[0], _outer_line(fn.instrs[lp.end], kernel_file)), []).append(lp)
+        by_source.setdefault((heads[0], outer[lp.end]), []).append(lp)
 
     execs: Dict[int, float] = {}  # id(loop) -> body executions per tile
     peeled: Dict[int, float] = {}  # source header -> weight of its peeled copies
@@ -825,7 +862,7 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
         for u, lp in sorted(units, key=lambda t: -t[0]):
             execs[id(lp)] = float(sum(n // int(u) for n in rest))
             rest = [n % int(u) for n in rest]
-            eff = execs[id(lp)] * regions.factor(_outer_line(fn.instrs[lp.end], kernel_file))
+            eff = execs[id(lp)] * regions.factor(outer[lp.end])
             info.append(
                 dict(
                     name=spec.name,
@@ -847,7 +884,7 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
                 for i in range(tile.start, tile.end + 1)
                 if i not in ids
                 and any(first <= ln <= last for ln in _kernel_frames(fn.instrs[i], kernel_file))
-                and (not inlined or _outer_line(fn.instrs[i], kernel_file) == site)
+                and (not inlined or outer[i] == site)
             ]
             copies = sum(1 for i in outside if fn.instrs[i].opcode.startswith(op)) / per
             left = sum(rest)
@@ -859,18 +896,21 @@ def tile_counts(fn: Function, case: Case, text: str, kernel_file: str = KERNEL_H
 
     per_warp = {p: 0.0 for p in PIPES}
     per_phase: Dict[str, float] = {}
+    tensor_units = 0.0
     for i in range(tile.start, tile.end + 1):
         ins = fn.instrs[i]
         holders = [lp for lp in inner if lp.start <= i <= lp.end]
         w = execs[id(max(holders, key=lambda lp: lp.start))] if holders else 1.0
         if i in peeled:
             w = peeled[i]
-        line = _outer_line(ins, kernel_file)
+        line = outer[i]
         w *= regions.factor(line)
         per_warp[ins.pipe] += w
+        if ins.pipe == "tensor":
+            tensor_units += w * mma_units(ins.opcode)
         ph = _phase_of(line, phase_lines)
         per_phase[ph] = per_phase.get(ph, 0.0) + w
-    return TileCount(case, per_warp, per_phase, sorted(info, key=lambda r: r["addr"]))
+    return TileCount(case, per_warp, per_phase, sorted(info, key=lambda r: r["addr"]), tensor_units)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1159,6 +1199,8 @@ def predict(tc: TileCount, dev: Device, tiles_busiest: int) -> Dict[str, float]:
     rates = dict(dev.rates)
     warp_instr = {p: v * KWARPS for p, v in tc.per_warp.items()}
     cycles = {p: warp_instr[p] / rates[p] for p in PIPES if warp_instr[p]}
+    if warp_instr["tensor"]:  # the tensor pipe's rate is per DMMA.8x8x4 of work
+        cycles["tensor"] = tc.tensor_units * KWARPS / rates["tensor"]
     cycles["issue"] = sum(warp_instr.values()) / rates["issue"]
     bound = max(cycles, key=cycles.get)
     seconds = tiles_busiest * cycles[bound] / (dev.clock_ghz * 1e9)
@@ -1426,7 +1468,7 @@ def _render_times(a: dict) -> List[str]:
             t = got[0]["total"]
             L.append(
                 f"* n = {n}, d = {d}, fwd+bwd: predicted {_ms(t)} ms on an H100 SXM against the goal "
-                f"{_ms(goal)} ms: **{'met' if t <= goal else 'NOT met'}** ({t / goal:.2f}x the goal)."
+                f"{_ms(goal)} ms: **{'met' if t <= goal else 'NOT met'}** ({t / goal:.3f}x the goal)."
             )
     L += [
         "* The issue's estimate from a hand count of an earlier SASS: 578 / 703 / 398 instructions per pair "
@@ -1467,28 +1509,28 @@ def _render_costs(a: dict) -> List[str]:
         L += [
             "",
             f"1. **Per-bandwidth arithmetic (K phase)**: {k:.0f} instructions per pair for 15 bandwidths "
-            f"({k / 15:.1f} per bandwidth) in cross-grad: per pair and bandwidth c_s + x, one bare MUFU.RCP "
-            "(rcp.approx, no Newton step: imq_band_acc), the value sums w r and (w x) r, phi and psi "
-            "(6 FP32; nvcc recomputes w x per bandwidth rather than hold 16 more registers), x, its cap and w x "
-            "once per pair (one power-of-two scale for all bandwidths), 3 shuffle levels per value partial and "
-            "bandwidth, the band loop unrolled twice in the gradient kernels. Remaining levers: holding w x "
-            "(register-bound at 128), fewer shuffle levels (more lane partials in shared memory).",
-            f"2. **Gradient GEMMs on CUDA cores (G phase)**: {g64:.0f} instructions per pair in self-grad "
-            "(row and column sides), each coordinate costing FADD + FFMA (the differences a_i - b_j are formed "
-            "per (pair, coordinate) instead of a_i sum_j P_ij - sum_j P_ij b_j, whose cancellation the accuracy "
-            "contract excludes). The G loops run only the ceil(kc / 16) slices of 16 coordinates a chunk holds "
-            "(g_side<NL>), coordinate-major across the warps: at d = 10 the 3 warps holding only padding "
-            "coordinates sit out.",
-            f"3. **Squared distances (D phase)**: {d64:.0f} per pair at d = 64 ({d10:.0f} at d = 10): "
-            "FADD + FFMA per coordinate plus 2 LDS.128 per 16 pairs; the |a|^2 + |b|^2 - 2ab form on tensor "
-            "cores is excluded by the accuracy contract, so this stays ~2 d per pair; a 8x4 register tile per "
-            "thread would halve the shared-memory loads per FFMA.",
-            "4. **Tile overheads (L phase, tile loop body)**: line sums of P/Phi run on 2-4 of 8 warps with "
-            "shared-memory reads and barriers; the tiles' coordinates are reloaded from global memory for "
-            "every tile pair.",
+            f"({k / 15:.1f} per bandwidth) in cross-grad at d = 64: per pair and bandwidth c_s + x, one bare "
+            "MUFU.RCP (rcp.approx, no Newton step: imq_band_acc), the value sums w r and (w x) r, phi and psi "
+            "(6 FP32), x, its cap and w x once per pair (one power-of-two scale for all bandwidths), one shuffle "
+            "level per value partial and bandwidth (16 lane partials per warp in shared memory), the band loop "
+            "unrolled twice in the gradient kernels. The largest cost at every size now; its floor is 7 per "
+            "bandwidth and pair (6 FP32 + MUFU).",
+            f"2. **Point gradients (G phase)**: {g64:.0f} instructions per pair in self-grad at d = 64 (row and "
+            "column sides) on the tensor-core route: per side a 64 x 64 x 64 float64 GEMM (8 steps of 4 "
+            "DMMA.16x8x8 per warp) whose operands are converted and centred on the fly (F2F + DADD per fragment "
+            "element; the compiler pads the DMMAs with NOPs where no independent instruction is left), then an "
+            "epilogue of 16 outputs per lane (a'_i sum_j P_ij - (P B')_i, slot update). At d = 10 (CUDA cores, "
+            "g_side): FADD + FFMA per (pair, coordinate), only the ceil(kc / 16) slices a chunk holds.",
+            f"3. **Squared distances (D phase)**: {d64:.0f} per pair at d = 64 ({d10:.0f} at d = 10): at d = 64 "
+            "the error gate (float64 norms of the 128 rows from the centre; the row tile's only when it changes), "
+            "the float64 GEMM (8 steps of 4 DMMA.16x8x8 per warp) and its epilogue to shared memory; at d = 10 "
+            "FADD + FFMA per coordinate plus 2 LDS.128 per 16 pairs.",
+            "4. **Tile overheads (L phase, loads)**: line sums of P/Phi run on 2-4 of 8 warps (the tensor-core "
+            "route adds float64 line sums of P on two more); tile loads are 16-byte when d % 4 == 0, and the row "
+            "tile stays in shared memory across a row's column tiles when d fits one chunk.",
             "5. **Latency hiding**: 128 registers (the __launch_bounds__(256, 2) cap) give 2 blocks = 16 "
-            "warps per SM (25% occupancy); the issue-bound times above assume the FFMA chains and shared loads "
-            "are hidden, which 4 warps per scheduler may not do. Spills (ptxas: see the kernel table) are "
+            "warps per SM (25% occupancy); the issue-bound times above assume the FFMA chains, DMMAs and shared "
+            "loads are hidden, which 4 warps per scheduler may not do. Spills (ptxas: see the kernel table) are "
             "outside the per-pair loops (tests/test_static_model.py checks it).",
         ]
         L += _render_d64_need(c64)
@@ -1509,15 +1551,15 @@ def _render_d64_need(cfg: dict) -> List[str]:
         t_dg += share * t
         t_rest += (1.0 - share) * t
     need = (goal[0] - t_rest) / t_dg if t_dg else float("inf")
+    pred = t_dg + t_rest
+    verdict = "met" if pred <= goal[0] else f"not met; D + G would need <= {need:.0%} of their instructions"
     return [
-        f"6. **n = {cfg['n']}, d = {cfg['d']} against {_ms(goal[0])} ms**: the D and G phases take "
-        f"{_ms(t_dg)} ms of the predicted {_ms(t_dg + t_rest)} ms, the rest (K, L, tile overheads) "
-        f"{_ms(t_rest)} ms; the goal needs D + G at <= {need:.0%} of their current instructions "
-        f"(i.e. {1 / need if need > 0 else float('inf'):.1f}x fewer), e.g. the distance and gradient "
-        "products on tensor cores (3xTF32 on centred tiles, the route the issue names), provided that form "
-        "keeps the accuracy contract (see 3: the expanded form cancels); not attempted here (the SIMT emulator "
-        "cannot run an MMA path, so it could not be checked).",
-        *_render_floor(cfg["n"], cfg["d"], goal[0], t_dg + t_rest),
+        f"6. **n = {cfg['n']}, d = {cfg['d']} against {_ms(goal[0])} ms**: predicted {_ms(pred)} ms ({verdict}); "
+        f"the D and G phases take {_ms(t_dg)} ms of it on the tensor-core route, the rest (K, L, tile overheads) "
+        f"{_ms(t_rest)} ms, so the K phase is now the lever. The route's accuracy: float64 GEMMs on centred tiles "
+        "behind a per-tile-pair error gate (docs/ARCHITECTURE.md), checked under the SIMT emulator with models of "
+        "both mma shapes (csrc/testing/cuda_emu.h); the instructions themselves have not run on a GPU.",
+        *_render_floor(cfg["n"], cfg["d"], goal[0], pred),
     ]
 
 
@@ -1526,20 +1568,19 @@ def _render_floor(n: int, d: int, goal: float, predicted: float) -> List[str]:
     fl = floor_seconds(n, d)
     per = {c.op: contract_floor(c)["issue"] for c in wae_cases(n, d)}
     return [
-        f"7. **The accuracy contract's floor on CUDA cores** (n = {n}, d = {d}): even a kernel that issued nothing "
-        "but the arithmetic the contract requires (per coordinate: FADD for the difference, FFMA for the "
-        "distance, one FFMA per gradient side reusing the difference; per bandwidth: 2-3 FP32 and one MUFU; "
+        f"7. **The accuracy contract's floor on CUDA cores** (n = {n}, d = {d}): even a CUDA-core kernel that "
+        "issued nothing but the arithmetic the contract requires (per coordinate: FADD for the difference, FFMA "
+        "for the distance, one FFMA per gradient side reusing the difference; per bandwidth: 2-3 FP32 and one MUFU; "
         "`contract_floor`) needs "
         + " / ".join(f"{v:.0f}" for v in per.values())
         + f" instructions per pair ({' / '.join(per)}), i.e. **{_ms(fl)} ms** with every issue slot of every SM "
         f"busy. The goal {_ms(goal)} ms leaves {_ms(max(goal - fl, 0.0))} ms ({max(goal - fl, 0.0) / goal:.0%}) "
         "for every load, shuffle, index computation, reduction and wave tail, and needs "
         f"{fl / goal:.0%} of peak issue spent on required arithmetic (the current kernels: "
-        f"{fl / predicted:.0%} by this model). A register-resident difference reuse at d = 64 needs d differences "
-        "and d row accumulators per thread (128 registers before any other state). So on CUDA cores the goal is "
-        "at the floor; the tensor-core route takes D and G off the FP32 pipe and is the realistic one, and it "
-        "needs the contract's no-shift rule replaced by an error bound (e.g. FP64 MMA on centred tiles, with a "
-        "per-pair fallback to direct differences where |a'|^2 + |b'|^2 is too large against the distance).",
+        f"{fl / predicted:.0%} by this model, counting the tensor-core kernel's instructions). On CUDA cores the "
+        "goal is at the floor; the tensor-core instantiation (32 <= d <= 64) takes D and G off the FP32 pipe, "
+        "with the contract's no-shift rule replaced there by a per-tile-pair float64 error bound and a fallback "
+        "to direct differences for the tile pairs that fail it.",
     ]
 
 

@@ -12,15 +12,20 @@
 //
 // Per tile:
 //   D phase   the tile's coordinates (in the compute type, unshifted) go through
-//             shared memory k-major; each thread accumulates a 4 x 4 register tile of squared distances
-//             sum_k (a_ik - b_jk)^2 (direct differences, never the |a|^2 + |b|^2 - 2ab expansion).
+//             shared memory k-major (the row tile stays there for all the column tiles of a row when d fits one
+//             chunk; 16-byte loads when d % 4 == 0); each thread accumulates a 4 x 4 register tile of squared
+//             distances sum_k (a_ik - b_jk)^2 (direct differences, never the |a|^2 + |b|^2 - 2ab expansion in
+//             float32).  Tensor-core instantiation (float, 32 <= d <= 64, TC = true): per tile pair an error gate
+//             (tc_route_ok) and, when it passes, the distances |a'|^2 + |b'|^2 - 2 a'.b' as a float64 GEMM on the
+//             FP64 tensor cores (mma m16n8k8 on sm_90, 4 x m8n8k4 on sm_80) on coordinates centred at the tile
+//             pair's first row; the G phase then likewise (a'_i sum_j P_ij - (P B')_i).
 //   K phase   per-pair kernel values through csrc/imq_math.h (imq_band_acc_approx: one bare rcp.approx per
 //             pair and bandwidth, the special-function unit has headroom here; the CPU kernels share one
 //             reciprocal per group of three, imq_ku3, because the x86 divider is their bottleneck).  One
 //             power-of-two scale for all bandwidths (imq_make_bands), so x = D / R, its cap and w x are formed
 //             once per pair.  Value partials per bandwidth, both of w w k and of w w (1 - k) (the finalize keeps
-//             the more accurate one, imq_pick_value): 16 pairs per thread in registers, 3 levels of warp
-//             shuffles, 4 lane partials per warp in shared memory, added per tile in float64 into per-block
+//             the more accurate one, imq_pick_value): 16 pairs per thread in registers, 1 level of warp
+//             shuffles, 16 lane partials per warp in shared memory, added per tile in float64 into per-block
 //             accumulators (fixed order).  Pair masks (partial, diagonal, same-group
 //             tiles) are formed only on the tiles that need them.
 //             Gradient ops also form P_ij = w_i w_j psi(D_ij) and Phi_ij = phi(D_ij) (masked) in shared memory.

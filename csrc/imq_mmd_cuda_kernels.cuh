@@ -27,10 +27,10 @@ namespace imq_cuda {
 constexpr int kBT = 64;        // tile rows (= tile columns)
 constexpr int kThreads = 256;  // threads per block: 16 x 16 threads, 4 x 4 pairs each
 constexpr int kWarps = kThreads / 32;
-// Value partials per warp and bandwidth: float sums the warp's 32 lanes over 3 butterfly levels only (lanes
-// 0 .. 3 then hold the sums of lanes = l mod 4) and the L phase adds the kWarps * kLaneParts partials in float64;
-// double keeps the full 5-level tree (one partial per warp: its shared memory stays within the opt-in limit
-// at kImqMaxBandwidthsCuda bandwidths).
+// Value partials per warp and bandwidth: float sums the warp's 32 lanes over 1 butterfly level only (lanes
+// 0 .. 15 then hold the sums of lanes l and l + 16: 4 shuffles and adds per bandwidth and thread instead of 10) and
+// the L phase adds the kWarps * kLaneParts partials in float64; double keeps the full 5-level tree (one partial
+// per warp: its shared memory stays within the opt-in limit at kImqMaxBandwidthsCuda bandwidths).
 template <class T>
 constexpr int kLaneParts = sizeof(T) == 4 ? 16 : 1;
 constexpr int kLd = kBT + 4;  // leading dimension of the shared tiles (keeps 16-byte alignment of rows)
@@ -224,8 +224,9 @@ __device__ __forceinline__ void band_partials(T a, T b, T c, T* part, int S) {
 }
 
 // Coordinates [c0, c0 + kcp) of rows [r0, r0 + kBT) of x (rows x d) into dst[k][r] (k-major, leading dimension
-// kLd); zero outside the matrix.  kcp: the chunk's coordinates rounded up to a multiple of 4 (the tensor-core
-// D phase reads 4 at a time; coordinates kcp .. DK - 1 are left alone: only discarded outputs read them).  Thread
+// kLd); zero outside the matrix.  kcp: the chunk's coordinates rounded up to a multiple of 4 (8 in the
+// tensor-core kernels, whose D phase reads 8 at a time; coordinates kcp .. DK - 1 are left alone: only discarded
+// outputs read them).  Thread
 // t fills row t / 4, coordinates t % 4 + 4 j: one 64-bit row address per thread, then 32-bit offsets.  No shift:
 // every difference a_ik - b_jk is formed directly (D and G phases), so neither a common offset nor an outlier
 // costs accuracy.
@@ -239,16 +240,17 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ x, int6
   for (int k = q; k < kcp; k += 4) dst[k * kLd + r] = (row_in && k < kin) ? src[k] : T(0);
 }
 
-// load_chunk with 16-byte loads (float, d % 4 == 0, x 16-byte aligned: TileArgs::vec4; then kcp = the chunk's
-// coordinates on every row): thread t reads coordinates 4 (t % 4) + 16 j .. + 3 of row t / 4.
+// load_chunk with 16-byte loads (float, d % 4 == 0, x 16-byte aligned: TileArgs::vec4; the chunk's coordinates
+// then a multiple of 4): thread t reads coordinates 4 (t % 4) + 16 j .. + 3 of row t / 4.
 __device__ __forceinline__ void load_chunk4(float* dst, const float* __restrict__ x, int64_t rows, int64_t d,
                                             int64_t r0, int64_t c0, int kcp) {
   const int r = threadIdx.x >> 2, q = threadIdx.x & 3;
   const bool row_in = r0 + r < rows;
   const float* __restrict__ src = x + (row_in ? (r0 + r) * d + c0 : 0);
+  const int kin = int(d - c0 < kcp ? d - c0 : kcp);  // coordinates inside the matrix (a multiple of 4)
   for (int k4 = 4 * q; k4 < kcp; k4 += 16) {
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (row_in) {
+    if (row_in && k4 < kin) {
       GMW_CHECK_ALIGNED(src + k4, 16);
       v = *reinterpret_cast<const float4*>(src + k4);
     }
@@ -362,6 +364,34 @@ __device__ __forceinline__ void dmma884(double (&c)[2], double a, double b) {
 #endif
 }
 
+// dmma16x8x8 below as four m8n8k4 (sm_80): k = 0 .. 3, then 4 .. 7, for the top and the bottom 8 rows.
+__device__ __forceinline__ void dmma16x8x8_as_884(double (&c)[4], const double (&a)[4], const double (&b)[2]) {
+  double top[2] = {c[0], c[1]}, bottom[2] = {c[2], c[3]};
+  dmma884(top, a[0], b[0]);
+  dmma884(top, a[2], b[1]);
+  dmma884(bottom, a[1], b[0]);
+  dmma884(bottom, a[3], b[1]);
+  c[0] = top[0], c[1] = top[1], c[2] = bottom[0], c[3] = bottom[1];
+}
+
+// c[0..3] += A B for the warp's 16 x 8 A (lane l = 4 g + t holds a[0] = A[g][t], a[1] = A[g + 8][t], a[2] =
+// A[g][t + 4], a[3] = A[g + 8][t + 4]) and 8 x 8 B (b[0] = B[t][g], b[1] = B[t + 4][g]); lane l holds C[g][2 t + e]
+// in c[e] and C[g + 8][2 t + e] in c[2 + e].  sm_90: one mma.m16n8k8.f64 (1024 multiply-adds); sm_80: the same
+// product as four m8n8k4 (dmma16x8x8_as_884).  Every lane must call it.
+__device__ __forceinline__ void dmma16x8x8(double (&c)[4], const double (&a)[4], const double (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+d"(c[0]), "+d"(c[1]), "+d"(c[2]), "+d"(c[3])
+      : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]));
+#elif defined(GMW_DMMA16_MODEL)
+  GMW_DMMA16_MODEL(c, a, b);
+#else
+  dmma16x8x8_as_884(c, a, b);
+#endif
+}
+
 // Gate of the tensor-core route, one row per thread (threads 0 .. 2 kBT - 1, whole warps): t < kBT row t of the
 // I tile, else row t - kBT of the J tile; its |row - c|^2 (0 outside the matrix) to tcs[kTcNorm + t] and the
 // largest of its warp (a NaN or an infinity as infinity) to tcs[kTcWarpMax + t / 32].
@@ -393,39 +423,37 @@ __device__ __forceinline__ bool tc_route_ok(const double* tcs, int kc) {
 }
 
 // D phase on tensor cores: Ds[i][j] = |a'_i|^2 + |b'_j|^2 - 2 a'_i . b'_j (float, leading dimension kLd), negative
-// rounding clamped to 0.  Warp w: rows 16 (w / 2) .. + 16, columns 32 (w % 2) .. + 32 (2 x 4 blocks of 8 x 8).
-// Rows outside the matrices (zeros in the tiles, norm 0) get finite distances or +inf in float, never NaN: their
-// pairs have weight 0 and are masked, as on the CUDA-core route.
+// rounding clamped to 0.  Warp w: rows 16 (w / 2) .. + 16, columns 32 (w % 2) .. + 32 (4 blocks of 16 x 8), 8
+// coordinates per step (the tiles hold zeros up to a multiple of 8).  Rows outside the matrices (zeros in the
+// tiles, norm 0) get finite distances or +inf in float, never NaN: their pairs have weight 0 and are masked, as on
+// the CUDA-core route.
 __device__ __forceinline__ void tc_distances(const float* As, const float* Bs, const double* tcs, float* Ds, int kc) {
   const int tid = fresh_tid(), w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
   const int rb = 16 * (w >> 1), cb = 32 * (w & 1);
-  double acc[2][4][2];
+  double acc[4][4];
 #pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int n = 0; n < 4; ++n) acc[m][n][0] = acc[m][n][1] = 0.0;
-  for (int k0 = 0; k0 < kc; k0 += 4) {  // coordinates k0 + t >= kc are zero in the tiles and in the centre
+  for (int n = 0; n < 4; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0;
+  for (int k0 = 0; k0 < kc; k0 += 8) {  // coordinates k0 + t (+ 4) >= kc are zero in the tiles and in the centre
     const int k = k0 + t;
-    const double ck = tcs[kTcCentre + k];
-    double af[2], bf[4];
+    const double c0 = tcs[kTcCentre + k], c1 = tcs[kTcCentre + k + 4];
+    const double af[4] = {double(As[k * kLd + rb + g]) - c0, double(As[k * kLd + rb + g + 8]) - c0,
+                          double(As[(k + 4) * kLd + rb + g]) - c1, double(As[(k + 4) * kLd + rb + g + 8]) - c1};
 #pragma unroll
-    for (int m = 0; m < 2; ++m) af[m] = double(As[k * kLd + rb + 8 * m + g]) - ck;
-#pragma unroll
-    for (int n = 0; n < 4; ++n) bf[n] = double(Bs[k * kLd + cb + 8 * n + g]) - ck;
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int n = 0; n < 4; ++n) dmma884(acc[m][n], af[m], bf[n]);
+    for (int n = 0; n < 4; ++n) {
+      const int j = cb + 8 * n + g;
+      const double bf[2] = {double(Bs[k * kLd + j]) - c0, double(Bs[(k + 4) * kLd + j]) - c1};
+      dmma16x8x8(acc[n], af, bf);
+    }
   }
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const int i = rb + 8 * m + g;
+  for (int h = 0; h < 2; ++h) {
+    const int i = rb + g + 8 * h;
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = cb + 8 * n + 2 * t + e;
-        const double D = tcs[kTcNorm + i] + tcs[kTcNorm + kBT + j] - 2.0 * acc[m][n][e];
+        const double D = tcs[kTcNorm + i] + tcs[kTcNorm + kBT + j] - 2.0 * acc[n][2 * h + e];
         Ds[i * kLd + j] = float(D < 0.0 ? 0.0 : D);  // a NaN stays NaN
       }
   }
@@ -434,40 +462,37 @@ __device__ __forceinline__ void tc_distances(const float* As, const float* Bs, c
 // G phase, one side, on tensor cores: o(r, k) = own'(r, k) psum(r) - sum_u P(r, u) oth'(u, k) for the kc
 // coordinates, P(r, u) = Ps[r][u] on the row side (ROW), Ps[u][r] on the column side; psum = the float64 line
 // sums of P on that side.  Rows r < rows_left go to slot[r (d + 1) + k] (stored on the first visit, added later).
-// Warp w: rows 16 (w / 2) .. + 16, coordinates 32 (w % 2) .. + 32; only warps with coordinates call it
-// (32 (w % 2) < kc).
+// Warp w: rows 16 (w / 2) .. + 16, coordinates 32 (w % 2) .. + 32 (4 blocks of 16 x 8), 8 partners per step; only
+// warps with coordinates call it (32 (w % 2) < kc).
 template <bool ROW>
 __device__ __forceinline__ void tc_g_side(const float* Ps, const float* own_s, const float* oth_s, const double* tcs,
                                           const double* psum, float* slot, int64_t rows_left, int kc, int64_t d,
                                           bool first) {
   const int tid = fresh_tid(), w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
   const int rb = 16 * (w >> 1), kb = 32 * (w & 1);
-  double ck[4], acc[2][4][2];
+  double ck[4], acc[4][4];
 #pragma unroll
-  for (int n = 0; n < 4; ++n) ck[n] = tcs[kTcCentre + kb + 8 * n + g];
+  for (int n = 0; n < 4; ++n) {
+    ck[n] = tcs[kTcCentre + kb + 8 * n + g];
+    acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0;
+  }
+#pragma unroll 2
+  for (int u0 = 0; u0 < kBT; u0 += 8) {  // P is 0 on rows and columns outside the matrices
+    const int u = u0 + t, r = rb + g;
+    const double af[4] = {double(ROW ? Ps[r * kLd + u] : Ps[u * kLd + r]),
+                          double(ROW ? Ps[(r + 8) * kLd + u] : Ps[u * kLd + r + 8]),
+                          double(ROW ? Ps[r * kLd + u + 4] : Ps[(u + 4) * kLd + r]),
+                          double(ROW ? Ps[(r + 8) * kLd + u + 4] : Ps[(u + 4) * kLd + r + 8])};
 #pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int n = 0; n < 4; ++n) acc[m][n][0] = acc[m][n][1] = 0.0;
-#pragma unroll 4
-  for (int u0 = 0; u0 < kBT; u0 += 4) {  // P is 0 on rows and columns outside the matrices
-    const int u = u0 + t;
-    double af[2], bf[4];
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      const int r = rb + 8 * m + g;
-      af[m] = double(ROW ? Ps[r * kLd + u] : Ps[u * kLd + r]);
+    for (int n = 0; n < 4; ++n) {
+      const float* o = oth_s + (kb + 8 * n + g) * kLd + u;
+      const double bf[2] = {double(o[0]) - ck[n], double(o[4]) - ck[n]};
+      dmma16x8x8(acc[n], af, bf);
     }
-#pragma unroll
-    for (int n = 0; n < 4; ++n) bf[n] = double(oth_s[(kb + 8 * n + g) * kLd + u]) - ck[n];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int n = 0; n < 4; ++n) dmma884(acc[m][n], af[m], bf[n]);
   }
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const int r = rb + 8 * m + g;
+  for (int h = 0; h < 2; ++h) {
+    const int r = rb + g + 8 * h;
     if (r >= rows_left) continue;
 #pragma unroll
     for (int n = 0; n < 4; ++n)
@@ -476,7 +501,7 @@ __device__ __forceinline__ void tc_g_side(const float* Ps, const float* own_s, c
         const int k = kb + 8 * n + 2 * t + e;
         if (k >= kc) continue;
         const double own = double(own_s[k * kLd + r]) - tcs[kTcCentre + k];
-        slot_put(slot + int64_t(r) * (d + 1) + k, float(own * psum[r] - acc[m][n][e]), first);
+        slot_put(slot + int64_t(r) * (d + 1) + k, float(own * psum[r] - acc[n][2 * h + e]), first);
       }
   }
 }
@@ -557,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
       bool tc = false;  // this tile pair's D and G phases on tensor cores (uniform across the block)
       for (int c = 0; c < nchunks; ++c) {
         const int kc = int(d - int64_t(c) * DK < DK ? d - int64_t(c) * DK : DK);
-        const int kcp = (kc + 3) & ~3;
+        const int kcp = TC ? (kc + 7) & ~7 : (kc + 3) & ~3;  // (the tensor-core D phase reads 8 at a time)
         // One chunk: the row tile and its weights stay in shared memory for all the column tiles of a row.
         const bool new_rows = nchunks > 1 || J == J_begin;
         __syncthreads();  // every user of the shared tiles (previous chunk / tile) is done
@@ -584,12 +609,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) imq_tiles_ke
         __syncthreads();
         if constexpr (kTcBuild) {
           if (tc_possible) {  // one chunk: c == 0, kc == d
-            if (tid < kBT) {
+            // The centre and the row tile's norms change with the row tile only.
+            if (tid < kBT && new_rows) {
               const int k = fresh_tid();
               tcs[kTcCentre + k] = k < kc ? double(As[k * kLd]) : 0.0;
             }
             __syncthreads();
-            if (tid < 2 * kBT) tc_row_norm(As, Bs, tcs, kc, rows_i, rows_j);
+            if (tid < 2 * kBT && (new_rows || tid >= kBT)) tc_row_norm(As, Bs, tcs, kc, rows_i, rows_j);
             __syncthreads();
             tc = tc_route_ok(tcs, kc);
             if (tid == 0) info[6] = int(tc);

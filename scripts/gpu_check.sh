@@ -14,7 +14,9 @@
 #   selftest   python3 -m gmwae_fast.selftest (every backend on cpu and cuda against the float64 reference)
 #   sanitizer  compute-sanitizer memcheck and racecheck over scripts/gpu_sanitize.py (every CUDA kernel once)
 #   bench      benchmarks/run.sh on the key configurations: n = 4096 (d = 10, 64) and n = 65536 (d = 10),
-#              fwd+bwd, fp32; fused cuda and triton against eager, torch.compile and KeOps (if installed)
+#              fwd+bwd, fp32; fused cuda and triton against eager, torch.compile and KeOps (if installed);
+#              GMWAE_FAST_CUDA_TENSOR_CORES=0 bash scripts/gpu_check.sh --steps bench: the same with the float
+#              kernels kept off the tensor-core route (32 <= d <= 64), for an A/B of that route
 #   train      200 GM-WAE steps at the paper's settings on the GPU (needs MNIST: --data-dir DIR, $GMWAE_DATA,
 #              ./shared/data or ../shared/data; skipped with a message when none holds MNIST/raw)
 #   tests      pytest tests -q -x -k "cuda or triton" (the GPU-parametrised tests; the rest runs in CI)

@@ -185,9 +185,9 @@ def test_trip_model_counts_the_distance_loop_exactly():
 
 
 def test_trip_model_counts_the_tensor_core_loops_exactly():
-    """The tensor-core kernel at d = 64: d / 4 mma steps of 8 DMMA per warp in the D phase, 16 per side in the G
-    phase (2 sides in self-grad), i.e. 8 DMMA per pair slot (3 x 64^3 FMA / 256 per DMMA / 4096 pairs x 32 lanes /
-    ... per warp): exactly the GEMM work, and no CUDA-core D or G loop runs."""
+    """The tensor-core kernel at d = 64 (sm_90: DMMA.16x8x8, 1024 multiply-adds): d / 8 steps of 4 DMMA per warp
+    in the D phase, 8 steps of 4 per side in the G phase (2 sides in self-grad): 64^3 multiply-adds per GEMM and
+    tile, exactly the GEMM work; no CUDA-core D or G loop runs."""
     build = _build_or_skip()
     fns = sm.parse_sass(build.sass)
     for op, sides in (("self-values", 0), ("cross-grad", 1), ("self-grad", 2)):
@@ -195,8 +195,9 @@ def test_trip_model_counts_the_tensor_core_loops_exactly():
         fn = sm.tile_function(fns, self_term, grad, tensor_cores=True)
         case = sm.Case(op, 4096, 4096, 64, (15,), b_grad=sides == 2)
         tc = sm.tile_counts(fn, case, build.text)
-        dmma_per_warp = (64 // 4) * 8 * (1 + sides)  # one 64 x 64 x 64 GEMM per phase and side, 8 warps
+        dmma_per_warp = (64 // 8) * 4 * (1 + sides)  # one 64 x 64 x 64 GEMM per phase and side, 8 warps
         assert tc.per_warp["tensor"] == pytest.approx(dmma_per_warp)
+        assert tc.tensor_units * 256 * 8 == pytest.approx(64**3 * (1 + sides))
         assert not [lp for lp in tc.loops if lp["name"].startswith(("D: ", "G: ")) and lp["execs"] > 0]
         # the fallback of a tile pair that fails the gate: no tensor-core work, the CUDA-core loops instead
         off = sm.tile_counts(fn, sm.Case(op, 4096, 4096, 64, (15,), b_grad=sides == 2, tc=False), build.text)

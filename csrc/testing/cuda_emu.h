@@ -34,6 +34,7 @@
 #define GMW_DYNAMIC_SMEM(name) unsigned char* name = ::gmw_emu::dynamic_smem()
 // The warp-wide float64 tensor-core mma (mma.m8n8k4.f64) of the kernels' dmma884.
 #define GMW_DMMA_MODEL(c, a, b) ::gmw_emu::dmma884(c, a, b)
+#define GMW_DMMA16_MODEL(c, a, b) ::gmw_emu::dmma16x8x8(c, a, b)
 // Per tile pair (thread 0): which route its D and G phases took.
 #define GMW_EMU_TILE(tc) ::gmw_emu::count_tile(tc)
 // Vector loads/stores must be aligned on the GPU; the emulator checks it.
@@ -62,7 +63,7 @@ namespace gmw_emu {
 struct Warp {
   std::barrier<> bar{32};
   alignas(8) unsigned char slot[32][8];
-  double mma_a[32], mma_b[32];  // operands of a warp-wide mma
+  double mma_a[32][4], mma_b[32][2];  // operands of a warp-wide mma
 };
 
 struct Block {
@@ -165,17 +166,43 @@ inline void count_tile(bool tc) {
 inline void dmma884(double (&c)[2], double a, double b) {
   Warp& w = *g_block->warps[threadIdx.x / 32];
   const unsigned lane = threadIdx.x & 31u;
-  w.mma_a[lane] = a;
-  w.mma_b[lane] = b;
+  w.mma_a[lane][0] = a;
+  w.mma_b[lane][0] = b;
   w.bar.arrive_and_wait();
   const unsigned g = lane >> 2, t = lane & 3u;
   for (unsigned e = 0; e < 2; ++e) {
     const unsigned n = 2 * t + e;
     double acc = c[e];
-    for (unsigned k = 0; k < 4; ++k) acc = std::fma(w.mma_a[g * 4 + k], w.mma_b[n * 4 + k], acc);
+    for (unsigned k = 0; k < 4; ++k) acc = std::fma(w.mma_a[g * 4 + k][0], w.mma_b[n * 4 + k][0], acc);
     c[e] = acc;
   }
   if (lane == 0) mma_count.fetch_add(1, std::memory_order_relaxed);
+  w.bar.arrive_and_wait();
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f64 (sm_90), modelled from its documented fragments, not from the m8n8k4
+// decomposition the kernels use on sm_80: lane l = 4 g + t gives A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4]
+// and B[t][g], B[t + 4][g]; holds C[g][2 t + e] in c[e] and C[g + 8][2 t + e] in c[2 + e]; each output a chain of
+// fused multiply-adds over k = 0 .. 7.
+inline void dmma16x8x8(double (&c)[4], const double (&a)[4], const double (&b)[2]) {
+  Warp& w = *g_block->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x & 31u;
+  for (int i = 0; i < 4; ++i) w.mma_a[lane][i] = a[i];
+  w.mma_b[lane][0] = b[0];
+  w.mma_b[lane][1] = b[1];
+  w.bar.arrive_and_wait();
+  auto A = [&](unsigned row, unsigned k) {  // the lane holding A[row][k] and its register
+    return w.mma_a[4 * (row % 8) + k % 4][(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)];
+  };
+  auto B = [&](unsigned k, unsigned col) { return w.mma_b[4 * col + k % 4][k >= 4 ? 1 : 0]; };
+  const unsigned g = lane >> 2, t = lane & 3u;
+  for (unsigned h = 0; h < 2; ++h)
+    for (unsigned e = 0; e < 2; ++e) {
+      double acc = c[2 * h + e];
+      for (unsigned k = 0; k < 8; ++k) acc = std::fma(A(g + 8 * h, k), B(k, 2 * t + e), acc);
+      c[2 * h + e] = acc;
+    }
+  if (lane == 0) mma_count.fetch_add(4, std::memory_order_relaxed);  // in m8n8k4 units
   w.bar.arrive_and_wait();
 }
 

@@ -295,6 +295,48 @@ bool run(const Case& c) {
 
 }  // namespace
 
+// One warp: the m16n8k8 model (sm_90's single instruction, from its documented fragments) against the kernels'
+// sm_80 form, four m8n8k4 (dmma16x8x8_as_884): the same bits, and both equal to a plain float64 product.
+void mma_check_kernel(const double* a, const double* b, double* out16, double* out884) {
+  const int l = threadIdx.x;
+  const double fa[4] = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]}, fb[2] = {b[2 * l], b[2 * l + 1]};
+  double c[4] = {0.5, -0.25, 1.0, 2.0}, c884[4] = {0.5, -0.25, 1.0, 2.0};
+  dmma16x8x8(c, fa, fb);
+  dmma16x8x8_as_884(c884, fa, fb);
+  for (int i = 0; i < 4; ++i) {
+    out16[4 * l + i] = c[i];
+    out884[4 * l + i] = c884[i];
+  }
+}
+
+bool check_mma() {
+  std::mt19937_64 rng(99);
+  std::uniform_int_distribution<int> small(-8, 8);  // small integers: every sum exact, any order
+  std::vector<double> a(128), b(64), o16(128), o884(128);
+  for (auto& x : a) x = small(rng);
+  for (auto& x : b) x = small(rng);
+  gmw_emu::launch(mma_check_kernel, 1u, 32u, 0, (const double*)a.data(), (const double*)b.data(), o16.data(),
+                  o884.data());
+  // The documented layout, spelled out: A[row][k] and B[k][col] from their lanes, C[row][col] on lane 4 g + t.
+  bool ok = o16 == o884;
+  const double c0[4] = {0.5, -0.25, 1.0, 2.0};
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < 2; ++e) {
+        double ref = c0[2 * h + e];
+        for (int k = 0; k < 8; ++k) {
+          const int row = g + 8 * h, col = 2 * t + e;
+          ref += a[4 * (4 * (row % 8) + k % 4) + (row >= 8) + 2 * (k >= 4)] * b[2 * (4 * col + k % 4) + (k >= 4)];
+        }
+        ok = ok && o16[4 * l + 2 * h + e] == ref;
+      }
+  }
+  std::printf("  %-44s %s  m16n8k8 model == four m8n8k4 == float64 product: %d\n", "float64 mma fragments",
+              ok ? "ok  " : "FAIL", int(ok));
+  return ok;
+}
+
 // csrc/philox.h's uniform: (0, 1], the top value exactly 1.0 (log 0: a (0, 0) pair of normals, never NaN).
 bool check_uniform_range() {
   using namespace gmwae_fast::philox;
@@ -405,6 +447,7 @@ int main(int argc, char** argv) {
              cases[21], cases[22], cases[23], cases[24], cases[30], cases[31]};
   }
   bool ok = check_uniform_range();
+  ok = check_mma() && ok;
   for (const Case& c : cases) ok = run(c) && ok;
   std::printf(ok ? "ALL PASSED\n" : "SOME FAILED\n");
   return ok ? 0 : 1;
