@@ -140,13 +140,18 @@ void launch_tiles_any(bool self, bool grad, const TileArgs<T>& A, int64_t nblock
   }
 }
 
-// GMWAE_FAST_CUDA_TENSOR_CORES=0 keeps the float kernels off the tensor-core route (read once; A/B benchmarks).
-inline bool tensor_cores_allowed() {
-  static const bool allowed = [] {
+// Whether the float kernels of a device take the tensor-core route (tensor_core_route decides by d): the devices
+// with full-rate float64 tensor cores (compute capability 8.0: A100, A30; 9.x: H100, H200, GH200), unless
+// GMWAE_FAST_CUDA_TENSOR_CORES=0 (read once; for A/B benchmarks).  Consumer parts (8.6, 8.9, 12.x) run the
+// float64 mma at their scalar float64 rate, far below their float32 one: the CUDA-core route is faster there.
+inline bool tensor_cores_allowed(int device) {
+  static const bool env_allows = [] {
     const char* v = std::getenv("GMWAE_FAST_CUDA_TENSOR_CORES");
     return !(v && std::string(v) == "0");
   }();
-  return allowed;
+  const int major = cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
+  const int minor = cached_device_attribute<cudaDevAttrComputeCapabilityMinor>(device);
+  return env_allows && ((major == 8 && minor == 0) || major == 9);
 }
 
 template <class T>
@@ -217,7 +222,7 @@ CudaResult imq_cuda_run(bool self, bool grad, const at::Tensor& a, const at::Ten
   at::Tensor vacc = at::empty({2 * S}, dev.dtype(at::kDouble));
   A.block_vals = block_vals.data_ptr<double>();
 
-  A.tensor_cores = tensor_core_route(d, sizeof(T), tensor_cores_allowed());
+  A.tensor_cores = tensor_core_route(d, sizeof(T), tensor_cores_allowed(a.get_device()));
   A.vec4 = sizeof(T) == 4 && d % 4 == 0 && reinterpret_cast<uintptr_t>(A.a) % 16 == 0 &&
            reinterpret_cast<uintptr_t>(A.b) % 16 == 0;
   const size_t smem = smem_layout<T>(S, grad, A.tensor_cores).bytes;
