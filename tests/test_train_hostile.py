@@ -527,6 +527,7 @@ def test_recipe_paper_changes_nothing_and_robust_bundles():
     e = _resolved(["--recipe", "robust-ema", "--steps", "1000"])
     assert (e.consistency, e.balance, e.mode_prune, e.lr_decay_from, e.ema) == (50.0, 100.0, 1e-4, None, 0.999)
     assert r.ema == 0.0 and e.lr == 5e-4
+    assert (r.recon_scale, e.recon_scale) == (1.0, 2.0)
 
 
 def test_recipe_explicit_options_win():

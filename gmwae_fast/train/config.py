@@ -71,12 +71,13 @@ def _rank_step(s: str) -> Tuple[int, int]:
 
 # -------------------------------------------------------------------------------------------- recipes, resume
 #: Option bundles for ``--recipe``: option -> value, or a function of the config. "paper" changes nothing;
-#: "robust-ema" is "robust" evaluated on a weight average and with a constant learning rate instead of the anneal.
+#: "robust-ema" is "robust" evaluated on a weight average and with a constant learning rate instead of the anneal,
+#: and the reconstruction cost doubled against the q_D terms and the MMD (--recon-scale 2).
 _ROBUST_Q_D = {"consistency": 50.0, "balance": 100.0, "mode_prune": 1e-4}
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
     "robust": {**_ROBUST_Q_D, "lr_decay_from": lambda c: int(0.75 * c.steps), "lr_final": 0.0},
-    "robust-ema": {**_ROBUST_Q_D, "ema": 0.999},
+    "robust-ema": {**_ROBUST_Q_D, "ema": 0.999, "recon_scale": 2.0},
 }
 #: Options that may differ from the checkpoint's on --resume (they do not change what the run computes, or
 #: change only its length and the end of its learning-rate schedule; --ema changes only what is evaluated).
