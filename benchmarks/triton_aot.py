@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -50,18 +48,10 @@ def _interpreting() -> bool:
 
 
 def _load(name: str):
-    """``gmwae_fast.kernels.<name>`` when installed, else the file of this checkout."""
-    try:
-        return importlib.import_module(f"gmwae_fast.kernels.{name}")
-    except ImportError:
-        modname = f"_gmwae_fast_triton_{name}"
-        if modname in sys.modules:
-            return sys.modules[modname]
-        spec = importlib.util.spec_from_file_location(modname, ROOT / "kernels" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-        return module
+    """``gmwae_fast.kernels.<name>``: this checkout's ``kernels/`` (see ``gmwae_fast/_kernel_modules.py``)."""
+    from gmwae_fast import _kernel_modules
+
+    return _kernel_modules.load(name)
 
 
 class _Recorder:
@@ -95,13 +85,16 @@ def _recording(module, names: Sequence[str], patches: Dict[str, object]):
 
 
 def _source(fn, args: tuple, kwargs: dict):
-    """``(ASTSource, num_warps)`` for a recorded launch, specialised the way Triton's JIT specialises it."""
+    """``(ASTSource, options)`` for a recorded launch, specialised the way Triton's JIT specialises it; ``options``
+    are the launch options of the call (``num_warps``, default 4, and ``maxnreg`` / ``num_stages`` when given)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
     from triton.compiler import ASTSource
 
     kwargs = dict(kwargs)
-    num_warps = int(kwargs.pop("num_warps", 4))
+    options = {"num_warps": int(kwargs.pop("num_warps", 4))}
+    options.update({k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if kwargs.get(k) is not None})
+    kwargs = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
     values = list(args) + [kwargs.pop(p.name) for p in fn.params[len(args) :] if p.name in kwargs]
     if kwargs or len(values) != len(fn.params):
         raise RuntimeError(f"{fn.__name__}: recorded call does not match the kernel parameters ({sorted(kwargs)})")
@@ -117,7 +110,10 @@ def _source(fn, args: tuple, kwargs: dict):
             constexprs[(idx,)] = v
         elif isinstance(spec, str):
             attrs[(idx,)] = BaseBackend.parse_attr(spec)
-    return ASTSource(fn, signature, constexprs, attrs), num_warps
+    return ASTSource(fn, signature, constexprs, attrs), options
+
+
+_LAUNCH_OPTIONS = ("maxnreg", "num_stages")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,10 +270,11 @@ def compile_all(arch: int = 90, quick: bool = False, ptxas: Optional[str] = None
     rows, seen = [], {}
     for family, variant, module, call in variants(quick):
         for fn, args, kwargs in _record(module, call):
-            src, num_warps = _source(fn, args, kwargs)
-            key = (fn.__name__, src.hash(), num_warps)
+            src, options = _source(fn, args, kwargs)
+            num_warps = options["num_warps"]
+            key = (fn.__name__, src.hash(), tuple(sorted(options.items())))
             if key not in seen:
-                compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+                compiled = triton.compile(src, target=target, options=options)
                 ptx = compiled.asm["ptx"]
                 seen[key] = dict(ptxas_usage(ptx, arch, ptxas), smem=int(compiled.metadata.shared), ptx=ptx)
             usage = dict(seen[key])

@@ -98,6 +98,10 @@ DEFAULTS = {
     # float64 points: doubles take two registers; smaller tiles keep the kernels from spilling as much
     "values_block_j_f64": 8,
     "grad_block_j_f64": 8,
+    # register cap per thread on CUDA (ptx .maxnreg; ignored by the interpreter). Without it triton 3.6's ptxas
+    # settles some variants at 96-128 registers and spills 8-16 B; with it neither 3.6 nor 3.8 spills.
+    "values_maxnreg": 160,
+    "grad_maxnreg": 168,
 }
 
 _POINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -524,6 +528,7 @@ class _Config:
             raise ValueError(f"block_j ({bj}) must not exceed block_i ({bi})")
         self.block_i, self.block_j = bi, bj
         self.num_warps = max(1, bi // 32) if num_warps is None else int(num_warps)
+        self.maxnreg = DEFAULTS[f"{kind}_maxnreg"]
         if col_splits is not None and int(col_splits) < 1:
             raise ValueError(f"col_splits must be >= 1, got {col_splits}")
         self.col_splits = None if col_splits is None else int(col_splits)
@@ -641,6 +646,7 @@ def _values(a, wa, b, wb, bw, self_: bool, group: int, unbiased: bool, cfg: _Con
             BLOCK_D=bd,
             S_PAD=s_pad,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return part[:, :S].sum(dim=0)
 
@@ -721,6 +727,7 @@ def _rowpass(
             BLOCK_D=bd,
             S_PAD=s_pad,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     values = part[:, :S].sum(dim=0) if with_values else None
     if splits == 1:

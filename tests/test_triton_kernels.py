@@ -7,11 +7,7 @@ is not importable. Besides values and gradients: no host-device synchronisation 
 spread of the points, one far outlier, one-hot cotangents.
 """
 
-import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,21 +24,9 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() i
     )
 
 
-def _load_kernels():
-    """``gmwae_fast.kernels.imq_mmd`` when installed, else the file of this checkout."""
-    try:
-        return importlib.import_module("gmwae_fast.kernels.imq_mmd")
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "kernels" / "imq_mmd.py"
-        name = "_gmwae_fast_triton_imq_mmd"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
+from gmwae_fast import _kernel_modules  # noqa: E402
 
-
-K = _load_kernels()
+K = _kernel_modules.load("imq_mmd")
 F64 = torch.float64
 
 

@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _kernel_modules, backends
 from ._autograd import first_order_only
 
 __all__ = ["ReparamOps", "op_set", "TRITON_OPS"]
@@ -52,9 +52,7 @@ class ReparamOps(NamedTuple):
 
 
 def _tk():
-    from ..kernels import gm_reparam
-
-    return gm_reparam
+    return _kernel_modules.load("gm_reparam")
 
 
 @torch.library.custom_op("gmwae_fast::triton_gm_reparam", mutates_args=())

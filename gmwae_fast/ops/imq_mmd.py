@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _kernel_modules, backends
 from ._autograd import first_order_only
 
 __all__ = ["OpSet", "op_set"]
@@ -46,9 +46,7 @@ class OpSet(NamedTuple):
 
 
 def _tk():
-    from ..kernels import imq_mmd
-
-    return imq_mmd
+    return _kernel_modules.load("imq_mmd")
 
 
 @torch.library.custom_op("gmwae_fast::triton_imq_self", mutates_args=())
