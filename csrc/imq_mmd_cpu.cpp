@@ -333,30 +333,29 @@ void run_partitions(const ImqCpuArgs<T>& A, const ImqWorkPlan& w, bool self, Fn 
 }
 
 // Exact (float64) total weight of the visited pairs: self i < j (outside i's group when unbiased), cross all.
+// Self: sum_g s_g (s_0 + ... + s_{g-1}) over the group masses s_g (single points when biased), a sum of
+// non-negative terms: (sum w)^2 - sum s_g^2 would cancel when one group holds nearly all the mass.
 double pair_weight_total(const ImqInputs& in, const ImqCpuOpts& o) {
   const at::Tensor wa64 = in.wa.to(at::kDouble);
   const double* w = wa64.data_ptr<double>();
   const int64_t N = in.wa.size(0);
-  double sw = 0.0, sw2 = 0.0;
-  for (int64_t i = 0; i < N; ++i) {
-    sw += w[i];
-    sw2 += w[i] * w[i];
-  }
   if (!in.self()) {
     const at::Tensor wb64 = in.wb.to(at::kDouble);
     const double* v = wb64.data_ptr<double>();
-    double sv = 0.0;
+    double sw = 0.0, sv = 0.0;
+    for (int64_t i = 0; i < N; ++i) sw += w[i];
     for (int64_t j = 0; j < in.wb.size(0); ++j) sv += v[j];
     return sw * sv;
   }
-  if (!o.unbiased) return 0.5 * (sw * sw - sw2);
-  double sg = 0.0;  // pairs i < j in different groups
-  for (int64_t g0 = 0; g0 < N; g0 += o.group) {
+  const int64_t group = o.unbiased ? o.group : 1;
+  double before = 0.0, pairs = 0.0;
+  for (int64_t g0 = 0; g0 < N; g0 += group) {
     double s = 0.0;
-    for (int64_t i = g0; i < std::min<int64_t>(g0 + o.group, N); ++i) s += w[i];
-    sg += s * s;
+    for (int64_t i = g0; i < std::min<int64_t>(g0 + group, N); ++i) s += w[i];
+    pairs += s * before;
+    before += s;
   }
-  return 0.5 * (sw * sw - sg);
+  return pairs;
 }
 
 // Deterministic combination of the value partials: partitions in order, lanes in order.  Each value from its K

@@ -863,6 +863,47 @@ __device__ __forceinline__ double block_sum256(double v, double* red) {
   return total;
 }
 
+// sum_i wa_i * sum_j wb_j (fixed order).
+template <class T>
+__device__ double cross_pair_weight(const T* __restrict__ wa, int64_t n, const T* __restrict__ wb, int64_t m,
+                                    double* red) {
+  double sw = 0.0, sv = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += 256) sw += double(wa[i]);
+  for (int64_t j = threadIdx.x; j < m; j += 256) sv += double(wb[j]);
+  sw = block_sum256(sw, red);
+  sv = block_sum256(sv, red);
+  return sw * sv;
+}
+
+// sum_{g < h} s_g s_h over the masses s_g of the units of `unit` consecutive points, as sum_g s_g (s_0 + ... +
+// s_{g-1}): non-negative terms only ((sum w)^2 - sum s_g^2 cancels when one unit holds nearly all the mass).
+// Each thread takes a contiguous run of units (its pairs and its mass), then thread 0 adds the pairs between
+// runs with a running prefix over the 256 run masses.  Fixed order.
+template <class T>
+__device__ double self_pair_weight(const T* __restrict__ wa, int64_t n, int64_t unit, double* red) {
+  const int tid = threadIdx.x;
+  const int64_t units = (n + unit - 1) / unit, per = (units + 255) / 256;
+  double before = 0.0, pairs = 0.0;
+  for (int64_t g = int64_t(tid) * per; g < std::min<int64_t>(units, int64_t(tid + 1) * per); ++g) {
+    double s = 0.0;
+    for (int64_t i = g * unit; i < std::min<int64_t>(n, (g + 1) * unit); ++i) s += double(wa[i]);
+    pairs += s * before;
+    before += s;
+  }
+  red[tid] = before;
+  __syncthreads();
+  double between = 0.0;
+  if (tid == 0) {
+    double run = 0.0;
+    for (int t = 0; t < 256; ++t) {
+      between += red[t] * run;
+      run += red[t];
+    }
+  }
+  __syncthreads();
+  return block_sum256(pairs, red) + between;  // `between` is thread 0's; only thread 0 writes the output
+}
+
 // Value partials of one wave: K_s, U_s = the sums of its block partials in a fixed order, added to the running
 // sums acc[2 S] of the earlier waves (first: none).  Last wave: values[s] = scale * pick(K_s, U_s, W) + (diag ?
 // sum_i w_i^2 : 0) with W the exact (float64) total weight of the visited pairs (imq_pick_value); otherwise the
@@ -876,28 +917,11 @@ __global__ void __launch_bounds__(256)
   const int tid = threadIdx.x;
   double wtot = 0.0, diag = 0.0;
   if (last) {
-    double sw = 0.0, sw2 = 0.0, sv = 0.0, sg = 0.0;
-    for (int64_t i = tid; i < n; i += 256) {
-      const double w = double(wa[i]);
-      sw += w;
-      sw2 += w * w;
-    }
-    if (!self) {
-      for (int64_t j = tid; j < m; j += 256) sv += double(wb[j]);
-    } else if (unbiased) {
-      for (int64_t g0 = int64_t(tid) * group; g0 < n; g0 += int64_t(256) * group) {
-        double s = 0.0;
-        for (int64_t i = g0; i < g0 + group && i < n; ++i) s += double(wa[i]);
-        sg += s * s;
-      }
-    }
-    sw = block_sum256(sw, red);
+    double sw2 = 0.0;
+    for (int64_t i = tid; i < n; i += 256) sw2 += double(wa[i]) * double(wa[i]);
     sw2 = block_sum256(sw2, red);
-    sv = block_sum256(sv, red);
-    sg = block_sum256(sg, red);
-    // Self terms count the pairs i < j once (scale 2); the biased diagonal is added analytically.
-    wtot = !self ? sw * sv : (unbiased ? 0.5 * (sw * sw - sg) : 0.5 * (sw * sw - sw2));
-    diag = (self && !unbiased) ? sw2 : 0.0;
+    wtot = self ? self_pair_weight(wa, n, unbiased ? group : 1, red) : cross_pair_weight(wa, n, wb, m, red);
+    diag = (self && !unbiased) ? sw2 : 0.0;  // self terms count the pairs i < j once (scale 2)
   }
   const double scale = self ? 2.0 : 1.0;
   for (int s = 0; s < S; ++s) {

@@ -138,8 +138,8 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
         if not bool((w > 0).any()):
             raise ValueError(f"{name} are all zero; at least one point needs positive mass")
         if unbiased:
-            wg = w.detach().reshape(pts.shape[0], -1).sum(1).double()
-            if float(((wg / wg.sum()) ** 2).sum()) >= 1.0:
+            wg = reference.pow2_normalised(w.detach().reshape(pts.shape[0], -1).sum(1).double())
+            if float(reference.cross_group_mass(wg)) <= 0.0:
                 raise ValueError(
                     f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
                 )
@@ -376,7 +376,7 @@ class _Side(NamedTuple):
     w: Tensor  # unnormalised weights in the compute dtype
     group: int
     total: Union[Tensor, float]  # sum of w (float64)
-    same_group: Union[Tensor, float]  # sum over groups of (group sum of w)^2 (float64)
+    pairs: Union[Tensor, float]  # what divides a raw self sum: sum_{g != h} w_g w_h (unbiased) or total^2 (float64)
 
 
 def _side(t: Tensor, w: Optional[Tensor], pts_dtype: torch.dtype, w_dtype: torch.dtype, unbiased: bool) -> _Side:
@@ -384,18 +384,13 @@ def _side(t: Tensor, w: Optional[Tensor], pts_dtype: torch.dtype, w_dtype: torch
     pts = t.reshape(-1, t.shape[-1]).to(pts_dtype).contiguous()
     n = pts.shape[0]
     if w is None:  # ones: the sums are exact integers
-        return _Side(pts, torch.ones(n, dtype=w_dtype, device=t.device), group, float(n), float(n * group))
-    flat = w.reshape(-1).to(torch.float64)
-    _, exponent = torch.frexp(flat.detach().abs().amax())
-    flat = torch.ldexp(flat, -exponent).to(w_dtype).contiguous()
+        pairs = float(n * n - n * group) if unbiased else float(n * n)
+        return _Side(pts, torch.ones(n, dtype=w_dtype, device=t.device), group, float(n), pairs)
+    flat = reference.pow2_normalised(w.reshape(-1).to(torch.float64)).to(w_dtype).contiguous()
     w64 = flat.to(torch.float64)
-    same = (w64.view(-1, group).sum(1) ** 2).sum() if unbiased else 0.0
-    return _Side(pts, flat, group, w64.sum(), same)
-
-
-def _self_norm(s: _Side, unbiased: bool):
-    """What divides a raw self sum: ``(sum w)^2 - sum_g w_g^2`` (unbiased) or ``(sum w)^2``."""
-    return s.total * s.total - s.same_group if unbiased else s.total * s.total
+    total = w64.sum()
+    pairs = reference.cross_group_mass(w64.view(-1, group).sum(1)) if unbiased else total * total
+    return _Side(pts, flat, group, total, pairs)
 
 
 def _consts(vals: tuple[float, ...], device: torch.device) -> Tensor:
@@ -426,7 +421,7 @@ def _terms(c: _Call) -> IMQMMDTerms:
         a, b = _sides(c)
         bw = _consts(c.bws, c.x.device)
         one = torch.ones((), dtype=torch.float64, device=c.x.device)
-        den = (lambda s: (1.0 - s.same_group / (s.total * s.total)) * one) if c.unbiased else (lambda s: one)
+        den = (lambda s: s.pairs / (s.total * s.total) * one) if c.unbiased else (lambda s: one)
         terms = IMQMMDTerms(
             op.self_values(a.pts, a.w, bw, a.group, c.unbiased) / (a.total * a.total),
             op.self_values(b.pts, b.w, bw, b.group, c.unbiased) / (b.total * b.total),
@@ -458,8 +453,8 @@ def _fused_total(c: _Call, x_grad: bool, y_grad: bool) -> Tensor:
     else:  # cross is symmetric: put the side that needs a gradient in the rows
         sxy = ops.imq_cross_total(h, b.pts, b.w, a.pts, a.w, bw, c.backend, False)[0]
     return (
-        self_sum(a, x_grad) / _self_norm(a, c.unbiased)
-        + self_sum(b, y_grad) / _self_norm(b, c.unbiased)
+        self_sum(a, x_grad) / a.pairs
+        + self_sum(b, y_grad) / b.pairs
         - 2.0 * sxy / (a.total * b.total)
     )
 

@@ -107,12 +107,31 @@ def reference_terms(
     return total
 
 
+def pow2_normalised(flat: Tensor) -> Tensor:
+    """``flat * 2^-e`` with ``e`` the exponent of ``max |flat|`` (that maximum lands in [0.5, 1)): exact, and
+    differentiable with the gradient ``2^-e`` on every torch (``torch.ldexp`` with a negative integer exponent
+    tensor has a zero gradient in torch 2.11). Two factors, each at most 2^538, so a subnormal maximum (``2^-e`` up
+    to 2^1074, beyond float64) neither overflows nor makes the backward overflow."""
+    _, e = torch.frexp(flat.detach().abs().amax())
+    e = e.to(torch.float64)
+    half = torch.floor(e * 0.5)
+    return flat * torch.exp2(-half) * torch.exp2(half - e)
+
+
+def cross_group_mass(wg: Tensor) -> Tensor:
+    """``sum_{g != h} w_g w_h`` of group masses ``wg`` (1-d) without the cancellation of
+    ``(sum w)^2 - sum w_g^2``: ``2 sum_g w_g (w_0 + ... + w_{g-1})``, a sum of non-negative terms (for
+    non-negative masses), so a nearly-single group (one mass 1, the others 1e-15) keeps full relative accuracy."""
+    before = torch.cat([wg.new_zeros(1), torch.cumsum(wg, 0)[:-1]])
+    return 2.0 * (wg * before).sum()
+
+
 def _flatten(x: Tensor, w: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
     group = 1 if x.dim() == 2 else x.shape[1]
     pts = x.reshape(-1, x.shape[-1])
     if w is None:
         w = torch.ones(pts.shape[0], dtype=torch.float64, device=x.device)
-    w = w.reshape(-1).to(torch.float64)
+    w = pow2_normalised(w.reshape(-1).to(torch.float64))
     return pts, w / w.sum(), group
 
 
@@ -138,7 +157,7 @@ def imq_terms_reference(
         return reference_terms(p, w, p, w, bw, group_a=g, group_b=g, exclude_same_group=unbiased, chunk=chunk)
 
     def den(w: Tensor, g: int) -> Tensor:
-        return 1.0 - (w.view(-1, g).sum(1) ** 2).sum() if unbiased else w.new_ones(())
+        return cross_group_mass(w.view(-1, g).sum(1)) if unbiased else w.new_ones(())
 
     return IMQMMDTerms(
         self_term(a, wa, ga),

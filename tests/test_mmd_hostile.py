@@ -43,7 +43,8 @@ def brute_force(x, y, xw=None, yw=None, *, bandwidths, unbiased=True, eps=0.0):
             return (w[:, None] * w[None, :] * kk).sum((1, 2))
         ids = torch.arange(p.shape[0]) // g
         keep = (ids[:, None] != ids[None, :]).double()
-        den = 1.0 - (w.view(-1, g).sum(1) ** 2).sum()
+        wg = w.view(-1, g).sum(1)  # sum over pairs of different groups: no cancellation for a dominant group
+        den = (wg[:, None] * wg[None, :] * (1.0 - torch.eye(wg.shape[0], dtype=torch.float64))).sum()
         return (w[:, None] * w[None, :] * kk * keep).sum((1, 2)) / den
 
     cross = (wa[:, None] * wb[None, :] * k(a, b)).sum((1, 2))
@@ -437,3 +438,84 @@ def test_property_against_brute_force_triton_interpreted(case):
     _skip("triton")
     assert interpreted("cpu", "triton")
     _check_case(case, "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The power-of-two weight scaling: differentiable on every supported torch, no overflow for subnormal weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _weight_grad(backend, x, y, w):
+    w = w.detach().clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(fast_imq_mmd(x, y, w, backend=backend), w)
+    return gw
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("top", [1.0, 3.0, 1e30])
+def test_weight_gradient_when_the_largest_weight_is_at_least_one(backend, top):
+    # torch.ldexp(t, negative int tensor) has a zero gradient in torch 2.11: the old scaling returned zero weight
+    # gradients whenever max |w| >= 1, silently
+    _skip(backend)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(23, 4, dtype=torch.float64, generator=g), torch.randn(17, 4, dtype=torch.float64, generator=g)
+    w = torch.rand(23, dtype=torch.float64, generator=g) * top + 1e-3
+    gw = _weight_grad(backend, x, y, w)
+    wr = w.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(brute_force(x, y, wr, bandwidths=bandwidths_for(4, PAPER_SCALES)).sum(), wr)
+    assert float(gr.abs().max()) > 0
+    assert float((gw - gr).abs().max()) <= 1e-9 * float(gr.abs().max())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("tiny", [2e-309, 1e-300])
+def test_subnormal_weights_give_finite_exact_gradients(backend, tiny):
+    # MMD is invariant under w -> c w, so d/dw MMD(w) = c * (d/dv MMD)(v = c w): the gradient at subnormal weights
+    # is an exact power-of-two multiple of the gradient at normal weights (here ~1e307: still representable)
+    _skip(backend)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(40, 3, dtype=torch.float64, generator=g), torch.randn(9, 3, dtype=torch.float64, generator=g)
+    w = (torch.rand(40, dtype=torch.float64, generator=g) * 0.5 + 0.5) * tiny
+    gw = _weight_grad(backend, x, y, w)
+    _, e = torch.frexp(w.max())
+    k = -int(e)  # v = w 2^k has its largest entry in [0.5, 1)
+    v = (w * 2.0 ** (k // 2)) * 2.0 ** (k - k // 2)
+    gv = _weight_grad("reference", x, y, v)
+    expected = (gv * 2.0 ** (k // 2)) * 2.0 ** (k - k // 2)
+    assert torch.isfinite(expected).all(), "the case must have a representable gradient"
+    assert torch.isfinite(gw).all(), gw
+    assert float((gw - expected).abs().max()) <= 1e-9 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_smallest_subnormal_weights_never_give_nan(backend):
+    # the true gradient (~1 / (n 5e-324)) overflows float64: +-inf is the rounded truth, NaN never is
+    _skip(backend)
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 3, dtype=torch.float64, generator=g), torch.randn(6, 3, dtype=torch.float64, generator=g)
+    w = torch.full((5,), 5e-324, dtype=torch.float64)
+    w[0] = 1e-323
+    v = fast_imq_mmd(x, y, w.clone().requires_grad_(True), backend=backend)
+    r = fast_imq_mmd(x, y, w / w.sum(), backend="reference")
+    assert v.item() == pytest.approx(r.item(), rel=1e-12)
+    assert not torch.isnan(_weight_grad(backend, x, y, w)).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rest", [1e-13, 1e-15, 1e-17])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_nearly_single_weights(backend, rest, grouped):
+    # (sum w)^2 - sum w_g^2 cancels when one group holds nearly all the mass: 1.814 instead of 1.0021 at 1e-15
+    # (cpu), NaN at 1e-17; the pair mass is now a sum of non-negative terms on every backend
+    _skip(backend)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 5, dtype=torch.float64, generator=g)
+    y = torch.randn(30, 5, dtype=torch.float64, generator=g) + 0.3
+    w = torch.full((40,), rest, dtype=torch.float64)
+    w[0] = 1.0
+    if grouped:
+        x, w = x.view(20, 2, 5), w.view(20, 2)
+    v = fast_imq_mmd(x, y, w, validate=True, reduction="none", backend=backend)
+    r = brute_force(x, y, w, bandwidths=bandwidths_for(5, PAPER_SCALES))
+    assert torch.isfinite(v).all()
+    assert _rel(v, r) <= 1e-9, (v.sum().item(), r.sum().item())
