@@ -142,13 +142,12 @@ void launch_tiles_any(bool self, bool grad, const TileArgs<T>& A, int64_t nblock
 
 // Whether the float kernels of a device take the tensor-core route (tensor_core_route decides by d): the devices
 // with full-rate float64 tensor cores (compute capability 8.0: A100, A30; 9.x: H100, H200, GH200), unless
-// GMWAE_FAST_CUDA_TENSOR_CORES=0 (read once; for A/B benchmarks).  Consumer parts (8.6, 8.9, 12.x) run the
+// GMWAE_FAST_CUDA_TENSOR_CORES=0 (read at every launch: A/B benchmarks, and gmwae_fast.guard turns the route
+// off in a process where it fails its first-use check).  Consumer parts (8.6, 8.9, 12.x) run the
 // float64 mma at their scalar float64 rate, far below their float32 one: the CUDA-core route is faster there.
 inline bool tensor_cores_allowed(int device) {
-  static const bool env_allows = [] {
-    const char* v = std::getenv("GMWAE_FAST_CUDA_TENSOR_CORES");
-    return !(v && std::string(v) == "0");
-  }();
+  const char* v = std::getenv("GMWAE_FAST_CUDA_TENSOR_CORES");
+  const bool env_allows = !(v && std::string(v) == "0");
   const int major = cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
   const int minor = cached_device_attribute<cudaDevAttrComputeCapabilityMinor>(device);
   return env_allows && ((major == 8 && minor == 0) || major == 9);

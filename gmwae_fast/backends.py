@@ -33,6 +33,8 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
+from . import guard
+
 __all__ = [
     "Backend",
     "REGISTRY",
@@ -180,11 +182,19 @@ def _compiled_kernel(op: str, dispatch_key: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
+def _triton_import_error(op: str) -> Optional[str]:
+    """Why the Triton kernels of op family ``op`` (module ``gmwae_fast.kernels.<op>``) cannot be imported, or
+    ``None``: the imports the backend really needs (triton, then the kernel module), tried once."""
     try:
         importlib.import_module("triton")
     except Exception as exc:
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    from . import _kernel_modules
+
+    try:
+        _kernel_modules.load(op)
+    except Exception as exc:
+        return f"the Triton kernels gmwae_fast.kernels.{op} could not be imported ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -204,7 +214,7 @@ def _reference_reason(dev: torch.device, op: str) -> Optional[str]:
 
 
 def _triton_reason(dev: torch.device, op: str) -> Optional[str]:
-    err = _triton_import_error()
+    err = _triton_import_error(op)
     if err:
         return err
     if dev.type == "cuda":
@@ -242,6 +252,11 @@ def _cuda_reason(dev: torch.device, op: str) -> Optional[str]:
     if reason is None and not torch.cuda.is_available():
         return "no CUDA device is available"
     return reason
+
+
+def _guard_reason(backend: str, op: str, dev: torch.device) -> Optional[str]:
+    err = guard.failure(backend, op, dev)
+    return None if err is None else f"it failed its first-use check on this device ({err})"
 
 
 #: name -> entry. ``auto`` order on a device: its usable entries by ``priority`` (ties: registry order).
@@ -307,7 +322,7 @@ def unavailable_reason(backend: str, device: Device = None, op: str = "imq_mmd")
         if backend in ("cpu", "cuda"):
             return f"the {backend!r} backend needs {backend.upper()} tensors, got {dev.type!r} tensors"
         return f"{backend} does not support device type {dev.type!r}"
-    return entry.reason(dev, op)
+    return entry.reason(dev, op) or _guard_reason(backend, op, dev)
 
 
 def resolve_backend(requested: str, device: Union[str, torch.device], op: str = "imq_mmd") -> str:
@@ -350,6 +365,8 @@ def select_backend(requested: str, device: Union[str, torch.device], op: str) ->
     """:func:`resolve_backend`, and record the answer as the backend op family ``op`` runs (the ops call this
     right before running; also under :func:`torch.compile`, which replays the record on every call)."""
     name = resolve_backend(requested, device, op)
+    if not torch.compiler.is_compiling() and guard.check(name, op, device) is not None:
+        name = resolve_backend(requested, device, op)  # the route is now disabled: the next one, or the reason
     _LAST[op] = name
     return name
 
@@ -392,7 +409,9 @@ def build_info() -> dict:
 
     Keys: ``version``, ``torch``, ``torch_cuda`` (CUDA version torch was built for), ``triton``, ``cpu_compiled``,
     ``cuda_compiled``, ``cuda_arch_list`` (architectures the CUDA kernels were compiled for), ``built_with_torch``,
-    ``extension_error`` and ``cuda_device`` (name of the current GPU or ``None``).
+    ``extension_error``, ``cuda_device`` (name of the current GPU or ``None``) and ``guard`` (the GPU routes
+    checked at first use so far: ``"backend:op@device"`` -> ``None`` or why the route was disabled;
+    :mod:`gmwae_fast.guard`).
     """
     cfg = _build_config()
     from ._version import __version__
@@ -408,4 +427,5 @@ def build_info() -> dict:
         "built_with_torch": cfg.get("torch_version"),
         "extension_error": extension_error(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "guard": guard.report(),
     }

@@ -25,7 +25,7 @@ def _no_extension(monkeypatch, why="gmwae_fast._C is not here (test)"):
 def _fake_cuda(monkeypatch):
     """A machine with a CUDA device, for the questions the registry asks (no tensor is made)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(backends, "_triton_import_error", lambda op: None)
 
 
 def test_registry_names_are_the_real_backends():
@@ -61,7 +61,7 @@ def test_auto_takes_the_first_usable_backend_of_the_order(monkeypatch):
         assert backends.resolve_backend("auto", "cpu", op) == "cpu"
     _ext_with(monkeypatch, imq_mmd=("CPU",))  # no CUDA kernels: triton next on a GPU
     assert backends.resolve_backend("auto", "cuda") == "triton"
-    monkeypatch.setattr(backends, "_triton_import_error", lambda: "triton is not importable (test)")
+    monkeypatch.setattr(backends, "_triton_import_error", lambda op: "triton is not importable (test)")
     assert backends.resolve_backend("auto", "cuda") == "reference"
 
 
@@ -79,14 +79,14 @@ def test_reasons_per_backend_on_cpu(monkeypatch):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(backends, "_triton_import_error", lambda op: None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET=1" in backends.unavailable_reason("triton", "cpu")
     assert backends.resolve_backend("auto", "cpu") != "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.unavailable_reason("triton", "cpu") is None
     assert backends.resolve_backend("auto", "cpu") != "triton"  # the interpreter is never picked by auto
-    monkeypatch.setattr(backends, "_triton_import_error", lambda: "triton is not importable (test)")
+    monkeypatch.setattr(backends, "_triton_import_error", lambda op: "triton is not importable (test)")
     assert backends.unavailable_reason("triton", "cpu") == "triton is not importable (test)"
 
 
