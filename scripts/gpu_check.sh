@@ -2,47 +2,59 @@
 # The whole GPU validation of gmwae_fast in one command, on a machine with an NVIDIA GPU and no network:
 #
 #   bash scripts/gpu_check.sh               # build, selftest, sanitizers, benchmarks, training slice, GPU tests
-#   bash scripts/gpu_check.sh --dry-run     # list the steps and their time limits; runs nothing
+#   bash scripts/gpu_check.sh --dry-run     # list the steps, their time limits and the total; runs nothing
 #   bash scripts/gpu_check.sh --steps selftest,bench     # only these steps (e.g. a rerun after a fix)
 #
 # Uses the system python (PYTHON, default python3) with what is installed there (torch, triton, nvcc, ninja,
-# pytest, pytest-benchmark, matplotlib, compute-sanitizer); no pip, no venv: the extension is built in place.
-# Each step has its own time limit and the whole stays within GPU_CHECK_BUDGET_S (default 530 s); a step that
-# would not fit in what is left is cut short or skipped. Steps, most informative first:
+# pytest, pytest-benchmark, matplotlib, compute-sanitizer); no pip, no venv, no install: the extension is built in
+# place and the checkout is put on PYTHONPATH. Each step has its own time limit and the whole stays within
+# GPU_CHECK_BUDGET_S (default 480 s, so that a 600 s remote call keeps ~2 minutes of margin): a step gets
+# min(its limit, what is left - 15 s), and one with less than 20 s left is skipped. Steps, most informative first:
 #
 #   build      TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace
-#   selftest   python3 -m gmwae_fast.selftest (every backend on cpu and cuda against the float64 reference)
+#   selftest   python3 -m gmwae_fast.selftest (every backend on cpu and cuda against the float64 reference), then
+#              benchmarks/guard_cost.py (the first-use guard's one-time cost per GPU route; gmwae_fast/guard.py)
 #   sanitizer  compute-sanitizer memcheck and racecheck over scripts/gpu_sanitize.py (every CUDA kernel once)
 #   bench      benchmarks/run.sh on the key configurations: n = 4096 (d = 10, 64) and n = 65536 (d = 10),
 #              fwd+bwd, fp32; fused cuda and triton against eager, torch.compile and KeOps (if installed);
 #              GMWAE_FAST_CUDA_TENSOR_CORES=0 bash scripts/gpu_check.sh --steps bench: the same with the float
 #              kernels kept off the tensor-core route (32 <= d <= 64), for an A/B of that route
-#   train      200 GM-WAE steps at the paper's settings on the GPU (needs MNIST: --data-dir DIR, $GMWAE_DATA,
-#              ./shared/data or ../shared/data; skipped with a message when none holds MNIST/raw)
-#   tests      pytest tests -q -x -k "cuda or triton" (the GPU-parametrised tests; the rest runs in CI)
+#   train      200 GM-WAE steps at the paper's settings on the GPU (needs MNIST, see below)
+#   tests      the device-parametrised op tests (-k "cuda or triton" over the op test files; the emulator,
+#              planner, static-model and training tests compile or train on the CPU: CI runs them)
+#
+# MNIST for the train step: only the checkout reaches a remote GPU machine (../shared does not), so put the four
+# .gz files (11 MB) in the git-ignored folder data/ of the checkout and name it in the remote call's carry list:
+#
+#   mkdir -p data/MNIST/raw && cp ../shared/mnist-gz/MNIST/raw/*.gz data/MNIST/raw/      # carry: ["data"]
+#
+# It is looked for in --data-dir DIR, $GMWAE_DATA, ./data, ./shared/data and ../shared/data (DIR/MNIST/raw, the
+# files .gz or not); the step is skipped with a message when none holds it.
 #
 # Results go to $OUT (default ./gpu_check_out), each file written as its step completes, 8 files at most:
-#   summary.txt (device, versions, each step's status and time, the selftest table), build.log, selftest.json,
-#   sanitizer.log, bench.log (console + report), bench.json (raw pytest-benchmark JSON), train.log, tests.log.
+#   summary.txt (device, versions, each step's status and time, the selftest table, the guard cost), build.log,
+#   selftest.json, sanitizer.log, bench.log (console + report), bench.json (raw pytest-benchmark JSON), train.log,
+#   tests.log.
 # Exit status: 0 when every step that ran passed, 1 when one failed or timed out, 2 when there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/gpu_check_out}
-BUDGET=${GPU_CHECK_BUDGET_S:-530}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 DATA_DIR=${GMWAE_DATA:-}
 DRY=0
 
 STEPS=(build selftest sanitizer bench train tests)
-declare -A LIMIT=([build]=240 [selftest]=120 [sanitizer]=120 [bench]=150 [train]=90 [tests]=240)
+declare -A LIMIT=([build]=150 [selftest]=60 [sanitizer]=45 [bench]=70 [train]=30 [tests]=35)
+MARGIN=15  # per step: the kill grace (5 s) and the step's own bookkeeping after its command
 declare -A WHAT=(
   [build]="build gmwae_fast._C in place for sm_90 (FORCE_CUDA=1: a CUDA build failure fails the step)"
-  [selftest]="python -m gmwae_fast.selftest --json: every backend on cpu and cuda vs the float64 reference"
+  [selftest]="python -m gmwae_fast.selftest --json, then benchmarks/guard_cost.py (first-use guard cost)"
   [sanitizer]="compute-sanitizer memcheck + racecheck of scripts/gpu_sanitize.py (every CUDA kernel, odd sizes)"
   [bench]="benchmarks/run.sh: n=4096 d=10,64 and n=65536 d=10, fwd+bwd fp32, fused vs eager/compile/KeOps"
   [train]="python -m gmwae_fast.train: 200 GM-WAE steps at the paper's settings on cuda (needs MNIST)"
-  [tests]="pytest tests -q -x -k 'cuda or triton'"
+  [tests]="pytest -k 'cuda or triton' over the op test files (device-parametrised tests only)"
 )
 
 usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
@@ -58,13 +70,29 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+find_data() {
+  local d
+  for d in "$DATA_DIR" "$ROOT/data" "$ROOT/shared/data" "$ROOT/../shared/data"; do
+    if [ -n "$d" ] && [ -d "$d/MNIST/raw" ]; then echo "$d"; return 0; fi
+  done
+  return 1
+}
+
 for s in "${STEPS[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "gpu_check.sh: unknown step '$s' (steps: ${!LIMIT[*]})" >&2; exit 2; }
 done
 
 if [ "$DRY" = 1 ]; then
   echo "gpu_check.sh steps (total budget ${BUDGET} s; results under ${OUT}):"
-  for s in "${STEPS[@]}"; do printf '  %-10s <= %4s s  %s\n' "$s" "${LIMIT[$s]}" "${WHAT[$s]}"; done
+  total=0
+  for s in "${STEPS[@]}"; do
+    printf '  %-10s <= %4s s  %s\n' "$s" "${LIMIT[$s]}" "${WHAT[$s]}"
+    total=$((total + LIMIT[$s] + MARGIN))
+  done
+  fit="fits"; [ "$total" -le "$BUDGET" ] || fit="exceeds it: later steps are cut short or skipped"
+  echo "  worst case: limits + ${MARGIN} s per step = ${total} s; the budget (${BUDGET} s) $fit"
+  d=$(find_data 2>/dev/null) && echo "  MNIST for the train step: $d" || echo "  MNIST for the train step: not found" \
+    "(see the header: data/MNIST/raw/*.gz, carry [\"data\"])"
   exit 0
 fi
 
@@ -119,7 +147,7 @@ PY
 # run_step NAME FUNCTION: runs FUNCTION with $T (seconds it may take) and $LOG set; records status and time.
 run_step() {
   local name=$1 fn=$2 now left rc t0 status detail
-  now=$(date +%s); left=$((START + BUDGET - now - 5))
+  now=$(date +%s); left=$((START + BUDGET - now - MARGIN))
   T=${LIMIT[$name]}; [ "$left" -lt "$T" ] && T=$left
   if [ "$T" -lt 20 ]; then
     printf '%-10s %-8s %7s  %s\n' "$name" skipped 0 "no time left in the ${BUDGET} s budget" >> "$SUMMARY"
@@ -142,22 +170,28 @@ run_step() {
 }
 
 # tmo SECONDS CMD...: the command under its own time limit (TERM, then KILL 10 s later)
-tmo() { local s=$1; shift; timeout --kill-after=10 "$s" "$@"; }
+tmo() { local s=$1; shift; timeout --kill-after=5 "$s" "$@"; }
 
 step_build() {
   FORCE_CUDA=1 tmo "$T" "$PY" setup.py build_ext --inplace > "$LOG" 2>&1
   local rc=$?
-  "$PY" -c "import gmwae_fast, json; print(json.dumps(gmwae_fast.build_info(), default=str))" >> "$LOG" 2>&1
   local cuda
-  cuda=$("$PY" -c "import gmwae_fast; print(gmwae_fast.available_backends('cuda')['cuda'] or 'usable')" 2>&1 | tail -1)
+  cuda=$(tmo 10 "$PY" -c "import gmwae_fast, json; print(json.dumps(gmwae_fast.build_info(), default=str)); \
+print(gmwae_fast.available_backends('cuda')['cuda'] or 'usable')" 2>&1 | tee -a "$LOG" | tail -1)
   DETAIL="exit $rc; cuda backend: $cuda"
   return $rc
 }
 
 step_selftest() {
-  local rc
-  tmo "$T" "$PY" -m gmwae_fast.selftest --json "$OUT/selftest.json" > "$WORK/selftest.txt" 2>&1; rc=$?
+  local rc t0 left
+  t0=$(date +%s)
+  tmo "$((T - 15))" "$PY" -m gmwae_fast.selftest --json "$OUT/selftest.json" > "$WORK/selftest.txt" 2>&1; rc=$?
   DETAIL="exit $rc; $(grep -E '^(OK|FAILED):' "$WORK/selftest.txt" | tail -1)"
+  left=$((T - ($(date +%s) - t0)))
+  if [ "$left" -ge 5 ]; then
+    { echo "---- first-use guard cost (benchmarks/guard_cost.py)"
+      tmo "$left" "$PY" benchmarks/guard_cost.py 2>&1 | tail -6; } >> "$WORK/selftest.txt"
+  fi
   return $rc
 }
 
@@ -192,18 +226,10 @@ step_bench() {
   return $rc
 }
 
-find_data() {
-  local d
-  for d in "$DATA_DIR" "$ROOT/shared/data" "$ROOT/../shared/data"; do
-    if [ -n "$d" ] && [ -d "$d/MNIST/raw" ]; then echo "$d"; return 0; fi
-  done
-  return 1
-}
-
 step_train() {
   local data rc
   if ! data=$(find_data); then
-    DETAIL="no MNIST (looked in --data-dir/\$GMWAE_DATA, ./shared/data, ../shared/data for MNIST/raw)"
+    DETAIL="no MNIST (looked in --data-dir/\$GMWAE_DATA, ./data, ./shared/data, ../shared/data for MNIST/raw)"
     echo "$DETAIL" > "$LOG"
     return 99
   fi
@@ -215,10 +241,14 @@ step_train() {
   return $rc
 }
 
+# The op tests parametrised over devices and backends (their cuda/triton cases are what a GPU adds to CI).
+GPU_TEST_FILES=(tests/test_mmd.py tests/test_mmd_api.py tests/test_backends.py tests/test_triton_kernels.py
+  tests/test_gm_reparam.py tests/test_mmd_hostile.py tests/test_guard.py)
+
 step_tests() {
   local rc
-  tmo "$T" "$PY" -m pytest tests -q -x -k "cuda or triton" -p no:cacheprovider --durations=15 -rfE \
-    > "$LOG" 2>&1; rc=$?
+  tmo "$T" "$PY" -m pytest "${GPU_TEST_FILES[@]}" -q -x -k "cuda or triton" -p no:cacheprovider --durations=15 \
+    -rfE > "$LOG" 2>&1; rc=$?
   DETAIL="exit $rc; $(grep -E '[0-9]+ (passed|failed)' "$LOG" | tail -1)"
   return $rc
 }

@@ -264,10 +264,34 @@ def test_gpu_check_dry_run_lists_the_steps(tmp_path):
         env=dict(os.environ, OUT=str(tmp_path / "out")),
     )
     assert res.returncode == 0, res.stderr
-    lines = [ln.split() for ln in res.stdout.splitlines()[1:]]
+    lines = [ln.split() for ln in res.stdout.splitlines()[1 : 1 + len(STEPS)]]
     assert [ln[0] for ln in lines] == list(STEPS)
-    assert sum(int(ln[2]) for ln in lines) > 0 and "530 s" in res.stdout
+    # the plan fits a 600 s remote call with margin: every step's limit plus its 15 s of grace and bookkeeping
+    worst = sum(int(ln[2]) + 15 for ln in lines)
+    assert worst <= 480 and "total budget 480 s" in res.stdout
+    assert f"worst case: limits + 15 s per step = {worst} s; the budget (480 s) fits" in res.stdout
     assert not (tmp_path / "out").exists()
+
+
+@needs_bash
+def test_gpu_check_finds_mnist_in_the_checkout_data_folder(tmp_path):
+    """The GPU machine gets the checkout only: the .gz files in data/MNIST/raw (git-ignored) are found."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(GPU_CHECK, root / "scripts" / "gpu_check.sh")
+    (root / "data" / "MNIST" / "raw").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (root / "data" / "MNIST" / "raw" / f"{name}.gz").write_bytes(b"")
+    res = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "GMWAE_DATA"},
+    )
+    assert f"MNIST for the train step: {root}/data" in res.stdout
+    ignored = subprocess.run(["git", "check-ignore", "-q", "data/MNIST/raw/x.gz"], cwd=ROOT)
+    assert ignored.returncode == 0, "data/ must be git-ignored (the MNIST copy must not be committed)"
 
 
 @needs_bash
