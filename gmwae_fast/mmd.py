@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import backends, reference
 from .ops import imq_mmd as ops  # registers the ops (fake + autograd) at import: torch.compile works first
+from .ops._autograd import refuse_forward_ad
 
 __all__ = ["PAPER_SCALES", "WAE_SCALES", "fast_imq_mmd", "imq_mmd_terms", "IMQMMDTerms", "IMQMMDLoss"]
 
@@ -58,9 +59,19 @@ def _check_weights(name: str, w: object, pts: Tensor, pts_name: str) -> Optional
     return w
 
 
+def _no_grad_wanted(name: str, v: Tensor) -> None:
+    """A kernel parameter given as a tensor that requires grad would silently get no gradient: refuse it."""
+    if v.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} is a tensor that requires grad, but gmwae_fast reads it as a constant and would give it no "
+            f"gradient (learnable bandwidths are not supported): pass {name}.detach() or a number"
+        )
+
+
 def _real(name: str, v: object) -> float:
     """A Python real number or a one-element real tensor (read once on the host) as a float."""
     if isinstance(v, Tensor):
+        _no_grad_wanted(name, v)
         if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
             raise TypeError(
                 f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
@@ -74,6 +85,7 @@ def _real(name: str, v: object) -> float:
 
 def _real_sequence(name: str, vals: object) -> tuple[float, ...]:
     if isinstance(vals, Tensor):
+        _no_grad_wanted(name, vals)
         if vals.is_complex() or vals.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {vals.dtype}")
         return tuple(float(v) for v in vals.detach().reshape(-1).tolist())
@@ -208,6 +220,8 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
         factors = tuple(c / (c + eps) for c in bws)
         bws = _check_bandwidths(tuple(c + eps for c in bws), compute, f"C_s + eps with eps = {eps!r}")
     name = backends.select_backend(backend, x.device, "imq_mmd")
+    if name != "reference":
+        refuse_forward_ad("fast_imq_mmd", name, (x, y, x_weights, y_weights))
     if validate:
         _validate_values(x, y, x_weights, y_weights, unbiased)
     return _Call(x, y, x_weights, y_weights, bws, factors, unbiased, name, out_dtype)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import backends
 from .ops import gm_reparam as _ops
+from .ops._autograd import refuse_forward_ad
 
 __all__ = ["SIGMA_ACTIVATIONS", "gm_reparameterize"]
 
@@ -160,6 +161,8 @@ def gm_reparameterize(
             raise ValueError("give either seed or noise, not both (noise replaces the generator)")
     seed_t = _seed_tensor(seed, mu.device) if seed is not None else None
     name = backends.select_backend(backend, str(mu.device), "gm_reparam")
+    if name != "reference":
+        refuse_forward_ad("gm_reparameterize", name, (mu, sigma_raw, logits))
 
     dtype = torch.promote_types(mu.dtype, sigma_raw.dtype)
     mu = mu.to(dtype)

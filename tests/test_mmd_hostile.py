@@ -519,3 +519,62 @@ def test_nearly_single_weights(backend, rest, grouped):
     r = brute_force(x, y, w, bandwidths=bandwidths_for(5, PAPER_SCALES))
     assert torch.isfinite(v).all()
     assert _rel(v, r) <= 1e-9, (v.sum().item(), r.sum().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward-mode AD: a clear error on the fused backends (never a zero tangent), exact on the reference backend
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _jvp_case():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(11, 3, dtype=torch.float64, generator=g)
+    y = torch.randn(8, 3, dtype=torch.float64, generator=g)
+    w = torch.rand(11, dtype=torch.float64, generator=g) + 0.1
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    return x, y, w, tx, tw
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("api", ["func.jvp", "make_dual"])
+def test_forward_mode_ad_raises_on_fused_backends(backend, api):
+    _skip(backend)
+    x, y, w, tx, tw = _jvp_case()
+    with pytest.raises(RuntimeError, match=rf"fast_imq_mmd: forward-mode AD .* fused '{backend}' backend"):
+        if api == "func.jvp":
+            torch.func.jvp(lambda a, b: fast_imq_mmd(a, y, b, backend=backend), (x, w), (tx, tw))
+        else:
+            from torch.autograd import forward_ad as fwAD
+
+            with fwAD.dual_level():
+                fast_imq_mmd(fwAD.make_dual(x, tx), y, w, backend=backend)
+    with pytest.raises(RuntimeError, match="imq_mmd_terms|fast_imq_mmd"):
+        torch.func.jvp(lambda a: imq_mmd_terms(a, y, backend=backend).cross.sum(), (x,), (tx,))
+
+
+def test_forward_mode_ad_is_exact_on_the_reference_backend():
+    x, y, w, tx, tw = _jvp_case()
+    bws = bandwidths_for(3, PAPER_SCALES)
+    _, tangent = torch.func.jvp(lambda a, b: fast_imq_mmd(a, y, b, backend="reference"), (x, w), (tx, tw))
+    _, expected = torch.func.jvp(lambda a, b: brute_force(a, y, b, bandwidths=bws).sum(), (x, w), (tx, tw))
+    assert float(expected.abs()) > 0 and tangent.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_gm_reparameterize_forward_mode_ad_raises_on_fused_backend():
+    skip_unless_usable("cpu", "cpu", op="gm_reparam")
+    mu = torch.randn(3, 2, 4)
+    with pytest.raises(RuntimeError, match="gm_reparameterize: forward-mode AD"):
+        torch.func.jvp(lambda m: gmwae_fast.gm_reparameterize(m, mu, mu[..., 0], seed=1)[0].sum(), (mu,), (mu,))
+
+
+@pytest.mark.parametrize("name", ["sigma2", "eps", "bandwidths", "scales"])
+def test_kernel_parameters_that_require_grad_are_refused(name):
+    # they would get no gradient, silently: an error until learnable bandwidths exist
+    x, y = torch.randn(6, 3), torch.randn(5, 3)
+    value = {"sigma2": 1.0, "eps": 0.1, "bandwidths": [1.0, 2.0], "scales": [1.0, 2.0]}[name]
+    t = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"{name} is a tensor that requires grad"):
+        fast_imq_mmd(x, y, backend="reference", **{name: t})
+    with torch.no_grad():  # read as a constant where no gradient is wanted
+        fast_imq_mmd(x, y, backend="reference", **{name: t})
+    fast_imq_mmd(x, y, backend="reference", **{name: t.detach()})

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["first_order_only"]
+__all__ = ["first_order_only", "refuse_forward_ad"]
 
 
 class _NoSecondOrder(torch.autograd.Function):
@@ -45,3 +45,29 @@ def first_order_only(
     if not live:
         return tuple(grads)
     return tuple(None if g is None else _NoSecondOrder.apply(g, op_name, *live) for g in grads)
+
+
+def _forward_ad_active(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether forward-mode AD sees any of ``tensors``: a ``torch.func.jvp`` transform is on the functorch stack,
+    or a ``torch.autograd.forward_ad`` dual level is open and one of them carries a tangent."""
+    stack = torch._C._functorch.peek_interpreter_stack()
+    if stack is not None and stack.key() == torch._C._functorch.TransformType.Jvp:
+        return True
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def refuse_forward_ad(op_name: str, backend: str, tensors: Sequence[Optional[Tensor]]) -> None:
+    """Raise :class:`RuntimeError` when forward-mode AD reaches a fused op: its kernels have no forward-mode
+    formula, and without this check the tangent would come out as zero (``torch.func.jvp``) or ``None``
+    (``forward_ad.make_dual``), silently."""
+    if torch.compiler.is_compiling() or not _forward_ad_active(tensors):
+        return
+    raise RuntimeError(
+        f"gmwae_fast.{op_name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not implemented by "
+        f"the fused {backend!r} backend; use backend='reference' (plain PyTorch, forward mode included) or "
+        "reverse mode (backward / torch.func.grad / vjp)"
+    )
