@@ -14,6 +14,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -626,3 +628,31 @@ def test_download_path(tmp_path, monkeypatch):
 
     with pytest.raises(MissingDataError, match="could not be downloaded.*network unreachable"):
         load_mnist(str(tmp_path / "e"), download=True)
+
+
+def _hold_lock(out: Path):
+    """A separate live process that holds ``out``'s lock until killed (as a second trainer would)."""
+    code = (
+        "import sys, time; from pathlib import Path; from gmwae_fast.train.lock import output_lock\n"
+        "with output_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_of_one_out_folder_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        assert run(data, out, "--steps", "2") == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"another training run (pid {holder.pid}) is writing to {out}" in line
+        assert not (out / "metrics.jsonl").exists() and not ckpt(out).exists()  # the other run's files untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed holder's lock file stays behind: a stale lock, taken over by the next run
+    assert (out / ".lock").exists()
+    assert run(data, out, "--steps", "2") == 0
+    assert ckpt(out).is_file()

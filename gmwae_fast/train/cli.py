@@ -24,6 +24,7 @@ from . import checkpoint as ck
 from . import dist as dp
 from .config import TrainConfig, cli_options, flag_name, recipes_help
 from .data import InvalidDataError, MissingDataError
+from .lock import OutputBusyError, output_lock
 from .trainer import RunError, Trainer, TrainingDiverged
 
 EXIT_DIVERGED = 3
@@ -117,6 +118,16 @@ def _train(cfg: TrainConfig, env: Optional[dp.DistEnv], kind: str) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{env.local_rank}" if env is not None and kind == "cuda" else kind)
+    if env is None or env.rank == 0:  # the rank that writes the folder holds its lock
+        try:
+            with output_lock(cfg.out_dir):
+                return _run(cfg, device, env)
+        except OutputBusyError as e:
+            raise RunError(str(e)) from None
+    return _run(cfg, device, env)
+
+
+def _run(cfg: TrainConfig, device: torch.device, env: Optional[dp.DistEnv]) -> int:
     trainer = Trainer(cfg, device, cfg.out_dir, env)
     try:
         trainer.setup()
