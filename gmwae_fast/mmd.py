@@ -466,11 +466,7 @@ def _fused_total(c: _Call, x_grad: bool, y_grad: bool) -> Tensor:
         sxy = ops.imq_cross_total(h, a.pts, a.w, b.pts, b.w, bw, c.backend, y_grad)[0]
     else:  # cross is symmetric: put the side that needs a gradient in the rows
         sxy = ops.imq_cross_total(h, b.pts, b.w, a.pts, a.w, bw, c.backend, False)[0]
-    return (
-        self_sum(a, x_grad) / a.pairs
-        + self_sum(b, y_grad) / b.pairs
-        - 2.0 * sxy / (a.total * b.total)
-    )
+    return self_sum(a, x_grad) / a.pairs + self_sum(b, y_grad) / b.pairs - 2.0 * sxy / (a.total * b.total)
 
 
 class IMQMMDLoss(nn.Module):
