@@ -68,6 +68,12 @@ def _no_grad_wanted(name: str, v: Tensor) -> None:
         )
 
 
+def _finite(v: float) -> bool:
+    """``math.isfinite`` written with comparisons, which :func:`torch.compile` also traces when ``v`` is symbolic
+    (``dynamic=True`` makes Python floats such as ``eps`` symbolic; ``math.isfinite`` of one breaks the graph)."""
+    return v == v and abs(v) != math.inf
+
+
 def _real(name: str, v: object) -> float:
     """A Python real number or a one-element real tensor (read once on the host) as a float."""
     if isinstance(v, Tensor):
@@ -97,7 +103,7 @@ def _real_sequence(name: str, vals: object) -> tuple[float, ...]:
 def _check_bandwidths(vals: tuple[float, ...], compute_dtype: torch.dtype, what: str) -> tuple[float, ...]:
     """Every ``C_s`` finite, > 0 and a normal number of the compute dtype (no underflow to 0, no overflow)."""
     fi = torch.finfo(compute_dtype)
-    bad = [c for c in vals if not (math.isfinite(c) and fi.tiny <= c <= fi.max)]
+    bad = [c for c in vals if not (_finite(c) and fi.tiny <= c <= fi.max)]
     if bad:
         raise ValueError(
             f"every bandwidth C_s must be positive, finite and representable in {compute_dtype} "
@@ -121,11 +127,11 @@ def _resolve_bandwidths(
     scales = _real_sequence("scales", scales)
     if not scales:
         raise ValueError("scales is empty: give at least one scale (e.g. gmwae_fast.PAPER_SCALES)")
-    bad = [s for s in scales if not (s > 0 and math.isfinite(s))]
+    bad = [s for s in scales if not (s > 0 and _finite(s))]
     if bad:
         raise ValueError(f"every entry of scales must be positive and finite, got {bad}")
     sigma2 = _real("sigma2", sigma2)
-    if not (sigma2 > 0 and math.isfinite(sigma2)):
+    if not (sigma2 > 0 and _finite(sigma2)):
         raise ValueError(f"sigma2 must be a positive finite number, got {sigma2!r}")
     vals = tuple(reference.bandwidths_for(d, scales, sigma2))
     return _check_bandwidths(vals, compute_dtype, f"C_s = 2 * d * sigma2 * s with d = {d}, sigma2 = {sigma2!r}")
@@ -210,7 +216,7 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
                     f"{_num_groups(t)} (shape {tuple(t.shape)}); use unbiased=False"
                 )
     eps = _real("eps", eps)
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not (eps >= 0 and _finite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     out_dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32

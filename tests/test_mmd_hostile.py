@@ -578,3 +578,26 @@ def test_kernel_parameters_that_require_grad_are_refused(name):
     with torch.no_grad():  # read as a constant where no gradient is wanted
         fast_imq_mmd(x, y, backend="reference", **{name: t})
     fast_imq_mmd(x, y, backend="reference", **{name: t.detach()})
+
+
+def test_torch_compile_fullgraph_with_dynamic_shapes():
+    # dynamic=True makes Python floats (eps, sigma2) symbolic: the host-side checks must still trace, and a new
+    # n, d or input rank must recompile rather than break the graph
+    skip_unless_usable("cpu", "cpu")
+
+    def f(x, y, w):
+        return fast_imq_mmd(x, y, w, eps=1e-9, sigma2=0.5)
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(11)
+    for shape, m in (((12, 3), 14), ((15, 3), 9), ((15, 5), 9), ((6, 2, 5), 9)):
+        x = torch.randn(*shape, generator=g, requires_grad=True)
+        y = torch.randn(m, shape[-1], generator=g)
+        w = torch.rand(shape[:-1], generator=g) + 0.1
+        v = cf(x, y, w)
+        (gx,) = torch.autograd.grad(v, x)
+        xr = x.detach().double().requires_grad_(True)
+        r = fast_imq_mmd(xr, y.double(), w.double(), eps=1e-9, sigma2=0.5, backend="reference")
+        (gr,) = torch.autograd.grad(r, xr)
+        assert v.item() == pytest.approx(r.item(), rel=1e-5, abs=1e-7)
+        assert float((gx.double() - gr).abs().max()) <= 1e-4 * float(gr.abs().max())
