@@ -105,8 +105,8 @@ setup_kwargs = dict(
     version=_read_version(),
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    python_requires=">=3.11",
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "bench": ["pytest", "pytest-benchmark", "pykeops", "psutil", "tqdm", "matplotlib"],
         "figures": ["matplotlib", "umap-learn>=0.5"],

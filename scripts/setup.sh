@@ -20,7 +20,7 @@ PIP="$VPY -m pip --disable-pip-version-check -q"
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 
 # Pinned torch/torchvision for reproducible CI (a CUDA 13 build; it also runs on CPU). The package itself only
-# requires torch>=2.4, so it installs over an existing torch.
+# requires torch>=2.11 (the oldest torch CI tests: scripts/compat.sh), so it installs over an existing torch.
 PINS="torch==2.14.1 torchvision==0.29.1"
 STAMP=.venv/.gmwae-fast-deps
 WANT=$( (echo "$PINS"; cat requirements-dev.txt) | sha256sum | cut -d' ' -f1)

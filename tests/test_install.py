@@ -181,3 +181,53 @@ def test_sdist_builds_wheel_that_installs_and_runs(tmp_path):
     import gmwae_fast
 
     assert out.strip() == f"ok {gmwae_fast.__version__}"
+
+
+def test_source_tree_runs_without_install(tmp_path):
+    """gpu_check.sh's setting: a source tree built in place, on PYTHONPATH, not installed. Every backend imports
+    from it (the Triton kernels live in the top-level kernels/, which only an install maps to gmwae_fast.kernels),
+    and available_backends() reports triton unusable when its kernel module cannot be imported."""
+    pytest.importorskip("triton")
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "gmwae_fast", tree / "gmwae_fast", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "kernels", tree / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "setup.py", tree / "setup.py")
+    env = dict(os.environ, PYTHONPATH=str(tree), TRITON_INTERPRET="1", GMWAE_FAST_QUIET_EXT="1")
+    code = """
+        import sys
+        # an editable install of this checkout would map gmwae_fast.kernels: take its finder out
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+        import torch, gmwae_fast
+        from pathlib import Path
+        tree = Path(sys.argv[1]).resolve()
+        assert Path(gmwae_fast.__file__).resolve().parent == tree / "gmwae_fast", gmwae_fast.__file__
+        assert gmwae_fast.available_backends("cpu")["triton"] is None, gmwae_fast.available_backends("cpu")
+        x = torch.randn(9, 3, requires_grad=True)
+        y = torch.randn(7, 3)
+        v = gmwae_fast.fast_imq_mmd(x, y, backend="triton")
+        v.backward()
+        r = gmwae_fast.fast_imq_mmd(x.detach().double(), y.double(), backend="reference")
+        assert abs(v.item() - r.item()) <= 1e-5 * abs(r.item()), (v.item(), r.item())
+        mod = sys.modules["gmwae_fast.kernels.imq_mmd"]
+        assert Path(mod.__file__).resolve() == tree / "kernels" / "imq_mmd.py", mod.__file__
+        print("ok")
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(tree)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    # a tree whose kernel module is broken: reported, not claimed usable
+    (tree / "kernels" / "imq_mmd.py").write_text("raise ImportError('broken kernels (test)')\n")
+    code = """
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+        import gmwae_fast
+        reason = gmwae_fast.available_backends("cpu")["triton"]
+        assert reason is not None and "gmwae_fast.kernels.imq_mmd could not be imported" in reason, reason
+        assert "broken kernels (test)" in reason, reason
+        print("ok")
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
