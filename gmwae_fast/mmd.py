@@ -465,13 +465,13 @@ def _fused_total(c: _Call, x_grad: bool, y_grad: bool) -> Tensor:
 
     def self_sum(s: _Side, grad: bool) -> Tensor:
         if grad:
-            return ops.imq_self_total(h, s.pts, s.w, bw, s.group, c.unbiased, c.backend)[0]
+            return ops.self_total(h, s.pts, s.w, bw, s.group, c.unbiased, c.backend)
         return (h * op.self_values(s.pts, s.w, bw, s.group, c.unbiased)).sum()
 
     if x_grad:
-        sxy = ops.imq_cross_total(h, a.pts, a.w, b.pts, b.w, bw, c.backend, y_grad)[0]
+        sxy = ops.cross_total(h, a.pts, a.w, b.pts, b.w, bw, c.backend, y_grad)
     else:  # cross is symmetric: put the side that needs a gradient in the rows
-        sxy = ops.imq_cross_total(h, b.pts, b.w, a.pts, a.w, bw, c.backend, False)[0]
+        sxy = ops.cross_total(h, b.pts, b.w, a.pts, a.w, bw, c.backend, False)
     return self_sum(a, x_grad) / a.pairs + self_sum(b, y_grad) / b.pairs - 2.0 * sxy / (a.total * b.total)
 
 

@@ -238,3 +238,51 @@ def _cross_total_backward(ctx, g_total, *_unused):
 
 
 imq_cross_total.register_autograd(_cross_total_backward, setup_context=_cross_total_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eager entry points of the fused ops. A Python custom op imports torch._dynamo at its first call (its backend
+# wrapper is a dynamo-disabled function: ~1.5-20 s on a 2-core machine), so eager calls run the same forward and
+# backward as a torch.autograd.Function; code that torch.compile traces keeps the opaque custom ops.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _SelfTotal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, a, wa, bw, group, unbiased, backend):
+        values, da, dwa = op_set(backend).self_grad(h, a, wa, bw, group, unbiased)
+        ctx.save_for_backward(da, dwa, a, wa)
+        return (h * values).sum()
+
+    @staticmethod
+    def backward(ctx, g_total):
+        return _self_total_backward(ctx, g_total, None, None)
+
+
+class _CrossTotal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, a, wa, b, wb, bw, backend, b_grad):
+        values, da, dwa, db, dwb = op_set(backend).cross_grad(h, a, wa, b, wb, bw, b_grad)
+        ctx.b_grad = b_grad
+        ctx.save_for_backward(*((da, dwa, db, dwb) if b_grad else (da, dwa)), a, wa, b, wb)
+        return (h * values).sum()
+
+    @staticmethod
+    def backward(ctx, g_total):
+        return _cross_total_backward(ctx, g_total)
+
+
+def self_total(h: Tensor, a: Tensor, wa: Tensor, bw: Tensor, group: int, unbiased: bool, backend: str) -> Tensor:
+    """``sum_s h_s self_s`` with its gradient from the same kernel pass (:func:`imq_self_total`)."""
+    if torch.compiler.is_compiling():
+        return imq_self_total(h, a, wa, bw, group, unbiased, backend)[0]
+    return _SelfTotal.apply(h, a, wa, bw, group, unbiased, backend)
+
+
+def cross_total(
+    h: Tensor, a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, bw: Tensor, backend: str, b_grad: bool = True
+) -> Tensor:
+    """``sum_s h_s cross_s`` with its gradient from the same kernel pass (:func:`imq_cross_total`)."""
+    if torch.compiler.is_compiling():
+        return imq_cross_total(h, a, wa, b, wb, bw, backend, b_grad)[0]
+    return _CrossTotal.apply(h, a, wa, b, wb, bw, backend, b_grad)
