@@ -40,7 +40,7 @@ def _step(x_r: torch.Tensor, y_r: torch.Tensor, pg, backend: str) -> tuple[float
 
     x = x_r.clone().requires_grad_(True)
     t0 = time.perf_counter()
-    v = gmwae_fast.fast_imq_mmd(x, y_r, process_group=pg, backend=backend)
+    v = gmwae_fast.fast_imq_mmd(x, y_r, process_group=pg, backend=backend, scales=gmwae_fast.GAUJAC2019_SCALES)
     v.backward()
     return time.perf_counter() - t0, float(v.detach())
 

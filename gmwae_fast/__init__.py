@@ -2,11 +2,12 @@
 
 Public API::
 
-    fast_imq_mmd(x, y, x_weights=None, y_weights=None, *, scales=PAPER_SCALES, ...)  # fused multi-bandwidth IMQ MMD²
+    fast_imq_mmd(x, y, x_weights=None, y_weights=None, *, scales=WAE_SCALES, ...)  # fused multi-bandwidth IMQ MMD²
     IMQMMDLoss(...)                       # the same as an nn.Module
     imq_mmd_terms(x, y, ...)              # its per-bandwidth pieces (self_x, self_y, cross, den_x, den_y)
     gm_reparameterize(mu, sigma_raw, logits, *, seed=None, noise=None, ...)  # fused per-mode reparameterisation
-    PAPER_SCALES, WAE_SCALES              # bandwidth scale sets
+    WAE_SCALES, GAUJAC2019_SCALES         # bandwidth scale sets (the classic 7, the paper's 15; PAPER_SCALES: alias)
+    bandwidths_for(x, scales, sigma2)     # the absolute bandwidths C_s = 2 d sigma2 s a call uses
     available_backends(device=None, op="imq_mmd")  # backend -> None (usable) or the reason it is not
     backends.resolve_backend / last_backend         # which backend will run / ran last (gmwae_fast.backends)
     build_info()                          # versions and what was compiled
@@ -14,7 +15,16 @@ Public API::
 
 from ._version import __version__
 from .backends import available_backends, build_info
-from .mmd import PAPER_SCALES, WAE_SCALES, IMQMMDLoss, IMQMMDTerms, fast_imq_mmd, imq_mmd_terms
+from .mmd import (
+    GAUJAC2019_SCALES,
+    PAPER_SCALES,
+    WAE_SCALES,
+    IMQMMDLoss,
+    IMQMMDTerms,
+    bandwidths_for,
+    fast_imq_mmd,
+    imq_mmd_terms,
+)
 from .reparam import gm_reparameterize
 
 __all__ = [
@@ -23,7 +33,9 @@ __all__ = [
     "gm_reparameterize",
     "IMQMMDTerms",
     "IMQMMDLoss",
+    "GAUJAC2019_SCALES",
     "PAPER_SCALES",
+    "bandwidths_for",
     "WAE_SCALES",
     "available_backends",
     "build_info",

@@ -38,7 +38,7 @@ def _run(method: str, x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.T
         bw = torch.tensor(reference.bandwidths_for(x.shape[1], PAPER_SCALES), device=x.device, dtype=x.dtype)
         out = reference.mmd_vectorised(xg, y, bw)
     else:
-        out = fast_imq_mmd(xg, y, backend=backend)
+        out = fast_imq_mmd(xg, y, scales=PAPER_SCALES, backend=backend)
     out.backward()
     return out.detach()
 

@@ -15,12 +15,24 @@ from . import backends, reference
 from .ops import imq_mmd as ops  # registers the ops (fake + autograd) at import: torch.compile works first
 from .ops._autograd import refuse_forward_ad
 
-__all__ = ["PAPER_SCALES", "WAE_SCALES", "fast_imq_mmd", "imq_mmd_terms", "IMQMMDTerms", "IMQMMDLoss"]
+__all__ = [
+    "GAUJAC2019_SCALES",
+    "PAPER_SCALES",
+    "WAE_SCALES",
+    "bandwidths_for",
+    "fast_imq_mmd",
+    "imq_mmd_terms",
+    "IMQMMDTerms",
+    "IMQMMDLoss",
+]
 
-#: The 15 scales ``{1, 2, 5} x 10^j``, ``j = -2..2`` of Gaujac et al. (2019), ascending.
-PAPER_SCALES: tuple[float, ...] = tuple(float(f"{m}e{j}") for j in range(-2, 3) for m in (1, 2, 5))
-#: The 7 scales of the original WAE code (Tolstikhin et al., 2018).
+#: The 7 scales of the original WAE code (Tolstikhin et al., 2018), which every WAE port we found uses: the default.
 WAE_SCALES: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: The 15 scales ``{1, 2, 5} x 10^j``, ``j = -2..2`` of Gaujac, Feige and Barber (ACML 2019), ascending: the GM-WAE
+#: trainer's set.
+GAUJAC2019_SCALES: tuple[float, ...] = tuple(float(f"{m}e{j}") for j in range(-2, 3) for m in (1, 2, 5))
+#: Alias of :data:`GAUJAC2019_SCALES` (the name before version 0.2).
+PAPER_SCALES = GAUJAC2019_SCALES
 
 _REDUCTIONS = ("sum", "none")
 
@@ -126,7 +138,7 @@ def _resolve_bandwidths(
         return _check_bandwidths(vals, compute_dtype, "bandwidths")
     scales = _real_sequence("scales", scales)
     if not scales:
-        raise ValueError("scales is empty: give at least one scale (e.g. gmwae_fast.PAPER_SCALES)")
+        raise ValueError("scales is empty: give at least one scale (e.g. gmwae_fast.WAE_SCALES)")
     bad = [s for s in scales if not (s > 0 and _finite(s))]
     if bad:
         raise ValueError(f"every entry of scales must be positive and finite, got {bad}")
@@ -239,7 +251,7 @@ def fast_imq_mmd(
     x_weights: Optional[Tensor] = None,
     y_weights: Optional[Tensor] = None,
     *,
-    scales: Sequence[float] = PAPER_SCALES,
+    scales: Sequence[float] = WAE_SCALES,
     sigma2: Union[float, Tensor] = 1.0,
     bandwidths: Optional[Sequence[float]] = None,
     unbiased: bool = True,
@@ -263,8 +275,9 @@ def fast_imq_mmd(
     included, without the division) and ``W``, ``V`` are the weights normalised to sum to 1 (in float64, so any
     positive weight vector, however concentrated or large, is exact). With ``(n, d)`` inputs, no weights and
     ``scales=WAE_SCALES`` this is exactly the penalty of the original WAE code (U-statistic self terms over
-    ``n (n - 1)`` pairs, cross term over ``n m``); the default is the paper's 15 scales. ``docs/migrating.md``
-    maps other WAE codes onto these options.
+    ``n (n - 1)`` pairs, cross term over ``n m``); ``WAE_SCALES`` is the default (since 0.2; before, the 15
+    :data:`GAUJAC2019_SCALES`, which the GM-WAE trainer passes). ``docs/migrating.md`` maps other WAE codes onto
+    these options.
 
     Args:
         x: ``(n, d)`` points, or ``(B, K, d)``: ``B`` groups of ``K`` points (e.g. the ``K`` per-mode encodings of
@@ -272,7 +285,8 @@ def fast_imq_mmd(
         y: ``(m, d)`` or ``(B', K', d)``, likewise (e.g. prior samples).
         x_weights: ``(n,)`` or ``(B, K)`` non-negative relative masses (default uniform); gradients flow to them.
         y_weights: likewise for ``y``.
-        scales: bandwidth scales ``s`` (default :data:`PAPER_SCALES`, 15 values): a sequence of numbers.
+        scales: bandwidth scales ``s`` (default :data:`WAE_SCALES`, the 7 of the original WAE code; the paper's 15:
+            :data:`GAUJAC2019_SCALES`): a sequence of numbers.
         sigma2: the kernel constant ``sigma^2`` in ``C_s = 2 d sigma^2 s`` (a number or a one-element tensor, read
             once on the host). For a standard normal prior the WAE codes use 1; it is a kernel parameter, not
             necessarily the prior's variance.
@@ -300,8 +314,10 @@ def fast_imq_mmd(
 
     Returns:
         A float32 scalar (or ``(S,)`` vector) for float32/float16/bfloat16 inputs, float64 for float64 inputs.
-        Sums are accumulated in float64 inside the kernels, so float32 inputs are accurate to ~1e-6 relative
-        even when MMD² is near zero. Gradients are first order: differentiating them again raises
+        Sums are accumulated in float64 inside the kernels: float32 inputs are accurate to 1e-5 relative on the
+        tested inputs; when MMD² is a tiny fraction of the complement sums ``sum w w (1 - k)`` (a far point of
+        nonzero weight, bandwidths far above the data's spread) the error is absolute, a few float32 ulp of those
+        sums (``docs/ARCHITECTURE.md``, accuracy contract). Gradients are first order: differentiating them again raises
         :class:`RuntimeError` on the fused backends (use ``backend="reference"`` for second derivatives).
 
     Example::
@@ -349,7 +365,7 @@ def imq_mmd_terms(
     x_weights: Optional[Tensor] = None,
     y_weights: Optional[Tensor] = None,
     *,
-    scales: Sequence[float] = PAPER_SCALES,
+    scales: Sequence[float] = WAE_SCALES,
     sigma2: Union[float, Tensor] = 1.0,
     bandwidths: Optional[Sequence[float]] = None,
     unbiased: bool = True,
@@ -368,7 +384,7 @@ def imq_mmd_terms(
     Example (an estimator whose cross term leaves out the pairs ``(x_i, y_i)``, as some WAE codes do)::
 
         >>> t = gmwae_fast.imq_mmd_terms(z, prior, scales=gmwae_fast.WAE_SCALES)      # (n, d), (n, d)
-        >>> c = torch.tensor(gmwae_fast.mmd.bandwidths_for(z, gmwae_fast.WAE_SCALES), dtype=torch.float64)
+        >>> c = torch.tensor(gmwae_fast.bandwidths_for(z, gmwae_fast.WAE_SCALES), dtype=torch.float64)
         >>> diag = (c / (c + ((z - prior) ** 2).sum(1, keepdim=True).double())).sum(0)   # (S,), O(n d)
         >>> n = z.shape[0]
         >>> cross_offdiag = (t.cross * n * n - diag) / (n * (n - 1))
@@ -378,7 +394,7 @@ def imq_mmd_terms(
     return _terms(c)
 
 
-def bandwidths_for(x: Tensor, scales: Sequence[float] = PAPER_SCALES, sigma2: float = 1.0) -> tuple[float, ...]:
+def bandwidths_for(x: Tensor, scales: Sequence[float] = WAE_SCALES, sigma2: float = 1.0) -> tuple[float, ...]:
     """The absolute bandwidths ``C_s = 2 d sigma2 s`` that :func:`fast_imq_mmd` uses for points ``x`` (``d`` is
     ``x.shape[-1]``)."""
     return _resolve_bandwidths(x.shape[-1], scales, sigma2, None)
@@ -490,7 +506,7 @@ class IMQMMDLoss(nn.Module):
     def __init__(
         self,
         *,
-        scales: Sequence[float] = PAPER_SCALES,
+        scales: Sequence[float] = WAE_SCALES,
         sigma2: Union[float, Tensor] = 1.0,
         bandwidths: Optional[Sequence[float]] = None,
         unbiased: bool = True,

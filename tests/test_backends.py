@@ -200,7 +200,7 @@ def test_triton_interpreted_call_is_recorded():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
     out = gmwae_fast.fast_imq_mmd(x, y, backend="triton")
     assert backends.last_backend("imq_mmd") == "triton"
-    bws = reference.bandwidths_for(3, gmwae_fast.PAPER_SCALES)
+    bws = reference.bandwidths_for(3, gmwae_fast.WAE_SCALES)
     torch.testing.assert_close(out, reference.imq_mmd_reference(x, y, bandwidths=bws))
 
 

@@ -195,7 +195,7 @@ def test_fp32_accuracy_same_law(device_backend):
     x = torch.randn(n, 10, generator=gen)
     y = torch.randn(n, 10, generator=gen)
     exact = brute_mmd_chunked(x.double(), y.double(), bws(10))
-    got = fast_imq_mmd(x.to(device), y.to(device), backend=backend).item()
+    got = fast_imq_mmd(x.to(device), y.to(device), scales=PAPER_SCALES, backend=backend).item()
     assert abs(exact) < 1e-2 * 15  # the two samples are of one law: MMD² is tiny against the sums
     assert abs(got - exact) <= 1e-5 * abs(exact), (got, exact)
 
@@ -259,7 +259,7 @@ def test_matches_materialised_formulas():
     want = brute_mmd(x, y, bandwidths=bws(6))
     torch.testing.assert_close(reference.mmd_per_bandwidth(x, y, PAPER_SCALES), want)
     torch.testing.assert_close(reference.mmd_vectorised(x, y, torch.tensor(bws(6), dtype=torch.float64)), want)
-    torch.testing.assert_close(fast_imq_mmd(x, y, backend="reference"), want)
+    torch.testing.assert_close(fast_imq_mmd(x, y, scales=PAPER_SCALES, backend="reference"), want)
 
 
 def test_reference_chunks_and_grads_match_brute():

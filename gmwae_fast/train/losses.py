@@ -215,7 +215,14 @@ def gmwae_loss(
     parts = encode_shards(model, x, gen=gen, backend=reparam_backend, sh=sh)
     recon = shard_mean(model, sh, parts, lambda p: mode_expectation(model, p.x, p.z, p.pi, _l2_cost, prune))
     pz = sh.rows_of(prior.sample_stratified(n_prior, generator=gen))
-    mmd = gmwae_fast.fast_imq_mmd(_cat(parts, "z"), pz, x_weights=_cat(parts, "pi"), backend=backend, **sh.mmd_kwargs())
+    mmd = gmwae_fast.fast_imq_mmd(
+        _cat(parts, "z"),
+        pz,
+        x_weights=_cat(parts, "pi"),
+        backend=backend,
+        scales=gmwae_fast.GAUJAC2019_SCALES,
+        **sh.mmd_kwargs(),
+    )
     return _result([("recon", recon_scale, recon, True), ("mmd", lam, mmd, False)], parts, sh)
 
 

@@ -154,7 +154,9 @@ def evaluate(
         pz = prior.sample_stratified(n * prior.K, generator=g)
         out["recon_l2"] = float(torch.cat(l2s).mean())
         out["bernoulli_nll"] = float(torch.cat(nlls).mean())
-        out["mmd"] = float(gmwae_fast.fast_imq_mmd(z, pz, x_weights=p, backend=backend))
+        out["mmd"] = float(
+            gmwae_fast.fast_imq_mmd(z, pz, x_weights=p, backend=backend, scales=gmwae_fast.GAUJAC2019_SCALES)
+        )
         return out
     finally:
         model.train(was_training)

@@ -92,7 +92,9 @@ def _profile_backend(a, be: str, prior: GMPrior, model: GMModel, opt, x: torch.T
     y = prior.sample_stratified(B * K, generator=gen)
 
     def mmd_only():
-        m = gmwae_fast.fast_imq_mmd(z, y, x_weights=torch.softmax(logits, -1), backend=be)
+        m = gmwae_fast.fast_imq_mmd(
+            z, y, x_weights=torch.softmax(logits, -1), backend=be, scales=gmwae_fast.GAUJAC2019_SCALES
+        )
         m.backward()
 
     t_step = _median_time(step, a.reps, a.warmup)
