@@ -97,6 +97,7 @@ def _base_facts(torch_mod=None):
         "torch_cuda_version": torch_mod.version.cuda if torch_mod is not None else None,
         "torch_cxx11_abi": bool(torch_mod._C._GLIBCXX_USE_CXX11_ABI) if torch_mod is not None else None,
         "build_warning": None,
+        "cuda_skipped_reason": None,
     }
 
 
@@ -130,6 +131,25 @@ except Exception as exc:  # no torch at build time: pure-Python package
     facts = _base_facts()
     facts["build_warning"] = f"no compiled extension: {exc}"
     _write_config(os.path.join(ROOT, CONFIG_REL), facts)
+
+
+def _summary(with_cuda, reason):
+    """One line before compiling: what is built, for which targets, and about how long it takes."""
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    if with_cuda:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST).replace(";", " ").split()
+        names = ", ".join(
+            "sm_" + a.replace(".", "").replace("+PTX", "") + (" (+PTX)" if "+PTX" in a else "") for a in archs
+        )
+        cuda, minutes = f"CUDA: {names}", f"{2 + 3 * len(archs)}-{4 + 5 * len(archs)}"
+    else:
+        cuda, minutes = f"CUDA: skipped because {reason or 'GMWAE_FAST_SKIP_CUDA=1'}", "2-5"
+    print(
+        f"gmwae_fast build: C++ CPU kernels (generic, avx2, avx512, chosen at run time); {cuda}; about {minutes} min "
+        f"on 2 cores (MAX_JOBS={jobs}; rebuilds of unchanged sources are skipped)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _cuda_plan():
@@ -250,8 +270,7 @@ if cpp_extension is not None:
             facts = _base_facts(torch)
             warning = CUDA_WARNING
             with_cuda = BUILD_CUDA
-            if warning:
-                _warn(warning)
+            _summary(with_cuda, warning)
             try:
                 try:
                     self._build(with_cuda)
@@ -265,6 +284,8 @@ if cpp_extension is not None:
                 facts["cpu_compiled"] = True
                 facts["cuda_compiled"] = with_cuda
                 facts["cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None
+                if not with_cuda:
+                    facts["cuda_skipped_reason"] = warning or "GMWAE_FAST_SKIP_CUDA=1"
             except Exception as exc:
                 if _flag("FORCE_CUDA"):
                     raise

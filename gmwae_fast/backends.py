@@ -371,8 +371,8 @@ def select_backend(requested: str, device: Union[str, torch.device], op: str) ->
     return name
 
 
-def last_backend(op: str) -> Optional[str]:
-    """The backend the last call of op family ``op`` (``"imq_mmd"``: :func:`gmwae_fast.fast_imq_mmd`,
+def last_backend(op: str = "imq_mmd") -> Optional[str]:
+    """The backend the last call of op family ``op`` (default ``"imq_mmd"``: :func:`gmwae_fast.fast_imq_mmd`,
     ``"gm_reparam"``: :func:`gmwae_fast.gm_reparameterize`) in this process ran on, or ``None`` before any call.
 
     Example::
@@ -404,11 +404,18 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def _cuda_skipped_reason(cfg: dict) -> str:
+    if extension() is None:
+        return f"no compiled extension ({extension_error()})"
+    return cfg.get("cuda_skipped_reason") or cfg.get("build_warning") or "not recorded by this build"
+
+
 def build_info() -> dict:
     """What this installation was built with and can run.
 
     Keys: ``version``, ``torch``, ``torch_cuda`` (CUDA version torch was built for), ``triton``, ``cpu_compiled``,
-    ``cuda_compiled``, ``cuda_arch_list`` (architectures the CUDA kernels were compiled for), ``built_with_torch``,
+    ``cuda_compiled``, ``cuda_arch_list`` (architectures the CUDA kernels were compiled for),
+    ``cuda_skipped_reason`` (why there are no CUDA kernels, or ``None``), ``built_with_torch``,
     ``extension_error``, ``cuda_device`` (name of the current GPU or ``None``) and ``guard`` (the GPU routes
     checked at first use so far: ``"backend:op@device"`` -> ``None`` or why the route was disabled;
     :mod:`gmwae_fast.guard`).
@@ -424,6 +431,7 @@ def build_info() -> dict:
         "cpu_compiled": _compiled_kernel("imq_mmd", "CPU"),
         "cuda_compiled": _compiled_kernel("imq_mmd", "CUDA"),
         "cuda_arch_list": cfg.get("cuda_arch_list") if _compiled_kernel("imq_mmd", "CUDA") else None,
+        "cuda_skipped_reason": None if _compiled_kernel("imq_mmd", "CUDA") else _cuda_skipped_reason(cfg),
         "built_with_torch": cfg.get("torch_version"),
         "extension_error": extension_error(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

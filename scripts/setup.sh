@@ -39,8 +39,19 @@ if [ -n "${CUDA_HOME:-}" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
-# Build (or bring up to date) gmwae_fast/_C*.so in place; a no-op when nothing changed.
-quiet "$VPY" setup.py -q build_ext --inplace
+# Build (or bring up to date) gmwae_fast/_C*.so in place; a no-op when nothing changed. The compiler lines go to
+# build/build.log (GMWAE_FAST_VERBOSE=1 prints them); shown here: the build's summary line, warnings, and the log's
+# tail when it fails.
+mkdir -p build
+if [ "${GMWAE_FAST_VERBOSE:-0}" = 1 ]; then
+  quiet "$VPY" setup.py -q build_ext --inplace
+elif ! "$VPY" setup.py -q build_ext --inplace > build/build.log 2>&1; then
+  tail -n 40 build/build.log >&2
+  echo "setup.sh: the build failed; the whole log is build/build.log" >&2
+  exit 1
+else
+  grep -E "^gmwae_fast build:|^WARNING: gmwae_fast" build/build.log || true
+fi
 # Install (editable) only when .venv does not yet import gmwae_fast from this checkout at this version.
 if ! (cd / && "$ROOT/$VPY" - "$ROOT" <<'PY'
 import importlib.metadata, importlib.util, os, re, sys
