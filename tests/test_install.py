@@ -138,13 +138,21 @@ def _tracked_files() -> list[str]:
     return [p for p in out.splitlines() if (ROOT / p).is_file()]
 
 
-def _fresh_venv(path: Path) -> Path:
-    """A venv without pip whose ``.pth`` line puts this environment's site-packages (torch, pip, setuptools) after
-    its own; .pth files there (an editable gmwae_fast) are not processed, so only the wheel is importable."""
+def _fresh_venv(path: Path, overlay: Path) -> Path:
+    """A venv without pip whose ``.pth`` line puts this environment's packages (torch, pip, setuptools) after its
+    own: through ``overlay``, a folder of links to every entry of this site-packages except gmwae_fast's own (its
+    dist-info and editable finder) and pip (so that ``python -m venv`` installs the venv's own pip), so that pip in
+    the new venv neither sees nor touches this environment's gmwae_fast."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    parent = Path(sysconfig.get_paths()["purelib"])
+    overlay.mkdir(parents=True)
+    for entry in parent.iterdir():
+        mine = "gmwae_fast" in entry.name or entry.name == "pip" or entry.name.startswith("pip-")
+        if not mine and not entry.name.endswith(".pth"):
+            (overlay / entry.name).symlink_to(entry)
     exe = path / "bin" / "python"
     site = _python("import sysconfig; print(sysconfig.get_paths()['purelib'])", exe=exe).strip()
-    Path(site, "zz_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    Path(site, "zz_parent_env.pth").write_text(f"{overlay}\n")
     return exe
 
 
@@ -172,7 +180,7 @@ def test_readme_install_section_runs_verbatim(tmp_path):
     assert commands[0].startswith("python -m venv .venv") and any("--no-build-isolation" in c for c in commands)
     src = tmp_path / "checkout"
     _copy_tracked(src)
-    _fresh_venv(src / ".venv")
+    _fresh_venv(src / ".venv", overlay=tmp_path / "parent-site")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(GMWAE_FAST_SKIP_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PIP_NO_INDEX="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `python` = this interpreter before activation
@@ -206,6 +214,9 @@ def test_readme_install_section_runs_verbatim(tmp_path):
         exe=src / ".venv" / "bin" / "python",
     )
     assert out.startswith("ok " + str(src)), out
+    # this environment's own install is untouched
+    finder = "".join(p.read_text() for p in Path(sysconfig.get_paths()["purelib"]).glob("__editable__*gmwae_fast*"))
+    assert str(tmp_path) not in finder
 
 
 @pytest.mark.slow
