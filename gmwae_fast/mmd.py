@@ -124,6 +124,13 @@ def _check_bandwidths(vals: tuple[float, ...], compute_dtype: torch.dtype, what:
     return vals
 
 
+def _plain(vals) -> Optional[tuple]:
+    """``vals`` as a tuple when it is a list or tuple of Python ints and floats (hashable as they are), else None."""
+    if isinstance(vals, (tuple, list)) and all(type(v) in (int, float) for v in vals):
+        return tuple(vals)
+    return None
+
+
 def _resolve_bandwidths(
     d: int,
     scales: Sequence[float],
@@ -131,6 +138,21 @@ def _resolve_bandwidths(
     bandwidths: Optional[Sequence[float]],
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[float, ...]:
+    """The checked ``C_s``; plain Python options (the usual call) are resolved once and remembered (the checks
+    cost tens of microseconds, as much as a small call's kernels)."""
+    if type(sigma2) in (int, float) and not torch.compiler.is_compiling():
+        sc, bw = _plain(scales), None if bandwidths is None else _plain(bandwidths)
+        if sc is not None and (bandwidths is None or bw is not None):
+            return _resolve_bandwidths_cached(int(d), sc, sigma2, bw, compute_dtype)
+    return _resolve_bandwidths_checked(d, scales, sigma2, bandwidths, compute_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_bandwidths_cached(d, scales, sigma2, bandwidths, compute_dtype) -> tuple[float, ...]:
+    return _resolve_bandwidths_checked(d, scales, sigma2, bandwidths, compute_dtype)
+
+
+def _resolve_bandwidths_checked(d, scales, sigma2, bandwidths, compute_dtype) -> tuple[float, ...]:
     if bandwidths is not None:
         vals = _real_sequence("bandwidths", bandwidths)
         if not vals:
