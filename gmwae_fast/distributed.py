@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends, reference
-from .mmd import _REDUCTIONS, _check_bandwidths, _check_points, _check_weights, _real, _resolve_bandwidths
+from ._common import _REDUCTIONS, _check_bandwidths, _check_points, _check_weights, _real, _resolve_bandwidths
 from .ops._autograd import first_order_only
 from .ops.imq_mmd import OpSet, op_set
 

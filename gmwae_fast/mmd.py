@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import functools
-import math
-import numbers
-from collections.abc import Iterable
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import backends, reference
+from ._common import (
+    _REDUCTIONS,
+    IMQMMDTerms,
+    _check_bandwidths,
+    _check_points,
+    _check_weights,
+    _finite,
+    _real,
+    _real_sequence,
+    _resolve_bandwidths,
+)
 from .ops import imq_mmd as ops  # registers the ops (fake + autograd) at import: torch.compile works first
 from .ops._autograd import refuse_forward_ad
 
@@ -33,142 +41,6 @@ WAE_SCALES: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 GAUJAC2019_SCALES: tuple[float, ...] = tuple(float(f"{m}e{j}") for j in range(-2, 3) for m in (1, 2, 5))
 #: Alias of :data:`GAUJAC2019_SCALES` (the name before version 0.2).
 PAPER_SCALES = GAUJAC2019_SCALES
-
-_REDUCTIONS = ("sum", "none")
-
-
-def _check_points(name: str, t: object, allow_empty: bool = False) -> Tensor:
-    """``t`` as points ``(n, d)`` or ``(B, K, d)``; ``allow_empty`` admits ``n = 0`` / ``B = 0`` (a rank's shard)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() not in (2, 3):
-        raise ValueError(f"{name} must have shape (n, d) or (B, K, d), got {tuple(t.shape)} ({t.dim()} dims)")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if allow_empty and 0 in t.shape[1:]:
-        raise ValueError(
-            f"{name} has a zero-sized dimension other than the first: {tuple(t.shape)} "
-            "(an empty shard is (0, d) or (0, K, d))"
-        )
-    if not allow_empty and t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    return t
-
-
-def _check_weights(name: str, w: object, pts: Tensor, pts_name: str) -> Optional[Tensor]:
-    if w is None:
-        return None
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
-    if tuple(w.shape) != tuple(pts.shape[:-1]):
-        raise ValueError(
-            f"{name} must have the leading shape of {pts_name}, {tuple(pts.shape[:-1])}, got {tuple(w.shape)}"
-        )
-    if w.device != pts.device:
-        raise ValueError(f"{name} is on {w.device} but {pts_name} is on {pts.device}")
-    return w
-
-
-def _no_grad_wanted(name: str, v: Tensor) -> None:
-    """A kernel parameter given as a tensor that requires grad would silently get no gradient: refuse it."""
-    if v.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"{name} is a tensor that requires grad, but gmwae_fast reads it as a constant and would give it no "
-            f"gradient (learnable bandwidths are not supported): pass {name}.detach() or a number"
-        )
-
-
-def _finite(v: float) -> bool:
-    """``math.isfinite`` written with comparisons, which :func:`torch.compile` also traces when ``v`` is symbolic
-    (``dynamic=True`` makes Python floats such as ``eps`` symbolic; ``math.isfinite`` of one breaks the graph)."""
-    return v == v and abs(v) != math.inf
-
-
-def _real(name: str, v: object) -> float:
-    """A Python real number or a one-element real tensor (read once on the host) as a float."""
-    if isinstance(v, Tensor):
-        _no_grad_wanted(name, v)
-        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
-            raise TypeError(
-                f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
-                f"{tuple(v.shape)} and dtype {v.dtype}"
-            )
-        return float(v.detach().reshape(()).item())
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    return float(v)
-
-
-def _real_sequence(name: str, vals: object) -> tuple[float, ...]:
-    if isinstance(vals, Tensor):
-        _no_grad_wanted(name, vals)
-        if vals.is_complex() or vals.dtype == torch.bool:
-            raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {vals.dtype}")
-        return tuple(float(v) for v in vals.detach().reshape(-1).tolist())
-    if isinstance(vals, (str, bytes)) or not isinstance(vals, Iterable):
-        raise TypeError(f"{name} must be a sequence of numbers, got {type(vals).__name__}")
-    return tuple(_real(f"{name}[{i}]", v) for i, v in enumerate(vals))
-
-
-def _check_bandwidths(vals: tuple[float, ...], compute_dtype: torch.dtype, what: str) -> tuple[float, ...]:
-    """Every ``C_s`` finite, > 0 and a normal number of the compute dtype (no underflow to 0, no overflow)."""
-    fi = torch.finfo(compute_dtype)
-    bad = [c for c in vals if not (_finite(c) and fi.tiny <= c <= fi.max)]
-    if bad:
-        raise ValueError(
-            f"every bandwidth C_s must be positive, finite and representable in {compute_dtype} "
-            f"([{fi.tiny:.3g}, {fi.max:.3g}]); {what} gave {bad}"
-        )
-    return vals
-
-
-def _plain(vals) -> Optional[tuple]:
-    """``vals`` as a tuple when it is a list or tuple of Python ints and floats (hashable as they are), else None."""
-    if isinstance(vals, (tuple, list)) and all(type(v) in (int, float) for v in vals):
-        return tuple(vals)
-    return None
-
-
-def _resolve_bandwidths(
-    d: int,
-    scales: Sequence[float],
-    sigma2: Union[float, Tensor],
-    bandwidths: Optional[Sequence[float]],
-    compute_dtype: torch.dtype = torch.float64,
-) -> tuple[float, ...]:
-    """The checked ``C_s``; plain Python options (the usual call) are resolved once and remembered (the checks
-    cost tens of microseconds, as much as a small call's kernels)."""
-    if type(sigma2) in (int, float) and not torch.compiler.is_compiling():
-        sc, bw = _plain(scales), None if bandwidths is None else _plain(bandwidths)
-        if sc is not None and (bandwidths is None or bw is not None):
-            return _resolve_bandwidths_cached(int(d), sc, sigma2, bw, compute_dtype)
-    return _resolve_bandwidths_checked(d, scales, sigma2, bandwidths, compute_dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _resolve_bandwidths_cached(d, scales, sigma2, bandwidths, compute_dtype) -> tuple[float, ...]:
-    return _resolve_bandwidths_checked(d, scales, sigma2, bandwidths, compute_dtype)
-
-
-def _resolve_bandwidths_checked(d, scales, sigma2, bandwidths, compute_dtype) -> tuple[float, ...]:
-    if bandwidths is not None:
-        vals = _real_sequence("bandwidths", bandwidths)
-        if not vals:
-            raise ValueError("bandwidths is empty: give at least one bandwidth C_s > 0")
-        return _check_bandwidths(vals, compute_dtype, "bandwidths")
-    scales = _real_sequence("scales", scales)
-    if not scales:
-        raise ValueError("scales is empty: give at least one scale (e.g. gmwae_fast.WAE_SCALES)")
-    bad = [s for s in scales if not (s > 0 and _finite(s))]
-    if bad:
-        raise ValueError(f"every entry of scales must be positive and finite, got {bad}")
-    sigma2 = _real("sigma2", sigma2)
-    if not (sigma2 > 0 and _finite(sigma2)):
-        raise ValueError(f"sigma2 must be a positive finite number, got {sigma2!r}")
-    vals = tuple(reference.bandwidths_for(d, scales, sigma2))
-    return _check_bandwidths(vals, compute_dtype, f"C_s = 2 * d * sigma2 * s with d = {d}, sigma2 = {sigma2!r}")
 
 
 def _num_groups(t: Tensor) -> int:
@@ -195,26 +67,6 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
                 raise ValueError(
                     f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
                 )
-
-
-class IMQMMDTerms(NamedTuple):
-    """The pieces of the MMD² (float64; ``(S,)`` per-bandwidth sums and 0-d denominators), see
-    :func:`imq_mmd_terms`."""
-
-    #: ``sum_{a !~ a'} W_a W_a' k_s(a, a')`` over ordered pairs (all pairs, ``a = a'`` included, when biased).
-    self_x: Tensor
-    #: the same for ``y``.
-    self_y: Tensor
-    #: ``sum_{a, b} W_a V_b k_s(a, b)``.
-    cross: Tensor
-    #: ``1 - sum_g W_g^2`` when unbiased, else 1.
-    den_x: Tensor
-    #: the same for ``y``.
-    den_y: Tensor
-
-    def mmd(self) -> Tensor:
-        """``(S,)`` MMD² per bandwidth: ``self_x / den_x + self_y / den_y - 2 cross``."""
-        return self.self_x / self.den_x + self.self_y / self.den_y - 2.0 * self.cross
 
 
 class _Call(NamedTuple):

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ._common import IMQMMDTerms, bandwidths_for
+
 __all__ = [
     "bandwidths_for",
     "imq_mmd_reference",
@@ -29,11 +31,6 @@ __all__ = [
     "mmd_per_bandwidth",
     "mmd_vectorised",
 ]
-
-
-def bandwidths_for(d: int, scales: Sequence[float], sigma2: float = 1.0) -> list[float]:
-    """Absolute bandwidths ``C_s = 2 * d * sigma2 * s`` (the WAE convention)."""
-    return [2.0 * d * sigma2 * float(s) for s in scales]
 
 
 #: Elements of the ``(rows, m, d)`` difference tensor one chunk of :func:`reference_terms` may hold (128 MiB float64).
@@ -147,8 +144,6 @@ def imq_terms_reference(
 ):
     """Float64 :class:`gmwae_fast.mmd.IMQMMDTerms` ``(self_x, self_y, cross, den_x, den_y)``, each ``(S,)``, with
     the contract of :func:`gmwae_fast.imq_mmd_terms` (weights normalised here, in float64)."""
-    from .mmd import IMQMMDTerms
-
     a, wa, ga = _flatten(x, x_weights)
     b, wb, gb = _flatten(y, y_weights)
     bw = torch.as_tensor(list(bandwidths), dtype=torch.float64, device=x.device)

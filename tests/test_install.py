@@ -293,3 +293,20 @@ def test_source_tree_runs_without_install(tmp_path):
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_no_import_cycle_between_mmd_distributed_and_reference():
+    """The shared argument checks live in gmwae_fast/_common.py, which imports none of the three."""
+    import ast
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((ROOT / "gmwae_fast" / f"{name}.py").read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                out |= {node.module} if node.module else {a.name for a in node.names}
+        return out
+
+    assert not imports("_common") & {"mmd", "distributed", "reference"}
+    assert not imports("reference") & {"mmd", "distributed"}
+    assert "mmd" not in imports("distributed")
