@@ -82,15 +82,18 @@ def distributed_imq_mmd(
     """The ``process_group`` branch of :func:`gmwae_fast.fast_imq_mmd` (see its docstring for the contract).
 
     Collective: every rank of ``process_group`` must call it, in the same order as its other collectives.
-    Errors that depend on one rank's input (bad shape, mismatched ``d`` or dtype, grouped input on some ranks only,
-    weights on some ranks only, different options) are raised on every rank, after the metadata all-gather, so no
-    rank is left waiting. Only argument *type* errors are raised locally before any communication.
+    Errors that depend on one rank's input (a wrong type or shape, mismatched ``d`` or dtype, grouped input on some
+    ranks only, weights on some ranks only, different options or ``validate``, a backend that cannot run on one
+    rank) are raised on every rank, after the metadata all-gather, so no rank is left waiting: the rank at fault
+    raises its own error, the others a :class:`ValueError` naming it. Only a ``process_group`` that is not one
+    raises before any communication.
     """
     _check_group(process_group)
     local_error, (bws, factors), options = _local_checks(
-        x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, reduction, eps, backend
+        x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, reduction, eps, backend, validate
     )
-    metas = _gather_meta(_meta_vector(x, y, x_weights, y_weights, local_error, options), process_group)
+    meta = _meta_vector(x, y, x_weights, y_weights, local_error, options, process_group)
+    metas = _gather_meta(meta, process_group)
     rank = dist.get_rank(process_group)
     if local_error is not None:
         raise local_error
@@ -146,14 +149,14 @@ def _bandwidths(x: Tensor, y: Tensor, scales, sigma2, bandwidths, eps) -> tuple[
     return bws, factors
 
 
-def _local_checks(x, y, xw, yw, scales, sigma2, bandwidths, unbiased, reduction, eps, backend):
-    """Type errors raise now; value errors are returned, to be raised after the metadata exchange."""
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+def _local_checks(x, y, xw, yw, scales, sigma2, bandwidths, unbiased, reduction, eps, backend, validate):
+    """Errors are returned, to be raised after the metadata exchange (on every rank)."""
     try:
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         _check_points("x", x, allow_empty=True)
         _check_points("y", y, allow_empty=True)
         if x.shape[-1] != y.shape[-1]:
@@ -165,9 +168,10 @@ def _local_checks(x, y, xw, yw, scales, sigma2, bandwidths, unbiased, reduction,
         if reduction not in _REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
         bws = _bandwidths(x, y, scales, sigma2, bandwidths, eps)
-    except (ValueError, TypeError) as exc:
+        backends.resolve_backend(backend, x.device, "imq_mmd")  # can this rank run it? (recorded after the exchange)
+    except (ValueError, TypeError, RuntimeError) as exc:
         return exc, ((), ()), 0
-    options = zlib.crc32(repr((bws, bool(unbiased), reduction)).encode()) & 0xFFFFFFFF
+    options = zlib.crc32(repr((bws, bool(unbiased), reduction, bool(validate))).encode()) & 0xFFFFFFFF
     return None, bws, options
 
 
@@ -175,14 +179,27 @@ def _side_meta(t: Tensor, w: Optional[Tensor]) -> list[float]:
     if t.dim() not in (2, 3):
         return [t.dim(), 0, 0, 0, -1, 0, 0]
     dtype = _FLOAT_DTYPES.index(t.dtype) if t.dtype in _FLOAT_DTYPES else -1
-    grad = torch.is_grad_enabled() and (t.requires_grad or (w is not None and w.requires_grad))
+    grad = torch.is_grad_enabled() and (t.requires_grad or (isinstance(w, Tensor) and w.requires_grad))
     k = t.shape[1] if t.dim() == 3 else 1
     return [t.dim(), t.shape[0], k, t.shape[-1], dtype, w is not None, grad]
 
 
-def _meta_vector(x, y, xw, yw, error, options) -> Tensor:
-    vals = [error is not None, *_side_meta(x, xw), *_side_meta(y, yw), options]
-    return torch.tensor([float(v) for v in vals], dtype=torch.float64, device=x.device)
+def _meta_vector(x, y, xw, yw, error, options, group) -> Tensor:
+    n = len(_META)
+    if error is not None:  # the inputs may not even be tensors: only the error flag counts
+        vals = [1.0] + [0.0] * (n - 1)
+        device = x.device if isinstance(x, Tensor) else _group_device(group)
+    else:
+        vals = [0.0, *_side_meta(x, xw), *_side_meta(y, yw), options]
+        device = x.device
+    return torch.tensor([float(v) for v in vals], dtype=torch.float64, device=device)
+
+
+def _group_device(group) -> torch.device:
+    """Where this group's collectives take tensors: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _gather_meta(meta: Tensor, group) -> list[dict]:
@@ -205,7 +222,7 @@ def _check_consistent(metas: list[dict], rank: int, unbiased: bool) -> None:
         ("y_dtype", "y's dtype"),
         ("x_w", "whether x_weights is given"),
         ("y_w", "whether y_weights is given"),
-        ("options", "the keyword options (bandwidths, unbiased, reduction)"),
+        ("options", "the keyword options (bandwidths, unbiased, reduction, validate)"),
     ):
         values = [m[key] for m in metas]
         if len(set(values)) > 1:

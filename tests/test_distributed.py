@@ -109,6 +109,10 @@ ERROR_CASES = (
     "different_options",
     "all_empty",
     "not_a_group",
+    "backend_unusable_on_one_rank",
+    "validate_on_some_ranks",
+    "list_as_weights_on_one_rank",
+    "not_a_tensor_on_one_rank",
 )
 OTHER_CASES = ("ddp_rule", "imqmmdloss_module", "double_backward_raises", "destroyed_group")
 
@@ -228,6 +232,23 @@ def _check_error(name: str, rank: int, world: int) -> None:
         _expect_error(ValueError, "empty on every rank", lambda: mmd(x[:0], y, process_group=wd))
     elif name == "not_a_group":
         _expect_error(TypeError, "ProcessGroup", lambda: mmd(x, y, process_group="world"))
+    # one rank's fault: every rank raises at once (the faulty one its own error, the others naming it), none hangs
+    elif name == "backend_unusable_on_one_rank":
+        be = "cuda" if rank == 1 else "auto"  # CPU tensors: 'cuda' cannot run them
+        pattern = "backend 'cuda' cannot run" if rank == 1 else "rank(s) [1] passed invalid input"
+        _expect_error(
+            RuntimeError if rank == 1 else ValueError, pattern, lambda: mmd(x, y, backend=be, process_group=wd)
+        )
+    elif name == "validate_on_some_ranks":
+        _expect_error(ValueError, "validate", lambda: mmd(x, y, validate=(rank == 0), process_group=wd))
+    elif name == "list_as_weights_on_one_rank":
+        w = [1.0] * 4 if rank == 1 else torch.rand(4, dtype=torch.float64)
+        pattern = "x_weights must be a torch.Tensor" if rank == 1 else "rank(s) [1] passed invalid input"
+        _expect_error(TypeError if rank == 1 else ValueError, pattern, lambda: mmd(x, y, w, process_group=wd))
+    elif name == "not_a_tensor_on_one_rank":
+        xs = x.tolist() if rank == 1 else x
+        pattern = "x must be a torch.Tensor" if rank == 1 else "rank(s) [1] passed invalid input"
+        _expect_error(TypeError if rank == 1 else ValueError, pattern, lambda: mmd(xs, y, process_group=wd))
     # the group still works after the error on every rank: R copies of (x, y)
     _close("after the error", mmd(x, y, process_group=wd), mmd(x.repeat(world, 1), y.repeat(world, 1)), 1e-9)
 
