@@ -590,8 +590,10 @@ def _inv_bw(bw: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
 
 
 def _xmax(cdt: torch.dtype) -> float:
-    """Clamp of ``x = D / C`` in the kernels: ``1 + x`` stays finite, ``k = 1 / (1 + x)`` stays a normal number."""
-    return 1e300 if cdt == torch.float64 else 1e30
+    """Clamp of ``x = D / C`` in the kernels: ``1 + x`` stays finite, ``k = 1 / (1 + x)`` stays a normal number
+    (2^126 / 2^1022, as the C++ kernels' ``far_x``: a lower clamp such as 1e30 froze ``k`` at 1e-30 for every pair
+    with ``D / C`` above it, 100% off for a bandwidth of 1e-32 against unit distances)."""
+    return 2.0**1022 if cdt == torch.float64 else 2.0**126
 
 
 def _roundup(x: int, m: int) -> int:

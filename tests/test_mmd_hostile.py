@@ -117,6 +117,7 @@ def test_weights_whose_float32_sum_overflows(backend, validate):
         (dict(scales=[1e-200], sigma2=1e-200), torch.float64),
         (dict(scales=[1e300], sigma2=1e300), torch.float64),
         (dict(bandwidths=[1e-50]), torch.float32),
+        (dict(bandwidths=[1e-37]), torch.float32),  # normal, but below 64 x the smallest normal float32
         (dict(bandwidths=[1e39]), torch.float32),
         (dict(bandwidths=[float("nan")]), torch.float64),
         (dict(scales=[1.0], eps=float("inf")), torch.float64),
@@ -601,3 +602,16 @@ def test_torch_compile_fullgraph_with_dynamic_shapes():
         (gr,) = torch.autograd.grad(r, xr)
         assert v.item() == pytest.approx(r.item(), rel=1e-5, abs=1e-7)
         assert float((gx.double() - gr).abs().max()) <= 1e-4 * float(gr.abs().max())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("c", [1e-30, 1e-33, 1e-36])
+def test_tiny_float32_bandwidths_against_unit_distances(backend, c):
+    # the other side of the bandwidth floor: k ~ C / D far below 1 for every pair; Triton's clamp of D / C at 1e30
+    # froze k at 1e-30 (100% off for C <= 1e-32), now 2^126 as in the C++ kernels
+    _skip(backend)
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(30, 4, generator=g), torch.randn(20, 4, generator=g) + 0.5
+    v = fast_imq_mmd(x, y, bandwidths=[c], backend=backend)
+    r = brute_force(x, y, bandwidths=[c])
+    assert _rel(v, r) <= 1e-5, (v.item(), r.item())
