@@ -291,6 +291,9 @@ def test_tiny_end_to_end_with_figures(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     for k in (
         "test_accuracy",
+        "hungarian_accuracy",
+        "nmi",
+        "ari",
         "active_modes",
         "usage_kl",
         "recon_l2",
@@ -303,7 +306,8 @@ def test_tiny_end_to_end_with_figures(tmp_path):
         "config",
     ):
         assert k in s
-    assert s["steps"] == 6 and 0 <= s["test_accuracy"] <= 1 and 1 <= s["active_modes"] <= 10
+    assert s["steps"] == 6 and 0 <= s["test_accuracy"] <= s["hungarian_accuracy"] <= 1 and 1 <= s["active_modes"] <= 10
+    assert 0 <= s["nmi"] <= 1 and -1 <= s["ari"] <= 1
     assert s["mmd_backend"] not in ("", None, "auto")
     assert s["config"]["mmd_backend"] == "auto"
     for f in (

@@ -55,6 +55,90 @@ def protocol_accuracy(probs, labels, n_classes: int = 10) -> Tuple[float, Dict[i
     return float((pred == labels).mean()), c2m, M
 
 
+def contingency(labels, pred, n_classes: int, n_modes: int) -> np.ndarray:
+    """N[c, k] = number of images of class c assigned to mode k (integer counts)."""
+    N = np.zeros((n_classes, n_modes), dtype=np.int64)
+    np.add.at(N, (np.asarray(labels), np.asarray(pred)), 1)
+    return N
+
+
+def _assignment(cost: np.ndarray) -> np.ndarray:
+    """Minimum-cost perfect assignment of the rows of a square ``cost`` matrix (Hungarian method with potentials,
+    O(n^3)): ``col[i]`` = the column row ``i`` takes."""
+    n = cost.shape[0]
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    p, way = np.zeros(n + 1, dtype=np.int64), np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv, used = np.full(n + 1, np.inf), np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = p[j0], np.inf, 0
+            for j in range(1, n + 1):
+                if not used[j]:
+                    cur = cost[i0 - 1, j - 1] - u[i0] - v[j]
+                    if cur < minv[j]:
+                        minv[j], way[j] = cur, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(n + 1):
+                if used[j]:
+                    u[p[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    col = np.zeros(n, dtype=np.int64)
+    for j in range(1, n + 1):
+        if p[j]:
+            col[p[j] - 1] = j - 1
+    return col
+
+
+def hungarian_accuracy(labels, pred, n_classes: int = 10, n_modes: int = 10) -> float:
+    """Accuracy under the one-to-one class->mode map that maximises the number of correctly assigned images
+    (the Hungarian map; the paper's greedy map can only do as well or worse)."""
+    N = contingency(labels, pred, n_classes, n_modes)
+    n = max(n_classes, n_modes)
+    padded = np.zeros((n, n))
+    padded[:n_classes, :n_modes] = N
+    col = _assignment(-padded)
+    return float(padded[np.arange(n), col].sum() / max(1, len(np.asarray(labels))))
+
+
+def nmi(labels, pred) -> float:
+    """Normalised mutual information of two labelings, arithmetic normalisation: ``I(L; P) / ((H(L) + H(P)) / 2)``
+    (1 when one determines the other; 0 when independent; 1 when both are constant)."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    N = contingency(labels, pred, int(labels.max()) + 1, int(pred.max()) + 1).astype(np.float64)
+    n = N.sum()
+    pij = N / n
+    pi, pj = pij.sum(1), pij.sum(0)
+    nz = pij > 0
+    mi = float((pij[nz] * np.log(pij[nz] / np.outer(pi, pj)[nz])).sum())
+    h = lambda q: float(-(q[q > 0] * np.log(q[q > 0])).sum())  # noqa: E731
+    den = (h(pi) + h(pj)) / 2
+    return 1.0 if den == 0 else max(0.0, mi / den)
+
+
+def ari(labels, pred) -> float:
+    """Adjusted Rand index of two labelings (Hubert and Arabie, 1985): 1 for identical partitions, ~0 in
+    expectation for independent ones."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    N = contingency(labels, pred, int(labels.max()) + 1, int(pred.max()) + 1).astype(np.float64)
+    comb = lambda m: m * (m - 1) / 2  # noqa: E731
+    sum_ij, sum_a, sum_b, total = comb(N).sum(), comb(N.sum(1)).sum(), comb(N.sum(0)).sum(), comb(N.sum())
+    expected = sum_a * sum_b / total if total else 0.0
+    maximum = (sum_a + sum_b) / 2
+    return 1.0 if maximum == expected else float((sum_ij - expected) / (maximum - expected))
+
+
 def mode_sizes(probs) -> np.ndarray:
     """(K,) number of images whose argmax of q_D(k|x) is mode k; ``probs`` (N, K)."""
     probs = np.asarray(probs)
@@ -111,7 +195,8 @@ def evaluate(
     seed: int = 1234,
     decode_batch: int = 100,
 ) -> Dict:
-    """All metrics on the held-out set: accuracy / active modes / heatmap on every test image,
+    """All metrics on the held-out set: accuracy (the paper's greedy map and the Hungarian map), NMI, ARI, active
+    modes and the heatmap on every test image,
     reconstruction L2, Bernoulli NLL (both expectations over q_D, summed over pixels, mean over images)
     and the weighted MMD against as many prior samples, on the first ``n_recon`` test images."""
     was_training = model.training
@@ -122,8 +207,12 @@ def evaluate(
         probs = pi.cpu().numpy()
         labels = y_test.cpu().numpy()
         acc, c2m, M = protocol_accuracy(probs, labels)
+        pred = probs.argmax(1)
         out = {
             "test_accuracy": acc,
+            "hungarian_accuracy": hungarian_accuracy(labels, pred, 10, probs.shape[1]),
+            "nmi": nmi(labels, pred),
+            "ari": ari(labels, pred),
             "active_modes": active_modes(probs),
             "usage_kl": usage_kl(probs),
             "class_to_mode": c2m,

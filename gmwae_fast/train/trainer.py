@@ -52,6 +52,9 @@ from .progress import make_progress
 #: The evaluation's entries that summary.json records.
 _SUMMARY_METRICS = (
     "test_accuracy",
+    "hungarian_accuracy",
+    "nmi",
+    "ari",
     "active_modes",
     "usage_kl",
     "recon_l2",
@@ -664,7 +667,7 @@ class Trainer:
         """summary.json without the k-means baseline: the last evaluation's metrics and the run's description."""
         c, step = self.cfg, self.step_count
         return {
-            **{k: self.last_eval[k] for k in _SUMMARY_METRICS},
+            **{k: self.last_eval[k] for k in _SUMMARY_METRICS if k in self.last_eval},  # an older run's: fewer
             **{f"raw_{k}": self.last_eval[f"raw_{k}"] for k in _RAW_METRICS if f"raw_{k}" in self.last_eval},
             "model": c.model,
             "prior": c.prior,
