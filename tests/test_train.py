@@ -863,3 +863,32 @@ def test_ema_may_start_or_change_on_resume(tmp_path):
     assert _eval_rows(whole) == [r for r in _eval_rows(parts) if r["step"] != 3]  # --stop-at adds step 3's
     for k, v in a["model"].items():  # the run that added --ema late trained exactly as the others
         assert torch.equal(st["model"][k], v), k
+
+
+def test_validation_split_is_fixed_disjoint_and_reported(tmp_path):
+    from gmwae_fast.train.data import split_validation
+
+    x = torch.arange(50.0).view(50, 1, 1, 1)
+    y = torch.arange(50) % 10
+    a = split_validation(x, y, 12)
+    b = split_validation(x, y, 12)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))  # the same split on every call (and for every seed)
+    tr, va = set(a[0].flatten().tolist()), set(a[2].flatten().tolist())
+    assert len(va) == 12 and len(tr) == 38 and not tr & va and tr | va == set(range(50))
+    assert split_validation(x, y, 0)[2].numel() == 0
+    with pytest.raises(ValueError, match="must leave training images"):
+        split_validation(x, y, 50)
+
+
+@needs_data
+def test_val_size_holds_images_out_of_training_and_evaluates_them(tmp_path):
+    rc, out = _run(tmp_path, "val", "--steps", "4", "--val-size", "300", "--train-subset", "2000")
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["val_size"] == 300 and s["val_images"] == 300 and s["train_images"] == 2000
+    for k in ("val_accuracy", "val_hungarian_accuracy", "val_nmi", "val_ari", "val_active_modes", "val_recon_l2"):
+        assert k in s, k
+    assert 0 <= s["val_accuracy"] <= s["val_hungarian_accuracy"] <= 1
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r.get("kind") == "eval"]
+    assert evals and all("val_accuracy" in r and "test_accuracy" in r for r in evals)

@@ -291,6 +291,13 @@ class TrainConfig:
     eval_every: int = _opt(200, parse=_positive_int, group=_LOG)
     ckpt_every: int = _opt(100, parse=_positive_int, group=_LOG)
     eval_recon: int = _opt(500, "test images used for recon L2 / Bernoulli NLL / MMD", parse=_positive_int, group=_LOG)
+    val_size: int = _opt(
+        0,
+        "hold out N training images as a validation set (a fixed split, the same for every seed): evaluated beside "
+        "the test set (val_* metrics) so that choices need not look at the test set; 0: none (use 5000)",
+        parse=_nonneg_int,
+        group=_LOG,
+    )
     train_subset: Optional[int] = _opt(None, "use only N training images", parse=_positive_int, group=_LOG)
     test_subset: Optional[int] = _opt(None, "evaluate on only N test images", parse=_positive_int, group=_LOG)
     no_kmeans: bool = _opt(False, "skip the k-means-on-pixels baseline", flag=True, group=_LOG)
@@ -416,6 +423,8 @@ def _size_problems(c: TrainConfig) -> Iterator[str]:
     for opt in ("test_subset", "eval_recon"):
         if getattr(c, opt) is not None and getattr(c, opt) < 2:
             yield f"{flag_name(opt)} must be at least 2 (the evaluation's MMD needs 2 images)"
+    if c.val_size == 1:
+        yield "--val-size must be 0 (no validation set) or at least 2"
     if c.train_subset is not None and c.train_subset < c.batch_size:
         yield f"--train-subset ({c.train_subset}) must be >= --batch-size ({c.batch_size})"
 

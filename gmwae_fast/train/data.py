@@ -148,6 +148,21 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int], seed: int = 0):
     return x[idx], y[idx]
 
 
+#: Seed of the validation split: one split for every run (runs of different seeds are then chosen on the same images).
+VAL_SPLIT_SEED = 20_191_101
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, n: int):
+    """``(x_train, y_train, x_val, y_val)``: ``n`` images held out by a fixed permutation (independent of the run's
+    seed; both parts keep the original order); ``n = 0``: no validation set (empty tensors)."""
+    if not 0 <= n < len(x):
+        raise ValueError(f"the validation set ({n} images) must leave training images ({len(x)} in all)")
+    g = torch.Generator().manual_seed(VAL_SPLIT_SEED)
+    perm = torch.randperm(len(x), generator=g)
+    val, train = perm[:n].sort().values, perm[n:].sort().values
+    return x[train], y[train], x[val], y[val]
+
+
 class Batcher:
     """Deterministic epoch-wise shuffling; batch ``step`` (0-based) is a pure function of (seed, step)."""
 

@@ -43,7 +43,7 @@ from .config import (
     lr_at,
     prior_and_model,
 )
-from .data import Batcher, default_data_dir, load_mnist, subset
+from .data import Batcher, default_data_dir, load_mnist, split_validation, subset
 from .ema import WeightAverage, delivered_weights
 from .losses import add_balance, add_consistency, decodes_per_image, gmvae_loss, gmwae_loss, objective, pretrain_loss
 from .metrics import evaluate, kmeans_baseline
@@ -163,6 +163,7 @@ class Trainer:
         self.gen: Optional[torch.Generator] = None
         self.batcher: Optional[Batcher] = None
         self.data: Tuple = ()  # x_train (on the device), y_train, x_test (on the device), y_test
+        self.val: Tuple = ()  # x_val (on the device), y_val: the --val-size images held out of training
         self.step_count = 0
         self.wall_prev = self.wall = 0.0
         self.last_eval: Optional[Dict] = None
@@ -255,6 +256,11 @@ class Trainer:
     def _load_data(self) -> None:
         c = self.cfg
         x_tr, y_tr, x_te, y_te = load_mnist(c.data_dir or default_data_dir(), download=not c.no_download)
+        try:
+            x_tr, y_tr, x_val, y_val = split_validation(x_tr, y_tr, c.val_size)
+        except ValueError as e:
+            raise RunError(f"--val-size {c.val_size}: {e}") from e
+        self.val = (x_val.to(self.device), y_val)
         x_tr, y_tr = subset(x_tr, y_tr, c.train_subset, c.seed)
         x_te, y_te = subset(x_te, y_te, c.test_subset, 0)
         if c.batch_size > len(x_tr):
@@ -558,6 +564,8 @@ class Trainer:
         """Evaluates the delivered model on the held-out set now (an ``eval`` record; with --ema also the trained
         weights' ``raw_*`` metrics); the metrics, also ``last_eval``."""
         metrics = self._metrics(self.eval_model)
+        if self.cfg.val_size:
+            metrics.update(self._val_metrics(self.eval_model))
         if self.ema is not None:
             metrics.update({f"raw_{k}": v for k, v in self._metrics(self.model).items() if k in _RAW_METRICS})
         self.last_eval = dict(metrics, step=self.step_count)
@@ -567,10 +575,21 @@ class Trainer:
                 "kind": "eval",
                 "step": self.step_count,
                 "epoch": round(self.batcher.epoch_of(self.step_count), 4),
-                **{k: v for k, v in self.last_eval.items() if k not in ("heatmap", "class_to_mode", "step")},
+                **{
+                    k: v
+                    for k, v in self.last_eval.items()
+                    if k not in ("heatmap", "class_to_mode", "val_class_to_mode", "step")
+                },
             },
         )
         return self.last_eval
+
+    def _val_metrics(self, model: torch.nn.Module) -> Dict:
+        """The held-out metrics on the validation split, as ``val_<name>`` (``test_accuracy`` -> ``val_accuracy``)."""
+        c = self.cfg
+        kw = dict(backend=c.mmd_backend, reparam_backend=c.reparam_backend, n_recon=c.eval_recon, seed=c.seed + 1234)
+        out = evaluate(model, self.val[0], self.val[1], self.prior, **kw)
+        return {"val_" + k.replace("test_", ""): v for k, v in out.items() if k in _SUMMARY_METRICS}
 
     def _metrics(self, model: torch.nn.Module) -> Dict:
         c = self.cfg
@@ -668,6 +687,8 @@ class Trainer:
         c, step = self.cfg, self.step_count
         return {
             **{k: self.last_eval[k] for k in _SUMMARY_METRICS if k in self.last_eval},  # an older run's: fewer
+            "val_size": c.val_size,
+            **{k: v for k, v in self.last_eval.items() if k.startswith("val_")},
             **{f"raw_{k}": self.last_eval[f"raw_{k}"] for k in _RAW_METRICS if f"raw_{k}" in self.last_eval},
             "model": c.model,
             "prior": c.prior,
@@ -684,6 +705,7 @@ class Trainer:
             "config": c.to_dict(),
             "machine": machine_info(self.device),
             "train_images": len(self.data[0]),
+            "val_images": len(self.val[0]),
             "test_images": len(self.data[2]),
             "world_size": self.world,
             "dist_backend": None if self.env is None else self.env.backend,
