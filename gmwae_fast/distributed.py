@@ -298,7 +298,9 @@ def _gather(x, y, xw, yw, metas, rank, group, unbiased) -> tuple[_Plan, list]:
     pts_dtype, w_dtype = _dtypes(metas)
     d = metas[0]["x_d"]
     sizes = [sum(_lengths(m, "x", d)) + sum(_lengths(m, "y", d)) for m in metas]
-    local = _pack(x, xw, y, yw, w_dtype)
+    # raw weights travel in float64 (float32 would turn 1e300 into inf and 1e-50 into 0); points are exact in it
+    weighted = bool(metas[0]["x_w"] or metas[0]["y_w"])
+    local = _pack(x, xw, y, yw, torch.float64 if weighted else w_dtype)
     padded = local.new_zeros(max(sizes))
     padded[: local.numel()] = local
     bufs = [torch.empty_like(padded) for _ in metas]
@@ -322,16 +324,19 @@ def _side(t, w, pts, raw, metas, name, rank, pts_dtype, w_dtype, unbiased) -> tu
     pts[rank] = live.detach().contiguous()
     raw_live, raw_sum = None, None
     if w is not None:
-        raw_live = w.reshape(-1).to(w_dtype)
+        raw_live = w.reshape(-1).to(torch.float64)
         raw[rank] = raw_live.detach()
-        raw_sum = torch.cat(raw).to(torch.float64).sum()
-        norm = [(r.to(torch.float64) / raw_sum).to(w_dtype).contiguous() for r in raw]
+        every = torch.cat(raw)
+        raw_sum = every.sum()
+        scaled = reference.pow2_normalised(every)  # exact; the sum of 1e300-sized weights cannot overflow
+        norm = list((scaled / scaled.sum()).to(w_dtype).split([r.shape[0] for r in raw]))
+        norm = [n.contiguous() for n in norm]
     else:
         raw, total = None, sum(p.shape[0] for p in pts)
         norm = [torch.full((p.shape[0],), 1.0 / total, dtype=w_dtype, device=t.device) for p in pts]
     den = torch.ones((), dtype=torch.float64, device=t.device)
-    if unbiased:
-        den = 1.0 - (torch.cat(norm).to(torch.float64).view(-1, group).sum(1) ** 2).sum()
+    if unbiased:  # sum_{g != h} W_g W_h of the weights the kernels see: no cancellation for a dominant group
+        den = reference.cross_group_mass(torch.cat(norm).to(torch.float64).view(-1, group).sum(1))
     grad = any(m[f"{name}_grad"] for m in metas)
     return _Side(pts, norm, raw, raw_sum, group, den, grad), [live, raw_live]
 
@@ -527,7 +532,7 @@ class _GlobalMMD(torch.autograd.Function):
         sums = local * plan.factor
         ctx.save_for_backward(a_live, wa_live, b_live, wb_live)  # anchors of the first-order-only guard
         ctx.sums, ctx.flags = sums, (grad_x, grad_y)
-        ctx.dtypes = (plan.a_dtype, plan.w_dtype, plan.a_dtype, plan.w_dtype)
+        ctx.dtypes = (plan.a_dtype, torch.float64, plan.a_dtype, torch.float64)  # the live raw weights are float64
         ctx.fused = _grads(plan, terms, h, sums, grad_x, grad_y) if fused else None
         ctx.plan = None if fused else plan  # the gathered points are kept only if the backward needs them
         return _mmd(plan, sums)

@@ -114,7 +114,7 @@ ERROR_CASES = (
     "list_as_weights_on_one_rank",
     "not_a_tensor_on_one_rank",
 )
-OTHER_CASES = ("ddp_rule", "imqmmdloss_module", "double_backward_raises", "destroyed_group")
+OTHER_CASES = ("ddp_rule", "imqmmdloss_module", "double_backward_raises", "extreme_weights", "destroyed_group")
 
 
 def _case_ids(world: int) -> list[str]:
@@ -312,6 +312,30 @@ def _check_double_backward(rank: int) -> None:
         _expect_error(RuntimeError, "double backward", lambda: g.pow(2).sum().backward())
 
 
+def _check_extreme_weights(rank: int, world: int) -> None:
+    """Float32 points with concentrated weights (one 1, the rest 1e-6: the unbiased denominator cancelled) and
+    float64 weights of 1e-50 and 1e300 (0 and inf once rounded to float32): the single-process value and weight
+    gradient, to the float32 contract."""
+    g = torch.Generator().manual_seed(21)
+    x, y = torch.randn(8 * world, D, generator=g), torch.randn(6 * world, D, generator=g) + 0.3
+    conc = torch.full((8 * world,), 1e-6, dtype=torch.float64)
+    conc[0] = 1.0
+    rand = torch.rand(8 * world, generator=g, dtype=torch.float64) + 0.1
+    for w in (conc, rand * 1e-50, rand * 1e300):
+        wl = w[8 * rank : 8 * (rank + 1)].clone().requires_grad_(True)
+        v = gmwae_fast.fast_imq_mmd(
+            x[8 * rank : 8 * (rank + 1)], y[6 * rank : 6 * (rank + 1)], wl, process_group=dist.group.WORLD
+        )
+        (gw,) = torch.autograd.grad(v, wl)
+        wr = (w / w.max()).clone().requires_grad_(True)  # the same relative masses, in a range float64 handles
+        r = gmwae_fast.fast_imq_mmd(x.double(), y.double(), wr, backend="reference")
+        (gr,) = torch.autograd.grad(r, wr)
+        gr = gr[8 * rank : 8 * (rank + 1)] / w.max()  # d/dw = d/d(w / max) / max
+        assert abs(v.item() - r.item()) <= 1e-5 * abs(r.item()), (w.max().item(), v.item(), r.item())
+        assert torch.isfinite(gw).all(), gw
+        _close("weight gradient", gw, gr, 1e-4)
+
+
 def _run_case(case_id: str, eq: dict, rank: int, world: int) -> str:
     try:
         if case_id in eq:
@@ -324,6 +348,8 @@ def _run_case(case_id: str, eq: dict, rank: int, world: int) -> str:
             _check_ddp_module(rank, world)
         elif case_id == "double_backward_raises":
             _check_double_backward(rank)
+        elif case_id == "extreme_weights":
+            _check_extreme_weights(rank, world)
         return ""
     except Exception:  # recorded, reported by the parent's pytest item
         return traceback.format_exc(limit=6)
