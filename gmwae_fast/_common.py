@@ -176,3 +176,12 @@ class IMQMMDTerms(NamedTuple):
     def mmd(self) -> Tensor:
         """``(S,)`` MMD² per bandwidth: ``self_x / den_x + self_y / den_y - 2 cross``."""
         return self.self_x / self.den_x + self.self_y / self.den_y - 2.0 * self.cross
+
+
+def difference_safe(pts: Tensor) -> Tensor:
+    """``pts`` clamped to half the dtype's range, so that no difference ``a - b`` of two points overflows to an
+    infinity (``-3e38 - 3e38`` in float32), which made ``0 * inf = NaN`` gradient rows where the true gradient is
+    0. Nothing representable changes: a pair that far apart has a kernel value and gradient below the dtype's
+    resolution either way, and the clamp's gradient (0 on clamped entries) is that gradient. NaN stays NaN."""
+    half = torch.finfo(pts.dtype).max / 2
+    return pts.clamp(-half, half)

@@ -35,7 +35,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends, reference
-from ._common import _REDUCTIONS, _check_bandwidths, _check_points, _check_weights, _real, _resolve_bandwidths
+from ._common import (
+    _REDUCTIONS,
+    _check_bandwidths,
+    _check_points,
+    _check_weights,
+    _real,
+    _resolve_bandwidths,
+    difference_safe,
+)
 from .ops._autograd import first_order_only
 from .ops.imq_mmd import OpSet, op_set
 
@@ -320,7 +328,7 @@ def _gather(x, y, xw, yw, metas, rank, group, unbiased) -> tuple[_Plan, list]:
 
 def _side(t, w, pts, raw, metas, name, rank, pts_dtype, w_dtype, unbiased) -> tuple[_Side, list]:
     group = metas[0][f"{name}_k"]
-    live = t.reshape(-1, t.shape[-1]).to(pts_dtype)
+    live = difference_safe(t.reshape(-1, t.shape[-1]).to(pts_dtype))
     pts[rank] = live.detach().contiguous()
     raw_live, raw_sum = None, None
     if w is not None:

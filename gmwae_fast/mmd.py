@@ -19,6 +19,7 @@ from ._common import (
     _real,
     _real_sequence,
     _resolve_bandwidths,
+    difference_safe,
 )
 from .ops import imq_mmd as ops  # registers the ops (fake + autograd) at import: torch.compile works first
 from .ops._autograd import refuse_forward_ad
@@ -291,7 +292,7 @@ class _Side(NamedTuple):
 
 def _side(t: Tensor, w: Optional[Tensor], pts_dtype: torch.dtype, w_dtype: torch.dtype, unbiased: bool) -> _Side:
     group = 1 if t.dim() == 2 else t.shape[1]
-    pts = t.reshape(-1, t.shape[-1]).to(pts_dtype).contiguous()
+    pts = difference_safe(t.reshape(-1, t.shape[-1]).to(pts_dtype)).contiguous()
     n = pts.shape[0]
     if w is None:  # ones: the sums are exact integers
         pairs = float(n * n - n * group) if unbiased else float(n * n)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import IMQMMDTerms, bandwidths_for
+from ._common import IMQMMDTerms, bandwidths_for, difference_safe
 
 __all__ = [
     "bandwidths_for",
@@ -125,7 +125,7 @@ def cross_group_mass(wg: Tensor) -> Tensor:
 
 def _flatten(x: Tensor, w: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
     group = 1 if x.dim() == 2 else x.shape[1]
-    pts = x.reshape(-1, x.shape[-1])
+    pts = difference_safe(x.reshape(-1, x.shape[-1]))
     if w is None:
         w = torch.ones(pts.shape[0], dtype=torch.float64, device=x.device)
     w = pow2_normalised(w.reshape(-1).to(torch.float64))
