@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -64,10 +65,28 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
             raise ValueError(f"{name} are all zero; at least one point needs positive mass")
         if unbiased:
             wg = reference.pow2_normalised(w.detach().reshape(pts.shape[0], -1).sum(1).double())
-            if float(reference.cross_group_mass(wg)) <= 0.0:
+            pairs = float(reference.cross_group_mass(wg))
+            if pairs <= 0.0:
                 raise ValueError(
                     f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
                 )
+            _warn_ill_conditioned(name, pairs / float(wg.sum()) ** 2, pts.dtype)
+
+
+def _warn_ill_conditioned(name: str, den: float, dtype: torch.dtype) -> None:
+    """The unbiased self term divides by ``den = sum_{g != h} W_g W_h``; its weight gradient is a cancellation of
+    parts of size ``2 / den``, so the compute dtype's rounding ``u`` costs ``~2 u / den`` of it: warn when that
+    exceeds 1e-5 (float32: den < 0.012; e.g. one group holding all but 1e-6 of the mass: den ~ 2e-6)."""
+    u = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    if 2.0 * u / den > 1e-5:
+        warnings.warn(
+            f"gmwae_fast.fast_imq_mmd: {name} put nearly all the mass in one group (unbiased denominator "
+            f"sum_(g != h) W_g W_h = {den:.2g}): the value stays accurate, but the weight gradient of the self term is "
+            f"a cancellation of parts ~{2 / den:.2g} and may be off by ~{2 * u / den:.1g} in {dtype} "
+            "(use float64 inputs, or unbiased=False)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 class _Call(NamedTuple):
@@ -173,7 +192,9 @@ def fast_imq_mmd(
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``
             (see :func:`gmwae_fast.available_backends`).
         validate: also run the checks that need a device sync (finite inputs, weights non-negative and not all
-            zero). Without it a NaN input gives a NaN result.
+            zero), and warn (:class:`RuntimeWarning`) when weights leave nearly all the mass in one group, where
+            the unbiased self term's weight gradient loses accuracy in float32. Without it a NaN input gives a NaN
+            result.
         process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``): ``x``, ``y``
             and the weights are then this rank's shards (``(n_r, d)`` or ``(B_r, K, d)``; sizes may differ, an
             empty ``(0, d)`` shard is allowed) and every rank gets the MMD² of the union of all shards in rank

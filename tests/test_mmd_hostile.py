@@ -635,3 +635,19 @@ def test_opposite_far_outliers_give_zero_not_nan_gradients(backend, dtype, far):
     assert gx[3].abs().max() == 0 and gx[5].abs().max() == 0
     assert abs(v.item() - r.item()) <= 1e-5 * abs(r.item())
     assert float((gx.double() - gr).abs().max()) <= 1e-4 * float(gr.abs().max())
+
+
+def test_validate_warns_when_the_weight_gradient_is_ill_conditioned():
+    # two points of x, all but 1e-6 of the mass on one: the unbiased denominator is 2e-6 and the float32 weight
+    # gradient of the self term a cancellation of parts ~1e6 (cpu: -1.0 where the truth is 0.034); float64 is fine
+    import warnings
+
+    x, y = torch.tensor([[0.0], [0.01]]), torch.tensor([[0.1], [0.105]])
+    w = torch.tensor([1e-6, 1.0])
+    with pytest.warns(RuntimeWarning, match=r"x_weights put nearly all the mass in one group .* 2e-06"):
+        fast_imq_mmd(x, y, w, validate=True, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast_imq_mmd(x.double(), y.double(), w.double(), validate=True, backend="reference")
+        fast_imq_mmd(x, y, torch.tensor([0.3, 1.0]), validate=True, backend="reference")
+        fast_imq_mmd(x, y, w, validate=True, unbiased=False, backend="reference")
