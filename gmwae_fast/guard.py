@@ -79,11 +79,14 @@ def check(backend: str, op: str, device) -> Optional[str]:
     key = (f"{backend}:{op}", _device_key(dev))
     if key in _STATE:
         return _STATE[key]
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return None  # inside torch.func transforms the check's own autograd cannot run: check at a later call
     _running = True
-    try:
-        err = _checked(lambda: _CHECKS[op](backend, torch.device(key[1])))
-        if err is None and (backend, op) == ("cuda", "imq_mmd"):
-            _tensor_core_check(torch.device(key[1]))
+    try:  # the check needs autograd, whatever mode the caller's first call runs in (no_grad, inference_mode)
+        with torch.inference_mode(False), torch.enable_grad():
+            err = _checked(lambda: _CHECKS[op](backend, torch.device(key[1])))
+            if err is None and (backend, op) == ("cuda", "imq_mmd"):
+                _tensor_core_check(torch.device(key[1]))
     finally:
         _running = False
     _STATE[key] = err

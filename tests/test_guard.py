@@ -175,3 +175,26 @@ def test_only_the_tensor_core_route_is_turned_off_when_only_it_fails(monkeypatch
     assert guard.os.environ[guard._TC_ENV] == "0"
     monkeypatch.delenv(guard._TC_ENV)
     assert guard.report() == {"cuda:imq_mmd:tensor_cores@cpu": "values (d = 40) off by 0.5 relative"}
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "func.grad"])
+def test_a_first_call_in_any_autograd_mode_does_not_fail_the_check(monkeypatch, mode):
+    # the check differentiates its own small case: a caller's no_grad / inference_mode must not make it fail (and
+    # disable a good route); inside torch.func transforms it waits for a later call
+    skip_unless_usable("cpu", "cpu")
+    _guard_on_cpu(monkeypatch, ("cpu", "imq_mmd"))
+    x, y = _case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if mode == "no_grad":
+            with torch.no_grad():
+                gmwae_fast.fast_imq_mmd(x, y)
+        elif mode == "inference_mode":
+            with torch.inference_mode():
+                gmwae_fast.fast_imq_mmd(x, y)
+        else:  # inside a transform the check is deferred (nothing recorded), then runs at the next plain call
+            torch.func.grad(lambda a: (guard.check("cpu", "imq_mmd", "cpu"), a.sum())[1])(x)
+            assert guard.report() == {}
+            gmwae_fast.fast_imq_mmd(x, y)
+    assert guard.report() == {"cpu:imq_mmd@cpu": None}
+    assert backends.last_backend("imq_mmd") == "cpu"
