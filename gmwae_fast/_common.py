@@ -1,4 +1,5 @@
-"""Argument checks and the result type shared by :mod:`gmwae_fast.mmd`, :mod:`gmwae_fast.distributed` and
+"""Argument checks, the weight and point conditioning (exact power-of-two scaling, the cancellation-free pair mass,
+the difference-safe clamp) and the result type shared by :mod:`gmwae_fast.mmd`, :mod:`gmwae_fast.distributed` and
 :mod:`gmwae_fast.reference`: this module imports none of them, so they do not import each other to share them."""
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def _check_bandwidths(vals: tuple[float, ...], compute_dtype: torch.dtype, what:
     return vals
 
 
+def kernel_bandwidths(d: int, scales, sigma2, bandwidths, eps, compute: torch.dtype):
+    """``(the bandwidths the kernels see, their factors or None)`` for the keyword options: with ``eps > 0``,
+    ``C / (C + D + eps) = C / (C + eps) * C' / (C' + D)`` with ``C' = C + eps``."""
+    eps = _real("eps", eps)
+    if not (eps >= 0 and _finite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    bws = _resolve_bandwidths(d, scales, sigma2, bandwidths, compute)
+    if eps == 0:
+        return bws, None
+    factors = tuple(c / (c + eps) for c in bws)
+    return _check_bandwidths(tuple(c + eps for c in bws), compute, f"C_s + eps with eps = {eps!r}"), factors
+
+
 def _plain(vals) -> Optional[tuple]:
     """``vals`` as a tuple when it is a list or tuple of Python ints and floats (hashable as they are), else None."""
     if isinstance(vals, (tuple, list)) and all(type(v) in (int, float) for v in vals):
@@ -185,3 +199,22 @@ def difference_safe(pts: Tensor) -> Tensor:
     resolution either way, and the clamp's gradient (0 on clamped entries) is that gradient. NaN stays NaN."""
     half = torch.finfo(pts.dtype).max / 2
     return pts.clamp(-half, half)
+
+
+def pow2_normalised(flat: Tensor) -> Tensor:
+    """``flat * 2^-e`` with ``e`` the exponent of ``max |flat|`` (that maximum lands in [0.5, 1)): exact, and
+    differentiable with the gradient ``2^-e`` on every torch (``torch.ldexp`` with a negative integer exponent
+    tensor has a zero gradient in torch 2.11). Two factors, each at most 2^538, so a subnormal maximum (``2^-e`` up
+    to 2^1074, beyond float64) neither overflows nor makes the backward overflow."""
+    _, e = torch.frexp(flat.detach().abs().amax())
+    e = e.to(torch.float64)
+    half = torch.floor(e * 0.5)
+    return flat * torch.exp2(-half) * torch.exp2(half - e)
+
+
+def cross_group_mass(wg: Tensor) -> Tensor:
+    """``sum_{g != h} w_g w_h`` of group masses ``wg`` (1-d) without the cancellation of
+    ``(sum w)^2 - sum w_g^2``: ``2 sum_g w_g (w_0 + ... + w_{g-1})``, a sum of non-negative terms (for
+    non-negative masses), so a nearly-single group (one mass 1, the others 1e-15) keeps full relative accuracy."""
+    before = torch.cat([wg.new_zeros(1), torch.cumsum(wg, 0)[:-1]])
+    return 2.0 * (wg * before).sum()

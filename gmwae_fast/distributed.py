@@ -25,7 +25,6 @@ built on :func:`gmwae_fast.reference.reference_terms` (``reference``); no new ke
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -37,12 +36,12 @@ from torch import Tensor
 from . import backends, reference
 from ._common import (
     _REDUCTIONS,
-    _check_bandwidths,
     _check_points,
     _check_weights,
-    _real,
-    _resolve_bandwidths,
+    cross_group_mass,
     difference_safe,
+    kernel_bandwidths,
+    pow2_normalised,
 )
 from .ops._autograd import first_order_only
 from .ops.imq_mmd import OpSet, op_set
@@ -145,16 +144,11 @@ def _check_group(process_group: Any) -> None:
 
 
 def _bandwidths(x: Tensor, y: Tensor, scales, sigma2, bandwidths, eps) -> tuple[tuple, tuple]:
-    """The kernels' bandwidths and each one's factor, as in :func:`gmwae_fast.fast_imq_mmd`:
-    ``C / (C + D + eps) = C / (C + eps) * C' / (C' + D)`` with ``C' = C + eps``."""
+    """The kernels' bandwidths and each one's factor, as in :func:`gmwae_fast.fast_imq_mmd` (factors 1 without
+    ``eps``)."""
     compute = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    bws = _resolve_bandwidths(x.shape[-1], scales, sigma2, bandwidths, compute)
-    eps = _real("eps", eps)
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    factors = tuple(c / (c + eps) for c in bws)
-    bws = _check_bandwidths(tuple(c + eps for c in bws), compute, f"C_s + eps with eps = {eps!r}")
-    return bws, factors
+    bws, factors = kernel_bandwidths(x.shape[-1], scales, sigma2, bandwidths, eps, compute)
+    return bws, factors or (1.0,) * len(bws)
 
 
 def _local_checks(x, y, xw, yw, scales, sigma2, bandwidths, unbiased, reduction, eps, backend, validate):
@@ -336,7 +330,7 @@ def _side(t, w, pts, raw, metas, name, rank, pts_dtype, w_dtype, unbiased) -> tu
         raw[rank] = raw_live.detach()
         every = torch.cat(raw)
         raw_sum = every.sum()
-        scaled = reference.pow2_normalised(every)  # exact; the sum of 1e300-sized weights cannot overflow
+        scaled = pow2_normalised(every)  # exact; the sum of 1e300-sized weights cannot overflow
         norm = list((scaled / scaled.sum()).to(w_dtype).split([r.shape[0] for r in raw]))
         norm = [n.contiguous() for n in norm]
     else:
@@ -344,7 +338,7 @@ def _side(t, w, pts, raw, metas, name, rank, pts_dtype, w_dtype, unbiased) -> tu
         norm = [torch.full((p.shape[0],), 1.0 / total, dtype=w_dtype, device=t.device) for p in pts]
     den = torch.ones((), dtype=torch.float64, device=t.device)
     if unbiased:  # sum_{g != h} W_g W_h of the weights the kernels see: no cancellation for a dominant group
-        den = reference.cross_group_mass(torch.cat(norm).to(torch.float64).view(-1, group).sum(1))
+        den = cross_group_mass(torch.cat(norm).to(torch.float64).view(-1, group).sum(1))
     grad = any(m[f"{name}_grad"] for m in metas)
     return _Side(pts, norm, raw, raw_sum, group, den, grad), [live, raw_live]
 

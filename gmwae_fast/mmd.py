@@ -13,14 +13,15 @@ from . import backends, reference
 from ._common import (
     _REDUCTIONS,
     IMQMMDTerms,
-    _check_bandwidths,
     _check_points,
     _check_weights,
-    _finite,
     _real,
     _real_sequence,
     _resolve_bandwidths,
+    cross_group_mass,
     difference_safe,
+    kernel_bandwidths,
+    pow2_normalised,
 )
 from .ops import imq_mmd as ops  # registers the ops (fake + autograd) at import: torch.compile works first
 from .ops._autograd import refuse_forward_ad
@@ -64,8 +65,8 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
         if not bool((w > 0).any()):
             raise ValueError(f"{name} are all zero; at least one point needs positive mass")
         if unbiased:
-            wg = reference.pow2_normalised(w.detach().reshape(pts.shape[0], -1).sum(1).double())
-            pairs = float(reference.cross_group_mass(wg))
+            wg = pow2_normalised(w.detach().reshape(pts.shape[0], -1).sum(1).double())
+            pairs = float(cross_group_mass(wg))
             if pairs <= 0.0:
                 raise ValueError(
                     f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
@@ -121,16 +122,9 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
                     f"the unbiased estimate needs at least 2 groups of points in {name}, got "
                     f"{_num_groups(t)} (shape {tuple(t.shape)}); use unbiased=False"
                 )
-    eps = _real("eps", eps)
-    if not (eps >= 0 and _finite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     out_dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-    bws = _resolve_bandwidths(x.shape[-1], scales, sigma2, bandwidths, compute)
-    factors = None
-    if eps > 0:  # C / (C + D + eps) = C / (C + eps) * C' / (C' + D) with C' = C + eps
-        factors = tuple(c / (c + eps) for c in bws)
-        bws = _check_bandwidths(tuple(c + eps for c in bws), compute, f"C_s + eps with eps = {eps!r}")
+    bws, factors = kernel_bandwidths(x.shape[-1], scales, sigma2, bandwidths, eps, compute)
     name = backends.select_backend(backend, x.device, "imq_mmd")
     if name != "reference":
         refuse_forward_ad("fast_imq_mmd", name, (x, y, x_weights, y_weights))
@@ -318,10 +312,10 @@ def _side(t: Tensor, w: Optional[Tensor], pts_dtype: torch.dtype, w_dtype: torch
     if w is None:  # ones: the sums are exact integers
         pairs = float(n * n - n * group) if unbiased else float(n * n)
         return _Side(pts, torch.ones(n, dtype=w_dtype, device=t.device), group, float(n), pairs)
-    flat = reference.pow2_normalised(w.reshape(-1).to(torch.float64)).to(w_dtype).contiguous()
+    flat = pow2_normalised(w.reshape(-1).to(torch.float64)).to(w_dtype).contiguous()
     w64 = flat.to(torch.float64)
     total = w64.sum()
-    pairs = reference.cross_group_mass(w64.view(-1, group).sum(1)) if unbiased else total * total
+    pairs = cross_group_mass(w64.view(-1, group).sum(1)) if unbiased else total * total
     return _Side(pts, flat, group, total, pairs)
 
 

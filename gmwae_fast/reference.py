@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._common import IMQMMDTerms, bandwidths_for, difference_safe
+from ._common import IMQMMDTerms, bandwidths_for, cross_group_mass, difference_safe, pow2_normalised
 
 __all__ = [
     "bandwidths_for",
@@ -102,25 +102,6 @@ def reference_terms(
             part = _chunk_terms(*args)
         total = total + part
     return total
-
-
-def pow2_normalised(flat: Tensor) -> Tensor:
-    """``flat * 2^-e`` with ``e`` the exponent of ``max |flat|`` (that maximum lands in [0.5, 1)): exact, and
-    differentiable with the gradient ``2^-e`` on every torch (``torch.ldexp`` with a negative integer exponent
-    tensor has a zero gradient in torch 2.11). Two factors, each at most 2^538, so a subnormal maximum (``2^-e`` up
-    to 2^1074, beyond float64) neither overflows nor makes the backward overflow."""
-    _, e = torch.frexp(flat.detach().abs().amax())
-    e = e.to(torch.float64)
-    half = torch.floor(e * 0.5)
-    return flat * torch.exp2(-half) * torch.exp2(half - e)
-
-
-def cross_group_mass(wg: Tensor) -> Tensor:
-    """``sum_{g != h} w_g w_h`` of group masses ``wg`` (1-d) without the cancellation of
-    ``(sum w)^2 - sum w_g^2``: ``2 sum_g w_g (w_0 + ... + w_{g-1})``, a sum of non-negative terms (for
-    non-negative masses), so a nearly-single group (one mass 1, the others 1e-15) keeps full relative accuracy."""
-    before = torch.cat([wg.new_zeros(1), torch.cumsum(wg, 0)[:-1]])
-    return 2.0 * (wg * before).sum()
 
 
 def _flatten(x: Tensor, w: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
