@@ -255,10 +255,19 @@ void prepare_args(const ImqInputs& in, const ImqCpuOpts& o, int64_t col_block, i
   P.groups.resize(size_t(S));
   const int ng = imq_make_groups<T>(in.bw.data(), in.h.empty() ? nullptr : in.h.data(), S, P.groups.data());
   const int64_t ldb = (M + col_block - 1) / col_block * col_block;
-  P.bt = at::zeros({std::max<int64_t>(d, 1), ldb}, in.a.options());
-  if (d > 0) P.bt.narrow(1, 0, M).copy_(b.t());
-  P.wbp = at::zeros({ldb}, in.a.options());
-  P.wbp.narrow(0, 0, M).copy_(wb);
+  // Filled here, not with tensor ops: at the sizes of a WAE batch the dispatcher calls cost as much as the kernels.
+  P.bt = at::empty({std::max<int64_t>(d, 1), ldb}, in.a.options());
+  P.wbp = at::empty({ldb}, in.a.options());
+  T* bt = P.bt.template data_ptr<T>();
+  T* wbp = P.wbp.template data_ptr<T>();
+  const T* bsrc = b.template data_ptr<T>();
+  const T* wsrc = wb.template data_ptr<T>();
+  std::fill(bt, bt + P.bt.numel(), T(0));
+  for (int64_t j = 0; j < M; ++j) {
+    for (int64_t k = 0; k < d; ++k) bt[k * ldb + j] = bsrc[j * d + k];
+  }
+  std::copy(wsrc, wsrc + M, wbp);
+  std::fill(wbp + M, wbp + ldb, T(0));
 
   ImqCpuArgs<T>& A = P.args;
   A.a = in.a.data_ptr<T>();
@@ -410,8 +419,10 @@ void imq_cpu_run(const ImqInputs& in, const ImqCpuOpts& o, std::vector<double>& 
   const auto opts = in.a.options().dtype(at::kDouble);
 
   vals_out.assign(size_t(S), 0.0);
-  if (o.grad()) *grad_out = at::zeros({grows, d + 1}, opts);
-  if (N == 0 || M == 0 || S == 0) return;
+  if (N == 0 || M == 0 || S == 0) {
+    if (o.grad()) *grad_out = at::zeros({grows, d + 1}, opts);
+    return;
+  }
 
   ImqPrepared<T> prep;
   prepare_args<T>(in, o, fns.col_block(), grows, prep);
@@ -493,8 +504,28 @@ at::Tensor values_tensor(const std::vector<double>& v) {
 }
 
 // Splits a float64 (rows x (d + 1)) gradient buffer into (point, weight) gradients of the given dtypes.
+template <class P, class W>
+std::pair<at::Tensor, at::Tensor> split_grad_loop(const at::Tensor& g, int64_t r0, int64_t n, int64_t d,
+                                                  at::ScalarType pt, at::ScalarType wt) {
+  // g is a (rows x (d + 1)) view of a ((d + 1) x rows) buffer (see imq_cpu_run); one pass, no dispatcher calls
+  at::Tensor gp = at::empty({n, d}, at::TensorOptions().dtype(pt));
+  at::Tensor gw = at::empty({n}, at::TensorOptions().dtype(wt));
+  const double* src = g.data_ptr<double>();
+  const int64_t rs = g.stride(0), cs = g.stride(1);
+  P* op = gp.data_ptr<P>();
+  W* ow = gw.data_ptr<W>();
+  for (int64_t i = 0; i < n; ++i) {
+    const double* row = src + (r0 + i) * rs;
+    for (int64_t k = 0; k < d; ++k) op[i * d + k] = P(row[k * cs]);
+    ow[i] = W(row[d * cs]);
+  }
+  return {gp, gw};
+}
+
 std::pair<at::Tensor, at::Tensor> split_grad(const at::Tensor& g, int64_t r0, int64_t n, int64_t d, at::ScalarType pt,
                                              at::ScalarType wt) {
+  if (pt == wt && pt == at::kFloat) return split_grad_loop<float, float>(g, r0, n, d, pt, wt);
+  if (pt == wt && pt == at::kDouble) return split_grad_loop<double, double>(g, r0, n, d, pt, wt);
   const at::Tensor rows = g.narrow(0, r0, n);
   // Always copies: for one row both pieces would otherwise be views of one buffer, and an op's outputs may not
   // alias each other.
