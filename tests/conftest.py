@@ -71,3 +71,31 @@ def data_dir() -> str:
     """MNIST location for tests: $GMWAE_DATA, else ../shared/data next to the repository."""
     here = os.path.dirname(os.path.abspath(__file__))
     return os.environ.get("GMWAE_DATA", os.path.normpath(os.path.join(here, "..", "..", "shared", "data")))
+
+
+def brute_force(x, y, xw=None, yw=None, *, bandwidths, unbiased=True, eps=0.0):
+    """(S,) MMD² per bandwidth, float64, materialised, straight from the contract."""
+    x, y = x.double(), y.double()
+    gx = 1 if x.dim() == 2 else x.shape[1]
+    gy = 1 if y.dim() == 2 else y.shape[1]
+    a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
+    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
+    wa, wb = wa / wa.sum(), wb / wb.sum()
+    c = torch.tensor(bandwidths, dtype=torch.float64)[:, None, None]
+
+    def k(p, q):
+        return c / (c + ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)[None] + eps)
+
+    def self_term(p, w, g):
+        kk = k(p, p)
+        if not unbiased:
+            return (w[:, None] * w[None, :] * kk).sum((1, 2))
+        ids = torch.arange(p.shape[0]) // g
+        keep = (ids[:, None] != ids[None, :]).double()
+        wg = w.view(-1, g).sum(1)  # sum over pairs of different groups: no cancellation for a dominant group
+        den = (wg[:, None] * wg[None, :] * (1.0 - torch.eye(wg.shape[0], dtype=torch.float64))).sum()
+        return (w[:, None] * w[None, :] * kk * keep).sum((1, 2)) / den
+
+    cross = (wa[:, None] * wb[None, :] * k(a, b)).sum((1, 2))
+    return self_term(a, wa, gx) + self_term(b, wb, gy) - 2.0 * cross

@@ -20,6 +20,7 @@ import _harness  # noqa: E402
 import _providers  # noqa: E402
 import report  # noqa: E402
 
+import gmwae_fast  # noqa: E402
 from gmwae_fast import PAPER_SCALES, reference  # noqa: E402
 
 DEVICES = ["cpu", "cuda"]
@@ -301,3 +302,33 @@ def test_every_target_is_a_key_config_that_the_gpu_check_measures():
     excluded = re.findall(r"not (n\d+-d\d+)", script)
     for desc, (n, d, mode, dtype), *_ in report.TARGETS["cuda"]:
         assert n in ns and d in ds and f"n{n}-d{d}" not in excluded and mode == "fwd+bwd", desc
+
+
+def test_small_batch_benchmark_providers_agree_and_the_script_prints_its_table():
+    """``benchmarks/bench_small_batch.py``: both providers compute the same 7-scale WAE penalty and gradient as the
+    float64 reference, and the script mode prints one table row per case (no timing asserted)."""
+    import subprocess
+
+    import bench_small_batch as sb
+
+    if gmwae_fast.available_backends("cpu")["cpu"] is not None:
+        pytest.skip("the fused CPU backend is not built")
+    z, prior = sb.inputs(37, 9)
+    zd = z.double().requires_grad_(True)
+    r = reference.imq_mmd_reference(zd, prior.double(), bandwidths=reference.bandwidths_for(9, gmwae_fast.WAE_SCALES))
+    (gr,) = torch.autograd.grad(r, zd)
+    for provider in sb.PROVIDERS:
+        zz = z.clone().requires_grad_(True)
+        v = sb.provider_fn(provider)(zz, prior)
+        (g,) = torch.autograd.grad(v, zz)
+        assert abs(v.item() - r.item()) <= 1e-4, provider
+        assert float((g.double() - gr).abs().max()) <= 1e-4 * float(gr.abs().max()), provider
+    out = subprocess.run(
+        [sys.executable, os.path.join(BENCH_DIR, "bench_small_batch.py"), "--n", "16", "--d", "8", "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| 16 | 8 |")]
+    assert len(rows) == 1 and rows[0].rstrip().endswith("x |"), out

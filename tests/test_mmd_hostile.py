@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import interpreted, skip_unless_usable
+from conftest import brute_force, interpreted, skip_unless_usable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,34 +21,6 @@ from gmwae_fast import PAPER_SCALES, WAE_SCALES, fast_imq_mmd, imq_mmd_terms
 from gmwae_fast.reference import bandwidths_for
 
 CPU_BACKENDS = ["reference", "cpu", "triton"]
-
-
-def brute_force(x, y, xw=None, yw=None, *, bandwidths, unbiased=True, eps=0.0):
-    """(S,) MMD² per bandwidth, float64, materialised, straight from the contract."""
-    x, y = x.double(), y.double()
-    gx = 1 if x.dim() == 2 else x.shape[1]
-    gy = 1 if y.dim() == 2 else y.shape[1]
-    a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
-    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
-    wa, wb = wa / wa.sum(), wb / wb.sum()
-    c = torch.tensor(bandwidths, dtype=torch.float64)[:, None, None]
-
-    def k(p, q):
-        return c / (c + ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)[None] + eps)
-
-    def self_term(p, w, g):
-        kk = k(p, p)
-        if not unbiased:
-            return (w[:, None] * w[None, :] * kk).sum((1, 2))
-        ids = torch.arange(p.shape[0]) // g
-        keep = (ids[:, None] != ids[None, :]).double()
-        wg = w.view(-1, g).sum(1)  # sum over pairs of different groups: no cancellation for a dominant group
-        den = (wg[:, None] * wg[None, :] * (1.0 - torch.eye(wg.shape[0], dtype=torch.float64))).sum()
-        return (w[:, None] * w[None, :] * kk * keep).sum((1, 2)) / den
-
-    cross = (wa[:, None] * wb[None, :] * k(a, b)).sum((1, 2))
-    return self_term(a, wa, gx) + self_term(b, wb, gy) - 2.0 * cross
 
 
 def _rel(v, r):
@@ -276,6 +248,8 @@ def test_cpu_path_makes_no_host_reads_of_tensors(monkeypatch):
         v = fast_imq_mmd(x, y, w, reduction=reduction)
         torch.autograd.grad(v.sum(), (x, w))
         fast_imq_mmd(x.detach(), y, reduction=reduction)
+    torch.autograd.grad(fast_imq_mmd(x, y, w.detach()), x)  # the one-node route (no weight gradient)
+    torch.autograd.grad(fast_imq_mmd(y, x), x)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -290,6 +264,7 @@ def test_gpu_path_makes_no_device_sync(backend):
     def step():
         z, pi = gmwae_fast.gm_reparameterize(mu, sr, lg, backend=backend)
         v = fast_imq_mmd(x, y, w, backend=backend) + fast_imq_mmd(z, y, pi, backend=backend)
+        v = v + fast_imq_mmd(x, y, w.detach(), backend=backend)  # the one-node route (no weight gradient)
         torch.autograd.grad(v, (x, w, mu, sr, lg))
         fast_imq_mmd(x.detach(), y, reduction="none", backend=backend)
 
