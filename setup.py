@@ -230,6 +230,9 @@ if cpp_extension is not None:
             super().finalize_options()  # sets inplace for an editable build
             if self.inplace:
                 self.build_temp = PERSISTENT_TEMP
+            # run() replaces the compiler name by a compiler object and clears inplace while it builds; a failed
+            # run leaves both so, and the CPU-only retry needs them as the user gave them
+            self._given = {"compiler": self.compiler, "inplace": self.inplace}
 
         def copy_file(self, infile, outfile, *args, **kwargs):
             # In-place copy of the built library: skipped when identical, else an atomic rename (never rewrite a
@@ -264,6 +267,10 @@ if cpp_extension is not None:
                     "language",
                 ):
                     setattr(ext, attr, getattr(fresh, attr))
+            # Without this a retry failed with PlatformError "don't know how to compile C/C++ code" (a compiler
+            # object where a name is expected) or built a library that was never copied in place.
+            for attr, value in self._given.items():
+                setattr(self, attr, value)
             super().run()
 
         def run(self):

@@ -415,11 +415,29 @@ __device__ __forceinline__ void tc_row_norm(const float* As, const float* Bs, do
   if ((tid & 31) == 0) tcs[kTcWarpMax + (tid >> 5)] = m;
 }
 
-// After tc_row_norm (and a barrier): whether the tile pair's error bound (2 kc + 8) 2^-53 R is at most 2^-30 of
-// the smallest bandwidth, R = the largest |a_i - c|^2 + the largest |b_j - c|^2.
-__device__ __forceinline__ bool tc_route_ok(const double* tcs, int kc) {
+// After tc_row_norm (and a barrier): the tile pair's bound (2 kc + 8) 2^-53 R on the absolute error of an expanded
+// distance, R = the largest |a_i - c|^2 + the largest |b_j - c|^2.
+__device__ __forceinline__ double tc_distance_error(const double* tcs, int kc) {
   const double R = fmax(tcs[kTcWarpMax], tcs[kTcWarpMax + 1]) + fmax(tcs[kTcWarpMax + 2], tcs[kTcWarpMax + 3]);
-  return R * double(2 * kc + 8) <= ldexp(tcs[kTcMinBand], 23);
+  return R * double(2 * kc + 8) * 0x1p-53;
+}
+
+// Whether the tile pair takes the route: its distance error at most 2^-30 of the smallest bandwidth.
+__device__ __forceinline__ bool tc_route_ok(const double* tcs, int kc) {
+  return tc_distance_error(tcs, kc) <= ldexp(tcs[kTcMinBand], -30);
+}
+
+// A distance the expanded form cannot resolve to float precision (below 2^26 times its absolute error bound: a
+// near pair in a tile whose centre is far, e.g. a far row of weight 0 at the head of a tight cluster), formed
+// again from the coordinate differences, as on the CUDA cores.  Such pairs carry the MMD^2 through 1 - k = D / (C + D),
+// which needs D to relative precision, not to the bandwidth's.
+__device__ __forceinline__ double tc_direct_distance(const float* As, const float* Bs, int i, int j, int kc) {
+  double D = 0.0;
+  for (int q = 0; q < kc; ++q) {
+    const double v = double(As[q * kLd + i]) - double(Bs[q * kLd + j]);
+    D = fma(v, v, D);
+  }
+  return D;
 }
 
 // D phase on tensor cores: Ds[i][j] = |a'_i|^2 + |b'_j|^2 - 2 a'_i . b'_j (float, leading dimension kLd), negative
@@ -445,6 +463,7 @@ __device__ __forceinline__ void tc_distances(const float* As, const float* Bs, c
       dmma16x8x8(acc[n], af, bf);
     }
   }
+  const double resolve = ldexp(tc_distance_error(tcs, kc), 26);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int i = rb + g + 8 * h;
@@ -453,8 +472,9 @@ __device__ __forceinline__ void tc_distances(const float* As, const float* Bs, c
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int j = cb + 8 * n + 2 * t + e;
-        const double D = tcs[kTcNorm + i] + tcs[kTcNorm + kBT + j] - 2.0 * acc[n][2 * h + e];
-        Ds[i * kLd + j] = float(D < 0.0 ? 0.0 : D);  // a NaN stays NaN
+        double D = tcs[kTcNorm + i] + tcs[kTcNorm + kBT + j] - 2.0 * acc[n][2 * h + e];
+        if (D < resolve) D = tc_direct_distance(As, Bs, i, j, kc);  // exact to float; a NaN stays NaN
+        Ds[i * kLd + j] = float(D < 0.0 ? 0.0 : D);
       }
   }
 }

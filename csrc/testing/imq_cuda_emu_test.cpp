@@ -41,6 +41,8 @@ struct Case {
   int tc = 0;  // tile pairs expected on the tensor-core route (float, 32 <= d <= 64): 0 none, 1 all, 2 some
 };
 
+bool g_allow_tensor_cores = true;  // false: the float kernels as on a device without the instruction
+
 struct Outs {
   std::vector<double> vals, da, dwa, db, dwb;
 };
@@ -112,7 +114,7 @@ Outs run_emulated(const Case& c, const std::vector<double>& a64, const std::vect
   A.group = c.group;
   A.unbiased = c.unbiased;
   A.b_grad = SELF || b_grad;
-  A.tensor_cores = tensor_core_route(c.d, sizeof(T), true);  // as the host does
+  A.tensor_cores = tensor_core_route(c.d, sizeof(T), g_allow_tensor_cores);  // as the host does
   A.vec4 = sizeof(T) == 4 && c.d % 4 == 0 && reinterpret_cast<uintptr_t>(A.a) % 16 == 0 &&
            reinterpret_cast<uintptr_t>(A.b) % 16 == 0;
   const TilePlan plan = plan_tiles(A, SELF, GRAD, c.budget);
@@ -288,6 +290,74 @@ bool check_case(const Case& c) {
   return ok;
 }
 
+// MMD^2 of float inputs from the emulated value kernels (self x, self y, cross; unbiased, weights summing to 1)
+// against the same formula from the float64 brute force.  x: a tight cluster N(0, spread^2 I) whose row 0 is moved
+// to `far` in every coordinate with weight 0 (legal, and the centre of the tensor-core route's first tile); y: the
+// cluster shifted by `shift`.  The near pairs' 1 - k then carries the MMD^2: a distance error that is absolute
+// (the expanded form of the tensor-core route) shows here, not in the per-bandwidth sums.
+bool check_mmd(const char* name, int64_t N, int64_t M, int64_t d, double spread, double shift, double far,
+               const std::vector<double>& bw, int tc) {
+  std::mt19937_64 rng(77 + N + d);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> a(N * d), b(M * d), wa(N, 1.0 / double(N - 1)), wb(M, 1.0 / double(M));
+  for (auto& x : a) x = double(float(spread * nd(rng)));
+  for (auto& x : b) x = double(float(shift + spread * nd(rng)));
+  for (int64_t k = 0; k < d; ++k) a[k] = far;
+  wa[0] = 0.0;
+  const std::vector<double> h(bw.size(), 1.0);
+  auto mmd = [&](const std::vector<double>& sx, const std::vector<double>& sy, const std::vector<double>& cr) {
+    double sw2a = 0.0, sw2b = 0.0, total = 0.0;
+    for (double w : wa) sw2a += w * w;
+    for (double w : wb) sw2b += w * w;
+    for (size_t s = 0; s < bw.size(); ++s) total += sx[s] / (1.0 - sw2a) + sy[s] / (1.0 - sw2b) - 2.0 * cr[s];
+    return total;
+  };
+  const Case cx = {name, true, N, 0, d, 1, true, 1, 0.0, bw, false};
+  const Case cy = {name, true, M, 0, d, 1, true, 1, 0.0, bw, false};
+  const Case cxy = {name, false, N, M, d, 1, false, 1, 0.0, bw, false};
+  const double ref = mmd(reference(cx, a, wa, a, wa, h).vals, reference(cy, b, wb, b, wb, h).vals,
+                         reference(cxy, a, wa, b, wb, h).vals);
+  gmw_emu::tc_tiles = 0;
+  gmw_emu::all_tiles = 0;
+  const double got = mmd(run_emulated<float, true, false>(cx, a, wa, a, wa, h, true, -1, false).vals,
+                         run_emulated<float, true, false>(cy, b, wb, b, wb, h, true, -1, false).vals,
+                         run_emulated<float, false, false>(cxy, a, wa, b, wb, h, true, -1, false).vals);
+  const long long tc_tiles = gmw_emu::tc_tiles, all_tiles = gmw_emu::all_tiles;
+  g_allow_tensor_cores = false;
+  const double simt = mmd(run_emulated<float, true, false>(cx, a, wa, a, wa, h, true, -1, false).vals,
+                          run_emulated<float, true, false>(cy, b, wb, b, wb, h, true, -1, false).vals,
+                          run_emulated<float, false, false>(cxy, a, wa, b, wb, h, true, -1, false).vals);
+  g_allow_tensor_cores = true;
+  // U: the complement sums sum w w (1 - k) of the three terms, the scale the float32 bound is stated in
+  auto usum = [&](const std::vector<double>& p, const std::vector<double>& wp, int64_t np, const std::vector<double>& q,
+                  const std::vector<double>& wq, int64_t nq, bool self) {
+    double u = 0.0;
+    for (int64_t i = 0; i < np; ++i)
+      for (int64_t j = 0; j < nq; ++j) {
+        if (self && i == j) continue;
+        double D = 0.0;
+        for (int64_t k = 0; k < d; ++k) D += (p[i * d + k] - q[j * d + k]) * (p[i * d + k] - q[j * d + k]);
+        for (double C : bw) u += wp[i] * wq[j] * D / (C + D);
+      }
+    return u;
+  };
+  double sw2a = 0.0, sw2b = 0.0;
+  for (double w : wa) sw2a += w * w;
+  for (double w : wb) sw2b += w * w;
+  const double U = usum(a, wa, N, a, wa, N, true) / (1.0 - sw2a) + usum(b, wb, M, b, wb, M, true) / (1.0 - sw2b) +
+                   2.0 * usum(a, wa, N, b, wb, M, false);
+  const double err = std::fabs(got - ref), err_simt = std::fabs(simt - ref);
+  const bool route_ok =
+      tc == 0 ? tc_tiles == 0 : (tc == 1 ? tc_tiles == all_tiles : tc_tiles > 0 && tc_tiles < all_tiles);
+  const bool ok = err <= 1e-5 * std::fabs(ref) + 8.0 * 0x1p-24 * U && route_ok;
+  std::printf(
+      "  %-44s %s  MMD^2 %.3e U %.2e  error/|MMD^2| %.1e (CUDA cores %.1e), error/(u U) %.2f (%.2f)  "
+      "tensor-core tiles %lld/%lld\n",
+      name, ok ? "ok  " : "FAIL", ref, U, err / std::fabs(ref), err_simt / std::fabs(ref), err / (0x1p-24 * U),
+      err_simt / (0x1p-24 * U), tc_tiles, all_tiles);
+  return ok;
+}
+
 bool run(const Case& c) {
   if (c.self) return c.dbl ? check_case<double, true>(c) : check_case<float, true>(c);
   return c.dbl ? check_case<double, false>(c) : check_case<float, false>(c);
@@ -353,13 +423,15 @@ bool check_uniform_range() {
 int main(int argc, char** argv) {
   // Arguments: [quick | approx] [rcp=up|down|exact]: the quick case list, or the cases most sensitive to the
   // reciprocal; the emulated rcp.approx (gmw_emu::rcp_approx: one ulp up, one ulp down, exact; default up).
-  bool quick = false, approx = false;
+  bool quick = false, approx = false, mmd_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "quick") {
       quick = true;
     } else if (arg == "approx") {
       approx = true;
+    } else if (arg == "mmd") {
+      mmd_only = true;
     } else if (arg == "rcp=up" || arg == "rcp=down" || arg == "rcp=exact") {
       gmw_emu::rcp_bias = arg == "rcp=up" ? 1 : (arg == "rcp=down" ? -1 : 0);
     } else {
@@ -446,9 +518,31 @@ int main(int argc, char** argv) {
     cases = {cases[0],  cases[2],  cases[3],  cases[14], cases[17], cases[20],
              cases[21], cases[22], cases[23], cases[24], cases[30], cases[31]};
   }
+  if (mmd_only) cases.clear();
   bool ok = check_uniform_range();
   ok = check_mma() && ok;
   for (const Case& c : cases) ok = run(c) && ok;
+  // MMD^2 level: a far row of weight 0 at the head of a tile of near pairs (the tensor-core route's centre)
+  std::vector<double> wae64;
+  for (double s : {0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0}) wae64.push_back(2.0 * 64 * s);
+  // (the tensor-core route before the direct recomputation of unresolved pairs: up to 1e3 u U, 16% of MMD^2)
+  struct MmdCase {
+    double spread, shift, far;
+    int tc;
+  };
+  std::vector<MmdCase> mmd_cases = {
+      {1e-4, 1e-5, 0.0, 1}, {1e-4, 1e-5, 70.0, 1}, {3e-5, 0.0, 70.0, 1}, {3e-5, 1e-5, 30.0, 1}, {1e-4, 0.0, 3000.0, 2}};
+  if (!quick && !approx) {
+    for (double spread : {1e-4, 3e-5})
+      for (double shift : {3e-5, 1e-5, 0.0})
+        for (double far : {0.0, 30.0, 70.0}) mmd_cases.push_back({spread, shift, far, 1});
+  }
+  if (approx) mmd_cases.clear();
+  for (const MmdCase& m : mmd_cases) {
+    char nm[96];
+    std::snprintf(nm, sizeof nm, "MMD^2 f32 d=64 s=%.0e shift=%.0e far row %.0f", m.spread, m.shift, m.far);
+    ok = check_mmd(nm, 100, 90, 64, m.spread, m.shift, m.far, wae64, m.tc) && ok;
+  }
   std::printf(ok ? "ALL PASSED\n" : "SOME FAILED\n");
   return ok ? 0 : 1;
 }
