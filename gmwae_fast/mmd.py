@@ -50,8 +50,11 @@ def _num_groups(t: Tensor) -> int:
     return t.shape[0]
 
 
-def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Tensor], unbiased: bool) -> None:
-    """Checks that need a device sync (``validate=True`` only)."""
+def _validate_values(
+    x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Tensor], unbiased: bool, compute: torch.dtype
+) -> None:
+    """Checks that need a device sync (``validate=True`` only). ``compute``: the dtype the kernels see the weights
+    in (scaled so the largest is in [0.5, 1)); float64 for the reference backend."""
     for name, t in (("x", x), ("y", y)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
@@ -65,11 +68,22 @@ def _validate_values(x: Tensor, y: Tensor, xw: Optional[Tensor], yw: Optional[Te
         if not bool((w > 0).any()):
             raise ValueError(f"{name} are all zero; at least one point needs positive mass")
         if unbiased:
-            wg = pow2_normalised(w.detach().reshape(pts.shape[0], -1).sum(1).double())
+            seen = pow2_normalised(w.detach().reshape(-1).double()).to(compute).double()
+            wg = seen.reshape(pts.shape[0], -1).sum(1)
             pairs = float(cross_group_mass(wg))
             if pairs <= 0.0:
+                exact_pairs = float(cross_group_mass(w.detach().reshape(pts.shape[0], -1).sum(1).double()))
+                rounded = (
+                    ""
+                    if exact_pairs <= 0
+                    else (
+                        f" once rounded to {compute} relative to the largest weight (every other group is below "
+                        "2^-149 of it; use float64 inputs)"
+                    )
+                )
                 raise ValueError(
-                    f"{name} put all the mass in one group: the unbiased self term is undefined (use unbiased=False)"
+                    f"{name} put all the mass in one group{rounded}: the unbiased self term is undefined (use "
+                    "unbiased=False)"
                 )
             _warn_ill_conditioned(name, pairs / float(wg.sum()) ** 2, pts.dtype)
 
@@ -87,6 +101,51 @@ def _warn_ill_conditioned(name: str, den: float, dtype: torch.dtype) -> None:
             f"({'' if dtype == torch.float64 else 'use float64 inputs, or '}unbiased=False avoids it)",
             RuntimeWarning,
             stacklevel=4,
+        )
+
+
+#: The accuracy contract's constant: ``|error| <= 1e-5 |MMD2| + ACCURACY_C (u U + 2^-53 T)`` on every backend
+#: (``docs/ARCHITECTURE.md``; the largest ratio measured is ~5, Triton on a tight cluster).
+ACCURACY_C = 8.0
+
+
+def accuracy_scales(terms: IMQMMDTerms, factors: Optional[Tensor] = None) -> tuple[float, float, float]:
+    """``(MMD2, U, T)`` of the accuracy contract from a call's float64 terms: ``U = sum_s (U_xs + U_ys + 2 U_xys)``
+    the normalised complement sums ``sum w w (1 - k_s)`` (each term is ``1 -`` its complement), ``T = sum_s
+    (|self_x / den_x| + |self_y / den_y| + 2 |cross|)`` the terms the final float64 combination cancels."""
+    sx, sy, cr = terms.self_x / terms.den_x, terms.self_y / terms.den_y, terms.cross
+    f = torch.ones_like(sx) if factors is None else factors
+    u = f * ((1.0 - sx).abs() + (1.0 - sy).abs() + 2.0 * (1.0 - cr).abs())
+    t = f * (sx.abs() + sy.abs() + 2.0 * cr.abs())
+    return float((f * (sx + sy - 2.0 * cr)).sum()), float(u.sum()), float(t.sum())
+
+
+def _warn_outside_regime(c: "_Call") -> None:
+    """``validate=True``: warn (:class:`RuntimeWarning`) when this input's MMD² is not within 1e-5 relative. The
+    contract's absolute part ``8 u U`` is a worst case (correlated roundings); on most inputs the rounding errors
+    of the pairs average out, so a float32 call is checked by measuring: the same values pass again on the inputs
+    widened to float64 (exact), plus the float64 combination's own bound ``8 2^-53 T``."""
+    with torch.no_grad():
+        terms = _terms(c._replace(factors=None))
+        f = None if c.factors is None else torch.tensor(c.factors, dtype=torch.float64, device=terms.self_x.device)
+        mmd2, u_sum, t_sum = accuracy_scales(terms, f)
+        error = ACCURACY_C * 2.0**-53 * (u_sum + t_sum)
+        if torch.float64 not in (c.x.dtype, c.y.dtype):
+            wide = c._replace(x=c.x.double(), y=c.y.double(), factors=None)
+            mmd64 = accuracy_scales(_terms(wide), f)[0]
+            error += abs(mmd2 - mmd64)
+    if error > 1e-5 * abs(mmd2):
+        cure = (
+            "its bandwidths are so large against the data's spread that the float64 terms cancel: use smaller ones"
+            if ACCURACY_C * 2.0**-53 * t_sum >= 1e-5 * abs(mmd2)
+            else "MMD² is a small fraction of the complement sums U: float64 inputs are exact to ~1e-13 of U"
+        )
+        warnings.warn(
+            f"gmwae_fast.fast_imq_mmd: MMD² = {mmd2:.3g} is not within 1e-5 relative on this input (error about "
+            f"{error:.2g}; complement sums U = {u_sum:.3g}, terms T = {t_sum:.3g}; the contract is 1e-5 |MMD²| + "
+            f"8 (u U + 2^-53 T)): {cure}",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 
@@ -129,7 +188,7 @@ def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, b
     if name != "reference":
         refuse_forward_ad("fast_imq_mmd", name, (x, y, x_weights, y_weights))
     if validate:
-        _validate_values(x, y, x_weights, y_weights, unbiased)
+        _validate_values(x, y, x_weights, y_weights, unbiased, torch.float64 if name == "reference" else compute)
     return _Call(x, y, x_weights, y_weights, bws, factors, unbiased, name, out_dtype)
 
 
@@ -160,12 +219,12 @@ def fast_imq_mmd(
                          - 2 \sum_{a, b} W_a V_b k_s(a, b)
 
     where ``a ~ a'`` means "same group" (unbiased estimate; ``unbiased=False`` sums over all pairs, ``a = a'``
-    included, without the division) and ``W``, ``V`` are the weights normalised to sum to 1 (in float64, so any
-    positive weight vector, however concentrated or large, is exact). With ``(n, d)`` inputs, no weights and
-    ``scales=WAE_SCALES`` this is exactly the penalty of the original WAE code (U-statistic self terms over
-    ``n (n - 1)`` pairs, cross term over ``n m``); ``WAE_SCALES`` is the default (since 0.2; before, the 15
-    :data:`GAUJAC2019_SCALES`, which the GM-WAE trainer passes). ``docs/migrating.md`` maps other WAE codes onto
-    these options.
+    included, without the division) and ``W``, ``V`` are the weights normalised to sum to 1 (in float64, so a weight
+    vector of any scale is exact; in float32 a weight below 2^-126 of the largest loses bits, see Returns). With
+    ``(n, d)`` inputs, no weights and ``scales=WAE_SCALES`` this is exactly the penalty of the original WAE code
+    (U-statistic self terms over ``n (n - 1)`` pairs, cross term over ``n m``); ``WAE_SCALES`` is the default
+    (since 0.2; before, the 15 :data:`GAUJAC2019_SCALES`, which the GM-WAE trainer passes). ``docs/migrating.md``
+    maps other WAE codes onto these options.
 
     Args:
         x: ``(n, d)`` points, or ``(B, K, d)``: ``B`` groups of ``K`` points (e.g. the ``K`` per-mode encodings of
@@ -187,7 +246,9 @@ def fast_imq_mmd(
             (see :func:`gmwae_fast.available_backends`).
         validate: also run the checks that need a device sync (finite inputs, weights non-negative and not all
             zero), and warn (:class:`RuntimeWarning`) when weights leave nearly all the mass in one group, where
-            the unbiased self term's weight gradient loses accuracy in float32. Without it a NaN input gives a NaN
+            the unbiased self term's weight gradient loses accuracy in float32, and when the result is not within
+            1e-5 relative (the contract ``|error| <= 1e-5 |MMD2| + 8 (u U + 2^-53 T)`` of ``docs/ARCHITECTURE.md``;
+            for float32 inputs checked by one more values pass in float64). Without it a NaN input gives a NaN
             result.
         process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``): ``x``, ``y``
             and the weights are then this rank's shards (``(n_r, d)`` or ``(B_r, K, d)``; sizes may differ, an
@@ -204,11 +265,15 @@ def fast_imq_mmd(
 
     Returns:
         A float32 scalar (or ``(S,)`` vector) for float32/float16/bfloat16 inputs, float64 for float64 inputs.
-        Sums are accumulated in float64 inside the kernels: float32 inputs are accurate to 1e-5 relative on the
-        tested inputs; when MMD² is a tiny fraction of the complement sums ``sum w w (1 - k)`` (a far point of
-        nonzero weight, bandwidths far above the data's spread) the error is absolute, a few float32 ulp of those
-        sums (``docs/ARCHITECTURE.md``, accuracy contract). Gradients are first order: differentiating them again raises
-        :class:`RuntimeError` on the fused backends (use ``backend="reference"`` for second derivatives).
+        Sums are accumulated in float64 inside the kernels. Accuracy (every backend, ``docs/ARCHITECTURE.md``):
+        ``|error| <= 1e-5 |MMD2| + 8 (u U + 2^-53 T)``, ``u`` the compute dtype's unit roundoff (2^-24 for float32
+        inputs), ``U`` the normalised complement sums ``sum w w (1 - k)`` of the three terms, ``T`` (~4 per
+        bandwidth) the terms the float64 combination cancels; so 1e-5 relative whenever MMD² is not a tiny
+        fraction of ``U`` (tight clusters, bandwidths far above the data's spread). The fused kernels see the
+        weights in the compute dtype, scaled so the largest is in [0.5, 1): in float32 a weight below 2^-126 of
+        the largest loses bits (``validate=True`` reports when that changes the result). Gradients are first
+        order: differentiating them again raises :class:`RuntimeError` on the fused backends (use
+        ``backend="reference"`` for second derivatives).
 
     Example::
 
@@ -240,6 +305,8 @@ def fast_imq_mmd(
             validate=validate,
         )
     c = _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps)
+    if validate:
+        _warn_outside_regime(c)
     grad_on = torch.is_grad_enabled()
     x_grad = grad_on and any(t is not None and t.requires_grad for t in (c.x, c.xw))
     y_grad = grad_on and any(t is not None and t.requires_grad for t in (c.y, c.yw))
@@ -283,6 +350,8 @@ def imq_mmd_terms(
         >>> penalty = (t.self_x / t.den_x + t.self_y / t.den_y - 2 * cross_offdiag).sum()
     """
     c = _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps)
+    if validate:
+        _warn_outside_regime(c)
     return _terms(c)
 
 
@@ -385,10 +454,12 @@ def _fused_total(c: _Call, x_grad: bool, y_grad: bool) -> Tensor:
 
 def _one_node_ok(c: _Call) -> bool:
     """Whether :class:`_OneNodeTotal` may run the call: eager mode (torch.compile traces the custom ops), outside
-    torch.func transforms, and no weight that needs a gradient (the normalisation's own gradient is then absent)."""
+    torch.func transforms, and no weights: the folded factors ``h / pairs`` are then at most 1 (with weights, a
+    subnormal pair mass made them overflow the float32 factors of the kernels; and a weight gradient needs the
+    normalisation's own)."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return not any(w is not None and w.requires_grad for w in (c.xw, c.yw))
+    return c.xw is None and c.yw is None
 
 
 def _point_grad(g: Optional[Tensor], t: Tensor, pts_dtype: torch.dtype) -> Optional[Tensor]:
@@ -402,7 +473,7 @@ def _point_grad(g: Optional[Tensor], t: Tensor, pts_dtype: torch.dtype) -> Optio
 
 
 class _OneNodeTotal(torch.autograd.Function):
-    """``reduction="sum"`` of an eager call whose weights need no gradient, as one autograd node: the same fused
+    """``reduction="sum"`` of an eager unweighted call, as one autograd node: the same fused
     value+gradient passes as :func:`_fused_total`, with the normalisation folded into the per-bandwidth factors
     ``h`` of each pass, so that the backward is one scaling instead of ~10 nodes of scalar arithmetic, clamps and
     casts (which cost a small call more than its kernels: n = 64, d = 8 spent ~250 us in them)."""

@@ -114,7 +114,14 @@ ERROR_CASES = (
     "list_as_weights_on_one_rank",
     "not_a_tensor_on_one_rank",
 )
-OTHER_CASES = ("ddp_rule", "imqmmdloss_module", "double_backward_raises", "extreme_weights", "destroyed_group")
+OTHER_CASES = (
+    "ddp_rule",
+    "imqmmdloss_module",
+    "double_backward_raises",
+    "extreme_weights",
+    "contract_hostile",
+    "destroyed_group",
+)
 
 
 def _case_ids(world: int) -> list[str]:
@@ -336,6 +343,52 @@ def _check_extreme_weights(rank: int, world: int) -> None:
         _close("weight gradient", gw, gr, 1e-4)
 
 
+def _check_contract_hostile(rank: int, world: int) -> None:
+    """The accuracy contract (``tests/test_accuracy_contract.py``) across ranks: hostile inputs sharded unevenly
+    (a tight cluster, a far point of small weight, weights spanning 1e-30..1e30 in float64, bandwidths 1e12 times
+    the spread), every fused CPU backend, against the float64 brute force in complement form."""
+    from test_accuracy_contract import exact
+
+    g = torch.Generator().manual_seed(33)
+    cases = [  # (dtype, spread, weights, far weight, bandwidth multiplier)
+        (torch.float32, 1e-3, "random", 1e-3, 1.0),
+        (torch.float64, 1.0, "span", None, 1.0),
+        (torch.float64, 1e-2, "random", None, 1e12),
+        (torch.float32, 1.0, "none", 1.0, 1.0),
+    ]
+    counts = [3 + 2 * r for r in range(world)]  # uneven shards
+    n = sum(counts)
+    for dtype, spread, weights, far, mult in cases:
+        x = torch.randn(n, D, generator=g, dtype=torch.float64) * spread
+        y = torch.randn(2 * n, D, generator=g, dtype=torch.float64) * spread + 0.1 * spread
+        xw = None
+        if weights == "random":
+            xw = torch.rand(n, generator=g, dtype=torch.float64) + 0.05
+        elif weights == "span":
+            xw = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 60 - 30)
+        if far is not None:
+            x[0] = 1e3 * spread
+            xw = torch.ones(n, dtype=torch.float64) if xw is None else xw
+            xw[0] = far * float(xw.max())
+        x, y = x.to(dtype), y.to(dtype)
+        xw = None if xw is None else xw.to(dtype)
+        bws = [c * mult * spread**2 for c in gmwae_fast.reference.bandwidths_for(D, gmwae_fast.WAE_SCALES)]
+        ref, U, T, _ = exact(x, y, xw, None, bws, True)
+        u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+        bound = 1e-5 * abs(ref) + 8.0 * (u * U + 2.0**-53 * T)
+        lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+        for backend in ("cpu", "reference"):
+            v = gmwae_fast.fast_imq_mmd(
+                x[lo:hi],
+                y[2 * lo : 2 * hi],
+                None if xw is None else xw[lo:hi],
+                bandwidths=bws,
+                backend=backend,
+                process_group=dist.group.WORLD,
+            )
+            assert abs(v.item() - ref) <= bound, (backend, dtype, spread, weights, v.item(), ref, bound)
+
+
 def _run_case(case_id: str, eq: dict, rank: int, world: int) -> str:
     try:
         if case_id in eq:
@@ -350,6 +403,8 @@ def _run_case(case_id: str, eq: dict, rank: int, world: int) -> str:
             _check_double_backward(rank)
         elif case_id == "extreme_weights":
             _check_extreme_weights(rank, world)
+        elif case_id == "contract_hostile":
+            _check_contract_hostile(rank, world)
         return ""
     except Exception:  # recorded, reported by the parent's pytest item
         return traceback.format_exc(limit=6)
