@@ -8,6 +8,8 @@ Public API::
     gm_reparameterize(mu, sigma_raw, logits, *, seed=None, noise=None, ...)  # fused per-mode reparameterisation
     WAE_SCALES, GAUJAC2019_SCALES         # bandwidth scale sets (the classic 7, the paper's 15; PAPER_SCALES: alias)
     bandwidths_for(x, scales, sigma2)     # the absolute bandwidths C_s = 2 d sigma2 s a call uses
+    mean_sq_distance(x, y=None)           # mean pairwise squared distance of the pooled sample, O(N d), exact
+    dan_bandwidths(source, target, ...)   # DAN's multi-kernel bandwidths on top of it
     available_backends(device=None, op="imq_mmd")  # backend -> None (usable) or the reason it is not
     backends.resolve_backend / last_backend         # which backend will run / ran last (gmwae_fast.backends)
     build_info()                          # versions and what was compiled
@@ -15,6 +17,7 @@ Public API::
 
 from ._version import __version__
 from .backends import available_backends, build_info
+from .bandwidths import dan_bandwidths, mean_sq_distance
 from .mmd import (
     GAUJAC2019_SCALES,
     PAPER_SCALES,
@@ -36,6 +39,8 @@ __all__ = [
     "GAUJAC2019_SCALES",
     "PAPER_SCALES",
     "bandwidths_for",
+    "mean_sq_distance",
+    "dan_bandwidths",
     "WAE_SCALES",
     "available_backends",
     "build_info",
