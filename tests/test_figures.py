@@ -23,6 +23,7 @@ BASE_FIGS = {
     "fig5b_interp_modes.png",
     "fig7a_heatmap.png",
     "fig7b_accuracy.png",
+    "fig7d_confusion.png",
     "fig2a_loss.png",
 }
 
@@ -42,7 +43,9 @@ def _figure_inputs(tmp_path, d):
     y = torch.arange(n) % K
     heat = np.random.default_rng(0).dirichlet(np.ones(K), size=K)
     c2m = {str(c): (c + 3) % K for c in range(K)}
-    last_eval = {"heatmap": heat.tolist(), "test_accuracy": 0.5, "class_to_mode": c2m}
+    conf = np.random.default_rng(1).integers(0, 30, size=(K, K))
+    last_eval = {"heatmap": heat.tolist(), "test_accuracy": 0.5, "class_to_mode": c2m, "confusion": conf.tolist()}
+    last_eval["hungarian_map"] = [int(k) for k in np.random.default_rng(2).permutation(K)]
     ev = [{"step": s, "test_accuracy": 0.1 * s, "active_modes": s} for s in (2, 4, 6)]
     _write_metrics(tmp_path / "metrics.jsonl", ev, train=(1, 2, 3, 4, 5, 6))
     args = SimpleNamespace(model="gmwae", prior=prior.name)

@@ -8,7 +8,15 @@ import itertools
 import numpy as np
 import pytest
 
-from gmwae_fast.train.metrics import _assignment, ari, contingency, hungarian_accuracy, nmi, protocol_accuracy
+from gmwae_fast.train.metrics import (
+    _assignment,
+    ari,
+    contingency,
+    hungarian_accuracy,
+    hungarian_map,
+    nmi,
+    protocol_accuracy,
+)
 
 
 def test_assignment_is_optimal_against_every_permutation():
@@ -65,3 +73,17 @@ def test_ari_and_nmi_are_invariant_to_renaming_and_symmetric():
     assert ari(pred, labels) == pytest.approx(ari(labels, pred))
     assert nmi(pred, labels) == pytest.approx(nmi(labels, pred))
     assert abs(ari(labels, pred)) < 0.05 and nmi(labels, pred) < 0.05  # independent draws
+
+
+def test_hungarian_map_gives_the_hungarian_accuracy_and_handles_fewer_modes():
+    rng = np.random.default_rng(5)
+    labels, pred = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    N = contingency(labels, pred, 4, 4)
+    col = hungarian_map(N)
+    assert sorted(col.tolist()) == [0, 1, 2, 3]
+    assert N[np.arange(4), col].sum() / 200 == pytest.approx(hungarian_accuracy(labels, pred, 4, 4))
+    # 3 classes, 2 modes: one class gets no mode (an index >= n_modes), the others the best pair
+    labels, pred = np.array([0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 1])
+    col = hungarian_map(contingency(labels, pred, 3, 2))
+    assert col[0] == 0 and col[1] == 1 and col[2] >= 2
+    assert hungarian_accuracy(labels, pred, 3, 2) == pytest.approx(4 / 5)

@@ -125,6 +125,30 @@ def _heatmap(f: _Figs, last_eval: Dict) -> None:
     f.savefig(fig, "fig7a_heatmap.png")
 
 
+def _confusion(f: _Figs, last_eval: Dict) -> None:
+    """fig7d: the confusion matrix of the hard assignment (images of class c put in mode k), modes in the order of
+    the Hungarian class->mode map, so that its diagonal holds the images that map counts as correct."""
+    N = np.asarray(last_eval["confusion"])
+    col = [int(k) for k in last_eval["hungarian_map"]]
+    order = [k for k in col if k < N.shape[1]] + [k for k in range(N.shape[1]) if k not in col]
+    M = N[:, order]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(M / np.maximum(M.sum(1, keepdims=True), 1), cmap="viridis", vmin=0, vmax=1)
+    for c in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            if M[c, j]:
+                ax.text(j, c, str(int(M[c, j])), ha="center", va="center", fontsize=6, color="w")
+    ax.set_xlabel("mode k (Hungarian order)")
+    ax.set_ylabel("digit label")
+    ax.set_xticks(range(M.shape[1]))
+    ax.set_xticklabels(order)
+    ax.set_yticks(range(M.shape[0]))
+    hits = sum(int(N[c, k]) for c, k in enumerate(col) if k < N.shape[1])
+    ax.set_title(f"confusion (counts; colour: row share)  Hungarian acc={hits / max(1, int(N.sum())):.3f}")
+    fig.colorbar(im, ax=ax)
+    f.savefig(fig, "fig7d_confusion.png")
+
+
 def _accuracy_curve(f: _Figs, evals: List[Dict], last_eval: Dict, args) -> None:
     """fig7b: held-out accuracy (and the k-means baseline) and active modes over training."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -294,6 +318,8 @@ def make_all_figures(model, prior, x_test, y_test, last_eval, metrics_path, fig_
         _samples_per_mode(f)
         _interpolations(f, ys, zstar)
         _heatmap(f, last_eval)
+        if "confusion" in last_eval:  # evaluations recorded before it existed have none
+            _confusion(f, last_eval)
         _log_plots(f, Path(metrics_path), last_eval, args)
         if f.prior.d == 2:
             _latent2d(f, zs, ys)

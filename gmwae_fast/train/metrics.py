@@ -101,15 +101,24 @@ def _assignment(cost: np.ndarray) -> np.ndarray:
     return col
 
 
+def hungarian_map(N: np.ndarray) -> np.ndarray:
+    """The one-to-one class->mode map maximising the correctly assigned images of a contingency table ``N``
+    (classes x modes): ``col[c]`` = the mode of class ``c`` (an index >= ``n_modes`` when there are fewer modes
+    than classes: that class has none)."""
+    n_classes, n_modes = N.shape
+    n = max(n_classes, n_modes)
+    padded = np.zeros((n, n))
+    padded[:n_classes, :n_modes] = N
+    return _assignment(-padded)[:n_classes]
+
+
 def hungarian_accuracy(labels, pred, n_classes: int = 10, n_modes: int = 10) -> float:
     """Accuracy under the one-to-one class->mode map that maximises the number of correctly assigned images
     (the Hungarian map; the paper's greedy map can only do as well or worse)."""
     N = contingency(labels, pred, n_classes, n_modes)
-    n = max(n_classes, n_modes)
-    padded = np.zeros((n, n))
-    padded[:n_classes, :n_modes] = N
-    col = _assignment(-padded)
-    return float(padded[np.arange(n), col].sum() / max(1, len(np.asarray(labels))))
+    col = hungarian_map(N)
+    hits = sum(int(N[c, k]) for c, k in enumerate(col) if k < n_modes)
+    return float(hits / max(1, len(np.asarray(labels))))
 
 
 def nmi(labels, pred) -> float:
@@ -196,7 +205,7 @@ def evaluate(
     decode_batch: int = 100,
 ) -> Dict:
     """All metrics on the held-out set: accuracy (the paper's greedy map and the Hungarian map), NMI, ARI, active
-    modes and the heatmap on every test image,
+    modes, the heatmap and the confusion matrix (class x mode counts, with the Hungarian map) on every test image,
     reconstruction L2, Bernoulli NLL (both expectations over q_D, summed over pixels, mean over images)
     and the weighted MMD against as many prior samples, on the first ``n_recon`` test images."""
     was_training = model.training
@@ -208,9 +217,12 @@ def evaluate(
         labels = y_test.cpu().numpy()
         acc, c2m, M = protocol_accuracy(probs, labels)
         pred = probs.argmax(1)
+        confusion = contingency(labels, pred, 10, probs.shape[1])
         out = {
             "test_accuracy": acc,
             "hungarian_accuracy": hungarian_accuracy(labels, pred, 10, probs.shape[1]),
+            "confusion": confusion.tolist(),  # [class][mode] counts of the hard assignment argmax_k q(k|x)
+            "hungarian_map": [int(k) for k in hungarian_map(confusion)],
             "nmi": nmi(labels, pred),
             "ari": ari(labels, pred),
             "active_modes": active_modes(probs),
