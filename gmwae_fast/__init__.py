@@ -10,6 +10,7 @@ Public API::
     bandwidths_for(x, scales, sigma2)     # the absolute bandwidths C_s = 2 d sigma2 s a call uses
     mean_sq_distance(x, y=None)           # mean pairwise squared distance of the pooled sample, O(N d), exact
     dan_bandwidths(source, target, ...)   # DAN's multi-kernel bandwidths on top of it
+    mmd_test(x, y, *, permutations=1000, seed=None, ...)  # permutation two-sample test, O((n + m) d) memory
     available_backends(device=None, op="imq_mmd")  # backend -> None (usable) or the reason it is not
     backends.resolve_backend / last_backend         # which backend will run / ran last (gmwae_fast.backends)
     build_info()                          # versions and what was compiled
@@ -29,11 +30,14 @@ from .mmd import (
     imq_mmd_terms,
 )
 from .reparam import gm_reparameterize
+from .two_sample import MMDTestResult, mmd_test
 
 __all__ = [
     "fast_imq_mmd",
     "imq_mmd_terms",
     "gm_reparameterize",
+    "mmd_test",
+    "MMDTestResult",
     "IMQMMDTerms",
     "IMQMMDLoss",
     "GAUJAC2019_SCALES",
