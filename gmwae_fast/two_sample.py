@@ -1,9 +1,21 @@
-"""Permutation two-sample test on the fused IMQ MMD: :func:`mmd_test`.
+"""Permutation two-sample test on the IMQ MMD: :func:`mmd_test`.
 
-The statistic of every relabelling is one fused call (``O((n + m) d)`` memory, never an ``N x N`` kernel matrix, so
-the test runs at sizes where the kernel-matrix tests of torch-two-sample or alibi-detect run out of memory). Each
-relabelling costs a full pass over the pairs; a kernel that shares one pass among all the permutations is the next
-step (its statistics would be these, bit for bit up to summation order).
+Never an ``N x N`` kernel matrix (``N = n + m``), so the test runs at sizes where the kernel-matrix tests of
+torch-two-sample or alibi-detect run out of memory. Two methods give the same statistics:
+
+* ``"shared"`` (default): one pass over the pairs for all ``P`` permutations. Write ``U_ij = sum_s (1 - k_s(z_i,
+  z_j))`` (the complement matrix, ``U_ii = 0``) and ``a`` the 0/1 indicator of the relabelled ``x``; the constant
+  parts of the kernel cancel exactly, and with ``b = 1 - a``, ``q = a^T U a``, ``l = a^T r`` (``r = U 1``),
+  ``t = 1^T U 1``:
+
+      unbiased: MMD^2 = -q / (n (n-1)) - (t - 2 l + q) / (m (m-1)) + 2 (l - q) / (n m)
+      biased:   the same with n^2, m^2 in the first two denominators
+
+  so each tile ``U_IJ`` (float64, differences formed directly) is computed once and multiplied against the ``P``
+  label columns of its rows (a matrix product per tile): ``O(N^2 (S d + P))`` work, ``O(N P + B^2 d)`` memory for
+  tiles of ``B`` rows.
+* ``"separate"``: one fused :func:`gmwae_fast.fast_imq_mmd` pass per permutation (any backend, ``O(N d)`` memory,
+  ``P + 1`` passes).
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import _check_points
+from ._common import _check_points, kernel_bandwidths
 from .mmd import WAE_SCALES, imq_mmd_terms
 
 __all__ = ["MMDTestResult", "mmd_test"]
@@ -54,6 +66,37 @@ def _permutations(permutations: Union[int, Tensor], n_total: int, seed: Optional
     return torch.stack([torch.randperm(n_total, generator=g) for _ in range(permutations)])
 
 
+def _complement_tile(a: Tensor, b: Tensor, bws: Tensor, chunk: int) -> Tensor:
+    """``U_ij = sum_s D_ij / (C_s + D_ij)`` (float64) with ``D_ij = sum_k (a_ik - b_jk)^2`` formed from the
+    differences, ``chunk`` columns of ``b`` at a time (an ``(rows, chunk, d)`` difference block)."""
+    out = []
+    for j0 in range(0, b.shape[0], chunk):
+        dist = (a[:, None, :] - b[None, j0 : j0 + chunk, :]).pow(2).sum(-1)
+        out.append((dist[..., None] / (bws + dist[..., None])).sum(-1))
+    return torch.cat(out, 1)
+
+
+def _shared_pass(z: Tensor, n: int, perms: Tensor, bws: Tensor, unbiased: bool, block: int) -> Tensor:
+    """The statistic of the identity split and of every permutation, from one pass over the tiles of ``U``."""
+    N, m = z.shape[0], z.shape[0] - n
+    labels = torch.zeros(perms.shape[0] + 1, N, dtype=torch.float64, device=z.device)
+    labels[0, :n] = 1.0  # column 0: the observed split
+    labels[1:].scatter_(1, perms[:, :n].to(z.device), 1.0)
+    A = labels.t().contiguous()  # (N, P + 1)
+    q = torch.zeros(A.shape[1], dtype=torch.float64, device=z.device)
+    r = torch.zeros(N, dtype=torch.float64, device=z.device)
+    width = max(z.shape[1], bws.numel())
+    chunk = max(1, min(N, (1 << 22) // max(1, block * width)))  # (block, chunk, d or S) float64 blocks: <= 32 MiB
+    for i0 in range(0, N, block):
+        tile = _complement_tile(z[i0 : i0 + block], z, bws, chunk)  # (B, N): U is symmetric, rows suffice
+        q += (A[i0 : i0 + block] * (tile @ A)).sum(0)
+        r[i0 : i0 + block] = tile.sum(1)
+    t = r.sum()
+    lin = A.t() @ r
+    dx, dy = (n * (n - 1), m * (m - 1)) if unbiased else (n * n, m * m)
+    return -q / dx - (t - 2.0 * lin + q) / dy + 2.0 * (lin - q) / (n * m)
+
+
 def mmd_test(
     x: Tensor,
     y: Tensor,
@@ -65,6 +108,8 @@ def mmd_test(
     bandwidths: Optional[Sequence[float]] = None,
     unbiased: bool = True,
     backend: str = "auto",
+    method: str = "shared",
+    block: int = 1024,
 ) -> MMDTestResult:
     r"""Permutation test of ``H0: x and y come from the same distribution`` with the multi-bandwidth IMQ MMD².
 
@@ -76,8 +121,10 @@ def mmd_test(
 
         p = \frac{1 + \#\{p : T_p \ge T(x, y)\}}{P + 1}
 
-    is a valid p-value (``P(p <= alpha) <= alpha`` under ``H0`` for every ``P``). Memory ``O((n + m) d)``: no kernel
-    matrix; time: ``P + 1`` fused passes over the ``(n + m)^2 / 2`` pairs.
+    is a valid p-value (``P(p <= alpha) <= alpha`` under ``H0`` for every ``P``). No ``N x N`` kernel matrix
+    (``N = n + m``): ``method="shared"`` computes the complement kernel tile by tile (float64) once for all the
+    permutations (``O(N P + block^2 d)`` memory, ``O(N^2 (S d + P))`` work; module docstring),
+    ``method="separate"`` runs one fused pass per permutation (``O(N d)`` memory, ``P + 1`` passes).
 
     Args:
         x: ``(n, d)`` sample, ``n >= 2`` when ``unbiased``.
@@ -86,7 +133,11 @@ def mmd_test(
             ``(P, n + m)`` tensor of index permutations of ``[x; y]`` to use (to reproduce or compare results).
         seed: seed of the random permutations (None: drawn from torch's global generator, and recorded in the
             returned ``permutations``).
-        scales, sigma2, bandwidths, unbiased, backend: as in :func:`gmwae_fast.fast_imq_mmd`.
+        scales, sigma2, bandwidths, unbiased: as in :func:`gmwae_fast.fast_imq_mmd`.
+        backend: the backend of ``method="separate"`` (as in :func:`gmwae_fast.fast_imq_mmd`); ``"shared"`` runs
+            plain PyTorch on the inputs' device.
+        method: ``"shared"`` (default) or ``"separate"``; the same statistics (to float64 rounding).
+        block: rows per tile of ``"shared"``.
 
     Returns:
         :class:`MMDTestResult` ``(statistic, p_value, null_statistics, permutations)``.
@@ -103,7 +154,13 @@ def mmd_test(
         raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[1]} and {y.shape[1]}")
     if x.device != y.device:
         raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
+    if method not in ("shared", "separate"):
+        raise ValueError(f"method must be 'shared' or 'separate', got {method!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
     n = x.shape[0]
+    if unbiased and (n < 2 or y.shape[0] < 2):
+        raise ValueError(f"the unbiased statistic needs at least 2 points per sample, got {n} and {y.shape[0]}")
     z = torch.cat([x, y.to(x.dtype) if y.dtype != x.dtype else y]).detach()
     perms = _permutations(permutations, z.shape[0], seed)
     opts = dict(scales=scales, sigma2=sigma2, bandwidths=bandwidths, unbiased=unbiased, backend=backend)
@@ -112,8 +169,14 @@ def mmd_test(
         return imq_mmd_terms(a, b, **opts).mmd().sum()
 
     with torch.no_grad():
-        observed = stat(z[:n], z[n:])
-        idx = perms.to(z.device)
-        null = torch.stack([stat(z[row[:n]], z[row[n:]]) for row in idx]).cpu()
+        if method == "separate":
+            observed = stat(z[:n], z[n:])
+            idx = perms.to(z.device)
+            null = torch.stack([stat(z[row[:n]], z[row[n:]]) for row in idx]).cpu()
+        else:
+            bws, _ = kernel_bandwidths(z.shape[1], scales, sigma2, bandwidths, 0.0, torch.float64)
+            bw = torch.tensor(bws, dtype=torch.float64, device=z.device)
+            allstats = _shared_pass(z.double(), n, perms, bw, unbiased, block)
+            observed, null = allstats[0], allstats[1:].cpu()
     p_value = (1.0 + float((null >= observed.cpu()).sum())) / (perms.shape[0] + 1.0)
     return MMDTestResult(observed, p_value, null, perms)

@@ -12,15 +12,21 @@ import gmwae_fast
 from gmwae_fast import WAE_SCALES, mmd_test
 from gmwae_fast.reference import bandwidths_for
 
+CPU = ["reference", "cpu", "triton"]
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+
+@pytest.mark.parametrize(
+    "method,backend,block", [("shared", "auto", 5), ("shared", "auto", 1024)] + [("separate", b, 0) for b in CPU]
+)
 @pytest.mark.parametrize("unbiased", [True, False])
-def test_statistics_equal_the_brute_force_over_the_same_permutations(backend, unbiased):
-    skip_unless_usable("cpu", backend)
+def test_statistics_equal_the_brute_force_over_the_same_permutations(method, backend, block, unbiased):
+    if method == "separate":
+        skip_unless_usable("cpu", backend)
+    kw = dict(method=method, backend=backend) | (dict(block=block) if block else {})
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(11, 3, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
     perms = torch.stack([torch.randperm(19, generator=g) for _ in range(7)])
-    res = mmd_test(x, y, permutations=perms, unbiased=unbiased, backend=backend)
+    res = mmd_test(x, y, permutations=perms, unbiased=unbiased, **kw)
     bws = bandwidths_for(3, WAE_SCALES)
     z = torch.cat([x, y])
     want = torch.stack([brute_force(z[p[:11]], z[p[11:]], bandwidths=bws, unbiased=unbiased).sum() for p in perms])
@@ -48,6 +54,18 @@ def test_p_values_are_uniform_under_h0_and_small_under_a_shift():
     assert max(shifted) <= 0.02, shifted
 
 
+def test_shared_and_separate_agree_in_float32_with_groups_of_tiles_and_options():
+    skip_unless_usable("cpu", "cpu")
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(37, 6, generator=g) + 100.0, torch.randn(29, 6, generator=g) + 100.2  # a common offset
+    kw = dict(permutations=9, seed=2, bandwidths=[0.5, 4.0, 60.0])
+    a = mmd_test(x, y, method="shared", block=16, **kw)
+    b = mmd_test(x, y, method="separate", backend="cpu", **kw)
+    scale = float(b.null_statistics.abs().max())
+    assert float((a.null_statistics - b.null_statistics).abs().max()) <= 1e-5 * scale
+    assert abs(a.statistic.item() - b.statistic.item()) <= 1e-5 * scale
+
+
 def test_seed_reproduces_and_permutations_are_recorded():
     x, y = torch.randn(9, 2), torch.randn(7, 2)
     a = mmd_test(x, y, permutations=5, seed=3)
@@ -68,6 +86,8 @@ def test_seed_reproduces_and_permutations_are_recorded():
         (dict(permutations=torch.arange(15).repeat(2, 1)), ValueError, r"\(P, 16\)"),
         (dict(permutations=torch.arange(16.0)[None]), ValueError, "int64"),
         (dict(seed=1.5), TypeError, "seed"),
+        (dict(method="fast"), ValueError, "method"),
+        (dict(block=0), ValueError, "block"),
     ],
 )
 def test_bad_arguments(kwargs, exc, msg):
