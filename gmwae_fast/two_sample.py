@@ -66,17 +66,19 @@ def _permutations(permutations: Union[int, Tensor], n_total: int, seed: Optional
     return torch.stack([torch.randperm(n_total, generator=g) for _ in range(permutations)])
 
 
-def _complement_tile(a: Tensor, b: Tensor, bws: Tensor, chunk: int) -> Tensor:
-    """``U_ij = sum_s D_ij / (C_s + D_ij)`` (float64) with ``D_ij = sum_k (a_ik - b_jk)^2`` formed from the
-    differences, ``chunk`` columns of ``b`` at a time (an ``(rows, chunk, d)`` difference block)."""
+def _complement_tile(a: Tensor, b: Tensor, bws: Tensor, chunk: int, kernel: str) -> Tensor:
+    """``U_ij = sum_s (1 - k_s(D_ij))`` (float64) with ``D_ij = sum_k (a_ik - b_jk)^2`` formed from the differences,
+    ``chunk`` columns of ``b`` at a time (an ``(rows, chunk, d)`` difference block). IMQ: ``1 - k = D / (C + D)``;
+    Gaussian: ``1 - k = -expm1(-D / C)``; both without cancellation."""
     out = []
     for j0 in range(0, b.shape[0], chunk):
-        dist = (a[:, None, :] - b[None, j0 : j0 + chunk, :]).pow(2).sum(-1)
-        out.append((dist[..., None] / (bws + dist[..., None])).sum(-1))
+        dist = (a[:, None, :] - b[None, j0 : j0 + chunk, :]).pow(2).sum(-1)[..., None]
+        comp = dist / (bws + dist) if kernel == "imq" else -torch.expm1(-dist / bws)
+        out.append(comp.sum(-1))
     return torch.cat(out, 1)
 
 
-def _shared_pass(z: Tensor, n: int, perms: Tensor, bws: Tensor, unbiased: bool, block: int) -> Tensor:
+def _shared_pass(z: Tensor, n: int, perms: Tensor, bws: Tensor, unbiased: bool, block: int, kernel: str) -> Tensor:
     """The statistic of the identity split and of every permutation, from one pass over the tiles of ``U``."""
     N, m = z.shape[0], z.shape[0] - n
     labels = torch.zeros(perms.shape[0] + 1, N, dtype=torch.float64, device=z.device)
@@ -88,7 +90,7 @@ def _shared_pass(z: Tensor, n: int, perms: Tensor, bws: Tensor, unbiased: bool, 
     width = max(z.shape[1], bws.numel())
     chunk = max(1, min(N, (1 << 22) // max(1, block * width)))  # (block, chunk, d or S) float64 blocks: <= 32 MiB
     for i0 in range(0, N, block):
-        tile = _complement_tile(z[i0 : i0 + block], z, bws, chunk)  # (B, N): U is symmetric, rows suffice
+        tile = _complement_tile(z[i0 : i0 + block], z, bws, chunk, kernel)  # (B, N): U is symmetric: rows suffice
         q += (A[i0 : i0 + block] * (tile @ A)).sum(0)
         r[i0 : i0 + block] = tile.sum(1)
     t = r.sum()
@@ -110,8 +112,10 @@ def mmd_test(
     backend: str = "auto",
     method: str = "shared",
     block: int = 1024,
+    kernel: str = "imq",
 ) -> MMDTestResult:
-    r"""Permutation test of ``H0: x and y come from the same distribution`` with the multi-bandwidth IMQ MMD².
+    r"""Permutation test of ``H0: x and y come from the same distribution`` with a multi-bandwidth MMD² (IMQ or
+    Gaussian kernels).
 
     The statistic is ``T(x, y) = sum_s MMD²_s`` (:func:`gmwae_fast.fast_imq_mmd` with the same options, float64
     sums). Under ``H0`` the pooled sample ``z = [x; y]`` is exchangeable, so for ``P`` index permutations ``pi_p``
@@ -138,6 +142,9 @@ def mmd_test(
             plain PyTorch on the inputs' device.
         method: ``"shared"`` (default) or ``"separate"``; the same statistics (to float64 rounding).
         block: rows per tile of ``"shared"``.
+        kernel: ``"imq"`` (``C_s / (C_s + D)``, the options above) or ``"gaussian"`` (``exp(-D / C_s)``, with the
+            ``C_s`` given as ``bandwidths=``, e.g. :func:`gmwae_fast.dan_bandwidths`; torch-two-sample's
+            ``MMDStatistic`` with ``alphas`` is ``bandwidths=[1 / a for a in alphas]``; ``method="shared"`` only).
 
     Returns:
         :class:`MMDTestResult` ``(statistic, p_value, null_statistics, permutations)``.
@@ -156,6 +163,12 @@ def mmd_test(
         raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
     if method not in ("shared", "separate"):
         raise ValueError(f"method must be 'shared' or 'separate', got {method!r}")
+    if kernel not in ("imq", "gaussian"):
+        raise ValueError(f"kernel must be 'imq' or 'gaussian', got {kernel!r}")
+    if kernel == "gaussian" and bandwidths is None:
+        raise ValueError("kernel='gaussian' needs bandwidths= (the C_s of exp(-|a - b|^2 / C_s)), e.g. dan_bandwidths")
+    if kernel == "gaussian" and method == "separate":
+        raise ValueError("method='separate' runs the fused IMQ kernels: use method='shared' for kernel='gaussian'")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be an int >= 1, got {block!r}")
     n = x.shape[0]
@@ -176,7 +189,7 @@ def mmd_test(
         else:
             bws, _ = kernel_bandwidths(z.shape[1], scales, sigma2, bandwidths, 0.0, torch.float64)
             bw = torch.tensor(bws, dtype=torch.float64, device=z.device)
-            allstats = _shared_pass(z.double(), n, perms, bw, unbiased, block)
+            allstats = _shared_pass(z.double(), n, perms, bw, unbiased, block, kernel)
             observed, null = allstats[0], allstats[1:].cpu()
     p_value = (1.0 + float((null >= observed.cpu()).sum())) / (perms.shape[0] + 1.0)
     return MMDTestResult(observed, p_value, null, perms)

@@ -54,6 +54,32 @@ def test_p_values_are_uniform_under_h0_and_small_under_a_shift():
     assert max(shifted) <= 0.02, shifted
 
 
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_gaussian_statistics_equal_the_two_sample_formula(unbiased):
+    # torch-two-sample's MMDStatistic (unbiased, k = sum_alpha exp(-alpha D)) written from its published math
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g, dtype=torch.float64)
+    alphas = [0.5, 2.0]
+    perms = torch.stack([torch.randperm(19, generator=g) for _ in range(6)])
+
+    def formula(a, b):
+        def k(p, q):
+            d2 = ((p[:, None] - q[None]) ** 2).sum(-1)
+            return sum(torch.exp(-al * d2) for al in alphas)
+
+        n, m = a.shape[0], b.shape[0]
+        if unbiased:
+            kaa, kbb = k(a, a).sum() - n * len(alphas), k(b, b).sum() - m * len(alphas)
+            return kaa / (n * (n - 1)) + kbb / (m * (m - 1)) - 2 * k(a, b).sum() / (n * m)
+        return k(a, a).sum() / n**2 + k(b, b).sum() / m**2 - 2 * k(a, b).sum() / (n * m)
+
+    res = mmd_test(x, y, permutations=perms, kernel="gaussian", bandwidths=[1 / a for a in alphas], unbiased=unbiased)
+    z = torch.cat([x, y])
+    want = torch.stack([formula(z[p[:10]], z[p[10:]]) for p in perms])
+    torch.testing.assert_close(res.null_statistics, want, rtol=1e-10, atol=1e-12)
+    assert abs(res.statistic.item() - formula(x, y).item()) <= 1e-10 * abs(formula(x, y).item())
+
+
 def test_shared_and_separate_agree_in_float32_with_groups_of_tiles_and_options():
     skip_unless_usable("cpu", "cpu")
     g = torch.Generator().manual_seed(4)
@@ -88,6 +114,9 @@ def test_seed_reproduces_and_permutations_are_recorded():
         (dict(seed=1.5), TypeError, "seed"),
         (dict(method="fast"), ValueError, "method"),
         (dict(block=0), ValueError, "block"),
+        (dict(kernel="laplace"), ValueError, "kernel must be"),
+        (dict(kernel="gaussian"), ValueError, "needs bandwidths="),
+        (dict(kernel="gaussian", bandwidths=[1.0], method="separate"), ValueError, "fused IMQ"),
     ],
 )
 def test_bad_arguments(kwargs, exc, msg):
