@@ -4,6 +4,7 @@ Public API::
 
     fast_imq_mmd(x, y, x_weights=None, y_weights=None, *, scales=WAE_SCALES, ...)  # fused multi-bandwidth IMQ MMD²
     IMQMMDLoss(...)                       # the same as an nn.Module
+    mmd2(x, y, ..., kernel="imq"|"gaussian")  # one entry point for IMQ (fused) and Gaussian (tiled) MMD²; MMDLoss
     imq_mmd_terms(x, y, ...)              # its per-bandwidth pieces (self_x, self_y, cross, den_x, den_y)
     gm_reparameterize(mu, sigma_raw, logits, *, seed=None, noise=None, ...)  # fused per-mode reparameterisation
     WAE_SCALES, GAUJAC2019_SCALES         # bandwidth scale sets (the classic 7, the paper's 15; PAPER_SCALES: alias)
@@ -29,11 +30,14 @@ from .mmd import (
     fast_imq_mmd,
     imq_mmd_terms,
 )
+from .multi_kernel import MMDLoss, mmd2
 from .reparam import gm_reparameterize
 from .two_sample import MMDTestResult, mmd_test
 
 __all__ = [
     "fast_imq_mmd",
+    "mmd2",
+    "MMDLoss",
     "imq_mmd_terms",
     "gm_reparameterize",
     "mmd_test",
