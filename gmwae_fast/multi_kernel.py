@@ -10,7 +10,7 @@ kernels (cpu, triton, cuda) are the next step; they will be checked against this
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from ._common import _REDUCTIONS, _check_points, _check_weights, _resolve_bandwi
 from .mmd import WAE_SCALES, fast_imq_mmd
 from .ops._autograd import first_order_only
 
-__all__ = ["KERNELS", "mmd2", "MMDLoss"]
+__all__ = ["KERNELS", "ESTIMATORS", "mmd2", "MMDLoss"]
 
 #: The kernels :func:`mmd2` serves.
 KERNELS = ("imq", "gaussian")
@@ -66,6 +66,7 @@ class _TiledComplement(torch.autograd.Function):
     def backward(ctx, g):
         a, ga, wa, b, gb, wb, bws = ctx.saved_tensors
         da, dwa, db, dwb = torch.zeros_like(a), torch.zeros_like(wa), torch.zeros_like(b), torch.zeros_like(wb)
+        dbw = torch.zeros_like(bws)
         for I, J in _tiles(a.shape[0], b.shape[0], a.shape[1]):
             diff, dist, pw, e = _tile_parts(a[I], ga[I], wa[I], b[J], gb[J], wb[J], bws, ctx.self_term)
             keep = (ga[I][:, None] != gb[J][None, :]) if ctx.self_term else torch.ones_like(dist)
@@ -76,8 +77,10 @@ class _TiledComplement(torch.autograd.Function):
             db[J] -= (coef[..., None] * diff).sum(0)
             dwa[I] += (keep * wb[J][None, :] * phi).sum(1)
             dwb[J] += (keep * wa[I][:, None] * phi).sum(0)
-        grads = first_order_only("mmd2(kernel='gaussian')", (da, dwa, db, dwb), (g, a, wa, b, wb))
-        return grads[0], None, grads[1], grads[2], None, grads[3], None, None
+            if ctx.needs_input_grad[6]:  # d(1 - k_s)/dC_s = -D exp(-D / C_s) / C_s^2
+                dbw -= g * (pw[..., None] * e * dist[..., None]).sum((0, 1)) / bws**2
+        grads = first_order_only("mmd2(kernel='gaussian')", (da, dwa, db, dwb, dbw), (g, a, wa, b, wb, bws))
+        return grads[0], None, grads[1], grads[2], None, grads[3], grads[4], None
 
 
 def _tiled(a, ga, wa, b, gb, wb, bws, self_term):
@@ -106,6 +109,44 @@ def _gaussian(x, y, xw, yw, bws: Tensor, unbiased: bool) -> Tensor:
     return 2.0 * uxy - uxx / dx - uyy / dy
 
 
+def _kernel_values(kernel: str, p: Tensor, q: Tensor, bws: Tensor) -> Tensor:
+    """``(rows, S)`` ``k_s(p_i, q_i)`` of matched rows, float64, differences formed directly."""
+    dist = (p - q).pow(2).sum(-1, keepdim=True)
+    return bws / (bws + dist) if kernel == "imq" else torch.exp(-dist / bws)
+
+
+def _linear(kernel: str, x: Tensor, y: Tensor, bws: Tensor, estimator: str) -> Tensor:
+    """``(S,)`` linear-time estimates from ``h = k(x, x') + k(y, y') - k(x, y') - k(x', y)``:
+    ``"linear"`` over the disjoint pairs ``(2i, 2i + 1)`` (Gretton et al. 2012, Lemma 14), ``"linear-cyclic"`` over
+    ``(i, i + 1 mod n)`` (DAN's ``mmd_rbf_accelerate``)."""
+    if estimator == "linear":
+        h = x.shape[0] // 2
+        x1, x2, y1, y2 = x[0 : 2 * h : 2], x[1 : 2 * h : 2], y[0 : 2 * h : 2], y[1 : 2 * h : 2]
+    else:
+        x1, x2, y1, y2 = x, x.roll(-1, 0), y, y.roll(-1, 0)
+    k = lambda p, q: _kernel_values(kernel, p, q, bws)  # noqa: E731
+    return (k(x1, x2) + k(y1, y2) - k(x1, y2) - k(x2, y1)).mean(0)
+
+
+def _bandwidth_tensor(bandwidths, d: int, scales, sigma2, device) -> Tensor:
+    """The ``C_s`` as a float64 tensor; a tensor given by the caller keeps its autograd graph (learnable)."""
+    if isinstance(bandwidths, Tensor):
+        if bandwidths.dim() != 1 or bandwidths.numel() == 0 or not bandwidths.is_floating_point():
+            raise ValueError(
+                f"bandwidths as a tensor must be a non-empty 1-D float tensor, got {tuple(bandwidths.shape)}"
+            )
+        bw = bandwidths.to(device=device, dtype=torch.float64)
+        if not bool(torch.isfinite(bw).all()) or not bool((bw > 0).all()):  # one host read: the values decide
+            raise ValueError(f"every bandwidth must be positive and finite, got {bw.detach().tolist()}")
+        return bw
+    bws = _resolve_bandwidths(d, scales, sigma2, bandwidths, torch.float64)
+    return torch.tensor(bws, dtype=torch.float64, device=device)
+
+
+#: The estimators :func:`mmd2` offers besides the default (U- or V-statistic by ``unbiased``).
+ESTIMATORS = ("linear", "linear-cyclic")
+
+
 def mmd2(
     x: Tensor,
     y: Tensor,
@@ -113,10 +154,11 @@ def mmd2(
     y_weights: Optional[Tensor] = None,
     *,
     kernel: str = "imq",
-    bandwidths: Optional[Sequence[float]] = None,
+    bandwidths: Optional[Union[Sequence[float], Tensor]] = None,
     scales: Sequence[float] = WAE_SCALES,
     sigma2: float = 1.0,
     unbiased: bool = True,
+    estimator: Optional[str] = None,
     reduction: str = "sum",
     backend: str = "auto",
     **imq_options,
@@ -141,6 +183,12 @@ def mmd2(
             either kernel.
         scales, sigma2: the default bandwidths' scales and constant.
         unbiased, reduction: as in :func:`gmwae_fast.fast_imq_mmd` (``"sum"`` over bandwidths or ``"none"``).
+        estimator: None (the U-statistic, or the V-statistic with ``unbiased=False``), ``"linear"`` (Gretton et
+            al. 2012: the mean of ``h = k(x, x') + k(y, y') - k(x, y') - k(x', y)`` over the disjoint pairs
+            ``(2i, 2i + 1)``; ``n = m``, unweighted ``(n, d)`` inputs, ``O(n d)``) or ``"linear-cyclic"`` (the same
+            ``h`` over ``(i, i + 1 mod n)``: DAN's ``mmd_rbf_accelerate``). Either kernel; plain PyTorch.
+        bandwidths (Gaussian): also a 1-D tensor, which may require grad: its exact gradient flows (learnable
+            bandwidths; one host read checks that the values are positive).
         backend: ``kernel="imq"``: any backend of :func:`gmwae_fast.fast_imq_mmd`; ``"gaussian"``: ``"auto"`` or
             ``"tiled"`` (PyTorch on the inputs' device, module docstring).
 
@@ -156,6 +204,11 @@ def mmd2(
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
+    if estimator is not None and estimator not in ("linear", "linear-cyclic"):
+        raise ValueError(f"unknown estimator {estimator!r}; expected None, 'linear' or 'linear-cyclic'")
+    if estimator is not None:
+        return _linear_call(x, y, x_weights, y_weights, kernel, bandwidths, scales, sigma2, estimator, reduction,
+                            backend, imq_options)  # fmt: skip
     if kernel == "imq":
         return fast_imq_mmd(x, y, x_weights, y_weights, scales=scales, sigma2=sigma2, bandwidths=bandwidths,
                             unbiased=unbiased, reduction=reduction, backend=backend, **imq_options)  # fmt: skip
@@ -176,9 +229,23 @@ def mmd2(
                 raise ValueError(
                     f"the unbiased estimate needs at least 2 groups of points in {name}; use unbiased=False"
                 )
-    bws = _resolve_bandwidths(x.shape[-1], scales, sigma2, bandwidths, torch.float64)
-    bw = torch.tensor(bws, dtype=torch.float64, device=x.device)
+    bw = _bandwidth_tensor(bandwidths, x.shape[-1], scales, sigma2, x.device)
     out = _gaussian(x, y, xw, yw, bw, unbiased)
+    out = out.sum() if reduction == "sum" else out
+    return out.to(torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32)
+
+
+def _linear_call(x, y, xw, yw, kernel, bandwidths, scales, sigma2, estimator, reduction, backend, imq_options):
+    if imq_options or backend not in ("auto", "tiled"):
+        raise ValueError(f"estimator={estimator!r} runs in plain PyTorch: no backend or {sorted(imq_options)} options")
+    x, y = _check_points("x", x), _check_points("y", y)
+    if x.dim() != 2 or y.dim() != 2 or xw is not None or yw is not None:
+        raise ValueError(f"estimator={estimator!r} takes unweighted (n, d) samples")
+    if x.shape != y.shape or x.shape[0] < 2:
+        raise ValueError(f"estimator={estimator!r} needs n = m >= 2 points of the same d, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")  # fmt: skip
+    bw = _bandwidth_tensor(bandwidths, x.shape[-1], scales, sigma2, x.device)
+    out = _linear(kernel, x.to(torch.float64), y.to(torch.float64), bw, estimator)
     out = out.sum() if reduction == "sum" else out
     return out.to(torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32)
 
