@@ -244,3 +244,48 @@ def test_bandwidth_tensor_bad_values():
         mmd2(torch.randn(4, 2), torch.randn(4, 2), kernel="gaussian", bandwidths=torch.tensor([1.0, -2.0]))
     with pytest.raises(ValueError, match="1-D float tensor"):
         mmd2(torch.randn(4, 2), torch.randn(4, 2), kernel="gaussian", bandwidths=torch.ones(2, 2))
+
+
+def test_the_guides_mmdvae_block_reproduces_compute_mmd():
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "migrating.md").read_text()
+    blocks = re.findall(r"```python\n(# after: (\w+)\n.*?)```", doc, flags=re.DOTALL)
+    (code,) = [c for c, name in blocks if name == "mmdvae"]
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    true_samples = torch.randn(25, 6, generator=g, dtype=torch.float64)
+
+    def compute_kernel(x, y):  # InfoVAE's, written from its math: (n, m, d) tiles, mean over d, divided by d
+        d = x.shape[1]
+        tx = x[:, None, :].expand(x.shape[0], y.shape[0], d)
+        ty = y[None, :, :].expand(x.shape[0], y.shape[0], d)
+        return torch.exp(-(tx - ty).pow(2).mean(2) / float(d))
+
+    def compute_mmd(x, y):
+        return compute_kernel(x, x).mean() + compute_kernel(y, y).mean() - 2 * compute_kernel(x, y).mean()
+
+    scope = {"z": z, "true_samples": true_samples}
+    exec(compile(code, "docs/migrating.md[mmdvae]", "exec"), scope)  # noqa: S102 (the guide's own code)
+    want = compute_mmd(true_samples, z)
+    assert abs(scope["mmd_loss"].item() - want.item()) <= 1e-12 * abs(want.item())
+    (g1,) = torch.autograd.grad(scope["mmd_loss"], z)
+    (g2,) = torch.autograd.grad(want, z)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+def test_torch_two_sample_statistic_mapping():
+    # MMDStatistic (unbiased): a00 (sum K_xx - n) + a11 (sum K_yy - m) + 2 a01 sum K_xy, k = sum_alpha exp(-alpha D)
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(11, 4, generator=g, dtype=torch.float64)
+    alphas = [0.3, 1.7]
+
+    def k(p, q):
+        d2 = ((p[:, None] - q[None]) ** 2).sum(-1)
+        return sum(torch.exp(-a * d2) for a in alphas)
+
+    n, m = 9, 11
+    ts = (k(x, x).sum() - n * 2) / (n * (n - 1)) + (k(y, y).sum() - m * 2) / (m * (m - 1)) - 2 * k(x, y).sum() / (n * m)
+    ours = mmd2(x, y, kernel="gaussian", bandwidths=[1 / a for a in alphas])
+    assert abs(ours.item() - ts.item()) <= 1e-12 * abs(ts.item())
