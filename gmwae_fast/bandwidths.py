@@ -15,6 +15,7 @@ mean subtracted first (two passes: a common offset costs no precision, unlike ``
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -87,18 +88,31 @@ def dan_bandwidths(
 
         >>> bws = gmwae_fast.dan_bandwidths(source, target)        # DAN's defaults: kernel_mul=2, kernel_num=5
     """
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
     if not (isinstance(kernel_num, int) and not isinstance(kernel_num, bool) and kernel_num >= 1):
         raise ValueError(f"kernel_num must be an int >= 1, got {kernel_num!r}")
-    if not (isinstance(kernel_mul, (int, float)) and kernel_mul > 0):
-        raise ValueError(f"kernel_mul must be a number > 0, got {kernel_mul!r}")
+    if not number(kernel_mul):
+        raise ValueError(f"kernel_mul must be a finite number > 0, got {kernel_mul!r}")
     if fix_sigma is not None:
-        if not (isinstance(fix_sigma, (int, float)) and fix_sigma > 0):
-            raise ValueError(f"fix_sigma must be None or a number > 0, got {fix_sigma!r}")
+        if not number(fix_sigma):
+            raise ValueError(f"fix_sigma must be None or a finite number > 0, got {fix_sigma!r}")
         base = float(fix_sigma)
     else:
         with torch.no_grad():
             base = float(mean_sq_distance(source, target))
-    if not base > 0:
-        raise ValueError(f"the pooled sample's mean squared distance is {base!r}: every point is the same")
-    lowest = base / float(kernel_mul) ** (kernel_num // 2)
-    return tuple(lowest * float(kernel_mul) ** i for i in range(kernel_num))
+        if not math.isfinite(base):
+            raise ValueError("the pooled sample contains NaN or Inf values")
+        if not base > 0:
+            raise ValueError(f"the pooled sample's mean squared distance is {base!r}: every point is the same")
+    try:
+        out = tuple(base * float(kernel_mul) ** (i - kernel_num // 2) for i in range(kernel_num))
+    except OverflowError:
+        out = (math.inf,)
+    if not all(math.isfinite(c) and c > 0 for c in out):
+        raise ValueError(
+            f"kernel_mul={kernel_mul!r} ** (up to {kernel_num}) puts bandwidths outside float64 (base {base:.3g})"
+        )
+    return out

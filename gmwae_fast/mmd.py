@@ -85,7 +85,7 @@ def _validate_values(
                     f"{name} put all the mass in one group{rounded}: the unbiased self term is undefined (use "
                     "unbiased=False)"
                 )
-            _warn_ill_conditioned(name, pairs / float(wg.sum()) ** 2, pts.dtype)
+            _warn_ill_conditioned(name, pairs / float(wg.sum()) ** 2, compute)
 
 
 def _warn_ill_conditioned(name: str, den: float, dtype: torch.dtype) -> None:
@@ -248,8 +248,8 @@ def fast_imq_mmd(
             zero), and warn (:class:`RuntimeWarning`) when weights leave nearly all the mass in one group, where
             the unbiased self term's weight gradient loses accuracy in float32, and when the result is not within
             1e-5 relative (the contract ``|error| <= 1e-5 |MMD2| + 8 (u U + 2^-53 T)`` of ``docs/ARCHITECTURE.md``;
-            for float32 inputs checked by one more values pass in float64). Without it a NaN input gives a NaN
-            result.
+            for float32 inputs checked by two more values passes, one in float64). Without it a NaN input gives a
+            NaN result.
         process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``): ``x``, ``y``
             and the weights are then this rank's shards (``(n_r, d)`` or ``(B_r, K, d)``; sizes may differ, an
             empty ``(0, d)`` shard is allowed) and every rank gets the MMD² of the union of all shards in rank

@@ -4,7 +4,7 @@
 ``k(a, b) = sum_s exp(-|a - b|^2 / C_s)``, runs today on a tiled PyTorch path (``backend="tiled"``): tiles of at
 most ``2^22`` pair-coordinates in the forward and again in a hand-written backward, so neither holds an ``n x m``
 matrix (memory ``O((n + m) d)`` plus one tile), sums in float64 in complement form (``1 - k = -expm1(-D / C)``: the
-self terms do not cancel at large bandwidths), gradients of points and weights (first order). Fused Gaussian
+self terms do not cancel at large bandwidths), gradients of points, weights and bandwidths (first order). Fused Gaussian
 kernels (cpu, triton, cuda) are the next step; they will be checked against this.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import _REDUCTIONS, _check_points, _check_weights, _resolve_bandwidths, cross_group_mass
-from .mmd import WAE_SCALES, fast_imq_mmd
+from .mmd import WAE_SCALES, _validate_values, fast_imq_mmd
 from .ops._autograd import first_order_only
 
 __all__ = ["KERNELS", "ESTIMATORS", "mmd2", "MMDLoss"]
@@ -27,9 +27,11 @@ KERNELS = ("imq", "gaussian")
 _TILE = 1 << 22  # pair-coordinates per tile (float64: 32 MiB of differences)
 
 
-def _tiles(n: int, m: int, d: int):
-    rows = max(1, min(n, int((_TILE // max(1, d)) ** 0.5)))
-    cols = max(1, min(m, _TILE // (max(1, d) * rows)))
+def _tiles(n: int, m: int, width: int):
+    """Row and column slices of tiles of at most ``_TILE`` entries of ``(rows, cols, width)``, ``width = max(d, S)``."""
+    width = max(1, width)
+    rows = max(1, min(n, int((_TILE // width) ** 0.5)))
+    cols = max(1, min(m, _TILE // (width * rows)))
     for i0 in range(0, n, rows):
         for j0 in range(0, m, cols):
             yield slice(i0, i0 + rows), slice(j0, j0 + cols)
@@ -43,7 +45,7 @@ def _tile_parts(a, ga, wa, b, gb, wb, bws, self_term):
     pw = wa[:, None] * wb[None, :]
     if self_term:
         pw = pw * (ga[:, None] != gb[None, :])
-    return diff, dist, pw, torch.exp(-dist[..., None] / bws)
+    return diff, dist, pw
 
 
 class _TiledComplement(torch.autograd.Function):
@@ -53,10 +55,8 @@ class _TiledComplement(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, ga, wa, b, gb, wb, bws, self_term):
         total = torch.zeros_like(bws)
-        for I, J in _tiles(a.shape[0], b.shape[0], a.shape[1]):
-            _, dist, pw, _ = _tile_parts(a[I], ga[I], wa[I], b[J], gb[J], wb[J], bws, False)
-            if self_term:
-                pw = pw * (ga[I][:, None] != gb[J][None, :])
+        for I, J in _tiles(a.shape[0], b.shape[0], max(a.shape[1], bws.numel())):
+            _, dist, pw = _tile_parts(a[I], ga[I], wa[I], b[J], gb[J], wb[J], bws, self_term)
             total += (pw[..., None] * -torch.expm1(-dist[..., None] / bws)).sum((0, 1))
         ctx.save_for_backward(a, ga, wa, b, gb, wb, bws)
         ctx.self_term = self_term
@@ -67,18 +67,19 @@ class _TiledComplement(torch.autograd.Function):
         a, ga, wa, b, gb, wb, bws = ctx.saved_tensors
         da, dwa, db, dwb = torch.zeros_like(a), torch.zeros_like(wa), torch.zeros_like(b), torch.zeros_like(wb)
         dbw = torch.zeros_like(bws)
-        for I, J in _tiles(a.shape[0], b.shape[0], a.shape[1]):
-            diff, dist, pw, e = _tile_parts(a[I], ga[I], wa[I], b[J], gb[J], wb[J], bws, ctx.self_term)
+        for I, J in _tiles(a.shape[0], b.shape[0], max(a.shape[1], bws.numel())):
+            diff, dist, pw = _tile_parts(a[I], ga[I], wa[I], b[J], gb[J], wb[J], bws, ctx.self_term)
             keep = (ga[I][:, None] != gb[J][None, :]) if ctx.self_term else torch.ones_like(dist)
+            e = torch.exp(-dist[..., None] / bws)
             phi = ((-torch.expm1(-dist[..., None] / bws)) * g).sum(-1)  # sum_s g_s (1 - k_s)
             psi = (e * (g / bws)).sum(-1)  # d phi / dD
-            coef = 2.0 * pw * psi  # d/da_i of pw phi(D) = 2 pw psi (a_i - b_j)
-            da[I] += (coef[..., None] * diff).sum(1)
-            db[J] -= (coef[..., None] * diff).sum(0)
+            pull = (2.0 * pw * psi)[..., None] * diff  # d/da_i of pw phi(D) = 2 pw psi (a_i - b_j)
+            da[I] += pull.sum(1)
+            db[J] -= pull.sum(0)
             dwa[I] += (keep * wb[J][None, :] * phi).sum(1)
             dwb[J] += (keep * wa[I][:, None] * phi).sum(0)
-            if ctx.needs_input_grad[6]:  # d(1 - k_s)/dC_s = -D exp(-D / C_s) / C_s^2
-                dbw -= g * (pw[..., None] * e * dist[..., None]).sum((0, 1)) / bws**2
+            if ctx.needs_input_grad[6]:  # d(1 - k_s)/dC_s = -(D / C_s) exp(-D / C_s) / C_s (no C_s^2: underflow)
+                dbw -= g * (pw[..., None] * e * (dist[..., None] / bws)).sum((0, 1)) / bws
         grads = first_order_only("mmd2(kernel='gaussian')", (da, dwa, db, dwb, dbw), (g, a, wa, b, wb, bws))
         return grads[0], None, grads[1], grads[2], None, grads[3], grads[4], None
 
@@ -136,8 +137,7 @@ def _bandwidth_tensor(bandwidths, d: int, scales, sigma2, device) -> Tensor:
                 f"bandwidths as a tensor must be a non-empty 1-D float tensor, got {tuple(bandwidths.shape)}"
             )
         bw = bandwidths.to(device=device, dtype=torch.float64)
-        if not bool(torch.isfinite(bw).all()) or not bool((bw > 0).all()):  # one host read: the values decide
-            raise ValueError(f"every bandwidth must be positive and finite, got {bw.detach().tolist()}")
+        _resolve_bandwidths(d, scales, sigma2, bw.detach().cpu().tolist(), torch.float64)  # the list path's checks
         return bw
     bws = _resolve_bandwidths(d, scales, sigma2, bandwidths, torch.float64)
     return torch.tensor(bws, dtype=torch.float64, device=device)
@@ -177,7 +177,8 @@ def mmd2(
         x, y: ``(n, d)`` / ``(m, d)`` points, or grouped ``(B, K, d)``.
         x_weights, y_weights: non-negative relative masses, ``(n,)`` / ``(B, K)`` (default uniform).
         kernel: ``"imq"`` (the fused :func:`gmwae_fast.fast_imq_mmd`; other keyword options pass through to it) or
-            ``"gaussian"``.
+            ``"gaussian"`` (options: ``validate=True`` runs the checks of :func:`gmwae_fast.fast_imq_mmd`: finite
+            inputs, weights non-negative, not all zero, two groups with mass; without it such inputs give NaN).
         bandwidths: the ``C_s`` directly (DAN's ``bandwidth_list``; torch-two-sample's ``1 / alpha``; MMD-VAE's
             ``d^2``; :func:`gmwae_fast.dan_bandwidths`). Default: ``C_s = 2 d sigma2 s`` for ``s`` in ``scales``, for
             either kernel.
@@ -212,6 +213,7 @@ def mmd2(
     if kernel == "imq":
         return fast_imq_mmd(x, y, x_weights, y_weights, scales=scales, sigma2=sigma2, bandwidths=bandwidths,
                             unbiased=unbiased, reduction=reduction, backend=backend, **imq_options)  # fmt: skip
+    validate = bool(imq_options.pop("validate", False))
     if imq_options:
         raise ValueError(f"kernel='gaussian' takes no {sorted(imq_options)} (options of the IMQ kernel)")
     if backend not in ("auto", "tiled"):
@@ -223,6 +225,8 @@ def mmd2(
         raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
     xw = _check_weights("x_weights", x_weights, x, "x")
     yw = _check_weights("y_weights", y_weights, y, "y")
+    if validate:
+        _validate_values(x, y, xw, yw, unbiased, torch.float64)
     if unbiased:
         for name, t in (("x", x), ("y", y)):
             if t.shape[0] < 2:
@@ -257,6 +261,8 @@ class MMDLoss(nn.Module):
 
         >>> loss_fn = gmwae_fast.MMDLoss(kernel="gaussian", bandwidths=[0.5, 1.0, 2.0, 4.0, 8.0])
         >>> penalty = loss_fn(source_features, target_features)
+        >>> learnable = gmwae_fast.MMDLoss(kernel="gaussian", bandwidths=nn.Parameter(torch.tensor([1.0, 4.0])))
+        >>> list(learnable.parameters())                           # the bandwidths, for the optimiser
     """
 
     def __init__(self, *, kernel: str = "imq", **options) -> None:
@@ -265,11 +271,19 @@ class MMDLoss(nn.Module):
             raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
         self.kernel = kernel
         self.options = dict(options)
+        bw = self.options.pop("bandwidths", None)
+        if isinstance(bw, nn.Parameter):
+            self.bandwidths = bw  # registered: parameters(), state_dict() and optimisers see it
+        elif isinstance(bw, Tensor):
+            self.register_buffer("bandwidths", bw)
+        else:
+            self.bandwidths = bw
 
     def forward(
         self, x: Tensor, y: Tensor, x_weights: Optional[Tensor] = None, y_weights: Optional[Tensor] = None
     ) -> Tensor:
-        return mmd2(x, y, x_weights, y_weights, kernel=self.kernel, **self.options)
+        return mmd2(x, y, x_weights, y_weights, kernel=self.kernel, bandwidths=self.bandwidths, **self.options)
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        opts = dict(self.options, bandwidths=self.bandwidths)
+        return f"kernel={self.kernel!r}, " + ", ".join(f"{k}={v!r}" for k, v in opts.items())

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._common import _check_points, kernel_bandwidths
+from .backends import check_backend_name
 from .mmd import WAE_SCALES, imq_mmd_terms
 
 __all__ = ["MMDTestResult", "mmd_test"]
@@ -88,7 +89,8 @@ def _shared_pass(z: Tensor, n: int, perms: Tensor, bws: Tensor, unbiased: bool, 
     q = torch.zeros(A.shape[1], dtype=torch.float64, device=z.device)
     r = torch.zeros(N, dtype=torch.float64, device=z.device)
     width = max(z.shape[1], bws.numel())
-    chunk = max(1, min(N, (1 << 22) // max(1, block * width)))  # (block, chunk, d or S) float64 blocks: <= 32 MiB
+    block = max(1, min(block, (1 << 22) // width))  # (block, chunk, d or S) float64 blocks: <= 32 MiB
+    chunk = max(1, min(N, (1 << 22) // (block * width)))
     for i0 in range(0, N, block):
         tile = _complement_tile(z[i0 : i0 + block], z, bws, chunk, kernel)  # (B, N): U is symmetric: rows suffice
         q += (A[i0 : i0 + block] * (tile @ A)).sum(0)
@@ -174,7 +176,13 @@ def mmd_test(
     n = x.shape[0]
     if unbiased and (n < 2 or y.shape[0] < 2):
         raise ValueError(f"the unbiased statistic needs at least 2 points per sample, got {n} and {y.shape[0]}")
-    z = torch.cat([x, y.to(x.dtype) if y.dtype != x.dtype else y]).detach()
+    if isinstance(permutations, Tensor) and seed is not None:
+        raise ValueError("seed draws random permutations: give either permutations as a tensor or a seed, not both")
+    check_backend_name(backend)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    z = torch.cat([x.to(dtype), y.to(dtype)]).detach()
+    if not bool(torch.isfinite(z).all()):  # a NaN statistic would compare False with every null: p = 1 / (P + 1)
+        raise ValueError("x or y contains NaN or Inf values")
     perms = _permutations(permutations, z.shape[0], seed)
     opts = dict(scales=scales, sigma2=sigma2, bandwidths=bandwidths, unbiased=unbiased, backend=backend)
 

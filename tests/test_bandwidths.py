@@ -97,3 +97,24 @@ def test_bad_input(call, exc, msg):
 
 def test_exported():
     assert gmwae_fast.mean_sq_distance is mean_sq_distance and "dan_bandwidths" in gmwae_fast.__all__
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(kernel_mul=float("inf")), "kernel_mul"),
+        (dict(kernel_mul=True), "kernel_mul"),
+        (dict(fix_sigma=float("inf")), "fix_sigma"),
+        (dict(kernel_num=5000), "outside float64"),
+    ],
+)
+def test_dan_bandwidths_refuse_non_finite_options(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        dan_bandwidths(torch.randn(4, 2), torch.randn(4, 2), **kwargs)
+
+
+def test_dan_bandwidths_name_a_nan_sample():
+    x = torch.randn(4, 2)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dan_bandwidths(x, torch.randn(4, 2))

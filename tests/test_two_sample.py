@@ -130,3 +130,20 @@ def test_bad_samples():
     with pytest.raises(ValueError, match="same feature dimension"):
         mmd_test(torch.randn(3, 2), torch.randn(4, 3))
     assert gmwae_fast.mmd_test is mmd_test
+
+
+def test_non_finite_inputs_mixed_dtypes_and_argument_conflicts():
+    x, y = torch.randn(9, 2), torch.randn(7, 2)
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # a NaN statistic compares False with every null: p would be 1 / (P + 1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mmd_test(bad, y, permutations=5, seed=0)
+    with pytest.raises(ValueError, match="not both"):
+        mmd_test(x, y, permutations=torch.arange(16)[None], seed=1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        mmd_test(x, y, permutations=5, backend="gpu")
+    # mixed dtypes are promoted (as fast_imq_mmd does), never cast down to x's dtype
+    xx, yy = torch.randn(30, 2).half(), torch.randn(30, 2, dtype=torch.float64) * 1e-3 + 3.0001
+    got = mmd_test(xx, yy, bandwidths=[1e-5], unbiased=False, permutations=3, seed=0, method="separate")
+    want = gmwae_fast.fast_imq_mmd(xx, yy, bandwidths=[1e-5], unbiased=False, backend="reference")
+    assert abs(got.statistic.item() - want.item()) <= 1e-9 * abs(want.item())
