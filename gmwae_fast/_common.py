@@ -34,6 +34,16 @@ def _check_points(name: str, t: object, allow_empty: bool = False) -> Tensor:
     return t
 
 
+def _check_pair(x: object, y: object, allow_empty: bool = False) -> tuple[Tensor, Tensor]:
+    """``x`` and ``y`` checked as points (:func:`_check_points`) of one feature dimension on one device."""
+    x, y = _check_points("x", x, allow_empty), _check_points("y", y, allow_empty)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
+    if x.device != y.device:
+        raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
+    return x, y
+
+
 def _check_weights(name: str, w: object, pts: Tensor, pts_name: str) -> Optional[Tensor]:
     if w is None:
         return None

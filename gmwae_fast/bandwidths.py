@@ -21,21 +21,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import _check_points
+from ._common import _check_pair, _check_points
 
 __all__ = ["mean_sq_distance", "dan_bandwidths"]
 
 
 def _pooled(x: Tensor, y: Optional[Tensor]) -> Tensor:
-    x = _check_points("x", x)
-    parts = [x.reshape(-1, x.shape[-1])]
-    if y is not None:
-        y = _check_points("y", y)
-        if y.shape[-1] != x.shape[-1]:
-            raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
-        if y.device != x.device:
-            raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
-        parts.append(y.reshape(-1, y.shape[-1]))
+    if y is None:
+        parts = [_check_points("x", x)]
+    else:
+        parts = list(_check_pair(x, y))
+    parts = [p.reshape(-1, p.shape[-1]) for p in parts]
     z = torch.cat([p.to(torch.float64) for p in parts])
     if z.shape[0] < 2:
         raise ValueError(f"the pooled sample needs at least 2 points for a pair, got {z.shape[0]}")

@@ -36,7 +36,7 @@ from torch import Tensor
 from . import backends, reference
 from ._common import (
     _REDUCTIONS,
-    _check_points,
+    _check_pair,
     _check_weights,
     cross_group_mass,
     difference_safe,
@@ -159,12 +159,7 @@ def _local_checks(x, y, xw, yw, scales, sigma2, bandwidths, unbiased, reduction,
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        _check_points("x", x, allow_empty=True)
-        _check_points("y", y, allow_empty=True)
-        if x.shape[-1] != y.shape[-1]:
-            raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
-        if x.device != y.device:
-            raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
+        _check_pair(x, y, allow_empty=True)
         _check_weights("x_weights", xw, x, "x")
         _check_weights("y_weights", yw, y, "y")
         if reduction not in _REDUCTIONS:

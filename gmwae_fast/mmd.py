@@ -13,7 +13,7 @@ from . import backends, reference
 from ._common import (
     _REDUCTIONS,
     IMQMMDTerms,
-    _check_points,
+    _check_pair,
     _check_weights,
     _real,
     _real_sequence,
@@ -164,12 +164,7 @@ class _Call(NamedTuple):
 
 
 def _prepare(x, y, x_weights, y_weights, scales, sigma2, bandwidths, unbiased, backend, validate, eps) -> _Call:
-    x = _check_points("x", x)
-    y = _check_points("y", y)
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
-    if x.device != y.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
+    x, y = _check_pair(x, y)
     x_weights = _check_weights("x_weights", x_weights, x, "x")
     y_weights = _check_weights("y_weights", y_weights, y, "y")
     if not isinstance(backend, str):

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._common import _REDUCTIONS, _check_points, _check_weights, _resolve_bandwidths, cross_group_mass
+from ._common import _REDUCTIONS, _check_pair, _check_weights, _resolve_bandwidths, cross_group_mass
 from .mmd import WAE_SCALES, _validate_values, fast_imq_mmd
 from .ops._autograd import first_order_only
 
@@ -218,11 +218,7 @@ def mmd2(
         raise ValueError(f"kernel='gaussian' takes no {sorted(imq_options)} (options of the IMQ kernel)")
     if backend not in ("auto", "tiled"):
         raise ValueError(f"kernel='gaussian' runs on backend 'tiled' (or 'auto'), got {backend!r}")
-    x, y = _check_points("x", x), _check_points("y", y)
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[-1]} and {y.shape[-1]}")
-    if x.device != y.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
+    x, y = _check_pair(x, y)
     xw = _check_weights("x_weights", x_weights, x, "x")
     yw = _check_weights("y_weights", y_weights, y, "y")
     if validate:
@@ -242,7 +238,7 @@ def mmd2(
 def _linear_call(x, y, xw, yw, kernel, bandwidths, scales, sigma2, estimator, reduction, backend, imq_options):
     if imq_options or backend not in ("auto", "tiled"):
         raise ValueError(f"estimator={estimator!r} runs in plain PyTorch: no backend or {sorted(imq_options)} options")
-    x, y = _check_points("x", x), _check_points("y", y)
+    x, y = _check_pair(x, y)
     if x.dim() != 2 or y.dim() != 2 or xw is not None or yw is not None:
         raise ValueError(f"estimator={estimator!r} takes unweighted (n, d) samples")
     if x.shape != y.shape or x.shape[0] < 2:

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import _check_points, kernel_bandwidths
+from ._common import _check_pair, kernel_bandwidths
 from .backends import check_backend_name
 from .mmd import WAE_SCALES, imq_mmd_terms
 
@@ -160,13 +160,9 @@ def mmd_test(
         >>> res = gmwae_fast.mmd_test(reference_window, batch, permutations=500, seed=0)
         >>> drifted = res.p_value < 0.01
     """
-    x, y = _check_points("x", x), _check_points("y", y)
+    x, y = _check_pair(x, y)
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"mmd_test takes (n, d) and (m, d) samples, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same feature dimension d, got {x.shape[1]} and {y.shape[1]}")
-    if x.device != y.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}; put both on one device")
     if method not in ("shared", "separate"):
         raise ValueError(f"method must be 'shared' or 'separate', got {method!r}")
     if kernel not in ("imq", "gaussian"):

@@ -73,15 +73,21 @@ def data_dir() -> str:
     return os.environ.get("GMWAE_DATA", os.path.normpath(os.path.join(here, "..", "..", "shared", "data")))
 
 
+def flat_normalised(x, y, xw=None, yw=None):
+    """``(a, wa, gx, b, wb, gy)``: the points flattened to rows (float64, autograd kept), the weights normalised to
+    sum to 1 (float64; ones when None) and the group sizes, as every brute force of the tests needs them."""
+
+    def side(t, w):
+        p = t.reshape(-1, t.shape[-1]).double()
+        w = torch.ones(p.shape[0], dtype=torch.float64) if w is None else w.reshape(-1).double()
+        return p, w / w.sum(), 1 if t.dim() == 2 else t.shape[1]
+
+    return (*side(x, xw), *side(y, yw))
+
+
 def brute_force(x, y, xw=None, yw=None, *, bandwidths, unbiased=True, eps=0.0):
     """(S,) MMD² per bandwidth, float64, materialised, straight from the contract."""
-    x, y = x.double(), y.double()
-    gx = 1 if x.dim() == 2 else x.shape[1]
-    gy = 1 if y.dim() == 2 else y.shape[1]
-    a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
-    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
-    wa, wb = wa / wa.sum(), wb / wb.sum()
+    a, wa, gx, b, wb, gy = flat_normalised(x, y, xw, yw)
     c = torch.tensor(bandwidths, dtype=torch.float64)[:, None, None]
 
     def k(p, q):

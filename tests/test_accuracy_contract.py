@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import skip_unless_usable
+from conftest import flat_normalised, skip_unless_usable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,12 +35,7 @@ C = 8.0
 
 def exact(x, y, xw, yw, bws, unbiased):
     """``(MMD2, U, T, G)`` in float64, complement form; ``G`` ``(rows of x, 1)`` the absolute gradient scale."""
-    gx = 1 if x.dim() == 2 else x.shape[1]
-    gy = 1 if y.dim() == 2 else y.shape[1]
-    a, b = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
-    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
-    wa, wb = wa / wa.sum(), wb / wb.sum()
+    a, wa, gx, b, wb, gy = flat_normalised(x, y, xw, yw)
     c = torch.tensor(bws, dtype=torch.float64)[:, None, None]
 
     def parts(p, q):
@@ -190,12 +185,7 @@ def check(case, backend):
 
 def exact_grad(x, y, xw, yw, bws, unbiased):
     """MMD² in complement form, differentiable in ``x`` (float64)."""
-    gx = 1 if x.dim() == 2 else x.shape[1]
-    gy = 1 if y.dim() == 2 else y.shape[1]
-    a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]).double()
-    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
-    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
-    wa, wb = wa / wa.sum(), wb / wb.sum()
+    a, wa, gx, b, wb, gy = flat_normalised(x, y, xw, yw)
     c = torch.tensor(bws, dtype=torch.float64)[:, None, None]
 
     def comp(p, q):

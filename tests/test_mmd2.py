@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import flat_normalised
 
 import gmwae_fast
 from gmwae_fast import mmd2
@@ -15,12 +16,7 @@ from gmwae_fast import mmd2
 
 def brute_gaussian(x, y, xw=None, yw=None, *, bandwidths, unbiased=True):
     """(S,) Gaussian MMD² per bandwidth, float64, materialised, complement form (no cancellation)."""
-    gx = 1 if x.dim() == 2 else x.shape[1]
-    gy = 1 if y.dim() == 2 else y.shape[1]
-    a, b = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-    wa = torch.ones(a.shape[0], dtype=torch.float64) if xw is None else xw.reshape(-1).double()
-    wb = torch.ones(b.shape[0], dtype=torch.float64) if yw is None else yw.reshape(-1).double()
-    wa, wb = wa / wa.sum(), wb / wb.sum()
+    a, wa, gx, b, wb, gy = flat_normalised(x, y, xw, yw)
     c = torch.tensor(bandwidths, dtype=torch.float64)[:, None, None]
 
     def comp(p, q):
